@@ -1,0 +1,1 @@
+"""The agent: graph, policies, the DuckDB store and the command line."""

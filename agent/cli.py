@@ -1,0 +1,223 @@
+"""The ``autoexplain`` command line (typer).
+
+Only commands that work are registered. Every bad input is an :class:`InputError`: one line on stderr, exit
+code 2, and nothing written (inputs are validated before the database is opened).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+import uuid
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from autoexplain.tools.errors import InputError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Explain what happens inside language models: SAE feature labels and circuits, in DuckDB.")
+zoo_app = typer.Typer(no_args_is_help=True, help="The toy world: a corpus, a trained GPT-2, SAEs and task files.")
+app.add_typer(zoo_app, name="zoo")
+
+DbOpt = Annotated[Path | None, typer.Option("--db", help="DuckDB file (default: $AUTOEXPLAIN_DB or "
+                                                         "./autoexplain.duckdb)")]
+
+
+class Fmt(StrEnum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+def _console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+# ----------------------------------------------------------------------------- sql
+@app.command()
+def sql(query: Annotated[str, typer.Argument(help="a SQL query (read-only)")], db: DbOpt = None,
+        format: Annotated[Fmt, typer.Option("--format", "-f", help="table, csv or json")] = Fmt.table,
+        timeout: Annotated[float, typer.Option(help="seconds to wait while a run holds the file")] = 30.0) -> None:
+    """Query the results database. Works while a run is writing it (waits for the current write, at most TIMEOUT)."""
+    from autoexplain.agent.store import default_db_path, run_query
+
+    cols, rows = run_query(db or default_db_path(), query, timeout_s=timeout)
+    print_rows(cols, rows, format)
+
+
+def print_rows(cols: list[str], rows: list[tuple[Any, ...]], fmt: Fmt) -> None:
+    if fmt is Fmt.csv:
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(cols)
+        w.writerows(rows)
+        sys.stdout.write(buf.getvalue())
+    elif fmt is Fmt.json:
+        print(json.dumps([dict(zip(cols, r, strict=True)) for r in rows], default=str, indent=1))
+    else:
+        from rich.table import Table
+
+        table = Table(*cols, show_lines=False)
+        for r in rows:
+            table.add_row(*("NULL" if v is None else str(v) for v in r))
+        con = _console()
+        con.print(table)
+        con.print(f"{len(rows)} row{'s' if len(rows) != 1 else ''}")
+
+
+# ----------------------------------------------------------------------------- tools
+@app.command("tools")
+def tools_cmd(format: Annotated[Fmt, typer.Option("--format", "-f", help="table or json (full schemas)")]
+              = Fmt.table) -> None:
+    """The tool catalogue: every tool the agent, the CLI and Python share, with its argument schema."""
+    from autoexplain.tools.registry import default_registry
+
+    reg = default_registry()
+    if format is Fmt.json:
+        print(json.dumps([{"name": t.name, "cost": t.cost.value, "description": t.description,
+                           "input_schema": t.json_schema(), "output_schema": t.output_model.model_json_schema()}
+                          for t in reg], indent=1))
+        return
+    rows = []
+    for t in reg:
+        props = t.json_schema().get("properties", {})
+        args = ", ".join(f"{k}: {v.get('type', 'object')}" for k, v in props.items()) or "-"
+        rows.append((t.name, t.cost.value, args, t.description))
+    print_rows(["tool", "cost", "arguments", "description"], rows, format)
+
+
+# ----------------------------------------------------------------------------- zoo
+@zoo_app.command("build")
+def zoo_build(name: Annotated[str, typer.Option(help="which toy world (small, tiny)")] = "small",
+              db: DbOpt = None) -> None:
+    """Build the toy world (cached; instant when already built) and record it in the database."""
+    from autoexplain.tools.zoo import get_spec
+
+    get_spec(name)  # validate before anything is written
+    store = _open_store(db)
+    built = _build_zoo(name)
+    _record_zoo(store, built, kind="zoo")
+    _show_zoo(built)
+    _console().print(f"database: {store.path.resolve()}")
+
+
+@zoo_app.command("show")
+def zoo_show(name: Annotated[str, typer.Option(help="which toy world (small, tiny)")] = "small") -> None:
+    """Show a built toy world: sizes, task accuracy, SAEs and where its files are."""
+    from autoexplain.tools.zoo import cache_root, get_spec
+
+    spec = get_spec(name)
+    root = cache_root() / "zoo" / f"{spec.name}-{spec.fingerprint()}"
+    if not (root / "manifest.json").exists():
+        raise InputError(f"toy world {name!r} is not built yet: run autoexplain zoo build --name {name}")
+    _show_zoo(_build_zoo(name))
+
+
+def _build_zoo(name: str) -> Any:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from autoexplain.tools.zoo import ensure_model
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=_console(stderr=True), transient=False) as prog:
+        tasks: dict[str, Any] = {}
+
+        def report(stage: str, done: int, total: int) -> None:
+            key = stage.split(" (")[0]
+            if key not in tasks:
+                tasks[key] = prog.add_task(stage, total=total)
+            prog.update(tasks[key], completed=done, description=stage)
+
+        return ensure_model(name, progress=report)
+
+
+def _show_zoo(built: Any) -> None:
+    from rich.table import Table
+
+    m = built.manifest
+    spec = m["spec"]
+    con = _console()
+    con.print(f"[bold]toy:{built.name}[/bold]  ({built.root})")
+    con.print(f"  corpus: {m['corpus']['documents']:,} documents, {m['corpus']['tokens']:,} tokens "
+              f"({built.corpus})")
+    con.print(f"  model: GPT-2, {spec['n_layers']} layers x {spec['n_heads']} heads, d_model {spec['d_model']}, "
+              f"context {spec['n_ctx']}, vocab {m['model']['d_vocab']}, {m['model']['n_params']:,} parameters, "
+              f"{spec['train_steps']} steps, final loss {m['model']['final_train_loss']}")
+    t = Table("task", "top-1 accuracy", "prompts", "file")
+    for task, acc in m["task_accuracy"].items():
+        t.add_row(task, f"{acc:.1%}", str(spec["task_prompts"]), str(built.task_file(task)))
+    con.print(t)
+    s = Table("SAE", "site", "d_sae", "k", "L0", "FVU", "spec")
+    for sae in m["saes"]:
+        s.add_row(sae["name"], sae["site"], str(sae["d_sae"]), str(sae["k"]), str(sae["l0"]), str(sae["fvu"]),
+                  f"toy:{built.name}/{sae['name']}")
+    con.print(s)
+    tm = m["timings"]
+    con.print(f"  built in {tm['total_s']:.0f} s on {m['threads']} threads (model {tm['train_model_s']:.0f} s, "
+              f"SAEs {tm['train_saes_s']:.0f} s)")
+
+
+def _open_store(db: Path | None) -> Any:
+    from autoexplain.agent.store import Store
+
+    return Store(db)
+
+
+def _record_zoo(store: Any, built: Any, *, kind: str) -> str:
+    """Load the built model and SAEs through the public loaders (proving they load) and record them."""
+    from autoexplain.tools.models import load_model
+    from autoexplain.tools.saes import load_sae
+
+    run_id = f"{kind}-{uuid.uuid4().hex[:10]}"
+    spec = f"toy:{built.name}"
+    store.start_run(run_id, kind, {"zoo": built.name, "fingerprint": built.fingerprint})
+    lm = load_model(spec)
+    store.upsert("models", [{"model_id": lm.model_id, "spec": spec, "info": lm.describe()}])
+    rows = []
+    for sae in built.manifest["saes"]:
+        s = load_sae(f"{spec}/{sae['name']}", lm)
+        rows.append({"sae_id": s.sae_id, "spec": s.spec, "model_id": lm.model_id, "hook_name": s.hook_name,
+                     "site": str(s.site), "d_in": s.d_in, "d_sae": s.d_sae, "architecture": s.architecture,
+                     "info": {"l0": sae["l0"], "fvu": sae["fvu"], "k": sae["k"]}})
+    store.upsert("saes", rows)
+    store.finish_run(run_id, "done", {"task_accuracy": built.manifest["task_accuracy"],
+                                      "timings": built.manifest["timings"]})
+    return run_id
+
+
+# ----------------------------------------------------------------------------- demo
+@app.command()
+def demo(db: DbOpt = None) -> None:
+    """The main job on the toy world, offline. At this stage: build the toy world, load it through the public
+    loaders, record it in the database, and show it."""
+    store = _open_store(db)
+    built = _build_zoo("small")
+    run_id = _record_zoo(store, built, kind="demo")
+    _show_zoo(built)
+    con = _console()
+    path = store.path.resolve()
+    con.print(f"\n[bold]results[/bold]: {path}  (run {run_id})")
+    con.print("try:")
+    for q in ("select run_id, kind, status, started_at from runs order by started_at",
+              "select sae_id, site, d_sae, architecture, info->>'$.fvu' as fvu from saes",
+              "select summary->'$.task_accuracy' as accuracy from runs where kind = 'demo'"):
+        con.print(f'  autoexplain sql "{q}"' + (f" --db {path}" if db else ""))
+
+
+def main() -> None:
+    try:
+        app()
+    except InputError as exc:
+        print(f"autoexplain: error: {exc.message}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,385 @@
+"""The DuckDB store: schema, migrations, and the only place in the project that writes SQL.
+
+Every run, work item, tool call, hypothesis, explanation, score and circuit lands here, so a researcher can ask
+questions of all results in SQL (``autoexplain sql``).
+
+Concurrency
+-----------
+DuckDB lets one process hold a file read-write, and while it does no other process can open the file at all,
+read-only included. A run that kept its connection open for hours would lock ``autoexplain sql`` out for
+hours. So the store never holds a connection between writes: each write (or small group of writes) opens the
+file, runs in one transaction, and closes it (about 20 ms on a 2-core machine). Readers open the file read-only
+for the length of one query. Either side that meets the other's lock waits and retries with a short backoff
+(:func:`connect`), so a query made mid-run answers within a write's length, and sees every committed row.
+
+Idempotence
+-----------
+Every table has a natural primary key and every write is an upsert (``INSERT OR REPLACE … BY NAME``), so an item
+that re-runs after a crash rewrites the same rows rather than duplicating them. Bulk rows go through Arrow (about
+2 M rows/s), never ``executemany`` (about 300 rows/s on a file with a primary key).
+
+Migrations
+----------
+``MIGRATIONS`` is an append-only list. ``schema_migrations`` records which ran; opening a database for writing
+applies the missing ones in order inside one transaction. A database written by a newer autoexplain is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from autoexplain.tools.errors import InputError
+
+DEFAULT_DB_ENV = "AUTOEXPLAIN_DB"
+DEFAULT_DB_NAME = "autoexplain.duckdb"
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    description: str
+    statements: tuple[str, ...]
+
+
+_V1 = (
+    """create table runs (
+        run_id varchar primary key,
+        kind varchar not null,              -- demo | zoo | label | harvest | circuit | plan | bench
+        status varchar not null,            -- running | done | failed | interrupted
+        policy varchar,                     -- offline | llm
+        config json,                        -- the run's arguments (never secrets)
+        summary json,                       -- what the run produced, filled in at the end
+        started_at timestamp not null,
+        finished_at timestamp,
+        host varchar,
+        version varchar
+    )""",
+    """create table work_items (
+        item_id varchar primary key,        -- stable: derived from the run plan, so resume finds it
+        run_id varchar not null,
+        kind varchar not null,              -- feature | circuit
+        target varchar not null,            -- 'sae_id#index' or a task name
+        status varchar not null,            -- pending | running | done | failed | budget_limited
+        attempts integer not null default 0,
+        error varchar,
+        budget json,                        -- steps, tokens and seconds used
+        started_at timestamp,
+        finished_at timestamp
+    )""",
+    """create table tool_calls (
+        call_id varchar primary key,
+        run_id varchar not null,
+        item_id varchar,
+        tool varchar not null,
+        args json,
+        summary varchar,                    -- the bounded summary the LLM saw
+        error varchar,
+        duration_s double,
+        cache_key varchar,                  -- (model, sae, tool, args) hash: a resumed item reuses the result
+        created_at timestamp not null
+    )""",
+    """create table models (
+        model_id varchar primary key,
+        spec varchar not null,
+        info json
+    )""",
+    """create table saes (
+        sae_id varchar primary key,         -- content hash of the SAE weights
+        spec varchar not null,
+        model_id varchar,
+        hook_name varchar not null,
+        site varchar not null,              -- e.g. resid_post.1
+        d_in integer not null,
+        d_sae integer not null,
+        architecture varchar,
+        info json
+    )""",
+    """create table features (
+        sae_id varchar not null,
+        feature_index integer not null,
+        density double,                     -- fraction of harvested tokens where the feature fires
+        max_act double,
+        mean_act double,                    -- mean over firing tokens
+        n_tokens bigint,                    -- tokens harvested
+        is_dead boolean,
+        histogram json,
+        top_logits json,                    -- tokens the feature's decoder direction promotes most
+        bottom_logits json,
+        run_id varchar,
+        primary key (sae_id, feature_index)
+    )""",
+    """create table feature_examples (
+        sae_id varchar not null,
+        feature_index integer not null,
+        kind varchar not null,              -- top | quantile | random
+        example_id integer not null,
+        quantile integer,                   -- bin for quantile samples
+        split varchar,                      -- explain | score: which side of the held-out split
+        tokens json,                        -- the window's token strings
+        acts json,                          -- per-token activations
+        max_act double,
+        window_index bigint,
+        run_id varchar,
+        primary key (sae_id, feature_index, kind, example_id)
+    )""",
+    """create table hypotheses (
+        hypothesis_id varchar primary key,
+        run_id varchar not null,
+        item_id varchar not null,
+        text varchar not null,
+        status varchar not null,            -- open | confirmed | refuted | inconclusive
+        causal_level varchar,               -- association | intervention | counterfactual
+        evidence json,                      -- tool call ids
+        created_at timestamp not null,
+        updated_at timestamp
+    )""",
+    """create table explanations (
+        explanation_id varchar primary key,
+        run_id varchar not null,
+        item_id varchar not null,
+        target varchar not null,
+        text varchar not null,
+        author varchar not null,            -- policy name
+        llm_model varchar,
+        causal_level varchar not null,
+        evidence json,
+        is_final boolean not null default false,
+        budget_limited boolean not null default false,
+        created_at timestamp not null
+    )""",
+    """create table scores (
+        score_id varchar primary key,
+        explanation_id varchar not null,
+        metric varchar not null,            -- correctness | completeness | succinctness | detection | ...
+        value double,
+        n integer,
+        details json,                       -- ablation, patch type, metric, judge ... whatever the value depends on
+        created_at timestamp not null
+    )""",
+    """create table circuits (
+        circuit_id varchar primary key,
+        run_id varchar not null,
+        item_id varchar,
+        model_id varchar not null,
+        task varchar not null,
+        method varchar not null,            -- eap | eap-ig | acdc
+        ablation varchar not null,          -- resample | mean | zero
+        patch_type varchar not null,        -- edge | path
+        metric varchar not null,
+        threshold double,
+        top_k integer,
+        n_edges_total integer,
+        n_edges integer,
+        faithfulness double,
+        details json,
+        created_at timestamp not null
+    )""",
+    """create table circuit_edges (
+        circuit_id varchar not null,
+        edge varchar not null,              -- 'a0.3->a1.2.k'
+        src varchar not null,
+        dst varchar not null,
+        score double,
+        in_circuit boolean not null,
+        rank integer,
+        primary key (circuit_id, edge)
+    )""",
+    """create view best_explanations as
+        with ranked as (
+            select e.*, s.value as correctness,
+                   row_number() over (partition by e.target
+                                      order by s.value desc nulls last, e.created_at desc) as rk
+            from explanations e
+            left join scores s on s.explanation_id = e.explanation_id and s.metric = 'correctness'
+        )
+        select r.target, r.explanation_id, r.text, r.author, r.causal_level, r.correctness,
+               (select value from scores c where c.explanation_id = r.explanation_id
+                and c.metric = 'completeness' limit 1) as completeness,
+               (select value from scores c where c.explanation_id = r.explanation_id
+                and c.metric = 'succinctness' limit 1) as succinctness,
+               r.run_id, r.created_at
+        from ranked r where r.rk = 1""",
+)
+
+MIGRATIONS: tuple[Migration, ...] = (Migration(1, "initial schema", _V1),)
+
+#: Tables the schema promises (DESIGN §7); tests and the README list them.
+TABLES = ("runs", "work_items", "tool_calls", "models", "saes", "features", "feature_examples", "hypotheses",
+          "explanations", "scores", "circuits", "circuit_edges")
+
+
+def default_db_path() -> Path:
+    """``$AUTOEXPLAIN_DB`` if set, else ``./autoexplain.duckdb``."""
+    return Path(os.environ.get(DEFAULT_DB_ENV) or DEFAULT_DB_NAME)
+
+
+def _is_lock_error(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, duckdb.IOException) and ("lock" in text or "conflicting" in text)
+
+
+@contextlib.contextmanager
+def connect(path: Path, *, read_only: bool, timeout_s: float = 30.0) -> Iterator[duckdb.DuckDBPyConnection]:
+    """Open ``path`` for one short unit of work, waiting while another process holds the file.
+
+    Raises :class:`InputError` if the file is not a DuckDB database, or if the lock is not released within
+    ``timeout_s`` (naming the process that holds it).
+    """
+    deadline = time.monotonic() + timeout_s
+    delay = 0.005
+    while True:
+        try:
+            con = duckdb.connect(str(path), read_only=read_only)
+            break
+        except duckdb.IOException as exc:
+            if "not a valid duckdb database" in str(exc).lower():
+                raise InputError(f"--db {str(path)!r} exists but is not a DuckDB database: pass a new file "
+                                 "name or an autoexplain database (the file was left untouched)") from None
+            if not _is_lock_error(exc):
+                raise
+            if time.monotonic() > deadline:
+                raise InputError(f"database {str(path)!r} stayed locked by another process for {timeout_s:.0f} s "
+                                 f"({str(exc).split('Conflicting lock is held in')[-1].strip()[:80]}); "
+                                 "try again when it finishes") from None
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 0.2)
+    try:
+        yield con
+    finally:
+        con.close()
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value)
+    return value
+
+
+class Store:
+    """All reads and writes of one autoexplain database file.
+
+    ``Store(path)`` validates the file (creating and migrating it if needed) before anything else is written, so
+    a bad ``--db`` is refused without side effects.
+    """
+
+    def __init__(self, path: str | Path | None = None, *, timeout_s: float = 30.0) -> None:
+        self.path = Path(path) if path is not None else default_db_path()
+        self.timeout_s = timeout_s
+        if self.path.exists() and self.path.is_dir():
+            raise InputError(f"--db {str(self.path)!r} is a directory: pass a file path such as results.duckdb")
+        if not self.path.parent.exists():
+            raise InputError(f"--db {str(self.path)!r}: folder {str(self.path.parent)!r} does not exist; create it "
+                             "or pass a path in an existing folder")
+        self._migrate()
+
+    # -- connections ------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A read-write connection inside one transaction; committed on success, rolled back on error."""
+        with connect(self.path, read_only=False, timeout_s=self.timeout_s) as con:
+            con.execute("begin transaction")
+            try:
+                yield con
+            except BaseException:
+                con.execute("rollback")
+                raise
+            con.execute("commit")
+
+    # -- schema ---------------------------------------------------------------------------------------
+    def _migrate(self) -> None:
+        latest = MIGRATIONS[-1].version
+        with self.transaction() as con:
+            con.execute("create table if not exists schema_migrations (version integer primary key, "
+                        "description varchar not null, applied_at timestamp not null)")
+            have = {r[0] for r in con.execute("select version from schema_migrations").fetchall()}
+            if have and max(have) > latest:
+                raise InputError(f"database {str(self.path)!r} has schema version {max(have)}, newer than this "
+                                 f"autoexplain understands ({latest}): upgrade autoexplain")
+            for mig in MIGRATIONS:
+                if mig.version in have:
+                    continue
+                for stmt in mig.statements:
+                    con.execute(stmt)
+                con.execute("insert into schema_migrations values (?, ?, current_timestamp)",
+                            [mig.version, mig.description])
+
+    def schema_version(self) -> int:
+        return int(self.query("select max(version) from schema_migrations")[1][0][0])
+
+    # -- generic writes ----------------------------------------------------------------------------------
+    def upsert(self, table: str, rows: Sequence[dict[str, Any]], *,
+               con: duckdb.DuckDBPyConnection | None = None) -> int:
+        """Insert or replace ``rows`` (dicts keyed by column name) in one Arrow bulk insert; return the count.
+
+        On a key conflict only the columns present in the dicts are replaced; the others keep their stored values
+        (or get their defaults on insert). dict/list values are stored as JSON.
+        """
+        if table not in TABLES:
+            raise ValueError(f"unknown table {table!r}")
+        if not rows:
+            return 0
+        import pyarrow as pa
+
+        arrow_rows = pa.Table.from_pylist([{k: _jsonable(v) for k, v in r.items()} for r in rows])
+        if con is None:
+            with self.transaction() as own:
+                own.execute(f"insert or replace into {table} by name select * from arrow_rows")
+        else:
+            con.execute(f"insert or replace into {table} by name select * from arrow_rows")
+        return len(rows)
+
+    # -- reads ----------------------------------------------------------------------------------------
+    def query(self, sql: str, params: Sequence[Any] | None = None) -> tuple[list[str], list[tuple[Any, ...]]]:
+        """Run one read-only query; return (column names, rows)."""
+        return run_query(self.path, sql, params, timeout_s=self.timeout_s)
+
+    # -- runs -----------------------------------------------------------------------------------------
+    def start_run(self, run_id: str, kind: str, config: dict[str, Any], *, policy: str | None = None) -> None:
+        import platform
+        from importlib.metadata import version
+
+        self.upsert("runs", [{
+            "run_id": run_id, "kind": kind, "status": "running", "policy": policy, "config": config,
+            "started_at": _now(), "host": platform.node(), "version": version("autoexplain"),
+        }])
+
+    def finish_run(self, run_id: str, status: str, summary: dict[str, Any]) -> None:
+        with self.transaction() as con:
+            con.execute("update runs set status = ?, summary = ?, finished_at = ? where run_id = ?",
+                        [status, json.dumps(summary), _now(), run_id])
+
+
+def run_query(path: Path, sql: str, params: Sequence[Any] | None = None, *,
+              timeout_s: float = 30.0) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """Answer one query from a read-only connection (works while a run is writing the same file)."""
+    if not path.exists():
+        raise InputError(f"no database at {str(path)!r}: run a command that writes one (e.g. autoexplain demo) "
+                         "or pass --db PATH")
+    with connect(path, read_only=True, timeout_s=timeout_s) as con:
+        try:
+            cur = con.execute(sql, list(params) if params else None)
+        except duckdb.Error as exc:
+            msg = str(exc).strip().splitlines()[0]
+            if "read-only" in msg.lower():
+                msg = "autoexplain sql is read-only: only SELECT-style queries are allowed"
+            raise InputError(f"query failed: {msg}") from None
+        if cur.description is None:
+            return [], []
+        cols = [d[0] for d in cur.description]
+        return cols, cur.fetchall()
+
+
+def _now() -> Any:
+    import datetime as dt
+
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)

@@ -1,0 +1,1 @@
+"""Scorers and ground-truth suites. May use ``tools``; knows nothing of ``agent``."""

@@ -1,0 +1,84 @@
+"""Shared fixtures: tiny locally built models (random weights), built once per session in a temp dir."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+WORDS = ("the cat sat on the mat and the dog ran to the park . Mary and John went to the store , "
+         "John gave a drink to Mary . red green blue fox owl 10 11 12 13 14 15 16 17 18 19 20").split()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+def _train_tokenizer(out: Path) -> None:
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2TokenizerFast
+
+    texts = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))] * 4
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=400, min_frequency=1, special_tokens=["<|endoftext|>"],
+                            show_progress=False)
+    out.mkdir(parents=True, exist_ok=True)
+    bpe.save_model(str(out))
+    tok = GPT2TokenizerFast.from_pretrained(str(out))
+    tok.pad_token = tok.eos_token
+    tok.save_pretrained(str(out))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A GPT-2-architecture model with random weights saved with save_pretrained (2 layers, d_model 32, 4 heads)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+
+    out = tmp_path_factory.mktemp("tiny-gpt2")
+    _train_tokenizer(out)
+    tok = GPT2TokenizerFast.from_pretrained(str(out))
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=32, n_ctx=32, n_embd=32, n_layer=2, n_head=4,
+                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    GPT2LMHeadModel(cfg).save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_neox_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A GPT-NeoX (Pythia-family) model with random weights saved with save_pretrained."""
+    import torch
+    from transformers import GPT2TokenizerFast, GPTNeoXConfig, GPTNeoXForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-neox")
+    _train_tokenizer(out)
+    tok = GPT2TokenizerFast.from_pretrained(str(out))
+    torch.manual_seed(0)
+    cfg = GPTNeoXConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=32, rotary_pct=0.25,
+                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    GPTNeoXForCausalLM(cfg).save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_gpt2_dir: Path):
+    """The tiny GPT-2 loaded through autoexplain (CPU)."""
+    from autoexplain.tools.models import load_model
+
+    return load_model(str(tiny_gpt2_dir), device="cpu")

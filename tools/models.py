@@ -1,0 +1,340 @@
+"""Load a language model for interpretability work and check that every site we use exists and fires.
+
+Runtime choice
+--------------
+TransformerLens 3.9 offers two runtimes: the deprecated ``HookedTransformer`` (removed in 4.0) and the new
+``TransformerBridge``. We use ``HookedSAETransformer`` (sae-lens' subclass of ``HookedTransformer``) because
+sae-lens' splicing (``run_with_saes``) and the per-head hooks we patch in circuit work (``hook_result``, split
+q/k/v inputs) are mature there. That choice lives in this module alone: everything else asks for a :class:`Site`
+and this module turns it into a hook name (:func:`hook_name`). When TL 4.0 lands, only this file moves.
+
+Model specs
+-----------
+* a local Hugging Face directory (``save_pretrained`` output: GPT-2, GPT-NeoX/Pythia, Llama-family …): loaded
+  with transformers, converted with TransformerLens' weight converters, no weight processing (so logits equal the
+  plain transformers model's). TL's ``from_pretrained`` refuses local paths, hence the manual recipe.
+* a hub name TransformerLens knows (``gpt2``, ``EleutherAI/pythia-70m``): fetched where a hub is reachable;
+  offline this fails with one line suggesting a local directory.
+* ``toy:NAME``: a model of the toy zoo (:mod:`autoexplain.tools.zoo`), built on first use.
+
+Caveat: optional hooks (per-head outputs, split q/k/v inputs, MLP input) cost memory and time, so they are off by
+default and switched on only inside :meth:`LoadedModel.sites_enabled` for the sites a tool asks for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from autoexplain.tools.device import pick_device
+from autoexplain.tools.errors import InputError
+from autoexplain.tools.vocab import HEAD_KINDS, MLP_KINDS, Site, SiteKind
+
+# ----------------------------------------------------------------------------- site <-> hook name (one place)
+_LAYER_HOOKS: dict[SiteKind, str] = {
+    SiteKind.RESID_PRE: "blocks.{L}.hook_resid_pre",
+    SiteKind.RESID_MID: "blocks.{L}.hook_resid_mid",
+    SiteKind.RESID_POST: "blocks.{L}.hook_resid_post",
+    SiteKind.ATTN_OUT: "blocks.{L}.hook_attn_out",
+    SiteKind.MLP_IN: "blocks.{L}.hook_mlp_in",
+    SiteKind.MLP_OUT: "blocks.{L}.hook_mlp_out",
+    SiteKind.MLP_POST: "blocks.{L}.mlp.hook_post",
+    SiteKind.Z: "blocks.{L}.attn.hook_z",
+    SiteKind.PATTERN: "blocks.{L}.attn.hook_pattern",
+    # per-head kinds: one hook per layer, the head is an index into dim 2 ([batch, pos, head, d])
+    SiteKind.HEAD_OUT: "blocks.{L}.attn.hook_result",
+    SiteKind.Q_IN: "blocks.{L}.hook_q_input",
+    SiteKind.K_IN: "blocks.{L}.hook_k_input",
+    SiteKind.V_IN: "blocks.{L}.hook_v_input",
+}
+
+#: The TransformerLens config switch that makes an optional hook fire.
+_SITE_FLAGS: dict[SiteKind, str] = {
+    SiteKind.HEAD_OUT: "use_attn_result",
+    SiteKind.Q_IN: "use_split_qkv_input",
+    SiteKind.K_IN: "use_split_qkv_input",
+    SiteKind.V_IN: "use_split_qkv_input",
+    SiteKind.MLP_IN: "use_hook_mlp_in",
+}
+
+
+def hook_name(site: Site) -> str:
+    """The runtime hook name of ``site``. Per-head sites share their layer's hook; the head indexes dim 2."""
+    return _LAYER_HOOKS[site.kind].format(L=site.layer)
+
+
+def site_from_hook_name(name: str) -> Site:
+    """Inverse of :func:`hook_name` for layer-level sites (what an SAE's ``hook_name`` points at)."""
+    for kind, pattern in _LAYER_HOOKS.items():
+        if kind in HEAD_KINDS:
+            continue
+        prefix, suffix = pattern.split("{L}")
+        if name.startswith(prefix) and name.endswith(suffix):
+            middle = name[len(prefix) : len(name) - len(suffix)]
+            if middle.isdigit():
+                return Site(kind=kind, layer=int(middle))
+    known = ", ".join(p.format(L="L") for k, p in _LAYER_HOOKS.items() if k not in HEAD_KINDS)
+    raise InputError(f"hook {name!r} is not a site autoexplain knows: use one of {known}")
+
+
+# ----------------------------------------------------------------------------- the loaded model
+@dataclass
+class LoadedModel:
+    """A HookedSAETransformer plus what the tools need to know about it."""
+
+    spec: str
+    model_id: str
+    model: Any  # sae_lens.HookedSAETransformer (a transformer_lens.HookedTransformer)
+    tokenizer: Any
+    device: torch.device
+    source_dir: Path | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    # -- shape ----------------------------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return int(self.model.cfg.n_layers)
+
+    @property
+    def n_heads(self) -> int:
+        return int(self.model.cfg.n_heads)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.model.cfg.d_model)
+
+    @property
+    def n_ctx(self) -> int:
+        return int(self.model.cfg.n_ctx)
+
+    @property
+    def attn_only(self) -> bool:
+        return bool(self.model.cfg.attn_only)
+
+    def sites(self, kinds: Iterable[SiteKind] | None = None) -> list[Site]:
+        """Every site this model has (optionally of some kinds), in forward order."""
+        kinds = list(SiteKind) if kinds is None else list(kinds)
+        out: list[Site] = []
+        for layer in range(self.n_layers):
+            for kind in kinds:
+                if self.attn_only and kind in MLP_KINDS:
+                    continue
+                if _LAYER_HOOKS[kind].format(L=layer) not in self.model.hook_dict:
+                    continue  # e.g. no resid_mid in parallel attention+MLP blocks (GPT-NeoX, GPT-J)
+                if kind in HEAD_KINDS:
+                    out.extend(Site(kind=kind, layer=layer, head=h) for h in range(self.n_heads))
+                else:
+                    out.append(Site(kind=kind, layer=layer))
+        return out
+
+    def validate_site(self, site: Site) -> str:
+        """Raise :class:`InputError` unless ``site`` exists in this model; return its hook name."""
+        if site.layer >= self.n_layers:
+            raise InputError(f"site {site} does not exist: the model has layers 0..{self.n_layers - 1}")
+        if site.head is not None and site.head >= self.n_heads:
+            raise InputError(f"site {site} does not exist: the model has heads 0..{self.n_heads - 1} per layer")
+        if self.attn_only and site.kind in MLP_KINDS:
+            raise InputError(f"site {site} does not exist: this model is attention-only (no MLPs)")
+        name = hook_name(site)
+        if name not in self.model.hook_dict:
+            raise InputError(f"site {site} (hook {name}) does not exist in this model")
+        return name
+
+    # -- optional hooks -------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def sites_enabled(self, sites: Iterable[Site]) -> Iterator[None]:
+        """Switch on the optional TransformerLens hooks these sites need, and restore the previous state."""
+        flags = {_SITE_FLAGS[s.kind] for s in sites if s.kind in _SITE_FLAGS}
+        before = {f: bool(getattr(self.model.cfg, f)) for f in flags}
+        try:
+            for f in flags:
+                getattr(self.model, f"set_{f}")(True)
+            yield
+        finally:
+            for f, v in before.items():
+                getattr(self.model, f"set_{f}")(v)
+
+    def check_sites(self, sites: Iterable[Site] | None = None) -> list[Site]:
+        """Check that each site exists and that its hook fires on a short forward pass; return the sites.
+
+        A hook can be registered and still never fire (TransformerLens keeps ``hook_mlp_out`` in attention-only
+        models; split q/k/v input hooks fire only when enabled). Such a site is refused here instead of
+        silently producing no data later.
+        """
+        sites = self.sites() if sites is None else list(sites)
+        names = {s: self.validate_site(s) for s in sites}
+        fired: set[str] = set()
+
+        def record(_act: torch.Tensor, hook: Any) -> None:
+            fired.add(hook.name)
+
+        probe = torch.arange(1, 1 + min(4, self.n_ctx), device=self.device)[None, :] % self.model.cfg.d_vocab
+        with self.sites_enabled(sites), torch.no_grad():
+            self.model.run_with_hooks(probe, fwd_hooks=[(n, record) for n in set(names.values())])
+        silent = [s for s, n in names.items() if n not in fired]
+        if silent:
+            listed = ", ".join(str(s) for s in silent[:5])
+            raise InputError(f"sites {listed} exist in the model but their hooks never fire: this runtime "
+                             "cannot read or patch them; choose another site")
+        return sites
+
+    def to_tokens(self, texts: str | list[str], prepend_bos: bool = True) -> torch.Tensor:
+        """Tokenise like the model's own ``to_tokens`` (BOS prepended by default, right-padded)."""
+        return self.model.to_tokens(texts, prepend_bos=prepend_bos).to(self.device)
+
+    def describe(self) -> dict[str, Any]:
+        cfg = self.model.cfg
+        return {
+            "spec": self.spec, "model_id": self.model_id, "architecture": cfg.original_architecture,
+            "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "d_model": cfg.d_model, "d_head": cfg.d_head,
+            "d_mlp": cfg.d_mlp, "d_vocab": cfg.d_vocab, "n_ctx": cfg.n_ctx, "attn_only": bool(cfg.attn_only),
+            "device": str(self.device), **self.meta,
+        }
+
+
+# ----------------------------------------------------------------------------- loading
+def load_model(spec: str, device: str | None = None, *, check: bool = True) -> LoadedModel:
+    """Load ``spec`` (local HF dir, hub name or ``toy:NAME``) onto CUDA when present, else CPU.
+
+    Raises :class:`InputError` for anything the user can fix: a missing path, a directory that holds no model,
+    an architecture TransformerLens cannot convert, a hub name while offline.
+    """
+    dev = pick_device(device)
+    spec = spec.strip()
+    if not spec:
+        raise InputError("empty model spec: pass a local model directory, a hub name or toy:NAME")
+    if spec.startswith("toy:"):
+        from autoexplain.tools.zoo import ensure_model
+
+        built = ensure_model(spec[4:])
+        lm = _load_local(built.model_dir, dev, spec=spec)
+        lm.model_id = f"{spec}@{built.fingerprint}"
+        lm.meta["toy"] = built.name
+        return _checked(lm, check)
+    path = Path(spec).expanduser()
+    if path.exists():
+        return _checked(_load_local(path, dev, spec=spec), check)
+    if spec.startswith(("/", "./", "../", "~")) or os.sep in spec and spec.count("/") > 1:
+        raise InputError(f"model path {spec!r} does not exist: pass an existing directory saved with "
+                         "save_pretrained, a hub name such as gpt2, or toy:tiny")
+    return _checked(_load_hub(spec, dev), check)
+
+
+def _checked(lm: LoadedModel, check: bool) -> LoadedModel:
+    if check:
+        lm.check_sites()
+    return lm
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """TransformerLens 3.x warns on every HookedTransformer construction; the choice is deliberate (see above)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        yield
+
+
+def _load_local(path: Path, dev: torch.device, *, spec: str) -> LoadedModel:
+    if not path.is_dir():
+        raise InputError(f"model path {str(path)!r} is a file, not a directory: pass the directory that "
+                         "save_pretrained wrote (config.json + weights)")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise InputError(f"{str(path)!r} is not a model directory: it has no config.json; pass a directory "
+                         "written by save_pretrained (config.json, weights and tokenizer)")
+    try:
+        hf_cfg = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{str(cfg_file)!r} is not valid JSON ({exc.__class__.__name__}); re-save the model") from None
+    weights = [p for p in path.iterdir() if p.suffix in (".safetensors", ".bin") and "model" in p.name]
+    if not weights:
+        raise InputError(f"{str(path)!r} has a config.json but no model weights (*.safetensors or *.bin)")
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import transformer_lens.loading_from_pretrained as tl_loading
+
+    with _quiet():
+        from sae_lens import HookedSAETransformer
+
+        try:
+            tok = AutoTokenizer.from_pretrained(str(path))
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{str(path)!r} has no usable tokenizer ({_first_line(exc)}); save one with "
+                             "tokenizer.save_pretrained into the model directory") from None
+        try:
+            hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+        except (OSError, ValueError, KeyError) as exc:
+            raise InputError(f"transformers cannot load {str(path)!r} as a causal LM: {_first_line(exc)}") from None
+        hf.eval()
+        try:
+            cfg = _tl_config(path, hf_cfg, dev)
+        except NotImplementedError as exc:
+            arch = (hf_cfg.get("architectures") or ["?"])[0]
+            raise InputError(f"architecture {arch} in {str(path)!r} is not supported by TransformerLens "
+                             f"({_first_line(exc)}); use a GPT-2, GPT-NeoX/Pythia or Llama-family model") from None
+        state = tl_loading.get_pretrained_state_dict(str(path), cfg, hf_model=hf)
+        model = HookedSAETransformer(cfg, tokenizer=tok, move_to_device=False)
+        model.load_and_process_state_dict(state, fold_ln=False, center_writing_weights=False,
+                                          center_unembed=False, fold_value_biases=False)
+    model.to(dev, print_details=False)
+    model.eval()
+    del hf
+    digest = hashlib.sha256(str(path.resolve()).encode() + cfg_file.read_bytes()).hexdigest()[:12]
+    return LoadedModel(spec=spec, model_id=f"{path.name}-{digest}", model=model, tokenizer=tok, device=dev,
+                       source_dir=path.resolve())
+
+
+def _tl_config(path: Path, hf_cfg: dict[str, Any], dev: torch.device) -> Any:
+    """TransformerLens' config for a local directory.
+
+    TL's GPT-2 converter reads ``n_ctx``, which configs saved by transformers 5 no longer carry (the value lives in
+    ``n_positions``). TL reads only ``config.json`` here, so a patched copy of that one file in a scratch
+    directory is enough; the weights are converted from the already loaded transformers model.
+    """
+    import tempfile
+
+    import transformer_lens.loading_from_pretrained as tl_loading
+
+    if "n_ctx" in hf_cfg or "n_positions" not in hf_cfg:
+        return tl_loading.get_pretrained_model_config(str(path), device=str(dev), fold_ln=False)
+    with tempfile.TemporaryDirectory(prefix="autoexplain-cfg-") as tmp:
+        (Path(tmp) / "config.json").write_text(json.dumps({**hf_cfg, "n_ctx": hf_cfg["n_positions"]}))
+        cfg = tl_loading.get_pretrained_model_config(tmp, device=str(dev), fold_ln=False)
+    cfg.model_name = cfg.tokenizer_name = str(path)
+    return cfg
+
+
+def _load_hub(name: str, dev: torch.device) -> LoadedModel:
+    with _quiet():
+        from sae_lens import HookedSAETransformer
+
+        try:
+            model = HookedSAETransformer.from_pretrained_no_processing(name, device=str(dev))
+        except ValueError as exc:
+            if "not found" in str(exc).lower():
+                raise InputError(f"{name!r} is neither an existing local directory nor a model name "
+                                 "TransformerLens knows: pass a directory saved with save_pretrained, "
+                                 "a name such as gpt2 or EleutherAI/pythia-70m, or toy:tiny") from None
+            raise
+        except OSError as exc:
+            raise InputError(f"could not fetch {name!r} from the Hugging Face hub (offline? "
+                             f"{_first_line(exc)[:80]}): download it where a hub is reachable and pass its "
+                             "local directory, e.g. --model ./gpt2") from None
+    model.eval()
+    return LoadedModel(spec=name, model_id=name, model=model, tokenizer=model.tokenizer, device=dev)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else exc.__class__.__name__

@@ -1,0 +1,117 @@
+"""The catalogue of tools: one entry per tool, shared by Python users, the CLI and the LLM.
+
+Every tool is a plain function ``fn(ctx, args) -> output`` with a pydantic input model and a pydantic output model.
+The output carries the full result for Python and a bounded :meth:`ToolOutput.summary` for the LLM (top-N lists,
+rounded numbers, never raw tensors). The registry refuses duplicate names, and :meth:`Registry.call` validates
+arguments so a bad call becomes one :class:`InputError` line an LLM can act on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from autoexplain.tools.errors import InputError
+
+#: Hard cap on what a summary may hand the LLM, whatever a tool writes.
+SUMMARY_MAX_CHARS = 2000
+
+
+class Cost(StrEnum):
+    """How expensive one call is, so a planner can budget: ``cheap`` (no forward pass or one tiny one),
+    ``forward`` (forward passes over a handful of texts), ``dataset`` (a pass over a dataset)."""
+
+    CHEAP = "cheap"
+    FORWARD = "forward"
+    DATASET = "dataset"
+
+
+class ToolOutput(BaseModel):
+    """Base of every tool output: the full result as fields, plus a bounded text summary for an LLM."""
+
+    def summary_text(self) -> str:  # pragma: no cover - each tool overrides
+        raise NotImplementedError
+
+    def summary(self) -> str:
+        text = self.summary_text()
+        return text if len(text) <= SUMMARY_MAX_CHARS else text[: SUMMARY_MAX_CHARS - 20] + " … (truncated)"
+
+
+@dataclass
+class ToolContext:
+    """What tools run against: the loaded model and SAEs (by ``sae_id``)."""
+
+    model: Any  # tools.models.LoadedModel
+    saes: dict[str, Any] = field(default_factory=dict)  # sae_id -> tools.saes.LoadedSAE
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    name: str
+    description: str  # for an LLM and a human: what it measures and what causal claim it supports
+    input_model: type[BaseModel]
+    output_model: type[ToolOutput]
+    fn: Callable[[ToolContext, Any], ToolOutput]
+    cost: Cost
+
+    def json_schema(self) -> dict[str, Any]:
+        return self.input_model.model_json_schema()
+
+    def openai_schema(self) -> dict[str, Any]:
+        """The function-calling schema OpenAI-compatible endpoints take."""
+        return {"type": "function", "function": {"name": self.name, "description": self.description,
+                                                 "parameters": self.json_schema()}}
+
+
+class Registry:
+    """Name -> tool. Refuses duplicates; unknown names and bad arguments are :class:`InputError`."""
+
+    def __init__(self) -> None:
+        self._tools: dict[str, ToolSpec] = {}
+
+    def register(self, spec: ToolSpec) -> ToolSpec:
+        if spec.name in self._tools:
+            raise ValueError(f"tool {spec.name!r} is already registered")
+        self._tools[spec.name] = spec
+        return spec
+
+    def __iter__(self) -> Iterator[ToolSpec]:
+        return iter(sorted(self._tools.values(), key=lambda s: s.name))
+
+    def __len__(self) -> int:
+        return len(self._tools)
+
+    def get(self, name: str) -> ToolSpec:
+        if name not in self._tools:
+            raise InputError(f"unknown tool {name!r}: available tools are {', '.join(sorted(self._tools))}")
+        return self._tools[name]
+
+    def parse_args(self, name: str, args: dict[str, Any] | str) -> BaseModel:
+        spec = self.get(name)
+        try:
+            if isinstance(args, str):
+                return spec.input_model.model_validate_json(args)
+            return spec.input_model.model_validate(args)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"]) or "arguments"
+            raise InputError(f"bad arguments for {name}: {where}: {err['msg']} "
+                             f"(schema: {sorted(spec.input_model.model_fields)})") from None
+
+    def call(self, ctx: ToolContext, name: str, args: dict[str, Any] | str) -> ToolOutput:
+        spec = self.get(name)
+        return spec.fn(ctx, self.parse_args(name, args))
+
+
+def default_registry() -> Registry:
+    """A fresh registry with every built-in tool (built on demand: no registry exists at import time)."""
+    from autoexplain.tools import info
+
+    reg = Registry()
+    for spec in info.TOOLS:
+        reg.register(spec)
+    return reg

@@ -1,0 +1,154 @@
+"""Load sae-lens SAEs and check them against the model they will be spliced into.
+
+Specs
+-----
+* a directory written by sae-lens (``cfg.json`` + ``sae_weights.safetensors``): any architecture sae-lens
+  knows (standard, TopK, JumpReLU, gated …); ``SAE.load_from_disk`` dispatches on the saved config;
+* ``toy:MODEL/NAME``: an SAE of the toy zoo, e.g. ``toy:small/res0``;
+* ``RELEASE/SAE_ID``: a sae-lens pretrained release (``gpt2-small-res-jb/blocks.8.hook_resid_pre``), fetched
+  where a hub is reachable.
+
+Checks on load (sae-lens itself silently skips an SAE whose hook is missing and never compares widths):
+the SAE names a hook, the hook is a site of this model, it fires, and the activation there has width ``d_in``.
+Each failure is one :class:`InputError` line.
+
+The ``sae_id`` is a content hash of the weights, so the same SAE gets the same id wherever its files live.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from autoexplain.tools.errors import InputError
+from autoexplain.tools.models import LoadedModel, _quiet, site_from_hook_name
+from autoexplain.tools.vocab import Site
+
+WEIGHTS_FILE = "sae_weights.safetensors"
+
+
+@dataclass
+class LoadedSAE:
+    spec: str
+    sae_id: str
+    sae: Any  # sae_lens.SAE
+    site: Site
+    hook_name: str
+    source_dir: Path | None = None
+
+    @property
+    def d_in(self) -> int:
+        return int(self.sae.cfg.d_in)
+
+    @property
+    def d_sae(self) -> int:
+        return int(self.sae.cfg.d_sae)
+
+    @property
+    def architecture(self) -> str:
+        return str(self.sae.cfg.architecture())
+
+    def describe(self) -> dict[str, Any]:
+        return {"spec": self.spec, "sae_id": self.sae_id, "site": str(self.site), "hook_name": self.hook_name,
+                "d_in": self.d_in, "d_sae": self.d_sae, "architecture": self.architecture}
+
+
+def load_sae(spec: str, lm: LoadedModel) -> LoadedSAE:
+    """Load the SAE ``spec`` onto the model's device and check that it fits ``lm`` (see module doc)."""
+    spec = spec.strip()
+    if not spec:
+        raise InputError("empty SAE spec: pass an sae-lens directory, toy:MODEL/NAME or RELEASE/SAE_ID")
+    if spec.startswith("toy:"):
+        from autoexplain.tools.zoo import ensure_model
+
+        model_name, _, sae_name = spec[4:].partition("/")
+        if not sae_name:
+            raise InputError(f"toy SAE spec {spec!r} needs a name: write toy:MODEL/NAME, e.g. toy:small/res0")
+        loaded = _from_dir(ensure_model(model_name).sae_dir(sae_name), lm, spec)
+    elif Path(spec).expanduser().exists():
+        loaded = _from_dir(Path(spec).expanduser(), lm, spec)
+    else:
+        loaded = _from_release(spec, lm)
+    _check_fits(loaded, lm)
+    return loaded
+
+
+def _from_dir(path: Path, lm: LoadedModel, spec: str) -> LoadedSAE:
+    if not path.is_dir() or not (path / "cfg.json").is_file():
+        raise InputError(f"{str(path)!r} is not an sae-lens SAE directory: it needs cfg.json and {WEIGHTS_FILE} "
+                         "(as written by sae.save_model)")
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise InputError(f"{str(path)!r} has cfg.json but no {WEIGHTS_FILE}: re-save the SAE with sae.save_model")
+    from sae_lens import SAE
+
+    with _quiet():
+        try:
+            sae = SAE.load_from_disk(str(path), device=str(lm.device))
+        except (ValueError, KeyError, TypeError, OSError) as exc:
+            raise InputError(f"sae-lens cannot load {str(path)!r}: {str(exc).splitlines()[0][:160]}") from None
+    digest = hashlib.sha256()
+    with open(weights, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return _wrap(sae, spec, f"sae-{digest.hexdigest()[:16]}", path.resolve())
+
+
+def _from_release(spec: str, lm: LoadedModel) -> LoadedSAE:
+    release, _, sae_id = spec.partition("/")
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    directory = get_pretrained_saes_directory()
+    if not sae_id or release not in directory:
+        raise InputError(f"SAE {spec!r} is neither an existing directory nor RELEASE/SAE_ID of a sae-lens release "
+                         "(e.g. gpt2-small-res-jb/blocks.8.hook_resid_pre); pass a local sae-lens directory")
+    if sae_id not in directory[release].saes_map:
+        some = ", ".join(list(directory[release].saes_map)[:3])
+        raise InputError(f"release {release!r} has no SAE {sae_id!r}: its ids look like {some}")
+    from sae_lens import SAE
+
+    with _quiet():
+        try:
+            sae = SAE.from_pretrained(release, sae_id, device=str(lm.device))
+        except OSError as exc:
+            raise InputError(f"could not fetch SAE {spec!r} from the hub (offline? {str(exc).splitlines()[0][:80]}): "
+                             "download it where a hub is reachable and pass its local directory") from None
+    return _wrap(sae, spec, f"{release}/{sae_id}", None)
+
+
+def _wrap(sae: Any, spec: str, sae_id: str, source: Path | None) -> LoadedSAE:
+    hook = getattr(sae.cfg.metadata, "hook_name", None)
+    if not hook:
+        raise InputError(f"SAE {spec!r} names no hook (cfg.json metadata.hook_name is empty), so sae-lens would "
+                         "silently skip it: set hook_name, e.g. blocks.0.hook_resid_post")
+    sae.eval()
+    return LoadedSAE(spec=spec, sae_id=sae_id, sae=sae, site=site_from_hook_name(hook), hook_name=hook,
+                     source_dir=source)
+
+
+def _check_fits(loaded: LoadedSAE, lm: LoadedModel) -> None:
+    """The SAE's site exists in ``lm``, its hook fires, and the activation width there equals ``d_in``."""
+    try:
+        lm.validate_site(loaded.site)
+    except InputError as exc:
+        raise InputError(f"SAE {loaded.spec!r} reads hook {loaded.hook_name}, which this model lacks: {exc}") from None
+    lm.check_sites([loaded.site])
+    shape: list[int] = []
+
+    def grab(act: torch.Tensor, hook: Any) -> None:
+        shape[:] = list(act.shape)
+
+    probe = torch.arange(1, 3, device=lm.device)[None, :]
+    with torch.no_grad():
+        lm.model.run_with_hooks(probe, fwd_hooks=[(loaded.hook_name, grab)], stop_at_layer=loaded.site.layer + 1)
+    width = shape[-1]
+    if getattr(loaded.sae.cfg, "reshape_activations", "none") == "hook_z":
+        width = shape[-1] * shape[-2]  # sae-lens flattens [.., head, d_head] for hook_z SAEs
+    if width != loaded.d_in:
+        raise InputError(f"SAE {loaded.spec!r} has d_in {loaded.d_in} but the model's activation at "
+                         f"{loaded.site} ({loaded.hook_name}) has width {width}: the SAE was trained on another "
+                         "model or site")

@@ -1,0 +1,438 @@
+"""The toy world: a corpus with known structure, a GPT-2 trained on it, SAEs trained with sae-lens, task files.
+
+Why: no weights can be downloaded here, and ground truth needs structure we know. The zoo builds, on first use
+and deterministically (fixed seeds, fixed step counts), everything the demo and the tests need:
+
+* ``corpus/``: a synthetic corpus from word categories (names, animals, colours, foods, places, objects, events)
+  and templates: IOI-style sentences ("When Mary and John went to the park, John gave a ball to Mary."), induction
+  sequences (a random word list, then the same list again), greater-than sentences ("The war lasted from 32 to
+  57."), and category sentences. ``categories.json`` records every word's category: the ground truth for
+  feature labels.
+* ``model/``: a small GPT-2 (transformers ``GPT2LMHeadModel`` + a byte-level BPE tokenizer trained on the
+  corpus, every corpus word one token) saved with ``save_pretrained`` — loaded through the same loader as a
+  user's model.
+* ``saes/NAME/``: TopK SAEs trained with sae-lens' ``SAETrainer`` on two sites, saved in sae-lens format.
+* ``tasks/*.json``: circuit task files (auto-circuit layout) from a held-out seed, with the model's top-1
+  accuracy on each in ``manifest.json``.
+
+Caveat: a trained toy model solves its tasks, but rarely with the textbook circuit; known-answer circuit tests use
+hand-planted models instead. The build is deterministic for a given machine's thread count; the cache key is the
+spec's fingerprint, not the weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from autoexplain.tools.errors import InputError
+
+ZOO_FORMAT = 1  # bump when the build recipe changes: the fingerprint changes and everything rebuilds
+
+# ----------------------------------------------------------------------------- the corpus grammar
+CATEGORIES: dict[str, tuple[str, ...]] = {
+    "name": ("Mary", "John", "Alice", "Bob", "Tom", "Sarah", "James", "Emma", "David", "Lucy", "Peter", "Anna",
+             "Kate", "Mark", "Paul", "Jane"),
+    "animal": ("cat", "dog", "fox", "owl", "horse", "bear", "wolf", "mouse", "lion", "duck"),
+    "color": ("red", "blue", "green", "yellow", "black", "white", "purple", "orange"),
+    "food": ("bread", "apple", "cheese", "soup", "rice", "cake", "milk", "egg"),
+    "place": ("store", "park", "school", "market", "garden", "river", "beach", "church"),
+    "object": ("ball", "book", "drink", "key", "letter", "ring", "hat", "cup"),
+    "event": ("war", "strike", "drought", "festival", "trip", "storm"),
+    "number": tuple(str(n) for n in range(10, 100)),
+}
+#: Words an induction sequence is drawn from (categories whose members carry no order of their own).
+INDUCTION_POOL = CATEGORIES["animal"] + CATEGORIES["color"] + CATEGORIES["food"] + CATEGORIES["object"]
+
+
+def _ioi(rng: random.Random) -> tuple[str, str, str, str]:
+    """(prompt, answer, corrupt prompt, wrong answer): the indirect object is the name not repeated."""
+    a, b, c = rng.sample(CATEGORIES["name"], 3)
+    place, obj = rng.choice(CATEGORIES["place"]), rng.choice(CATEGORIES["object"])
+    if rng.random() < 0.5:
+        head = f"When {a} and {b} went to the {place}, {{S}} gave a {obj} to"
+    else:
+        head = f"After {a} and {b} met at the {place}, {{S}} handed the {obj} to"
+    return head.format(S=b), f" {a}", head.format(S=c), f" {b}"
+
+
+def _induction(rng: random.Random) -> tuple[str, str, str, str]:
+    """A random word list, then its start again; the answer is the word that followed last time."""
+    n = rng.randint(5, 8)
+    seq = rng.sample(INDUCTION_POOL, n)
+    k = rng.randint(1, n - 1)
+    other = rng.choice([w for w in INDUCTION_POOL if w not in seq])
+    clean = " ".join(seq) + " , " + " ".join(seq[:k])
+    swapped = seq[:k] + [other] + seq[k + 1 :]
+    corrupt = " ".join(swapped) + " , " + " ".join(seq[:k])
+    return clean, f" {seq[k]}", corrupt, f" {other}"
+
+
+def _greater_than(rng: random.Random) -> tuple[str, int]:
+    x = rng.randint(11, 98)
+    return f"The {rng.choice(CATEGORIES['event'])} lasted from {x} to", x
+
+
+def _document(rng: random.Random) -> str:
+    """One document of the training corpus."""
+    r = rng.random()
+    if r < 0.25:
+        prompt, answer, _, _ = _ioi(rng)
+        return f"{prompt}{answer}."
+    if r < 0.5:
+        n = rng.randint(5, 8)
+        seq = rng.sample(INDUCTION_POOL, n)
+        return " ".join(seq) + " , " + " ".join(seq) + " ."
+    if r < 0.7:
+        prompt, x = _greater_than(rng)
+        return f"{prompt} {rng.randint(x + 1, 99)}."
+    c = {k: rng.choice(v) for k, v in CATEGORIES.items()}
+    f2 = rng.choice(CATEGORIES["food"])
+    return rng.choice((
+        f"The {c['color']} {c['animal']} ate the {c['food']} near the {c['place']}.",
+        f"{c['name']} saw a {c['color']} {c['animal']} in the {c['place']}.",
+        f"{c['name']} bought {c['food']} and {f2} at the {c['place']}.",
+        f"{c['name']} found a {c['color']} {c['object']} by the {c['place']}.",
+    ))
+
+
+def documents(seed: int, n: int) -> list[str]:
+    rng = random.Random(seed)
+    return [_document(rng) for _ in range(n)]
+
+
+def task_prompts(task: str, seed: int, n: int) -> dict[str, Any]:
+    """A circuit task file (auto-circuit layout) with ``n`` prompts, from a seed the training never used."""
+    rng = random.Random(seed)
+    prompts = []
+    for _ in range(n):
+        if task == "ioi":
+            clean, ans, corrupt, wrong = _ioi(rng)
+            prompts.append({"clean": clean, "corrupt": corrupt, "answers": [ans], "wrong_answers": [wrong]})
+        elif task == "induction":
+            clean, ans, corrupt, wrong = _induction(rng)
+            prompts.append({"clean": clean, "corrupt": corrupt, "answers": [ans], "wrong_answers": [wrong]})
+        elif task == "greater_than":
+            clean, x = _greater_than(rng)
+            corrupt = clean.replace(f"from {x} to", "from 10 to")
+            prompts.append({"clean": clean, "corrupt": corrupt,
+                            "answers": [f" {y}" for y in range(x + 1, 100)],
+                            "wrong_answers": [f" {y}" for y in range(10, x + 1)]})
+        else:
+            raise ValueError(task)
+    return {"name": task, "prompts": prompts}
+
+
+TASKS = ("ioi", "induction", "greater_than")
+
+
+# ----------------------------------------------------------------------------- specs
+class SAESpec(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    site: str  # a vocab Site string, e.g. resid_post.0
+    d_sae: int
+    k: int
+    samples: int
+
+
+class ZooSpec(BaseModel):
+    """Everything that determines a toy world; its hash is the cache key."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    seed: int = 0
+    n_layers: int = 2
+    d_model: int = 128
+    n_heads: int = 4
+    n_ctx: int = 64
+    train_steps: int
+    batch_size: int = 32
+    lr: float = 2e-3
+    corpus_docs: int = 20_000
+    task_prompts: int = 100
+    saes: tuple[SAESpec, ...] = Field(default=())
+
+    def fingerprint(self) -> str:
+        blob = json.dumps({"format": ZOO_FORMAT, **self.model_dump(mode="json")}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def zoo_specs() -> dict[str, ZooSpec]:
+    """The named toy worlds. ``small`` is the demo's; ``tiny`` builds in well under a minute for tests."""
+    return {
+        "small": ZooSpec(name="small", train_steps=1800, saes=(
+            SAESpec(name="res0", site="resid_post.0", d_sae=512, k=8, samples=400_000),
+            SAESpec(name="mlp1", site="mlp_out.1", d_sae=512, k=8, samples=400_000),
+        )),
+        "tiny": ZooSpec(name="tiny", d_model=64, n_ctx=48, train_steps=300, corpus_docs=3000, task_prompts=40,
+                        saes=(
+                            SAESpec(name="res0", site="resid_post.0", d_sae=128, k=4, samples=60_000),
+                            SAESpec(name="mlp1", site="mlp_out.1", d_sae=128, k=4, samples=60_000),
+                        )),
+    }
+
+
+def get_spec(name: str) -> ZooSpec:
+    specs = zoo_specs()
+    if name not in specs:
+        raise InputError(f"unknown toy model {name!r}: the zoo has {', '.join(sorted(specs))} (e.g. toy:small)")
+    return specs[name]
+
+
+def cache_root() -> Path:
+    """``$AUTOEXPLAIN_CACHE`` if set, else the user cache dir (``~/.cache/autoexplain`` on Linux)."""
+    env = os.environ.get("AUTOEXPLAIN_CACHE")
+    if env:
+        return Path(env)
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("autoexplain"))
+
+
+@dataclass(frozen=True)
+class BuiltZoo:
+    name: str
+    root: Path
+    fingerprint: str
+    manifest: dict[str, Any]
+
+    @property
+    def model_dir(self) -> Path:
+        return self.root / "model"
+
+    def sae_dir(self, sae: str) -> Path:
+        d = self.root / "saes" / sae
+        if not d.is_dir():
+            have = ", ".join(s["name"] for s in self.manifest["saes"])
+            raise InputError(f"toy model {self.name!r} has no SAE {sae!r}: it has {have} (e.g. toy:{self.name}/res0)")
+        return d
+
+    @property
+    def corpus(self) -> Path:
+        return self.root / "corpus" / "train.txt"
+
+    def task_file(self, task: str) -> Path:
+        return self.root / "tasks" / f"{task}.json"
+
+
+# ----------------------------------------------------------------------------- build
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+def ensure_model(name: str, *, progress: Progress | None = None) -> BuiltZoo:
+    """Return the built toy world ``name``, building it first if the cache lacks it."""
+    spec = get_spec(name)
+    root = cache_root() / "zoo" / f"{spec.name}-{spec.fingerprint()}"
+    manifest = root / "manifest.json"
+    if not manifest.exists():
+        root.parent.mkdir(parents=True, exist_ok=True)
+        with _lock(root.parent / f".{root.name}.lock"):
+            if not manifest.exists():  # another process may have built it while we waited
+                build(spec, root, progress=progress)
+    return BuiltZoo(spec.name, root, spec.fingerprint(), json.loads(manifest.read_text()))
+
+
+@contextlib.contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def build(spec: ZooSpec, root: Path, *, progress: Progress | None = None) -> dict[str, Any]:
+    """Build the toy world into ``root`` atomically: into a scratch folder, renamed into place when complete."""
+    report = progress or (lambda stage, done, total: None)
+    tmp = root.with_name(root.name + f".building-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    corpus = documents(spec.seed, spec.corpus_docs)
+    (tmp / "corpus").mkdir()
+    (tmp / "corpus" / "train.txt").write_text("\n".join(corpus) + "\n")
+    (tmp / "corpus" / "categories.json").write_text(json.dumps(CATEGORIES, indent=1))
+    tok = _train_tokenizer(corpus, tmp / "model")
+    timings["corpus_and_tokenizer_s"] = time.perf_counter() - t0
+
+    t = time.perf_counter()
+    final_loss = _train_model(spec, tok, tmp / "model", report)
+    timings["train_model_s"] = time.perf_counter() - t
+
+    from autoexplain.tools.data import load_task_file, tokenize_task
+    from autoexplain.tools.models import load_model
+
+    lm = load_model(str(tmp / "model"), device="cpu")
+    (tmp / "tasks").mkdir()
+    accuracy: dict[str, float] = {}
+    for i, task in enumerate(TASKS):
+        path = tmp / "tasks" / f"{task}.json"
+        path.write_text(json.dumps(task_prompts(task, spec.seed + 1000 + i, spec.task_prompts), indent=1))
+        accuracy[task] = task_accuracy(lm, tokenize_task(load_task_file(path), lm.tokenizer, n_ctx=lm.n_ctx))
+
+    t = time.perf_counter()
+    sae_info = [_train_sae(lm, corpus, sae, tmp / "saes" / sae.name, spec.seed, report) for sae in spec.saes]
+    timings["train_saes_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - t0
+
+    manifest = {
+        "name": spec.name, "fingerprint": spec.fingerprint(), "spec": spec.model_dump(mode="json"),
+        "corpus": {"documents": len(corpus), "tokens": int(sum(len(x) for x in tok(corpus)["input_ids"]))},
+        "model": {"d_vocab": len(tok), "n_params": int(sum(p.numel() for p in lm.model.parameters())),
+                  "final_train_loss": final_loss},
+        "task_accuracy": accuracy, "saes": sae_info, "timings": timings,
+        "threads": torch.get_num_threads(),
+    }
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    if root.exists():
+        shutil.rmtree(root)
+    tmp.rename(root)
+    return manifest
+
+
+def _train_tokenizer(corpus: list[str], out: Path) -> Any:
+    """Byte-level BPE (GPT-2 style) trained until every corpus word is one token (with its leading space)."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2TokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    # every category word appears in the training text, so even a small corpus yields one token per word
+    lexicon = [" " + " ".join(words) for words in CATEGORIES.values()] * 4
+    bpe.train_from_iterator(corpus + lexicon, vocab_size=4096, min_frequency=1, special_tokens=["<|endoftext|>"],
+                            show_progress=False)
+    out.mkdir(parents=True, exist_ok=True)
+    bpe.save_model(str(out))
+    tok = GPT2TokenizerFast.from_pretrained(str(out))
+    tok.pad_token = tok.eos_token
+    tok.model_max_length = 10_000
+    tok.save_pretrained(str(out))
+    for words in CATEGORIES.values():
+        for w in words:
+            if len(tok.tokenize(" " + w)) != 1:
+                raise RuntimeError(f"toy tokenizer split {w!r}; the zoo recipe is broken")
+    return tok
+
+
+def _train_model(spec: ZooSpec, tok: Any, out: Path, report: Progress) -> float:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from autoexplain.tools.data import tokenize_windows
+
+    torch.manual_seed(spec.seed)
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=spec.n_ctx, n_ctx=spec.n_ctx, n_embd=spec.d_model,
+                     n_layer=spec.n_layers, n_head=spec.n_heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    model = GPT2LMHeadModel(cfg)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    warmup = max(1, spec.train_steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 1 - s / spec.train_steps))
+    rng = random.Random(spec.seed + 1)
+    # fresh documents each step: the corpus generator is the training distribution (no epochs to overfit)
+    docs_per_step = max(8, spec.batch_size * spec.n_ctx // 12)
+    loss_ema = 0.0
+    for step in range(spec.train_steps):
+        docs = [_document(rng) for _ in range(docs_per_step)]
+        win = tokenize_windows(docs, tok, ctx=spec.n_ctx, n_ctx=spec.n_ctx)
+        batch = win.tokens[: spec.batch_size]
+        labels = batch.masked_fill(~win.valid[: spec.batch_size], -100)
+        loss = model(input_ids=batch, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        loss_ema = loss.item() if step == 0 else 0.98 * loss_ema + 0.02 * loss.item()
+        if step % 20 == 0 or step == spec.train_steps - 1:
+            report(f"train model (loss {loss_ema:.3f})", step + 1, spec.train_steps)
+    model.eval()
+    model.save_pretrained(str(out))
+    return round(loss_ema, 4)
+
+
+def task_accuracy(lm: Any, task: Any) -> float:
+    """Top-1 accuracy: the share of prompts whose most likely next token is one of the prompt's answers."""
+    with torch.no_grad():
+        logits = lm.model(task.clean.to(lm.device))
+    idx = torch.arange(len(task.answer_pos))
+    top = logits[idx, task.answer_pos].argmax(-1).cpu()
+    hits = (task.answers == top[:, None]).any(-1)
+    return round(float(hits.float().mean()), 4)
+
+
+def _train_sae(lm: Any, corpus: list[str], sae_spec: SAESpec, out: Path, seed: int,
+               report: Progress) -> dict[str, Any]:
+    """Train a TopK SAE with sae-lens' SAETrainer on activations of ``sae_spec.site`` over the corpus."""
+    from sae_lens import LoggingConfig, TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    from autoexplain.tools.data import tokenize_windows
+    from autoexplain.tools.models import hook_name
+    from autoexplain.tools.vocab import Site
+
+    site = Site.parse(sae_spec.site)
+    hook = hook_name(site)
+    win = tokenize_windows(corpus, lm.tokenizer, ctx=lm.n_ctx, n_ctx=lm.n_ctx)
+    acts = []
+    with torch.no_grad():
+        for i in range(0, len(win.tokens), 64):
+            _, cache = lm.model.run_with_cache(win.tokens[i : i + 64], names_filter=hook,
+                                               stop_at_layer=site.layer + 1)
+            a = cache[hook]
+            # skip BOS (position 0, an outlier norm in every model) and padding
+            keep = win.valid[i : i + 64].clone()
+            keep[:, 0] = False
+            acts.append(a[keep])
+    data = torch.cat(acts)
+    gen = torch.Generator().manual_seed(seed)
+    batch = 1024
+
+    def provider() -> Iterator[torch.Tensor]:
+        while True:
+            perm = torch.randperm(len(data), generator=gen)
+            for j in range(0, len(perm) - batch + 1, batch):
+                yield data[perm[j : j + batch]]
+
+    torch.manual_seed(seed)
+    cfg = TopKTrainingSAEConfig(d_in=lm.d_model, d_sae=sae_spec.d_sae, k=sae_spec.k)
+    sae = TopKTrainingSAE(cfg)
+    sae.cfg.metadata.hook_name = hook
+    sae.cfg.metadata.model_name = lm.model_id
+    trainer = SAETrainer(
+        cfg=SAETrainerConfig(total_training_samples=sae_spec.samples, train_batch_size_samples=batch, lr=3e-3,
+                             lr_end=3e-4, lr_decay_steps=sae_spec.samples // batch // 3, device="cpu",
+                             logger=LoggingConfig(log_to_wandb=False)),
+        sae=sae, data_provider=provider())
+    report(f"train SAE {sae_spec.name} on {sae_spec.site}", 0, 1)
+    sae = trainer.fit()
+    sae.save_inference_model(str(out))
+    with torch.no_grad():
+        x = data[:4096]
+        x_hat = sae.decode(sae.encode(x))
+        fvu = float(((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
+        l0 = float((sae.encode(x) > 0).float().sum(-1).mean())
+    report(f"train SAE {sae_spec.name} on {sae_spec.site}", 1, 1)
+    return {"name": sae_spec.name, "site": sae_spec.site, "hook_name": hook, "d_sae": sae_spec.d_sae,
+            "k": sae_spec.k, "train_samples": sae_spec.samples, "activations": len(data),
+            "fvu": round(fvu, 4), "l0": round(l0, 2)}
