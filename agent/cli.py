@@ -192,6 +192,47 @@ def _record_zoo(store: Any, built: Any, *, kind: str) -> str:
     return run_id
 
 
+# ----------------------------------------------------------------------------- check
+@app.command()
+def check(model: Annotated[str, typer.Option("--model", "-m", help="local HF dir, hub name or toy:NAME")],
+          sae: Annotated[list[str] | None, typer.Option("--sae", "-s", help="sae-lens dir, toy:MODEL/NAME or "
+                                                                            "RELEASE/ID (repeatable)")] = None,
+          dataset: Annotated[str | None, typer.Option("--dataset", "-d", help=".txt/.jsonl/.parquet or hub "
+                                                                               "name")] = None,
+          task: Annotated[Path | None, typer.Option("--task", "-t", help="circuit task file (JSON)")] = None,
+          ctx: Annotated[int | None, typer.Option(help="token window for the dataset (default: model "
+                                                         "context, at most 128)")] = None,
+          device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N (default: cuda if present)")]
+          = None) -> None:
+    """Load a model (and SAEs, a dataset, a task file) and check they fit together; writes nothing.
+
+    Every site is checked to exist and fire; each SAE's hook and width are checked against the model; the
+    dataset is tokenised into windows; the task file is validated and the model's top-1 accuracy on it shown.
+    """
+    from autoexplain.tools.data import load_task_file, load_texts, tokenize_task, tokenize_windows
+    from autoexplain.tools.models import load_model
+    from autoexplain.tools.saes import load_sae
+    from autoexplain.tools.zoo import task_accuracy
+
+    con = _console()
+    lm = load_model(model, device=device)
+    d = lm.describe()
+    con.print(f"model {lm.model_id}: {d['architecture']}, {lm.n_layers} layers x {lm.n_heads} heads, d_model "
+              f"{lm.d_model}, context {lm.n_ctx}, on {lm.device}; {len(lm.sites())} sites exist and fire")
+    for spec in sae or []:
+        s = load_sae(spec, lm)
+        con.print(f"SAE {s.sae_id}: {s.architecture}, d_in {s.d_in} -> d_sae {s.d_sae} at {s.site} "
+                  f"({s.hook_name}): fits the model")
+    if dataset is not None:
+        texts = load_texts(dataset, limit=10_000)
+        win = tokenize_windows(texts, lm.tokenizer, ctx=ctx or min(lm.n_ctx, 128), n_ctx=lm.n_ctx)
+        con.print(f"dataset {dataset}: {len(texts):,} texts (first 10,000 read) -> {win.n_windows:,} windows of "
+                  f"{win.ctx} tokens ({win.n_tokens:,} tokens, BOS first)")
+    if task is not None:
+        tt = tokenize_task(load_task_file(task), lm.tokenizer, n_ctx=lm.n_ctx)
+        con.print(f"task {task}: {tt.n_prompts} prompts valid; model top-1 accuracy {task_accuracy(lm, tt):.1%}")
+
+
 # ----------------------------------------------------------------------------- demo
 @app.command()
 def demo(db: DbOpt = None) -> None:

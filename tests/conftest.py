@@ -76,6 +76,22 @@ def tiny_neox_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tests never read or write the user's real cache: the toy zoo builds into a session temp dir."""
+    root = tmp_path_factory.mktemp("autoexplain-cache")
+    os.environ["AUTOEXPLAIN_CACHE"] = str(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(_isolated_cache: Path):
+    """The ``tiny`` toy world (corpus, trained GPT-2, two sae-lens SAEs, task files), built once per session."""
+    from autoexplain.tools.zoo import ensure_model
+
+    return ensure_model("tiny")
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tiny_gpt2_dir: Path):
     """The tiny GPT-2 loaded through autoexplain (CPU)."""

@@ -237,11 +237,20 @@ def _checked(lm: LoadedModel, check: bool) -> LoadedModel:
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """TransformerLens 3.x warns on every HookedTransformer construction; the choice is deliberate (see above)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        yield
+    """Quiet loading: TransformerLens 3.x warns on every HookedTransformer construction (the choice is
+    deliberate, see above) and transformers draws a bar per weights file."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # per-file "Loading weights" bars; a load is one step to our users
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _load_local(path: Path, dev: torch.device, *, spec: str) -> LoadedModel:
@@ -315,7 +324,32 @@ def _tl_config(path: Path, hf_cfg: dict[str, Any], dev: torch.device) -> Any:
     return cfg
 
 
+def _hub_unreachable() -> str | None:
+    """Why the hub cannot be used right now (offline mode, or its host does not resolve), else None.
+
+    Checked before loading so an offline user gets the error at once instead of after minutes of retries.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return f"{host} cannot be reached"
+    return None
+
+
 def _load_hub(name: str, dev: torch.device) -> LoadedModel:
+    why = _hub_unreachable()
+    if why:
+        raise InputError(f"{name!r} is not a local directory, and the Hugging Face hub is unavailable ({why}): "
+                         f"download the model where a hub is reachable and pass its local directory, e.g. "
+                         f"--model ./{name.split('/')[-1]}")
     with _quiet():
         from sae_lens import HookedSAETransformer
 
@@ -328,9 +362,8 @@ def _load_hub(name: str, dev: torch.device) -> LoadedModel:
                                  "a name such as gpt2 or EleutherAI/pythia-70m, or toy:tiny") from None
             raise
         except OSError as exc:
-            raise InputError(f"could not fetch {name!r} from the Hugging Face hub (offline? "
-                             f"{_first_line(exc)[:80]}): download it where a hub is reachable and pass its "
-                             "local directory, e.g. --model ./gpt2") from None
+            raise InputError(f"could not fetch {name!r} from the Hugging Face hub ({exc.__class__.__name__}): "
+                             "download it where a hub is reachable and pass its local directory") from None
     model.eval()
     return LoadedModel(spec=name, model_id=name, model=model, tokenizer=model.tokenizer, device=dev)
 

@@ -12,12 +12,14 @@ Checks on load (sae-lens itself silently skips an SAE whose hook is missing and 
 the SAE names a hook, the hook is a site of this model, it fires, and the activation there has width ``d_in``.
 Each failure is one :class:`InputError` line.
 
-The ``sae_id`` is a content hash of the weights, so the same SAE gets the same id wherever its files live.
+The ``sae_id`` is a content hash of the config and weights, so the same SAE gets the same id wherever its files
+live.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ from typing import Any
 import torch
 
 from autoexplain.tools.errors import InputError
-from autoexplain.tools.models import LoadedModel, _quiet, site_from_hook_name
+from autoexplain.tools.models import LoadedModel, _hub_unreachable, _quiet, site_from_hook_name
 from autoexplain.tools.vocab import Site
 
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -91,7 +93,8 @@ def _from_dir(path: Path, lm: LoadedModel, spec: str) -> LoadedSAE:
             sae = SAE.load_from_disk(str(path), device=str(lm.device))
         except (ValueError, KeyError, TypeError, OSError) as exc:
             raise InputError(f"sae-lens cannot load {str(path)!r}: {str(exc).splitlines()[0][:160]}") from None
-    digest = hashlib.sha256()
+    # weights alone are not identity: a TopK and a ReLU SAE can share weights and still fire differently
+    digest = hashlib.sha256(json.dumps(json.loads((path / "cfg.json").read_text()), sort_keys=True).encode())
     with open(weights, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
@@ -109,6 +112,10 @@ def _from_release(spec: str, lm: LoadedModel) -> LoadedSAE:
     if sae_id not in directory[release].saes_map:
         some = ", ".join(list(directory[release].saes_map)[:3])
         raise InputError(f"release {release!r} has no SAE {sae_id!r}: its ids look like {some}")
+    why = _hub_unreachable()
+    if why:
+        raise InputError(f"SAE {spec!r} is a sae-lens release, but the Hugging Face hub is unavailable ({why}): "
+                         "download it where a hub is reachable and pass its local directory")
     from sae_lens import SAE
 
     with _quiet():
