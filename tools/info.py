@@ -62,9 +62,10 @@ class TokenizeOut(ToolOutput):
     items: list[TokenizedText]
 
     def summary_text(self) -> str:
-        lines = [f"{it.text[:60]!r} -> {len(it.tokens)} tokens: {' | '.join(it.tokens[:24])}"
-                 + (" …" if len(it.tokens) > 24 else "") for it in self.items[:10]]
-        more = f"\n(+{len(self.items) - 10} more texts)" if len(self.items) > 10 else ""
+        shown, per_text = 8, 16
+        lines = [f"{it.text[:60]!r} -> {len(it.tokens)} tokens: {' | '.join(it.tokens[:per_text])}"
+                 + (" …" if len(it.tokens) > per_text else "") for it in self.items[:shown]]
+        more = f"\n(+{len(self.items) - shown} more texts)" if len(self.items) > shown else ""
         return "\n".join(lines) + more
 
 
