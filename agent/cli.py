@@ -37,7 +37,7 @@ class Fmt(StrEnum):
 def _console(stderr: bool = False) -> Any:
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False)
+    return Console(stderr=stderr, highlight=False, soft_wrap=True)
 
 
 # ----------------------------------------------------------------------------- sql
@@ -229,7 +229,10 @@ def check(model: Annotated[str, typer.Option("--model", "-m", help="local HF dir
         con.print(f"dataset {dataset}: {len(texts):,} texts (first 10,000 read) -> {win.n_windows:,} windows of "
                   f"{win.ctx} tokens ({win.n_tokens:,} tokens, BOS first)")
     if task is not None:
-        tt = tokenize_task(load_task_file(task), lm.tokenizer, n_ctx=lm.n_ctx)
+        try:
+            tt = tokenize_task(load_task_file(task), lm.tokenizer, n_ctx=lm.n_ctx)
+        except InputError as exc:
+            raise InputError(exc.message if str(task) in exc.message else f"task file {str(task)!r}: {exc}") from None
         con.print(f"task {task}: {tt.n_prompts} prompts valid; model top-1 accuracy {task_accuracy(lm, tt):.1%}")
 
 
@@ -253,11 +256,29 @@ def demo(db: DbOpt = None) -> None:
 
 
 def main() -> None:
+    """Entry point: every user error is one stderr line and exit code 2."""
+    from typer.exceptions import TyperException
+
     try:
-        app()
+        code = app(standalone_mode=False)
     except InputError as exc:
-        print(f"autoexplain: error: {exc.message}", file=sys.stderr)
-        sys.exit(2)
+        _fail(exc.message)
+    except typer.Abort:
+        _fail("interrupted")
+    except TyperException as exc:  # usage errors of the (vendored) click parser
+        ctx = getattr(exc, "ctx", None)
+        if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:
+            print(ctx.get_help())
+            sys.exit(0)
+        where = ctx.command_path if ctx is not None else "autoexplain"
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        _fail(f"{message} (see {where} --help)")
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _fail(message: str) -> None:
+    print(f"autoexplain: error: {' '.join(message.split())}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

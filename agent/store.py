@@ -8,7 +8,7 @@ Concurrency
 DuckDB lets one process hold a file read-write, and while it does no other process can open the file at all,
 read-only included. A run that kept its connection open for hours would lock ``autoexplain sql`` out for
 hours. So the store never holds a connection between writes: each write (or small group of writes) opens the
-file, runs in one transaction, and closes it (about 20 ms on a 2-core machine). Readers open the file read-only
+file, runs in one transaction, and closes it (20–50 ms on a 2-core machine). Readers open the file read-only
 for the length of one query. Either side that meets the other's lock waits and retries with a short backoff
 (:func:`connect`), so a query made mid-run answers within a write's length, and sees every committed row.
 
@@ -213,9 +213,15 @@ _V1 = (
 
 MIGRATIONS: tuple[Migration, ...] = (Migration(1, "initial schema", _V1),)
 
-#: Tables the schema promises (DESIGN §7); tests and the README list them.
-TABLES = ("runs", "work_items", "tool_calls", "models", "saes", "features", "feature_examples", "hypotheses",
-          "explanations", "scores", "circuits", "circuit_edges")
+#: Each table the schema promises (DESIGN §7) and its primary key; tests and the README list them.
+PRIMARY_KEYS: dict[str, tuple[str, ...]] = {
+    "runs": ("run_id",), "work_items": ("item_id",), "tool_calls": ("call_id",), "models": ("model_id",),
+    "saes": ("sae_id",), "features": ("sae_id", "feature_index"),
+    "feature_examples": ("sae_id", "feature_index", "kind", "example_id"), "hypotheses": ("hypothesis_id",),
+    "explanations": ("explanation_id",), "scores": ("score_id",), "circuits": ("circuit_id",),
+    "circuit_edges": ("circuit_id", "edge"),
+}
+TABLES = tuple(PRIMARY_KEYS)
 
 
 def default_db_path() -> Path:
@@ -229,8 +235,12 @@ def _is_lock_error(exc: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def connect(path: Path, *, read_only: bool, timeout_s: float = 30.0) -> Iterator[duckdb.DuckDBPyConnection]:
+def connect(path: Path, *, read_only: bool, timeout_s: float = 30.0,
+            external_access: bool = True) -> Iterator[duckdb.DuckDBPyConnection]:
     """Open ``path`` for one short unit of work, waiting while another process holds the file.
+
+    ``external_access=False`` also forbids the query from touching other files (``COPY … TO``, ``ATTACH``,
+    ``read_csv``): what ``autoexplain sql`` uses, so a query can neither change results nor write elsewhere.
 
     Raises :class:`InputError` if the file is not a DuckDB database, or if the lock is not released within
     ``timeout_s`` (naming the process that holds it).
@@ -239,7 +249,8 @@ def connect(path: Path, *, read_only: bool, timeout_s: float = 30.0) -> Iterator
     delay = 0.005
     while True:
         try:
-            con = duckdb.connect(str(path), read_only=read_only)
+            con = duckdb.connect(str(path), read_only=read_only,
+                                 config={} if external_access else {"enable_external_access": False})
             break
         except duckdb.IOException as exc:
             if "not a valid duckdb database" in str(exc).lower():
@@ -324,19 +335,34 @@ class Store:
         On a key conflict only the columns present in the dicts are replaced; the others keep their stored values
         (or get their defaults on insert). dict/list values are stored as JSON.
         """
-        if table not in TABLES:
+        if table not in PRIMARY_KEYS:
             raise ValueError(f"unknown table {table!r}")
-        if not rows:
-            return 0
-        import pyarrow as pa
-
-        arrow_rows = pa.Table.from_pylist([{k: _jsonable(v) for k, v in r.items()} for r in rows])
+        key = PRIMARY_KEYS[table]
+        # the last row wins for a repeated key (DuckDB's INSERT OR REPLACE would keep the first)
+        latest: dict[tuple[Any, ...], dict[str, Any]] = {}
+        for r in rows:
+            if any(k not in r for k in key):
+                raise ValueError(f"row for {table} lacks its key {key}: {sorted(r)}")
+            latest[tuple(r[k] for k in key)] = r
+        # rows with different column sets go in separate inserts, so no row loses (or nulls) a column
+        groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        for r in latest.values():
+            groups.setdefault(tuple(sorted(r)), []).append(r)
         if con is None:
             with self.transaction() as own:
-                own.execute(f"insert or replace into {table} by name select * from arrow_rows")
+                self._insert_groups(own, table, groups)
         else:
+            self._insert_groups(con, table, groups)
+        return len(latest)
+
+    @staticmethod
+    def _insert_groups(con: duckdb.DuckDBPyConnection, table: str,
+                       groups: dict[tuple[str, ...], list[dict[str, Any]]]) -> None:
+        import pyarrow as pa
+
+        for cols, group in groups.items():
+            arrow_rows = pa.Table.from_pylist([{k: _jsonable(r[k]) for k in cols} for r in group])
             con.execute(f"insert or replace into {table} by name select * from arrow_rows")
-        return len(rows)
 
     # -- reads ----------------------------------------------------------------------------------------
     def query(self, sql: str, params: Sequence[Any] | None = None) -> tuple[list[str], list[tuple[Any, ...]]]:
@@ -365,14 +391,18 @@ def run_query(path: Path, sql: str, params: Sequence[Any] | None = None, *,
     if not path.exists():
         raise InputError(f"no database at {str(path)!r}: run a command that writes one (e.g. autoexplain demo) "
                          "or pass --db PATH")
-    with connect(path, read_only=True, timeout_s=timeout_s) as con:
+    with connect(path, read_only=True, timeout_s=timeout_s, external_access=False) as con:
         try:
             cur = con.execute(sql, list(params) if params else None)
         except duckdb.Error as exc:
             msg = str(exc).strip().splitlines()[0]
             if "read-only" in msg.lower():
                 msg = "autoexplain sql is read-only: only SELECT-style queries are allowed"
+            elif "disabled by config" in msg.lower():
+                msg = "autoexplain sql cannot touch other files: use --format csv|json to export results"
             raise InputError(f"query failed: {msg}") from None
+        if cur is None:  # DuckDB returns None for a query with no statement: '', ';' or only a comment
+            raise InputError("query failed: the query holds no SQL statement: pass e.g. 'select count(*) from runs'")
         if cur.description is None:
             return [], []
         cols = [d[0] for d in cur.description]

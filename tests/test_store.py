@@ -179,12 +179,16 @@ def test_json_values_are_queryable(tmp_path: Path) -> None:
         (" Mary", 3)]
 
 
-@pytest.mark.xfail(strict=True, reason="store.upsert builds its Arrow table with pa.Table.from_pylist, which takes "
-                   "the columns of the FIRST row only: a later row's extra keys are silently dropped")
 def test_rows_with_different_keys(tmp_path: Path) -> None:
     store = Store(tmp_path / "k.duckdb")
     store.upsert("runs", [_run("a"), _run("b", policy="llm")])  # either refused, or 'b' keeps its policy
     assert store.query("select run_id, policy from runs order by run_id")[1] == [("a", None), ("b", "llm")]
+
+
+def test_repeated_key_in_one_call_keeps_the_last_row(tmp_path: Path) -> None:
+    store = Store(tmp_path / "dup.duckdb")
+    assert store.upsert("runs", [_run("a", policy="offline"), _run("a", policy="llm")]) == 1
+    assert store.query("select run_id, policy from runs")[1] == [("a", "llm")]
 
 
 def test_bulk_upsert_50k_rows(tmp_path: Path) -> None:
@@ -247,6 +251,9 @@ def test_run_query_missing_file_and_read_only(tmp_path: Path) -> None:
         run_query(path, "select * from no_such_table")
     assert "query failed" in str(e.value) and "no_such_table" in str(e.value)
     assert run_query(path, "select ? + ?", [2, 3])[1] == [(5,)]
+    for empty in ("", "-- nothing", ";"):
+        with pytest.raises(InputError, match="no SQL statement"):
+            run_query(path, empty)
 
 
 # ============================================================================= a reader beside a live writer
@@ -293,3 +300,11 @@ def test_cli_queries_answer_while_another_process_writes(tmp_path: Path) -> None
     assert all(c % per_tx == 0 for c in counts), counts  # a query sees whole transactions only
     assert any(0 < c < final for c in counts), counts  # at least one answered mid-run
     assert not (tmp_path / "live.duckdb.wal").exists()
+
+
+def test_sql_cannot_write_other_files(tmp_path: Path) -> None:
+    store = Store(tmp_path / "x.duckdb")
+    leak = tmp_path / "leak.csv"
+    with pytest.raises(InputError, match="cannot touch other files"):
+        run_query(store.path, f"copy (select 42) to '{leak}'")
+    assert not leak.exists()

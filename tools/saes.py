@@ -132,9 +132,12 @@ def _wrap(sae: Any, spec: str, sae_id: str, source: Path | None) -> LoadedSAE:
     if not hook:
         raise InputError(f"SAE {spec!r} names no hook (cfg.json metadata.hook_name is empty), so sae-lens would "
                          "silently skip it: set hook_name, e.g. blocks.0.hook_resid_post")
+    try:
+        site = site_from_hook_name(hook)
+    except InputError as exc:
+        raise InputError(f"SAE {spec!r}: {exc}") from None
     sae.eval()
-    return LoadedSAE(spec=spec, sae_id=sae_id, sae=sae, site=site_from_hook_name(hook), hook_name=hook,
-                     source_dir=source)
+    return LoadedSAE(spec=spec, sae_id=sae_id, sae=sae, site=site, hook_name=hook, source_dir=source)
 
 
 def _check_fits(loaded: LoadedSAE, lm: LoadedModel) -> None:

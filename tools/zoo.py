@@ -244,8 +244,35 @@ def ensure_model(name: str, *, progress: Progress | None = None) -> BuiltZoo:
         root.parent.mkdir(parents=True, exist_ok=True)
         with _lock(root.parent / f".{root.name}.lock"):
             if not manifest.exists():  # another process may have built it while we waited
-                build(spec, root, progress=progress)
+                with contextlib.ExitStack() as stack:
+                    report = progress or stack.enter_context(_stderr_bars(f"building toy:{name} (first use)"))
+                    build(spec, root, progress=report)
     return BuiltZoo(spec.name, root, spec.fingerprint(), json.loads(manifest.read_text()))
+
+
+@contextlib.contextmanager
+def _stderr_bars(title: str) -> Iterator[Progress]:
+    """Progress bars on stderr (one per stage) for builds triggered by first use rather than the CLI."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    print(title, file=sys.stderr)
+    bars: dict[str, Any] = {}
+
+    def report(stage: str, done: int, total: int) -> None:
+        key = stage.split(" (")[0]
+        if key not in bars:
+            bars[key] = tqdm(total=total, desc=key, file=sys.stderr, leave=True)
+        bar = bars[key]
+        bar.set_postfix_str(stage[len(key):].strip(" ()"), refresh=False)
+        bar.update(done - bar.n)
+
+    try:
+        yield report
+    finally:
+        for bar in bars.values():
+            bar.close()
 
 
 @contextlib.contextmanager
