@@ -109,9 +109,14 @@ class Registry:
 
 def default_registry() -> Registry:
     """A fresh registry with every built-in tool (built on demand: no registry exists at import time)."""
-    from autoexplain.tools import info
+    import importlib
 
     reg = Registry()
-    for spec in info.TOOLS:
-        reg.register(spec)
+    for module in TOOL_MODULES:
+        for spec in importlib.import_module(f"autoexplain.tools.{module}").TOOLS:
+            reg.register(spec)
     return reg
+
+
+#: Modules of ``autoexplain.tools`` that export a ``TOOLS`` tuple of :class:`ToolSpec`.
+TOOL_MODULES: tuple[str, ...] = ("info",)

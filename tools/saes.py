@@ -162,3 +162,22 @@ def _check_fits(loaded: LoadedSAE, lm: LoadedModel) -> None:
         raise InputError(f"SAE {loaded.spec!r} has d_in {loaded.d_in} but the model's activation at "
                          f"{loaded.site} ({loaded.hook_name}) has width {width}: the SAE was trained on another "
                          "model or site")
+
+
+def feature_activations(lm: LoadedModel, sae: LoadedSAE, tokens: torch.Tensor) -> torch.Tensor:
+    """SAE feature activations ``[batch, pos, d_sae]`` on ``tokens``, running the model only up to the SAE's layer.
+
+    Reads the activation at the SAE's hook and encodes it with sae-lens' own ``encode`` (which applies the
+    architecture's activation function, thresholds and any reshaping). Association-level evidence only.
+    """
+    acts: list[torch.Tensor] = []
+
+    def grab(act: torch.Tensor, hook: Any) -> None:
+        acts.append(act)
+
+    with torch.no_grad():
+        lm.model.run_with_hooks(tokens.to(lm.device), fwd_hooks=[(sae.hook_name, grab)],
+                                stop_at_layer=sae.site.layer + 1)
+        if len(acts) != 1:
+            raise RuntimeError(f"hook {sae.hook_name} fired {len(acts)} times, expected once")
+        return sae.sae.encode(acts[0])
