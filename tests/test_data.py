@@ -372,3 +372,28 @@ def test_schema_error_names_the_field(tmp_path: Path, prompts: list, field: str,
     with pytest.raises(InputError) as e:
         load_task_file(path)
     one_line_error(e, str(path), f"{field} is invalid", expected)
+
+
+@pytest.mark.parametrize("batch_windows", [1, 3, 7])
+@pytest.mark.parametrize("max_tokens", [None, 50, 97])
+def test_streamed_windows_equal_tokenize_windows(tiny_model, tmp_path, batch_windows, max_tokens) -> None:
+    from autoexplain.tools.data import iter_texts, iter_windows
+
+    path = tmp_path / "d.txt"
+    path.write_text("\n".join(TEXTS * 5) + "\n\n")
+    whole = tokenize_windows(load_texts(str(path)), tiny_model.tokenizer, ctx=8, n_ctx=32, max_tokens=max_tokens)
+    parts = list(iter_windows(iter_texts(str(path)), tiny_model.tokenizer, ctx=8, n_ctx=32,
+                              batch_windows=batch_windows, max_tokens=max_tokens))
+    assert all(p.n_windows <= batch_windows for p in parts)
+    assert torch.equal(torch.cat([p.tokens for p in parts]), whole.tokens)
+    assert torch.equal(torch.cat([p.valid for p in parts]), whole.valid)
+    assert sum(p.n_texts for p in parts) == whole.n_texts
+
+
+def test_iter_texts_empty_dataset(tmp_path) -> None:
+    from autoexplain.tools.data import iter_texts
+
+    path = tmp_path / "blank.txt"
+    path.write_text("\n  \n")
+    with pytest.raises(InputError, match="is empty"):
+        list(iter_texts(str(path)))

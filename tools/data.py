@@ -64,6 +64,35 @@ def load_texts(spec: str, *, limit: int | None = None, text_column: str = "text"
     """
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise InputError(f"limit must be a positive integer, got {limit!r}: pass limit=None to read every text")
+    rows, source = _rows_of(spec, text_column, streaming=limit is not None)
+    return _gather(rows, source=source, limit=limit, column=text_column)
+
+
+def iter_texts(spec: str, *, text_column: str = "text") -> Iterator[str]:
+    """Stream the non-blank texts of ``spec`` (same formats and checks as :func:`load_texts`), one at a time.
+
+    Memory stays flat whatever the dataset's size: what a harvest over millions of tokens reads from.
+    Hub datasets are streamed. An empty dataset raises :class:`InputError` once the stream ends.
+    """
+    rows, source = _rows_of(spec.strip() if isinstance(spec, str) else spec, text_column, streaming=True)
+    seen = False
+    try:
+        for where, value in rows:
+            _check_text(value, where, source=source, column=text_column)
+            if value.strip():
+                seen = True
+                yield value
+    finally:
+        close = getattr(rows, "close", None)
+        if close is not None:
+            close()
+    if not seen:
+        raise InputError(f"{source.replace('dataset file', 'dataset')} is empty: it has no non-blank text in "
+                         f"column {text_column!r}; pass a dataset with at least one text")
+
+
+def _rows_of(spec: str, text_column: str, *, streaming: bool) -> tuple[Iterator[tuple[str, Any]], str]:
+    """The ``(where, value)`` rows of a dataset spec and how to name it in messages; validates the spec."""
     if not isinstance(spec, str) or not spec.strip():
         raise InputError("empty dataset spec: pass a .txt, .jsonl or .parquet file or a Hugging Face dataset name")
     spec = spec.strip()
@@ -76,13 +105,11 @@ def load_texts(spec: str, *, limit: int | None = None, text_column: str = "text"
             raise InputError(f"dataset file {spec!r} has an unsupported extension {path.suffix or '(none)'!r}: "
                              f"convert it to {_FORMATS}")
         readers = {".txt": _txt_rows, ".jsonl": _jsonl_rows, ".parquet": _parquet_rows}
-        rows = readers[suffix](path, text_column)
-        return _gather(rows, source=f"dataset file {spec!r}", limit=limit, column=text_column)
+        return readers[suffix](path, text_column), f"dataset file {spec!r}"
     if suffix in TEXT_SUFFIXES or _looks_like_path(spec):
         raise InputError(f"dataset file {spec!r} does not exist: check the path (relative paths start from "
                          f"{os.getcwd()!r})")
-    rows = _hub_rows(spec, text_column, streaming=limit is not None)
-    return _gather(rows, source=f"dataset {spec!r}", limit=limit, column=text_column)
+    return _hub_rows(spec, text_column, streaming=streaming), f"dataset {spec!r}"
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -109,14 +136,18 @@ def _gather(rows: Iterable[tuple[str, Any]], *, source: str, limit: int | None, 
 def _collect(rows: Iterable[tuple[str, Any]], texts: list[str], *, source: str, limit: int | None,
              column: str) -> None:
     for where, value in rows:
-        if not isinstance(value, str):
-            kind = "null" if value is None else type(value).__name__
-            raise InputError(f"{source}: {where} has a non-string {column!r} value ({kind}): make every "
-                             f"{column!r} value a string (or drop that row)")
+        _check_text(value, where, source=source, column=column)
         if value.strip():
             texts.append(value)
             if limit is not None and len(texts) >= limit:
                 return
+
+
+def _check_text(value: Any, where: str, *, source: str, column: str) -> None:
+    if not isinstance(value, str):
+        kind = "null" if value is None else type(value).__name__
+        raise InputError(f"{source}: {where} has a non-string {column!r} value ({kind}): make every "
+                         f"{column!r} value a string (or drop that row)")
 
 
 def _txt_rows(path: Path, _column: str) -> Iterator[tuple[str, Any]]:
@@ -250,6 +281,66 @@ def tokenize_windows(texts: Sequence[str], tokenizer: Any, *, ctx: int, n_ctx: i
     Caveat: a text split across windows loses its earlier context in the later window; windows are a sample
     of activations, not a faithful reading of long documents.
     """
+    if isinstance(texts, str):
+        raise InputError("texts must be a list of strings, not one string: wrap it as [text]")
+    if not texts:
+        raise InputError("no texts to tokenise: pass at least one non-blank text (load_texts gives a list)")
+    parts = list(iter_windows(texts, tokenizer, ctx=ctx, n_ctx=n_ctx, prepend_bos=prepend_bos,
+                              max_tokens=max_tokens, batch_windows=1 << 30))
+    return TokenWindows(tokens=torch.cat([p.tokens for p in parts]).contiguous(),
+                        valid=torch.cat([p.valid for p in parts]).contiguous(), ctx=ctx, bos=prepend_bos,
+                        n_texts=sum(p.n_texts for p in parts))
+
+
+def iter_windows(texts: Iterable[str], tokenizer: Any, *, ctx: int, n_ctx: int, batch_windows: int,
+                 prepend_bos: bool = True, max_tokens: int | None = None) -> Iterator[TokenWindows]:
+    """Stream ``texts`` into batches of at most ``batch_windows`` windows, with the policy of
+    :func:`tokenize_windows` (the two give the same windows in the same order; ``n_texts`` of a batch counts the
+    texts that started in it). Memory is bounded by one tokenizer batch plus one batch of windows, so a dataset
+    of any size can be streamed from :func:`iter_texts`.
+    """
+    _check_window_args(ctx, n_ctx, max_tokens)
+    if batch_windows < 1:
+        raise InputError(f"batch_windows must be at least 1, got {batch_windows}")
+    bos_id = _bos_id(tokenizer) if prepend_bos else None
+    sep_id = _eos_id(tokenizer)
+    if sep_id is None:
+        raise InputError("the tokenizer has neither an EOS nor a BOS token to separate texts: use a model "
+                         "whose tokenizer defines one")
+    pad_id = _pad_id(tokenizer)
+    body = ctx - (1 if prepend_bos else 0)
+    need = None if max_tokens is None else _content_budget(max_tokens, ctx, 1 if prepend_bos else 0)
+    per_batch = body * batch_windows
+    buf: list[int] = []
+    started = 0  # texts that started inside ``buf`` (not yet reported in a batch)
+    emitted = taken = 0
+    for seq in _token_seqs(texts, tokenizer):
+        if need is not None and taken >= need:
+            break
+        if taken or buf:
+            buf.append(sep_id)
+            taken += 1
+        if need is not None:
+            seq = seq[: max(0, need - taken)]
+        if need is None or taken < need:
+            started += 1
+        buf.extend(seq)
+        taken += len(seq)
+        while len(buf) >= per_batch:
+            yield _pack(buf[:per_batch], body, bos_id, pad_id, ctx, started)
+            emitted += 1
+            buf, started = buf[per_batch:], 0
+    if need is not None and taken > need:  # a trailing separator past the budget
+        del buf[len(buf) - (taken - need):]
+    if buf:
+        yield _pack(buf, body, bos_id, pad_id, ctx, started)
+        emitted += 1
+    if not emitted:
+        detail = f"max_tokens={max_tokens} leaves no room for text" if need == 0 else "the texts tokenise to nothing"
+        raise InputError(f"no tokens to pack into windows: {detail}; pass longer texts or a larger max_tokens")
+
+
+def _check_window_args(ctx: int, n_ctx: int, max_tokens: int | None) -> None:
     if isinstance(ctx, bool) or not isinstance(ctx, int) or ctx < 2:
         raise InputError(f"window size ctx={ctx!r} is too small: pass an integer of at least 2 tokens")
     if ctx > n_ctx:
@@ -259,72 +350,47 @@ def tokenize_windows(texts: Sequence[str], tokenizer: Any, *, ctx: int, n_ctx: i
                                    or max_tokens < 1):
         raise InputError(f"max_tokens must be a positive integer, got {max_tokens!r}: pass max_tokens=None "
                          "to use every token")
-    if not texts:
-        raise InputError("no texts to tokenise: pass at least one non-blank text (load_texts gives a list)")
-    if isinstance(texts, str):
-        raise InputError("texts must be a list of strings, not one string: wrap it as [text]")
 
-    bos_id = _bos_id(tokenizer) if prepend_bos else None
-    sep_id = _eos_id(tokenizer)
-    if sep_id is None:
-        raise InputError("the tokenizer has neither an EOS nor a BOS token to separate texts: use a model "
-                         "whose tokenizer defines one")
-    n_bos = 1 if prepend_bos else 0
-    body = ctx - n_bos
-    need = None if max_tokens is None else _content_budget(max_tokens, ctx, n_bos)
 
-    stream, starts = _token_stream(texts, tokenizer, sep_id, need)
-    if need is not None:
-        stream = stream[:need]
-    if not stream:
-        detail = f"max_tokens={max_tokens} leaves no room for text" if need == 0 else "the texts tokenise to nothing"
-        raise InputError(f"no tokens to pack into windows: {detail}; pass longer texts or a larger max_tokens")
-
+def _pack(stream: list[int], body: int, bos_id: int | None, pad_id: int, ctx: int, n_texts: int) -> TokenWindows:
+    """Cut ``stream`` into rows of ``body`` tokens (the last right-padded), each prefixed with BOS if given."""
     length = len(stream)
     n_windows = -(-length // body)
-    pad_id = _pad_id(tokenizer)
     flat = torch.full((n_windows * body,), pad_id, dtype=torch.long)
     flat[:length] = torch.tensor(stream, dtype=torch.long)
     tokens = flat.view(n_windows, body)
     valid = (torch.arange(n_windows * body) < length).view(n_windows, body)
-    if prepend_bos:
+    if bos_id is not None:
         tokens = torch.cat([torch.full((n_windows, 1), bos_id, dtype=torch.long), tokens], dim=1)
         valid = torch.cat([torch.ones((n_windows, 1), dtype=torch.bool), valid], dim=1)
-    n_texts = sum(1 for s in starts if s < length)
-    return TokenWindows(tokens=tokens.contiguous(), valid=valid.contiguous(), ctx=ctx, bos=prepend_bos,
-                        n_texts=n_texts)
+    return TokenWindows(tokens=tokens, valid=valid, ctx=ctx, bos=bos_id is not None, n_texts=n_texts)
+
+
+def _token_seqs(texts: Iterable[str], tokenizer: Any) -> Iterator[list[int]]:
+    """Each text's token ids (no special tokens), tokenised in batches of :data:`_TOKENIZE_BATCH` texts."""
+    batch: list[str] = []
+    index = 0
+    for text in texts:
+        if not isinstance(text, str):
+            raise InputError(f"text {index} is a {type(text).__name__}, not a string: pass a list of strings")
+        batch.append(text)
+        index += 1
+        if len(batch) == _TOKENIZE_BATCH:
+            yield from _encode_batch(batch, tokenizer)
+            batch = []
+    if batch:
+        yield from _encode_batch(batch, tokenizer)
+
+
+def _encode_batch(batch: list[str], tokenizer: Any) -> list[list[int]]:
+    # verbose=False: long documents are expected here (we cut them), so skip the "too long" warning.
+    return tokenizer(batch, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
 
 
 def _content_budget(max_tokens: int, ctx: int, n_bos: int) -> int:
     """Stream tokens that fit in ``max_tokens`` valid tokens: full windows, plus a partial one if it holds text."""
     full, rest = divmod(max_tokens, ctx)
     return full * (ctx - n_bos) + max(0, rest - n_bos)
-
-
-def _token_stream(texts: Sequence[str], tokenizer: Any, sep_id: int,
-                  need: int | None) -> tuple[list[int], list[int]]:
-    """Concatenate the texts' tokens with ``sep_id`` between them; stop once ``need`` tokens are there.
-
-    Returns the stream and the offset where each consumed text starts.
-    """
-    stream: list[int] = []
-    starts: list[int] = []
-    for lo in range(0, len(texts), _TOKENIZE_BATCH):
-        batch = list(texts[lo: lo + _TOKENIZE_BATCH])
-        bad = next((i for i, t in enumerate(batch) if not isinstance(t, str)), None)
-        if bad is not None:
-            raise InputError(f"text {lo + bad} is a {type(batch[bad]).__name__}, not a string: pass a list of "
-                             "strings")
-        # verbose=False: long documents are expected here (we cut them), so skip the "too long" warning.
-        ids = tokenizer(batch, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
-        for seq in ids:
-            if starts:
-                stream.append(sep_id)
-            starts.append(len(stream))
-            stream.extend(seq)
-            if need is not None and len(stream) >= need:
-                return stream, starts
-    return stream, starts
 
 
 def _bos_id(tokenizer: Any) -> int:
