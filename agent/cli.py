@@ -111,7 +111,8 @@ def zoo_build(name: Annotated[str, typer.Option(help="which toy world (small, ti
 @zoo_app.command("show")
 def zoo_show(name: Annotated[str, typer.Option(help="which toy world (small, tiny)")] = "small") -> None:
     """Show a built toy world: sizes, task accuracy, SAEs and where its files are."""
-    from autoexplain.tools.zoo import cache_root, get_spec
+    from autoexplain.tools.cache import cache_root
+    from autoexplain.tools.zoo import get_spec
 
     spec = get_spec(name)
     root = cache_root() / "zoo" / f"{spec.name}-{spec.fingerprint()}"
@@ -179,14 +180,9 @@ def _record_zoo(store: Any, built: Any, *, kind: str) -> str:
     spec = f"toy:{built.name}"
     store.start_run(run_id, kind, {"zoo": built.name, "fingerprint": built.fingerprint})
     lm = load_model(spec)
-    store.upsert("models", [{"model_id": lm.model_id, "spec": spec, "info": lm.describe()}])
-    rows = []
-    for sae in built.manifest["saes"]:
-        s = load_sae(f"{spec}/{sae['name']}", lm)
-        rows.append({"sae_id": s.sae_id, "spec": s.spec, "model_id": lm.model_id, "hook_name": s.hook_name,
-                     "site": str(s.site), "d_in": s.d_in, "d_sae": s.d_sae, "architecture": s.architecture,
-                     "info": {"l0": sae["l0"], "fvu": sae["fvu"], "k": sae["k"]}})
-    store.upsert("saes", rows)
+    quality = {f"{spec}/{q['name']}": {"l0": q["l0"], "fvu": q["fvu"], "k": q["k"]} for q in built.manifest["saes"]}
+    saes = [load_sae(name, lm) for name in quality]
+    _record_model_and_saes(store, lm, saes, extra=quality)
     store.finish_run(run_id, "done", {"task_accuracy": built.manifest["task_accuracy"],
                                       "timings": built.manifest["timings"]})
     return run_id
@@ -234,6 +230,85 @@ def check(model: Annotated[str, typer.Option("--model", "-m", help="local HF dir
         except InputError as exc:
             raise InputError(exc.message if str(task) in exc.message else f"task file {str(task)!r}: {exc}") from None
         con.print(f"task {task}: {tt.n_prompts} prompts valid; model top-1 accuracy {task_accuracy(lm, tt):.1%}")
+
+
+# ----------------------------------------------------------------------------- harvest
+@app.command("harvest")
+def harvest_cmd(
+        model: Annotated[str, typer.Option("--model", "-m", help="local HF dir, hub name or toy:NAME")],
+        sae: Annotated[str, typer.Option("--sae", "-s", help="sae-lens dir, toy:MODEL/NAME or RELEASE/ID")],
+        dataset: Annotated[str, typer.Option("--dataset", "-d", help=".txt/.jsonl/.parquet or hub name")],
+        tokens: Annotated[int, typer.Option("--tokens", "-n", help="tokens to stream through")] = 200_000,
+        ctx: Annotated[int, typer.Option(help="window length (BOS first)")] = 64,
+        batch_size: Annotated[int, typer.Option(help="windows per forward pass")] = 32,
+        top_k: Annotated[int, typer.Option(help="top contexts kept per feature")] = 20,
+        checkpoint_every: Annotated[int, typer.Option(help="batches between checkpoints")] = 20,
+        db: DbOpt = None,
+        device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N (default: cuda if present)")] = None,
+) -> None:
+    """Stream a dataset through model + SAE once; store every feature's statistics and examples.
+
+    Interrupted runs resume: run the same command again and finished batches are not recomputed.
+    """
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from autoexplain.tools.harvest import HarvestIn, harvest
+    from autoexplain.tools.models import load_model
+    from autoexplain.tools.registry import ToolContext
+    from autoexplain.tools.saes import load_sae
+
+    lm = load_model(model, device=device)
+    s = load_sae(sae, lm)
+    args = _validated(HarvestIn, sae_id=s.sae_id, dataset=dataset, n_tokens=tokens, ctx=ctx,
+                      batch_size=batch_size, top_k=top_k, checkpoint_every=checkpoint_every)
+    next(iter(_dataset_probe(dataset)))  # a missing or empty dataset fails before anything is written
+    store = _open_store(db)
+    run_id = f"harvest-{uuid.uuid4().hex[:10]}"
+    store.start_run(run_id, "harvest", {"model": model, "sae": sae, **args.model_dump()})
+    _record_model_and_saes(store, lm, [s])
+
+    def sink(table: str, rows: list[dict[str, Any]]) -> None:
+        store.upsert(table, [{**r, "run_id": run_id} for r in rows])
+
+    with Progress(TextColumn("harvest {task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"
+                  " batches"), TimeElapsedColumn(), TimeRemainingColumn(), console=_console(stderr=True)) as prog:
+        task = prog.add_task(s.sae_id, total=None)
+        out = harvest(ToolContext(model=lm, saes={s.sae_id: s}, sink=sink), args,
+                      progress=lambda done, total: prog.update(task, completed=done, total=total))
+    store.finish_run(run_id, "done", out.model_dump())
+    con = _console()
+    con.print(out.summary())
+    if out.resumed_from_batch:
+        con.print(f"(resumed after batch {out.resumed_from_batch})")
+    con.print(f"database: {store.path.resolve()}  (run {run_id})")
+
+
+def _dataset_probe(spec: str) -> Any:
+    from autoexplain.tools.data import iter_texts
+
+    return iter_texts(spec)
+
+
+def _validated(model_cls: Any, **kwargs: Any) -> Any:
+    """Build a tool's input model from CLI values; a pydantic error becomes one InputError line."""
+    from pydantic import ValidationError
+
+    try:
+        return model_cls(**kwargs)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise InputError(f"--{where.replace('_', '-')}: {err['msg']}") from None
+
+
+def _record_model_and_saes(store: Any, lm: Any, saes: list[Any],
+                           extra: dict[str, dict[str, Any]] | None = None) -> None:
+    """Upsert the model and SAEs a run used (``extra``: more info per SAE spec, e.g. training quality)."""
+    extra = extra or {}
+    store.upsert("models", [{"model_id": lm.model_id, "spec": lm.spec, "info": lm.describe()}])
+    store.upsert("saes", [{"sae_id": s.sae_id, "spec": s.spec, "model_id": lm.model_id, "hook_name": s.hook_name,
+                           "site": str(s.site), "d_in": s.d_in, "d_sae": s.d_sae, "architecture": s.architecture,
+                           "info": {**s.describe(), **extra.get(s.spec, {})}} for s in saes])
 
 
 # ----------------------------------------------------------------------------- demo

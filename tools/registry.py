@@ -43,10 +43,26 @@ class ToolOutput(BaseModel):
 
 @dataclass
 class ToolContext:
-    """What tools run against: the loaded model and SAEs (by ``sae_id``)."""
+    """What tools run against: the loaded model and SAEs (by ``sae_id``), and where their records go.
+
+    ``sink(table, rows)`` receives the rows a tool produces for the results database (e.g. harvest's
+    ``features`` and ``feature_examples``). Tools know nothing of DuckDB: the agent or CLI passes the store's
+    upsert here. Without a sink, a tool that must persist refuses to run rather than silently keeping nothing.
+    """
 
     model: Any  # tools.models.LoadedModel
     saes: dict[str, Any] = field(default_factory=dict)  # sae_id -> tools.saes.LoadedSAE
+    sink: Callable[[str, list[dict[str, Any]]], Any] | None = None
+
+    def sae(self, sae_id: str) -> Any:
+        """The loaded SAE ``sae_id``, or an :class:`InputError` listing the loaded ones."""
+        if sae_id in self.saes:
+            return self.saes[sae_id]
+        if not self.saes:
+            raise InputError(f"unknown sae_id {sae_id!r}: no SAE is loaded in this session; start it with an SAE "
+                             "(--sae) to use the feature tools")
+        raise InputError(f"unknown sae_id {sae_id!r}: the loaded SAEs are {', '.join(sorted(self.saes))}; "
+                         "pass one of these ids (model_info lists them)")
 
 
 @dataclass(frozen=True)
@@ -119,4 +135,4 @@ def default_registry() -> Registry:
 
 
 #: Modules of ``autoexplain.tools`` that export a ``TOOLS`` tuple of :class:`ToolSpec`.
-TOOL_MODULES: tuple[str, ...] = ("info",)
+TOOL_MODULES: tuple[str, ...] = ("info", "probe", "lens", "harvest")

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from autoexplain.tools.cache import cache_root
 from autoexplain.tools.errors import InputError
 
 ZOO_FORMAT = 1  # bump when the build recipe changes: the fingerprint changes and everything rebuilds
@@ -193,16 +194,6 @@ def get_spec(name: str) -> ZooSpec:
     if name not in specs:
         raise InputError(f"unknown toy model {name!r}: the zoo has {', '.join(sorted(specs))} (e.g. toy:small)")
     return specs[name]
-
-
-def cache_root() -> Path:
-    """``$AUTOEXPLAIN_CACHE`` if set, else the user cache dir (``~/.cache/autoexplain`` on Linux)."""
-    env = os.environ.get("AUTOEXPLAIN_CACHE")
-    if env:
-        return Path(env)
-    from platformdirs import user_cache_dir
-
-    return Path(user_cache_dir("autoexplain"))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,463 @@
+"""Harvest SAE features: one streaming pass of a dataset through model + SAE, for every feature at once.
+
+What it collects, per feature
+-----------------------------
+* **top-k contexts**: the ``top_k`` windows where the feature's maximum activation is highest, with per-token
+  activations (a running top-k merged batch by batch, so memory does not grow with the dataset);
+* **quantile samples**: a uniform sample of the windows where the feature fires (priority sampling: every
+  (feature, window) pair gets a seeded random key and the ``reservoir`` smallest keys are kept), split at the end
+  into ``n_quantiles`` bins by activation, ``per_quantile`` windows from each — weak activations included, which
+  is what completeness scoring needs;
+* **random non-activating contexts**: from a uniform sample of ``random_pool`` windows, those where the feature
+  never fires (for scoring: the negatives);
+* **statistics**: firing density over tokens, max and mean (over firing tokens) activation, a histogram with fixed
+  log-spaced bins (:data:`HIST_EDGES`), and **logit effects**: the tokens the decoder direction promotes and
+  suppresses most through the unembedding (``W_dec @ W_U``).
+
+Caveats
+-------
+Position 0 (BOS) and padding are excluded everywhere: BOS is an attention sink with outlier norms on which many
+features fire for no reason about text. Logit effects ignore the final LayerNorm and everything downstream of the
+SAE's site: they describe the decoder direction's direct path to the logits, not the feature's full effect.
+All of this is association-level evidence (where the feature fires); interventions live in ``probe``.
+
+Crash safety: the state is checkpointed every ``checkpoint_every`` batches (atomically); a re-run with the same
+arguments resumes after the last checkpoint and gives exactly the result of an uninterrupted run (the random keys
+are seeded per batch, so they do not depend on where a run stopped).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+
+from autoexplain.tools.cache import cache_root
+from autoexplain.tools.errors import InputError
+from autoexplain.tools.registry import Cost, ToolContext, ToolOutput, ToolSpec
+from autoexplain.tools.vocab import SiteKind
+
+#: Histogram bin edges (activation values); counts has one more bin below the first edge and one above the last.
+HIST_EDGES: tuple[float, ...] = tuple(float(x) for x in np.logspace(-3, 3, 25))
+_RESIDUAL_WRITERS = {SiteKind.RESID_PRE, SiteKind.RESID_MID, SiteKind.RESID_POST, SiteKind.ATTN_OUT,
+                     SiteKind.MLP_OUT}
+STATE_VERSION = 1
+
+
+class HarvestIn(BaseModel):
+    """Arguments of a harvest (also the tool's input schema)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sae_id: str = Field(description="which loaded SAE to harvest")
+    dataset: str = Field(description=".txt/.jsonl/.parquet file or hub dataset name")
+    n_tokens: int = Field(200_000, ge=1, description="stop after this many tokens (windows include BOS)")
+    ctx: int = Field(64, ge=2, description="window length in tokens (BOS first), at most the model's context")
+    batch_size: int = Field(32, ge=1, le=4096, description="windows per forward pass")
+    top_k: int = Field(20, ge=1, le=500)
+    n_quantiles: int = Field(10, ge=1, le=50)
+    per_quantile: int = Field(2, ge=1, le=50)
+    reservoir: int = Field(40, ge=1, le=1000, description="activating windows sampled per feature for quantiles")
+    n_random: int = Field(20, ge=0, le=500, description="non-activating windows kept per feature")
+    random_pool: int = Field(256, ge=1, le=10_000)
+    n_logits: int = Field(10, ge=1, le=100)
+    left: int = Field(24, ge=0, description="tokens kept before the max token in stored examples")
+    right: int = Field(8, ge=0, description="tokens kept after the max token in stored examples")
+    seed: int = 0
+    checkpoint_every: int = Field(20, ge=1, description="batches between checkpoints")
+
+
+class HarvestOut(ToolOutput):
+    sae_id: str
+    n_tokens: int
+    n_windows: int
+    n_features: int
+    n_dead: int
+    resumed_from_batch: int
+    seconds: float
+    density_quantiles: dict[str, float]
+    densest: list[tuple[int, float]]
+    _result: "HarvestResult | None" = PrivateAttr(default=None)
+
+    @property
+    def result(self) -> "HarvestResult":
+        assert self._result is not None
+        return self._result
+
+    def summary_text(self) -> str:
+        dq = ", ".join(f"{k} {v:.2e}" for k, v in self.density_quantiles.items())
+        dense = ", ".join(f"#{i} ({d:.1%})" for i, d in self.densest[:8])
+        return (f"harvested {self.n_features} features of {self.sae_id} over {self.n_tokens:,} tokens "
+                f"({self.n_windows:,} windows) in {self.seconds:.1f} s; {self.n_dead} dead (never fired). "
+                f"Firing density quantiles: {dq}. Densest: {dense}. Top contexts, quantile samples and "
+                f"non-activating contexts are stored per feature (tables features, feature_examples).")
+
+
+# ----------------------------------------------------------------------------- running state
+@dataclass
+class _State:
+    """Everything the streaming pass accumulates; O(features x (top_k + reservoir) x ctx), not O(dataset)."""
+
+    batches_done: int
+    windows_done: int
+    n_tokens: int
+    fire_count: torch.Tensor  # [F] int64
+    act_sum: torch.Tensor  # [F] float64
+    act_max: torch.Tensor  # [F]
+    hist: torch.Tensor  # [F, len(HIST_EDGES)+1] int64
+    top_val: torch.Tensor  # [F, K]  (-inf = empty)
+    top_win: torch.Tensor  # [F, K] int64 global window index
+    top_pos: torch.Tensor  # [F, K] int64
+    top_acts: torch.Tensor  # [F, K, ctx] float16
+    res_key: torch.Tensor  # [F, R]  (+inf = empty)
+    res_val: torch.Tensor
+    res_win: torch.Tensor
+    res_pos: torch.Tensor
+    res_acts: torch.Tensor  # [F, R, ctx] float16
+    pool_key: torch.Tensor  # [P]
+    pool_win: torch.Tensor  # [P]
+    pool_max: torch.Tensor  # [P, F]
+
+    @classmethod
+    def empty(cls, n_features: int, args: HarvestIn) -> "_State":
+        f, k, r, p, t = n_features, args.top_k, args.reservoir, args.random_pool, args.ctx
+        return cls(
+            batches_done=0, windows_done=0, n_tokens=0,
+            fire_count=torch.zeros(f, dtype=torch.int64), act_sum=torch.zeros(f, dtype=torch.float64),
+            act_max=torch.zeros(f), hist=torch.zeros(f, len(HIST_EDGES) + 1, dtype=torch.int64),
+            top_val=torch.full((f, k), -torch.inf), top_win=torch.full((f, k), -1, dtype=torch.int64),
+            top_pos=torch.zeros(f, k, dtype=torch.int64), top_acts=torch.zeros(f, k, t, dtype=torch.float16),
+            res_key=torch.full((f, r), torch.inf), res_val=torch.zeros(f, r),
+            res_win=torch.full((f, r), -1, dtype=torch.int64), res_pos=torch.zeros(f, r, dtype=torch.int64),
+            res_acts=torch.zeros(f, r, t, dtype=torch.float16),
+            pool_key=torch.full((p,), torch.inf), pool_win=torch.full((p,), -1, dtype=torch.int64),
+            pool_max=torch.zeros(p, f),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _admit(keys: torch.Tensor, cand: torch.Tensor, largest: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Which batch candidates enter a per-row set of ``K`` best keys, and which slots they evict.
+
+    ``keys`` [F, K] is the kept set (unordered), ``cand`` [F, B] the batch's candidates. Returns flat index
+    triples ``(row, slot, b)``: candidate ``b`` of ``row`` replaces slot ``slot``. Survivors stay where they are,
+    so per-batch data movement is proportional to the entries that change, not to the whole store.
+    """
+    f, k = keys.shape
+    sel = torch.topk(torch.cat([keys, cand], 1), k, dim=1, largest=largest, sorted=False).indices
+    chosen = torch.zeros(f, k + cand.shape[1], dtype=torch.bool)
+    chosen.scatter_(1, sel, True)
+    kept, entering = chosen[:, :k], chosen[:, k:]
+    n_new = entering.sum(1)
+    # evicted slots and entering candidates, each listed first per row (stable), paired by rank
+    slots = torch.argsort(kept.to(torch.int8), dim=1, stable=True)
+    news = torch.argsort((~entering).to(torch.int8), dim=1, stable=True)
+    rank = torch.arange(max(k, cand.shape[1]))
+    take = rank[None, : min(k, cand.shape[1])] < n_new[:, None]
+    rows = torch.arange(f)[:, None].expand_as(take)[take]
+    return rows, slots[:, : take.shape[1]][take], news[:, : take.shape[1]][take]
+
+
+def _update(state: _State, acts: torch.Tensor, win_offset: int, gen: torch.Generator, args: HarvestIn) -> None:
+    """Fold one batch of activations ``[B, T, F]`` (already zero at BOS/padding) into the state."""
+    b = acts.shape[0]
+    fire = acts > 0
+    state.fire_count += fire.sum(dim=(0, 1)).to(torch.int64)
+    state.act_sum += acts.sum(dim=(0, 1), dtype=torch.float64)
+    win_max, win_arg = acts.max(dim=1)  # [B, F]
+    state.act_max = torch.maximum(state.act_max, win_max.max(dim=0).values)
+    nz_b, nz_t, nz_f = fire.nonzero(as_tuple=True)
+    if nz_f.numel():
+        bins = torch.bucketize(acts[nz_b, nz_t, nz_f], torch.tensor(HIST_EDGES, dtype=acts.dtype))
+        state.hist.view(-1).index_add_(0, nz_f * state.hist.shape[1] + bins,
+                                       torch.ones_like(nz_f, dtype=torch.int64))
+    wm, wa = win_max.T, win_arg.T  # [F, B]
+
+    # running top-k by window max (windows where the feature never fires never enter)
+    cand = torch.where(wm > 0, wm, torch.full_like(wm, -torch.inf))
+    rows, slots, bb = _admit(state.top_val, cand, largest=True)
+    state.top_val[rows, slots] = cand[rows, bb]
+    state.top_win[rows, slots] = win_offset + bb
+    state.top_pos[rows, slots] = wa[rows, bb]
+    state.top_acts[rows, slots] = acts[bb, :, rows].to(state.top_acts.dtype)
+    # priority sample of activating windows: uniform, without replacement
+    keys = torch.rand(wm.shape, generator=gen)
+    keys = torch.where(wm > 0, keys, torch.full_like(keys, torch.inf))
+    rows, slots, bb = _admit(state.res_key, keys, largest=False)
+    state.res_key[rows, slots] = keys[rows, bb]
+    state.res_val[rows, slots] = wm[rows, bb]
+    state.res_win[rows, slots] = win_offset + bb
+    state.res_pos[rows, slots] = wa[rows, bb]
+    state.res_acts[rows, slots] = acts[bb, :, rows].to(state.res_acts.dtype)
+    # a uniform pool of windows, for non-activating examples
+    pkeys = torch.rand(1, b, generator=gen)
+    _, slots, bb = _admit(state.pool_key[None, :], pkeys, largest=False)
+    state.pool_key[slots] = pkeys[0, bb]
+    state.pool_win[slots] = win_offset + bb
+    state.pool_max[slots] = win_max[bb]
+
+
+# ----------------------------------------------------------------------------- result
+@dataclass
+class HarvestResult:
+    """The finished harvest: statistics as arrays plus the rows the store keeps."""
+
+    sae_id: str
+    n_tokens: int
+    n_windows: int
+    density: np.ndarray
+    max_act: np.ndarray
+    mean_act: np.ndarray
+    feature_rows: list[dict[str, Any]]
+    example_rows: list[dict[str, Any]]
+
+    @property
+    def dead(self) -> list[int]:
+        return [int(i) for i in np.flatnonzero(self.density == 0)]
+
+
+class _Windows:
+    """Every harvested window's tokens, appended to a file as the pass goes (memory stays flat)."""
+
+    def __init__(self, path: Path, ctx: int) -> None:
+        self.path, self.ctx = path, ctx
+
+    def truncate(self, n_windows: int) -> None:
+        with open(self.path, "ab") as fh:
+            fh.truncate(n_windows * self.ctx * 4)
+
+    def append(self, tokens: torch.Tensor) -> None:
+        with open(self.path, "ab") as fh:
+            fh.write(tokens.to(torch.int32).numpy().tobytes())
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def rows(self, idx: np.ndarray) -> np.ndarray:
+        mm = np.memmap(self.path, dtype=np.int32, mode="r").reshape(-1, self.ctx)
+        return np.asarray(mm[idx])
+
+
+def harvest(ctx: ToolContext, args: HarvestIn, *, progress: Callable[[int, int], None] | None = None,
+            work_dir: Path | None = None, stop_after_batches: int | None = None) -> HarvestOut:
+    """Run (or resume) the harvest described by ``args``; send rows to ``ctx.sink``; return the summary.
+
+    ``stop_after_batches`` ends the pass early without finishing (tests use it to emulate an interrupted run).
+    """
+    from autoexplain.tools.data import iter_texts, iter_windows
+
+    lm, sae = ctx.model, ctx.sae(args.sae_id)
+    if ctx.sink is None:
+        raise InputError("harvest needs somewhere to store its results: pass a database (--db)")
+    if args.ctx > lm.n_ctx:
+        raise InputError(f"ctx {args.ctx} exceeds the model's context of {lm.n_ctx} tokens: pass --ctx {lm.n_ctx} "
+                         "or less")
+    if args.n_quantiles * args.per_quantile > args.reservoir:
+        raise InputError(f"n_quantiles x per_quantile = {args.n_quantiles * args.per_quantile} exceeds reservoir "
+                         f"{args.reservoir}: raise reservoir or sample fewer per quantile")
+    work = work_dir or _work_dir(lm, sae, args)
+    work.mkdir(parents=True, exist_ok=True)
+    windows = _Windows(work / "windows.i32", args.ctx)
+    state_path = work / "state.pt"
+    n_features = sae.d_sae
+    state = _load_state(state_path, args) or _State.empty(n_features, args)
+    resumed_from = state.batches_done
+    windows.truncate(state.windows_done)
+    total_batches = -(-args.n_tokens // (args.ctx * args.batch_size))
+    t0 = time.perf_counter()
+    stream = iter_windows(iter_texts(args.dataset), lm.tokenizer, ctx=args.ctx, n_ctx=lm.n_ctx,
+                          batch_windows=args.batch_size, max_tokens=args.n_tokens)
+    done_now = 0
+    for i, batch in enumerate(stream):
+        if i < state.batches_done:
+            continue  # finished before the interruption: tokenised again (cheap), not recomputed
+        acts = _batch_acts(lm, sae, batch.tokens, batch.valid)
+        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + i)  # per batch: resume-independent
+        _update(state, acts, state.windows_done, gen, args)
+        windows.append(batch.tokens)
+        state.windows_done += batch.n_windows
+        state.n_tokens += int(batch.valid[:, 1:].sum()) if batch.bos else int(batch.valid.sum())
+        state.batches_done = i + 1
+        done_now += 1
+        if progress:
+            progress(state.batches_done, total_batches)
+        if state.batches_done % args.checkpoint_every == 0:
+            _save_state(state_path, state, args)
+        if stop_after_batches is not None and done_now >= stop_after_batches:
+            _save_state(state_path, state, args)
+            raise KeyboardInterrupt(f"stopped after {done_now} batches (as asked)")
+    _save_state(state_path, state, args)
+    result = _finish(state, lm, sae, args, windows)
+    seconds = time.perf_counter() - t0
+    ctx.sink("features", result.feature_rows)
+    ctx.sink("feature_examples", result.example_rows)
+    shutil.rmtree(work, ignore_errors=True)
+    dens = result.density
+    alive = dens[dens > 0]
+    qs = {f"p{q}": float(np.quantile(alive, q / 100)) for q in (10, 50, 90)} if alive.size else {}
+    order = np.argsort(-dens)[:10]
+    out = HarvestOut(sae_id=sae.sae_id, n_tokens=state.n_tokens, n_windows=state.windows_done,
+                     n_features=n_features, n_dead=len(result.dead), resumed_from_batch=resumed_from,
+                     seconds=round(seconds, 2), density_quantiles=qs,
+                     densest=[(int(i), float(dens[i])) for i in order])
+    out._result = result
+    return out
+
+
+def _batch_acts(lm: Any, sae: Any, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Feature activations [B, T, F] on CPU float32, zeroed at BOS and padding."""
+    from autoexplain.tools.saes import feature_activations
+
+    acts = feature_activations(lm, sae, tokens).float()
+    mask = valid.clone()
+    mask[:, 0] = False  # BOS (windows always start with it here)
+    return (acts * mask.to(acts.device)[..., None]).cpu()
+
+
+def _work_dir(lm: Any, sae: Any, args: HarvestIn) -> Path:
+    src = Path(args.dataset).expanduser()
+    stamp = f"{src.stat().st_size}:{src.stat().st_mtime_ns}" if src.is_file() else ""
+    key = json.dumps({"model": lm.model_id, "sae": sae.sae_id, "data": args.dataset, "stamp": stamp,
+                      "args": args.model_dump(exclude={"checkpoint_every"})}, sort_keys=True)
+    return cache_root() / "harvest" / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _save_state(path: Path, state: _State, args: HarvestIn) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"version": STATE_VERSION, "args": args.model_dump(), "state": state.to_dict()}, tmp)
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _load_state(path: Path, args: HarvestIn) -> _State | None:
+    if not path.exists():
+        return None
+    blob = torch.load(path, weights_only=True)
+    same = {k: v for k, v in blob["args"].items() if k != "checkpoint_every"} == args.model_dump(
+        exclude={"checkpoint_every"})
+    if blob.get("version") != STATE_VERSION or not same:
+        return None
+    return _State(**blob["state"])
+
+
+def _finish(state: _State, lm: Any, sae: Any, args: HarvestIn, windows: _Windows) -> HarvestResult:
+    """Turn the state into per-feature statistics and example rows."""
+    n_tok = max(state.n_tokens, 1)
+    count = state.fire_count.numpy()
+    density = count / n_tok
+    mean_act = np.where(count > 0, state.act_sum.numpy() / np.maximum(count, 1), 0.0)
+    max_act = state.act_max.numpy().astype(np.float64)
+    promote, suppress = _logit_effects(lm, sae, args.n_logits)
+    vocab = _token_strings(lm.tokenizer, lm.model.cfg.d_vocab)
+    hist = state.hist.numpy()
+
+    feature_rows = []
+    for f in range(sae.d_sae):
+        feature_rows.append({
+            "sae_id": sae.sae_id, "feature_index": f, "density": float(density[f]),
+            "max_act": float(max_act[f]), "mean_act": float(mean_act[f]), "n_tokens": int(state.n_tokens),
+            "is_dead": bool(count[f] == 0),
+            "histogram": {"edges": list(HIST_EDGES), "counts": hist[f].tolist()},
+            "top_logits": promote[f] if promote is not None else None,
+            "bottom_logits": suppress[f] if suppress is not None else None,
+        })
+
+    picks: list[tuple[int, str, int, int | None, int, int, torch.Tensor | None]] = []
+    # the kept sets are unordered: rank top contexts by activation (ties: earlier window first)
+    by_win = torch.argsort(state.top_win, dim=1, stable=True)
+    top_order = by_win.gather(1, torch.argsort(-state.top_val.gather(1, by_win), dim=1, stable=True))
+    pool_order = torch.argsort(state.pool_key)
+    pool_win, pool_max = state.pool_win[pool_order], state.pool_max[pool_order]
+    for f in range(sae.d_sae):
+        for j, slot in enumerate(top_order[f].tolist()):
+            if state.top_val[f, slot] > -torch.inf:
+                picks.append((f, "top", j, None, int(state.top_win[f, slot]), int(state.top_pos[f, slot]),
+                              state.top_acts[f, slot]))
+        picks.extend(_quantile_picks(state, f, args))
+        silent = [int(w) for w, m in zip(pool_win.tolist(), pool_max[:, f].tolist(), strict=True)
+                  if w >= 0 and m == 0.0][: args.n_random]
+        picks.extend((f, "random", j, None, w, -1, None) for j, w in enumerate(silent))
+
+    win_ids = np.array(sorted({p[4] for p in picks}), dtype=np.int64)
+    rows_by_win = dict(zip(win_ids.tolist(), windows.rows(win_ids), strict=True)) if win_ids.size else {}
+    example_rows = []
+    for f, kind, j, q, w, pos, acts in picks:
+        toks = rows_by_win[w]
+        lo, hi = (1, args.ctx) if pos < 0 else (max(1, pos - args.left), min(args.ctx, pos + args.right + 1))
+        per_tok = [0.0] * (hi - lo) if acts is None else [round(float(a), 4) for a in acts[lo:hi].tolist()]
+        example_rows.append({
+            "sae_id": sae.sae_id, "feature_index": f, "kind": kind, "example_id": j, "quantile": q,
+            "tokens": [vocab[t] for t in toks[lo:hi].tolist()], "acts": per_tok,
+            "max_act": max(per_tok) if per_tok else 0.0, "window_index": w,
+        })
+    return HarvestResult(sae_id=sae.sae_id, n_tokens=state.n_tokens, n_windows=state.windows_done,
+                         density=density, max_act=max_act, mean_act=mean_act, feature_rows=feature_rows,
+                         example_rows=example_rows)
+
+
+def _quantile_picks(state: _State, f: int, args: HarvestIn) -> Iterator[tuple[Any, ...]]:
+    """Split feature ``f``'s uniform sample of activating windows into activation quantiles; take a few of each."""
+    ok = torch.isfinite(state.res_key[f])
+    if not ok.any():
+        return
+    idx = ok.nonzero().flatten()
+    order = idx[torch.argsort(state.res_val[f, idx], stable=True)]
+    bins = np.array_split(order.numpy(), min(args.n_quantiles, len(order)))
+    j = 0
+    for q, members in enumerate(bins):
+        chosen = sorted(members.tolist(), key=lambda m: float(state.res_key[f, m]))[: args.per_quantile]
+        for m in chosen:
+            yield (f, "quantile", j, q, int(state.res_win[f, m]), int(state.res_pos[f, m]), state.res_acts[f, m])
+            j += 1
+
+
+def _logit_effects(lm: Any, sae: Any, n: int) -> tuple[list[list[Any]] | None, list[list[Any]] | None]:
+    """Per feature, the ``n`` tokens whose logits the decoder row raises (lowers) most: ``W_dec @ W_U``."""
+    if sae.site.kind not in _RESIDUAL_WRITERS:
+        return None, None
+    vocab = _token_strings(lm.tokenizer, lm.model.cfg.d_vocab)
+    w_u = lm.model.W_U.detach()
+    promote: list[list[Any]] = []
+    suppress: list[list[Any]] = []
+    with torch.no_grad():
+        for lo in range(0, sae.d_sae, 2048):
+            eff = sae.sae.W_dec[lo : lo + 2048].to(w_u.dtype) @ w_u  # [chunk, vocab]
+            top = torch.topk(eff, n, dim=1)
+            bot = torch.topk(eff, n, dim=1, largest=False)
+            for vals, ids in ((top.values, top.indices), (bot.values, bot.indices)):
+                rows = [[[vocab[i], round(v, 4)] for i, v in zip(r_i, r_v, strict=True)]
+                        for r_i, r_v in zip(ids.tolist(), vals.tolist(), strict=True)]
+                (promote if vals is top.values else suppress).extend(rows)
+    return promote, suppress
+
+
+def _token_strings(tokenizer: Any, d_vocab: int) -> list[str]:
+    n = len(tokenizer)
+    return [tokenizer.decode([i]) if i < n else f"<{i}>" for i in range(d_vocab)]
+
+
+def _tool(ctx: ToolContext, args: HarvestIn) -> HarvestOut:
+    return harvest(ctx, args)
+
+
+TOOLS = (
+    ToolSpec(name="harvest", input_model=HarvestIn, output_model=HarvestOut, fn=_tool, cost=Cost.DATASET,
+             description="Stream a dataset through the model and an SAE once and record, for every feature: "
+                         "top activating contexts, samples across activation quantiles, non-activating "
+                         "contexts, firing density, max/mean activation, a histogram, and the tokens its decoder "
+                         "direction promotes or suppresses. Results go to the features and feature_examples "
+                         "tables. Association-level evidence: where a feature fires, not what it causes. "
+                         "Expensive: run once per SAE and dataset, then read the stored examples."),
+)

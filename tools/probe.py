@@ -1,0 +1,477 @@
+"""Probe SAE features on texts the agent writes: read them, ablate them, steer with them.
+
+Three tools, two causal levels
+------------------------------
+* ``feature_activations`` reads what chosen features do on chosen texts. That is **association**: a feature that
+  fires on " cat" and " dog" is correlated with animal words on these texts; it says nothing about what the model
+  does with the feature.
+* ``ablate_feature`` and ``steer_feature`` change a feature's activation inside the running model and measure how
+  the next-token distribution moves. That is **intervention**: the change is caused by the edit, because nothing
+  else differs between the two runs.
+
+Splicing
+--------
+Interventions splice the SAE in with sae-lens' own machinery (``HookedSAETransformer.saes(...,
+use_error_term=True)``) and edit the latent with a forward hook on the SAE's ``hook_sae_acts_post``. With the error
+term the spliced model outputs ``decode(edited latent) + (x - decode(clean latent))``, so an unedited run is the
+clean model up to float rounding, and the baseline every comparison uses is that same spliced run without the
+edit: the only difference between the two runs is the intervention (an edit that changes no value changes
+nothing, bit for bit). Edits apply at every position, BOS included; right-padding sits after each text's real
+tokens, so under causal attention it cannot affect them, and padded positions are never reported.
+
+Memory: logits are ``[batch, pos, vocab]``; texts are run in consecutive chunks sized so that one such tensor stays
+near ``_ELEMENT_BUDGET`` elements, and every chunk is reduced to per-text numbers before the next one runs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import Annotated, Any, Literal
+
+import torch
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from autoexplain.tools.errors import InputError
+from autoexplain.tools.registry import Cost, ToolContext, ToolOutput, ToolSpec
+from autoexplain.tools.saes import LoadedSAE, feature_activations as _encode_at_site
+
+#: Largest ``batch * pos * width`` tensor (logits or SAE latents) one chunk may create (float32: 256 MiB).
+_ELEMENT_BUDGET = 1 << 26
+#: Summaries stop adding texts past this many characters (the registry hard cap is 2000).
+_SUMMARY_BUDGET = 1500
+
+Edit = Callable[[torch.Tensor], torch.Tensor]
+Text = Annotated[str, Field(min_length=1)]
+Feature = Annotated[int, Field(ge=0)]
+
+
+# ============================================================================= shared helpers
+def _check_features(sae: LoadedSAE, features: Sequence[int]) -> None:
+    bad = [f for f in features if f >= sae.d_sae]
+    if bad:
+        raise InputError(f"feature {bad[0]} is out of range for SAE {sae.sae_id}: its features are "
+                         f"0..{sae.d_sae - 1} (d_sae {sae.d_sae})")
+
+
+def _no_duplicates(features: list[int]) -> list[int]:
+    dup = sorted({f for f in features if features.count(f) > 1})
+    if dup:
+        raise ValueError(f"duplicate feature indices {dup}: list each feature once")
+    return features
+
+
+Features = Annotated[list[Feature], AfterValidator(_no_duplicates)]
+
+
+def _tokenize(lm: Any, texts: Sequence[str], prepend_bos: bool) -> list[torch.Tensor]:
+    """One 1-D token tensor per text (its real length, truncated to the context like the model's ``to_tokens``)."""
+    seqs = [lm.to_tokens(t, prepend_bos=prepend_bos)[0] for t in texts]
+    for text, seq in zip(texts, seqs):
+        if seq.numel() == 0:
+            raise InputError(f"text {text[:40]!r} tokenises to no tokens: write a longer text or set prepend_bos")
+    return seqs
+
+
+def _pad_id(lm: Any) -> int:
+    tok = lm.tokenizer
+    for pid in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None)):
+        if pid is not None:
+            return int(pid)
+    return 0
+
+
+def _batches(lm: Any, seqs: list[torch.Tensor], width: int) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Consecutive chunks ``(indices, right-padded tokens)`` with ``rows * max_len * width`` near the budget.
+
+    The pad id is only filler: callers know each text's real length from ``seqs`` and never read past it.
+    """
+    start = 0
+    while start < len(seqs):
+        end, longest = start + 1, len(seqs[start])
+        while end < len(seqs) and (end + 1 - start) * max(longest, len(seqs[end])) * width <= _ELEMENT_BUDGET:
+            longest = max(longest, len(seqs[end]))
+            end += 1
+        tokens = torch.full((end - start, longest), _pad_id(lm), dtype=torch.long, device=lm.device)
+        for row, i in enumerate(range(start, end)):
+            tokens[row, : len(seqs[i])] = seqs[i]
+        yield list(range(start, end)), tokens
+        start = end
+
+
+def _token_strs(lm: Any, ids: Sequence[int]) -> list[str]:
+    return [lm.tokenizer.decode([int(i)]) for i in ids]
+
+
+def _sig(x: float, digits: int = 4) -> float:
+    """Round to ``digits`` significant digits: keeps tiny KLs and probabilities visible, and exact zeros exact."""
+    return x if x == 0 or not math.isfinite(x) else float(f"{x:.{digits}g}")
+
+
+def _quote(text: str, width: int = 40) -> str:
+    return repr(text if len(text) <= width else text[: width - 1] + "…")
+
+
+def _fit(header: str, lines: list[str], unit: str = "texts") -> str:
+    """``header`` plus as many ``lines`` as fit the summary budget, then ``(+N more texts)``."""
+    out, used = [header], len(header)
+    for n, line in enumerate(lines):
+        if used + len(line) + 1 > _SUMMARY_BUDGET:
+            out.append(f"(+{len(lines) - n} more {unit})")
+            break
+        out.append(line)
+        used += len(line) + 1
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------- splicing with an edited latent
+def _zero(features: Sequence[int]) -> Edit:
+    idx = list(features)
+
+    def edit(acts: torch.Tensor) -> torch.Tensor:
+        acts = acts.clone()
+        acts[..., idx] = 0.0
+        return acts
+
+    return edit
+
+
+def _add(feature: int, scale: float) -> Edit:
+    def edit(acts: torch.Tensor) -> torch.Tensor:
+        acts = acts.clone()
+        acts[..., feature] += scale
+        return acts
+
+    return edit
+
+
+def _clamp(feature: int, value: float) -> Edit:
+    def edit(acts: torch.Tensor) -> torch.Tensor:
+        acts = acts.clone()
+        acts[..., feature] = value
+        return acts
+
+    return edit
+
+
+def _spliced_logits(lm: Any, sae: LoadedSAE, tokens: torch.Tensor, edit: Edit | None) -> torch.Tensor:
+    """Logits of the model with ``sae`` spliced in with its error term, the latent passed through ``edit``.
+
+    ``edit=None`` is the baseline: the clean model up to float rounding. The hook sits on the SAE's own
+    ``hook_sae_acts_post`` (under the wrapper sae-lens puts at the output hook); sae-lens computes the error term
+    with the SAE's hooks disabled, so the edit is not cancelled by it.
+    """
+    out_hook = getattr(sae.sae.cfg.metadata, "hook_name_out", None) or sae.hook_name
+    point = f"{out_hook}.hook_sae_acts_post"
+    hooks = [] if edit is None else [(point, lambda acts, hook: edit(acts))]
+    with torch.no_grad(), lm.model.saes(saes=[sae.sae], use_error_term=True):
+        if point not in lm.model.hook_dict:
+            raise RuntimeError(f"sae-lens did not splice {sae.sae_id} at {out_hook}: no hook {point}")
+        return lm.model.run_with_hooks(tokens, fwd_hooks=hooks, return_type="logits")
+
+
+# ----------------------------------------------------------------------------- comparing distributions
+class TokenShift(BaseModel):
+    token: str
+    token_id: int
+    p_before: float
+    p_after: float
+    delta: float
+
+
+class InterventionEffect(BaseModel):
+    """How an intervention moved the next-token distribution on one text (real positions only)."""
+
+    text: str
+    tokens: list[str]
+    kl_per_position: list[float] = Field(description="KL(clean || edited) of the next-token distribution, nats")
+    kl_mean: float
+    kl_max: float
+    kl_max_position: int | None = Field(description="position of the largest KL; None when nothing changed")
+    loss_clean: float | None = Field(description="mean next-token loss over the text; None for a 1-token text")
+    loss_edited: float | None
+    delta_loss: float | None = Field(description="loss_edited - loss_clean")
+    shifts_at: str = Field(description="where rose/fell are measured")
+    rose: list[TokenShift]
+    fell: list[TokenShift]
+
+
+def _shifts(lm: Any, before: torch.Tensor, after: torch.Tensor, top_k: int) -> tuple[list[TokenShift], list[TokenShift]]:
+    """The ``top_k`` tokens whose probability rose most and fell most (strict changes only)."""
+    delta = after - before
+    k = min(top_k, delta.numel())
+
+    def pick(values: torch.Tensor, ids: torch.Tensor, sign: float) -> list[TokenShift]:
+        return [TokenShift(token=lm.tokenizer.decode([int(i)]), token_id=int(i), p_before=_sig(before[i].item()),
+                           p_after=_sig(after[i].item()), delta=_sig(sign * v.item()))
+                for v, i in zip(values, ids) if v.item() > 0]
+
+    up, down = delta.topk(k), (-delta).topk(k)
+    return pick(up.values, up.indices, 1.0), pick(down.values, down.indices, -1.0)
+
+
+def _mean_nll(logp: torch.Tensor, seq: torch.Tensor) -> float | None:
+    """Mean next-token loss of one text from its ``[pos, vocab]`` log-probs; None when nothing is predicted."""
+    n = len(seq)
+    return None if n < 2 else -logp[: n - 1].gather(-1, seq[1:, None]).mean().item()
+
+
+def _effects(lm: Any, texts: Sequence[str], seqs: Sequence[torch.Tensor], clean: torch.Tensor,
+             edited: torch.Tensor, top_k: int, focus: Literal["max_kl", "mean"]) -> list[InterventionEffect]:
+    """Per text: KL per position, next-token loss clean vs edited, and the most moved tokens.
+
+    ``focus="max_kl"`` measures token shifts at the position of largest KL (where the edit bites hardest);
+    ``focus="mean"`` averages each token's probability over the text's positions (what the edit does overall).
+    """
+    logp_c, logp_e = clean.float().log_softmax(-1), edited.float().log_softmax(-1)
+    p_c, p_e = logp_c.exp(), logp_e.exp()
+    kl = (p_c * (logp_c - logp_e)).sum(-1).clamp_min(0.0)  # [batch, pos]
+    out = []
+    for row, (text, seq) in enumerate(zip(texts, seqs)):
+        n = len(seq)
+        kl_row = kl[row, :n]
+        loss_c, loss_e = (_mean_nll(lp[row], seq) for lp in (logp_c, logp_e))
+        kl_max, pos = kl_row.max().item(), int(kl_row.argmax().item())
+        tok_strs = _token_strs(lm, seq.tolist())
+        if focus == "mean":
+            before, after, where = p_c[row, :n].mean(0), p_e[row, :n].mean(0), "mean over positions"
+        else:
+            before, after, where = p_c[row, pos], p_e[row, pos], f"position {pos} ({tok_strs[pos]!r})"
+        rose, fell = _shifts(lm, before, after, top_k)
+        out.append(InterventionEffect(
+            text=text, tokens=tok_strs, kl_per_position=[_sig(v) for v in kl_row.tolist()],
+            kl_mean=_sig(kl_row.mean().item()), kl_max=_sig(kl_max), kl_max_position=pos if kl_max > 0 else None,
+            loss_clean=None if loss_c is None else _sig(loss_c, 6),
+            loss_edited=None if loss_e is None else _sig(loss_e, 6),
+            delta_loss=None if loss_c is None or loss_e is None else _sig(loss_e - loss_c),
+            shifts_at=where, rose=rose, fell=fell))
+    return out
+
+
+def _intervene(ctx: ToolContext, sae: LoadedSAE, texts: Sequence[str], prepend_bos: bool, edit: Edit,
+               top_k: int, focus: Literal["max_kl", "mean"]) -> list[InterventionEffect]:
+    """Run every text clean and edited (both spliced, chunked) and compare the next-token distributions."""
+    lm = ctx.model
+    seqs = _tokenize(lm, texts, prepend_bos)
+    out: list[InterventionEffect] = []
+    for idx, tokens in _batches(lm, seqs, int(lm.model.cfg.d_vocab)):
+        clean = _spliced_logits(lm, sae, tokens, None)
+        edited = _spliced_logits(lm, sae, tokens, edit)
+        out.extend(_effects(lm, [texts[i] for i in idx], [seqs[i] for i in idx], clean, edited, top_k, focus))
+    return out
+
+
+def _effect_line(e: InterventionEffect, shown: int = 3) -> str:
+    if e.kl_max_position is None and not e.delta_loss:
+        return f"{_quote(e.text)}: no change"
+    dl = "n/a" if e.delta_loss is None else f"{e.delta_loss:+.4g}"
+    at = "" if e.kl_max_position is None else f" at {e.tokens[e.kl_max_position]!r}(pos {e.kl_max_position})"
+    rose = " ".join(f"{s.token!r}({s.delta:+.3g})" for s in e.rose[:shown]) or "-"
+    fell = " ".join(f"{s.token!r}({s.delta:+.3g})" for s in e.fell[:shown]) or "-"
+    where = "mean" if e.shifts_at.startswith("mean") else "max-KL pos"
+    return (f"{_quote(e.text)}: Δloss {dl}, KL mean {e.kl_mean:.3g} max {e.kl_max:.3g}{at}; "
+            f"[{where}] rose {rose}; fell {fell}")
+
+
+# ============================================================================= tool 1: feature_activations
+class FeatureActivationsIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sae_id: str = Field(description="id of a loaded SAE (see model_info)")
+    features: Features = Field(min_length=1, max_length=64, description="feature indices, 1-64, each once")
+    texts: list[Text] = Field(min_length=1, max_length=64, description="non-empty texts to read them on (1-64)")
+    prepend_bos: bool = Field(default=True, description="prepend the BOS token, as the model's tools do")
+
+
+class FeatureTrace(BaseModel):
+    feature: int
+    activations: list[float] = Field(description="activation at each real token (4 decimals)")
+    max: float
+    argmax_position: int | None = Field(description="None when the feature never fires on the text")
+    argmax_token: str | None
+
+
+class TextActivations(BaseModel):
+    text: str
+    tokens: list[str]
+    features: list[FeatureTrace]
+
+
+class FeatureActivationsOut(ToolOutput):
+    sae_id: str
+    items: list[TextActivations]
+
+    def summary_text(self) -> str:
+        lines = [_activation_line(it) for it in self.items]
+        return _fit(f"activations of {len(self.items[0].features)} features of {self.sae_id} "
+                    "(association only; fires = activation > 0):", lines)
+
+
+def _activation_line(item: TextActivations, shown_features: int = 6, shown_tokens: int = 4,
+                     shown_silent: int = 12) -> str:
+    parts, silent = [], []
+    for tr in item.features:
+        fired = [(item.tokens[p], a) for p, a in enumerate(tr.activations) if a > 0]
+        if not fired:
+            silent.append(f"f{tr.feature}")
+            continue
+        on = ", ".join(f"{t!r}({a:.2f})" for t, a in fired[:shown_tokens])
+        more = f" (+{len(fired) - shown_tokens} more)" if len(fired) > shown_tokens else ""
+        parts.append(f"f{tr.feature}: max {tr.max:.2f} at {tr.argmax_token!r}; fires on {on}{more}")
+    line = " | ".join(parts[:shown_features])
+    if len(parts) > shown_features:
+        line += f" | (+{len(parts) - shown_features} more firing features)"
+    if silent:
+        extra = f" (+{len(silent) - shown_silent} more)" if len(silent) > shown_silent else ""
+        line += (" | " if line else "") + "silent: " + " ".join(silent[:shown_silent]) + extra
+    return f"{_quote(item.text)} {line}"
+
+
+def feature_activations(ctx: ToolContext, args: FeatureActivationsIn) -> FeatureActivationsOut:
+    """Activations of chosen SAE features at every token of chosen texts (association-level evidence).
+
+    Runs the model only up to the SAE's layer and encodes with sae-lens' ``encode``. Caveats: a feature firing on
+    the probe texts shows correlation on those texts, not the feature's role, and single texts can mislead (use
+    contrasting texts: with and without the hypothesised trigger).
+    """
+    lm = ctx.model
+    sae = ctx.sae(args.sae_id)
+    _check_features(sae, args.features)
+    seqs = _tokenize(lm, args.texts, args.prepend_bos)
+    items: list[TextActivations] = []
+    for idx, tokens in _batches(lm, seqs, sae.d_sae):
+        acts = _encode_at_site(lm, sae, tokens)[..., args.features].float().cpu()  # [rows, pos, n_features]
+        for row, i in enumerate(idx):
+            items.append(_text_activations(lm, args.texts[i], seqs[i], acts[row, : len(seqs[i])], args.features))
+    return FeatureActivationsOut(sae_id=sae.sae_id, items=items)
+
+
+def _text_activations(lm: Any, text: str, seq: torch.Tensor, acts: torch.Tensor,
+                      features: Sequence[int]) -> TextActivations:
+    tokens = _token_strs(lm, seq.tolist())
+    traces = []
+    for j, f in enumerate(features):
+        col = acts[:, j]
+        top, pos = col.max().item(), int(col.argmax().item())
+        fires = top > 0
+        traces.append(FeatureTrace(feature=f, activations=[round(v, 4) for v in col.tolist()], max=round(top, 4),
+                                   argmax_position=pos if fires else None,
+                                   argmax_token=tokens[pos] if fires else None))
+    return TextActivations(text=text, tokens=tokens, features=traces)
+
+
+# ============================================================================= tool 2: ablate_feature
+class AblateFeatureIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sae_id: str = Field(description="id of a loaded SAE (see model_info)")
+    features: Features = Field(min_length=1, max_length=64, description="features to zero together (1-64)")
+    texts: list[Text] = Field(min_length=1, max_length=64, description="non-empty texts to run (1-64)")
+    prepend_bos: bool = Field(default=True, description="prepend the BOS token, as the model's tools do")
+    top_k: int = Field(default=5, ge=1, le=50, description="how many most-moved tokens to report per direction")
+
+
+class AblateFeatureOut(ToolOutput):
+    sae_id: str
+    features: list[int]
+    items: list[InterventionEffect]
+
+    def summary_text(self) -> str:
+        fs = ",".join(f"f{f}" for f in self.features[:16]) + ("…" if len(self.features) > 16 else "")
+        return _fit(f"zero-ablating {fs} of {self.sae_id} at every position (intervention; SAE spliced with its "
+                    "error term; KL(clean||ablated) in nats):", [_effect_line(e) for e in self.items])
+
+
+def ablate_feature(ctx: ToolContext, args: AblateFeatureIn) -> AblateFeatureOut:
+    """Set chosen SAE features to 0 at every position and measure what the model's predictions lose.
+
+    Technique: splice the SAE in with its error term, zero the features in the latent, and compare with the same
+    spliced run unedited (see the module doc): per text, Δ mean next-token loss (ablated − clean), KL of the
+    next-token distribution at each position (mean and max), and the tokens whose probability fell / rose most at
+    the position of largest KL. Intervention-level evidence that the features matter for these predictions.
+
+    Caveats: zero is not the feature's typical "off" value for every architecture, so the ablated state can be
+    slightly off-distribution; a feature that does not fire on a text is a no-op there (by construction the
+    effect is exactly 0); effects appear only at and after the positions where the feature fired (causal
+    attention); several features ablated together may interact, so ablate singly to attribute an effect.
+    """
+    sae = ctx.sae(args.sae_id)
+    _check_features(sae, args.features)
+    items = _intervene(ctx, sae, args.texts, args.prepend_bos, _zero(args.features), args.top_k, "max_kl")
+    return AblateFeatureOut(sae_id=sae.sae_id, features=list(args.features), items=items)
+
+
+# ============================================================================= tool 3: steer_feature
+class SteerFeatureIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sae_id: str = Field(description="id of a loaded SAE (see model_info)")
+    feature: Feature = Field(description="the feature to steer with")
+    scale: float = Field(ge=-1000, le=1000, allow_inf_nan=False,
+                         description="add: added activation (vector = scale * W_dec[feature]); clamp: value the "
+                                     "activation is set to. Compare with the feature's natural max activation")
+    mode: Literal["add", "clamp"] = Field(default="add", description="add to the activation, or clamp it to scale")
+    texts: list[Text] = Field(min_length=1, max_length=64, description="non-empty texts to run (1-64)")
+    prepend_bos: bool = Field(default=True, description="prepend the BOS token, as the model's tools do")
+    top_k: int = Field(default=5, ge=1, le=50, description="how many most-moved tokens to report per direction")
+
+
+class SteerFeatureOut(ToolOutput):
+    sae_id: str
+    feature: int
+    scale: float
+    mode: str
+    items: list[InterventionEffect]
+
+    def summary_text(self) -> str:
+        how = (f"adding {self.scale:g} x W_dec[{self.feature}]" if self.mode == "add"
+               else f"clamping f{self.feature} to {self.scale:g}")
+        return _fit(f"steering {self.sae_id}: {how} at every position (intervention; token shifts = mean "
+                    "probability change over positions; KL(clean||steered) in nats):",
+                    [_effect_line(e) for e in self.items])
+
+
+def steer_feature(ctx: ToolContext, args: SteerFeatureIn) -> SteerFeatureOut:
+    """Push one SAE feature up (or down, or to a fixed value) everywhere and see which predictions it promotes.
+
+    Technique: splice the SAE in with its error term and edit the feature's latent at every position. In ``add``
+    mode the activation gains ``scale``, which adds ``scale * W_dec[feature]`` to the reconstruction (through any
+    output normalisation the SAE applies); in ``clamp`` mode the activation is set to ``scale``. Reported per text:
+    KL(clean || steered) per position (mean and max), Δ mean next-token loss, and the tokens whose probability rose
+    / fell most, **averaged over the text's positions** (robust to the choice of last token; a feature whose
+    effect depends on context shows a weaker average than its strongest position, which ``kl_max`` locates).
+
+    Intervention-level evidence, with a strong caveat: steering far off-distribution (scales well beyond the
+    feature's natural activations, or clamping where it never fires) measures what the decoder direction does when
+    written into the residual stream, not what the model does with the feature naturally. Prefer scales comparable
+    to the feature's observed max activation (from feature_activations), and try both signs.
+    """
+    sae = ctx.sae(args.sae_id)
+    _check_features(sae, [args.feature])
+    edit = _add(args.feature, args.scale) if args.mode == "add" else _clamp(args.feature, args.scale)
+    items = _intervene(ctx, sae, args.texts, args.prepend_bos, edit, args.top_k, "mean")
+    return SteerFeatureOut(sae_id=sae.sae_id, feature=args.feature, scale=args.scale, mode=args.mode, items=items)
+
+
+TOOLS = (
+    ToolSpec(name="feature_activations", input_model=FeatureActivationsIn, output_model=FeatureActivationsOut,
+             fn=feature_activations, cost=Cost.FORWARD,
+             description="Read SAE features on texts you write: per text and feature, the activation at every "
+                         "token, the max and the token where it peaks. Use it to test a hypothesis such as "
+                         "'feature 12 fires on animal words' with texts that contain and lack the trigger. "
+                         "Association only: firing shows correlation on these texts, not what the feature does."),
+    ToolSpec(name="ablate_feature", input_model=AblateFeatureIn, output_model=AblateFeatureOut, fn=ablate_feature,
+             cost=Cost.FORWARD,
+             description="Zero SAE features at every position (SAE spliced with its error term, so nothing else "
+                         "changes) and report per text the change in next-token loss, the KL of the next-token "
+                         "distribution per position (mean, max) and the tokens whose probability fell/rose most "
+                         "where KL peaks. Use it to test whether a feature matters for the model's predictions. "
+                         "Intervention: supports causal claims about these texts."),
+    ToolSpec(name="steer_feature", input_model=SteerFeatureIn, output_model=SteerFeatureOut, fn=steer_feature,
+             cost=Cost.FORWARD,
+             description="Add scale x a feature's decoder direction at every position (mode add), or clamp its "
+                         "activation to scale (mode clamp), and report per text KL, change in loss and the tokens "
+                         "whose probability rose/fell most on average over positions. Use it to see what a feature "
+                         "promotes. Intervention, but large scales are off-distribution: they show what the "
+                         "direction does, not what the model does with the feature naturally."),
+)
