@@ -6,6 +6,7 @@ code 2, and nothing written (inputs are validated before the database is opened)
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -103,7 +104,9 @@ def zoo_build(name: Annotated[str, typer.Option(help="which toy world (small, ti
     get_spec(name)  # validate before anything is written
     store = _open_store(db)
     built = _build_zoo(name)
-    _record_zoo(store, built, kind="zoo")
+    run_id, _, _ = _record_zoo(store, built, kind="zoo")
+    store.finish_run(run_id, "done", {"task_accuracy": built.manifest["task_accuracy"],
+                                      "timings": built.manifest["timings"]})
     _show_zoo(built)
     _console().print(f"database: {store.path.resolve()}")
 
@@ -171,8 +174,9 @@ def _open_store(db: Path | None) -> Any:
     return Store(db)
 
 
-def _record_zoo(store: Any, built: Any, *, kind: str) -> str:
-    """Load the built model and SAEs through the public loaders (proving they load) and record them."""
+def _record_zoo(store: Any, built: Any, *, kind: str) -> tuple[str, Any, list[Any]]:
+    """Start a run; load the built model and SAEs through the public loaders (proving they load) and record
+    them. Returns the run id (still running), the model and the SAEs."""
     from autoexplain.tools.models import load_model
     from autoexplain.tools.saes import load_sae
 
@@ -183,9 +187,7 @@ def _record_zoo(store: Any, built: Any, *, kind: str) -> str:
     quality = {f"{spec}/{q['name']}": {"l0": q["l0"], "fvu": q["fvu"], "k": q["k"]} for q in built.manifest["saes"]}
     saes = [load_sae(name, lm) for name in quality]
     _record_model_and_saes(store, lm, saes, extra=quality)
-    store.finish_run(run_id, "done", {"task_accuracy": built.manifest["task_accuracy"],
-                                      "timings": built.manifest["timings"]})
-    return run_id
+    return run_id, lm, saes
 
 
 # ----------------------------------------------------------------------------- check
@@ -250,11 +252,8 @@ def harvest_cmd(
 
     Interrupted runs resume: run the same command again and finished batches are not recomputed.
     """
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    from autoexplain.tools.harvest import HarvestIn, harvest
+    from autoexplain.tools.harvest import HarvestIn
     from autoexplain.tools.models import load_model
-    from autoexplain.tools.registry import ToolContext
     from autoexplain.tools.saes import load_sae
 
     lm = load_model(model, device=device)
@@ -266,21 +265,44 @@ def harvest_cmd(
     run_id = f"harvest-{uuid.uuid4().hex[:10]}"
     store.start_run(run_id, "harvest", {"model": model, "sae": sae, **args.model_dump()})
     _record_model_and_saes(store, lm, [s])
+    with _run_guard(store, run_id):
+        out = _harvest_into(store, run_id, lm, s, args)
+        store.finish_run(run_id, "done", out.model_dump())
+    con = _console()
+    con.print(out.summary())
+    if out.resumed_from_batch:
+        con.print(f"(resumed after batch {out.resumed_from_batch})")
+    con.print(f"database: {store.path.resolve()}  (run {run_id})")
+
+
+def _harvest_into(store: Any, run_id: str, lm: Any, sae: Any, args: Any) -> Any:
+    """Run a harvest with a progress bar, its rows going to ``store`` tagged with ``run_id``."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from autoexplain.tools.harvest import harvest
+    from autoexplain.tools.registry import ToolContext
 
     def sink(table: str, rows: list[dict[str, Any]]) -> None:
         store.upsert(table, [{**r, "run_id": run_id} for r in rows])
 
     with Progress(TextColumn("harvest {task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"
                   " batches"), TimeElapsedColumn(), TimeRemainingColumn(), console=_console(stderr=True)) as prog:
-        task = prog.add_task(s.sae_id, total=None)
-        out = harvest(ToolContext(model=lm, saes={s.sae_id: s}, sink=sink), args,
-                      progress=lambda done, total: prog.update(task, completed=done, total=total))
-    store.finish_run(run_id, "done", out.model_dump())
-    con = _console()
-    con.print(out.summary())
-    if out.resumed_from_batch:
-        con.print(f"(resumed after batch {out.resumed_from_batch})")
-    con.print(f"database: {store.path.resolve()}  (run {run_id})")
+        task = prog.add_task(f"{sae.spec} ({sae.sae_id})", total=None)
+        return harvest(ToolContext(model=lm, saes={sae.sae_id: sae}, sink=sink), args,
+                       progress=lambda done, total: prog.update(task, completed=done, total=total))
+
+
+@contextlib.contextmanager
+def _run_guard(store: Any, run_id: str) -> Any:
+    """Mark the run interrupted (Ctrl-C) or failed (any error) instead of leaving it 'running'."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        store.finish_run(run_id, "interrupted", {})
+        raise
+    except BaseException as exc:
+        store.finish_run(run_id, "failed", {"error": f"{exc.__class__.__name__}: {exc}"[:500]})
+        raise
 
 
 def _dataset_probe(spec: str) -> Any:
@@ -312,22 +334,63 @@ def _record_model_and_saes(store: Any, lm: Any, saes: list[Any],
 
 
 # ----------------------------------------------------------------------------- demo
+#: Tokens the demo harvests per SAE: enough for every live feature to show top contexts, fast on 2 cores.
+DEMO_TOKENS = 60_000
+
+
 @app.command()
 def demo(db: DbOpt = None) -> None:
-    """The main job on the toy world, offline. At this stage: build the toy world, load it through the public
-    loaders, record it in the database, and show it."""
+    """The main job on the toy world, offline. Today: build the toy world, record it, and harvest every feature of
+    both toy SAEs (statistics, top/quantile/non-activating contexts, logit effects) into the database."""
+    from autoexplain.tools.harvest import HarvestIn
+
     store = _open_store(db)
     built = _build_zoo("small")
-    run_id = _record_zoo(store, built, kind="demo")
+    run_id, lm, saes = _record_zoo(store, built, kind="demo")
+    with _run_guard(store, run_id):
+        outs = [_harvest_into(store, run_id, lm, s, HarvestIn(sae_id=s.sae_id, dataset=str(built.corpus),
+                                                                n_tokens=DEMO_TOKENS)) for s in saes]
+        store.finish_run(run_id, "done", {"task_accuracy": built.manifest["task_accuracy"],
+                                          "harvest": [o.model_dump() for o in outs]})
     _show_zoo(built)
+    _show_harvest(store, saes, outs)
     con = _console()
     path = store.path.resolve()
+    flag = f" --db {path}" if db else ""
     con.print(f"\n[bold]results[/bold]: {path}  (run {run_id})")
     con.print("try:")
-    for q in ("select run_id, kind, status, started_at from runs order by started_at",
-              "select sae_id, site, d_sae, architecture, info->>'$.fvu' as fvu from saes",
-              "select summary->'$.task_accuracy' as accuracy from runs where kind = 'demo'"):
-        con.print(f'  autoexplain sql "{q}"' + (f" --db {path}" if db else ""))
+    first = saes[0].sae_id
+    for q in ("select run_id, kind, status, started_at, finished_at from runs order by started_at",
+              "select s.site, f.feature_index, round(f.density, 4) as density, f.top_logits->>'$[0][0]' as "
+              "promotes from features f join saes s using (sae_id) where not f.is_dead "
+              "order by f.density desc limit 10",
+              f"select kind, quantile, round(max_act, 2) as act, array_to_string(cast(tokens as varchar[]), '') "
+              f"as context from feature_examples where sae_id = '{first}' and feature_index = "
+              f"{_densest(outs[0])} order by kind, example_id limit 8"):
+        con.print(f'  autoexplain sql "{q}"{flag}')
+
+
+def _densest(out: Any) -> int:
+    return int(out.densest[0][0]) if out.densest else 0
+
+
+def _show_harvest(store: Any, saes: list[Any], outs: list[Any]) -> None:
+    from rich.table import Table
+
+    t = Table("SAE", "features", "dead", "median density", "densest features: what their top contexts peak on")
+    for s, out in zip(saes, outs, strict=True):
+        peaks = []
+        for f, _ in out.densest[:4]:
+            rows = store.query("select tokens, acts from feature_examples where sae_id = ? and feature_index = ? "
+                               "and kind = 'top' order by example_id limit 5", [s.sae_id, f])[1]
+            tops = []
+            for tokens, acts in rows:
+                tokens, acts = json.loads(tokens), json.loads(acts)
+                tops.append(tokens[acts.index(max(acts))])
+            peaks.append(f"#{f}: {' '.join(repr(x) for x in dict.fromkeys(tops))}")
+        t.add_row(s.spec, str(out.n_features), str(out.n_dead), f"{out.density_quantiles.get('p50', 0):.2%}",
+                  "; ".join(peaks))
+    _console().print(t)
 
 
 def main() -> None:

@@ -1,0 +1,159 @@
+"""Harvest throughput against the physical limit, and peak memory as the dataset grows.
+
+The limit is a **bare pass**: the same token windows, the same batch size, a forward pass stopped at the SAE's
+layer plus ``sae.encode`` — the work any harvest must do — and nothing else. The ratio harvest ÷ bare says what
+the bookkeeping (streaming top-k, priority samples, histograms, window file, checkpoints, example assembly) costs;
+the target is ≥ 0.8. Storing the rows in DuckDB is timed separately.
+
+Cases: the toy world (``toy:small`` + ``res0``) and a GPT-2-small-shaped model with random weights (d_model 768,
+12 layers, 12 heads, vocab 50,257) with a TopK SAE of d_sae 16,384 at ``resid_post.6``. Memory: peak RSS of
+separate processes harvesting N and 10·N tokens.
+
+Run (threads pinned, one process at a time)::
+
+    python -m autoexplain.evals.perf.harvest_bench --out evals/perf/results/harvest.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _gpt2_small_shaped(root: Path) -> tuple[str, str]:
+    """A random GPT-2-small-shaped HF model (toy tokenizer) and a random TopK SAE at resid_post.6."""
+    import torch
+    from sae_lens import TopKSAE, TopKSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+
+    from autoexplain.tools.zoo import ensure_model
+
+    model_dir, sae_dir = root / "gpt2-small-shaped", root / "sae-16k"
+    if not (model_dir / "config.json").exists():
+        tok = GPT2TokenizerFast.from_pretrained(str(ensure_model("small").model_dir))
+        tok.save_pretrained(str(model_dir))
+        torch.manual_seed(0)
+        cfg = GPT2Config(vocab_size=50257, n_positions=1024, n_ctx=1024, n_embd=768, n_layer=12, n_head=12,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        GPT2LMHeadModel(cfg).save_pretrained(str(model_dir))
+    if not (sae_dir / "cfg.json").exists():
+        torch.manual_seed(0)
+        TopKSAE(TopKSAEConfig(d_in=768, d_sae=16384, k=32,
+                              metadata=SAEMetadata(hook_name="blocks.6.hook_resid_post"))).save_model(str(sae_dir))
+    return str(model_dir), str(sae_dir)
+
+
+def _measure(model: str, sae: str, dataset: str, tokens: int, batch: int, ctx: int) -> dict[str, Any]:
+    import torch
+
+    from autoexplain.agent.store import Store
+    from autoexplain.tools.data import iter_texts, iter_windows
+    from autoexplain.tools.harvest import HarvestIn, harvest
+    from autoexplain.tools.models import load_model
+    from autoexplain.tools.registry import ToolContext
+    from autoexplain.tools.saes import feature_activations, load_sae
+
+    lm = load_model(model)
+    s = load_sae(sae, lm)
+    wins = list(iter_windows(iter_texts(dataset), lm.tokenizer, ctx=ctx, n_ctx=lm.n_ctx, batch_windows=batch,
+                             max_tokens=tokens))
+    feature_activations(lm, s, wins[0].tokens)  # warm-up
+    t = time.perf_counter()
+    for w in wins:
+        feature_activations(lm, s, w.tokens).max()
+    bare = time.perf_counter() - t
+    n_tok = sum(w.n_tokens for w in wins)
+
+    rows: dict[str, list[dict[str, Any]]] = {}
+    ctx_ = ToolContext(model=lm, saes={s.sae_id: s}, sink=lambda table, r: rows.setdefault(table, r))
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        out = harvest(ctx_, HarvestIn(sae_id=s.sae_id, dataset=dataset, n_tokens=tokens, ctx=ctx,
+                                      batch_size=batch), work_dir=Path(tmp) / "work")
+        harv = time.perf_counter() - t
+        store = Store(Path(tmp) / "bench.duckdb")
+        t = time.perf_counter()
+        for table, r in rows.items():
+            store.upsert(table, r)
+        db = time.perf_counter() - t
+    return {"model": model, "sae": sae, "d_sae": s.d_sae, "tokens": n_tok, "batch": batch, "ctx": ctx,
+            "bare_s": round(bare, 3), "harvest_s": round(harv, 3), "store_s": round(db, 3),
+            "bare_tok_per_s": round(n_tok / bare), "harvest_tok_per_s": round(n_tok / harv),
+            "ratio_harvest_over_bare": round(bare / harv, 3),
+            "rows": {k: len(v) for k, v in rows.items()}, "n_dead": out.n_dead,
+            "threads": torch.get_num_threads()}
+
+
+def _peak_rss(model: str, sae: str, dataset: str, tokens: int) -> dict[str, Any]:
+    """Harvest in a fresh process and report its peak resident memory."""
+    code = (
+        "import resource, tempfile, sys; from pathlib import Path\n"
+        "from autoexplain.tools.models import load_model; from autoexplain.tools.saes import load_sae\n"
+        "from autoexplain.tools.harvest import HarvestIn, harvest; from autoexplain.tools.registry import ToolContext\n"
+        f"lm = load_model({model!r}); s = load_sae({sae!r}, lm)\n"
+        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "ctx = ToolContext(model=lm, saes={s.sae_id: s}, sink=lambda t, r: None)\n"
+        f"out = harvest(ctx, HarvestIn(sae_id=s.sae_id, dataset={dataset!r}, n_tokens={tokens}),"
+        " work_dir=Path(tempfile.mkdtemp()) / 'w')\n"
+        "print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, out.n_tokens)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    base, peak, n = (int(x) for x in res.stdout.split()[-3:])
+    return {"tokens": n, "rss_after_load_mb": round(base / 1024, 1), "peak_rss_mb": round(peak / 1024, 1)}
+
+
+def _big_corpus(root: Path, src: Path, copies: int) -> str:
+    """The toy corpus repeated (with a line number so texts differ): a dataset large enough for 10x runs."""
+    out = root / f"corpus-x{copies}.txt"
+    if not out.exists():
+        lines = src.read_text().splitlines()
+        with out.open("w") as fh:
+            for c in range(copies):
+                fh.writelines(f"{line} {c}\n" for line in lines)
+    return str(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--toy-tokens", type=int, default=200_000)
+    ap.add_argument("--big-tokens", type=int, default=16_384)
+    ap.add_argument("--mem-tokens", type=int, default=50_000, help="N for the memory check (N and 10 N)")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+
+    from autoexplain.tools.cache import cache_root
+    from autoexplain.tools.zoo import ensure_model
+
+    zoo = ensure_model("small")
+    work = cache_root() / "bench"
+    work.mkdir(parents=True, exist_ok=True)
+    corpus = _big_corpus(work, zoo.corpus, 12)
+    results: dict[str, Any] = {
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    results["toy"] = _measure("toy:small", "toy:small/res0", corpus, args.toy_tokens, batch=32, ctx=64)
+    print(json.dumps(results["toy"]), flush=True)
+    model, sae = _gpt2_small_shaped(work)
+    results["gpt2_small_shaped"] = _measure(model, sae, corpus, args.big_tokens, batch=16, ctx=64)
+    print(json.dumps(results["gpt2_small_shaped"]), flush=True)
+    small = _peak_rss("toy:small", "toy:small/res0", corpus, args.mem_tokens)
+    large = _peak_rss("toy:small", "toy:small/res0", corpus, args.mem_tokens * 10)
+    results["memory"] = {"n": small, "10n": large,
+                         "peak_growth_mb": round(large["peak_rss_mb"] - small["peak_rss_mb"], 1)}
+    print(json.dumps(results["memory"]), flush=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
