@@ -85,6 +85,8 @@ class HarvestOut(ToolOutput):
     n_dead: int
     resumed_from_batch: int
     seconds: float
+    stream_seconds: float = Field(description="the pass over the data (this run's batches)")
+    finish_seconds: float = Field(description="once per SAE: logit effects (W_dec @ W_U) and example assembly")
     density_quantiles: dict[str, float]
     densest: list[tuple[int, float]]
     _result: "HarvestResult | None" = PrivateAttr(default=None)
@@ -155,19 +157,28 @@ def _admit(keys: torch.Tensor, cand: torch.Tensor, largest: bool) -> tuple[torch
     triples ``(row, slot, b)``: candidate ``b`` of ``row`` replaces slot ``slot``. Survivors stay where they are,
     so per-batch data movement is proportional to the entries that change, not to the whole store.
     """
-    f, k = keys.shape
+    k = keys.shape[1]
+    # only rows where some candidate beats the worst kept key can change (after warm-up: few rows)
+    if largest:
+        live = (cand.max(1).values > keys.min(1).values).nonzero().flatten()
+    else:
+        live = (cand.min(1).values < keys.max(1).values).nonzero().flatten()
+    if live.numel() == 0:
+        empty = torch.empty(0, dtype=torch.long)
+        return empty, empty, empty
+    keys, cand = keys[live], cand[live]
     sel = torch.topk(torch.cat([keys, cand], 1), k, dim=1, largest=largest, sorted=False).indices
-    chosen = torch.zeros(f, k + cand.shape[1], dtype=torch.bool)
+    chosen = torch.zeros(len(live), k + cand.shape[1], dtype=torch.bool)
     chosen.scatter_(1, sel, True)
     kept, entering = chosen[:, :k], chosen[:, k:]
     n_new = entering.sum(1)
     # evicted slots and entering candidates, each listed first per row (stable), paired by rank
-    slots = torch.argsort(kept.to(torch.int8), dim=1, stable=True)
-    news = torch.argsort((~entering).to(torch.int8), dim=1, stable=True)
-    rank = torch.arange(max(k, cand.shape[1]))
-    take = rank[None, : min(k, cand.shape[1])] < n_new[:, None]
-    rows = torch.arange(f)[:, None].expand_as(take)[take]
-    return rows, slots[:, : take.shape[1]][take], news[:, : take.shape[1]][take]
+    width = min(k, cand.shape[1])
+    slots = torch.argsort(kept.to(torch.int8), dim=1, stable=True)[:, :width]
+    news = torch.argsort((~entering).to(torch.int8), dim=1, stable=True)[:, :width]
+    take = torch.arange(width)[None, :] < n_new[:, None]
+    rows = live[:, None].expand_as(take)[take]
+    return rows, slots[take], news[take]
 
 
 def _update(state: _State, acts: torch.Tensor, win_offset: int, gen: torch.Generator, args: HarvestIn) -> None:
@@ -175,7 +186,7 @@ def _update(state: _State, acts: torch.Tensor, win_offset: int, gen: torch.Gener
     b = acts.shape[0]
     fire = acts > 0
     state.fire_count += fire.sum(dim=(0, 1)).to(torch.int64)
-    state.act_sum += acts.sum(dim=(0, 1), dtype=torch.float64)
+    state.act_sum += acts.sum(dim=(0, 1)).double()
     win_max, win_arg = acts.max(dim=1)  # [B, F]
     state.act_max = torch.maximum(state.act_max, win_max.max(dim=0).values)
     nz_b, nz_t, nz_f = fire.nonzero(as_tuple=True)
@@ -241,7 +252,10 @@ class _Windows:
     def append(self, tokens: torch.Tensor) -> None:
         with open(self.path, "ab") as fh:
             fh.write(tokens.to(torch.int32).numpy().tobytes())
-            fh.flush()
+
+    def sync(self) -> None:
+        """Make every appended window durable (called before each checkpoint that counts them)."""
+        with open(self.path, "ab") as fh:
             os.fsync(fh.fileno())
 
     def rows(self, idx: np.ndarray) -> np.ndarray:
@@ -276,8 +290,8 @@ def harvest(ctx: ToolContext, args: HarvestIn, *, progress: Callable[[int, int],
     windows.truncate(state.windows_done)
     total_batches = -(-args.n_tokens // (args.ctx * args.batch_size))
     t0 = time.perf_counter()
-    stream = iter_windows(iter_texts(args.dataset), lm.tokenizer, ctx=args.ctx, n_ctx=lm.n_ctx,
-                          batch_windows=args.batch_size, max_tokens=args.n_tokens)
+    stream = _prefetch(iter_windows(iter_texts(args.dataset), lm.tokenizer, ctx=args.ctx, n_ctx=lm.n_ctx,
+                                    batch_windows=args.batch_size, max_tokens=args.n_tokens))
     done_now = 0
     for i, batch in enumerate(stream):
         if i < state.batches_done:
@@ -293,11 +307,15 @@ def harvest(ctx: ToolContext, args: HarvestIn, *, progress: Callable[[int, int],
         if progress:
             progress(state.batches_done, total_batches)
         if state.batches_done % args.checkpoint_every == 0:
+            windows.sync()
             _save_state(state_path, state, args)
         if stop_after_batches is not None and done_now >= stop_after_batches:
+            windows.sync()
             _save_state(state_path, state, args)
             raise KeyboardInterrupt(f"stopped after {done_now} batches (as asked)")
+    windows.sync()
     _save_state(state_path, state, args)
+    t_stream = time.perf_counter()
     result = _finish(state, lm, sae, args, windows)
     seconds = time.perf_counter() - t0
     ctx.sink("features", result.feature_rows)
@@ -309,10 +327,51 @@ def harvest(ctx: ToolContext, args: HarvestIn, *, progress: Callable[[int, int],
     order = np.argsort(-dens)[:10]
     out = HarvestOut(sae_id=sae.sae_id, n_tokens=state.n_tokens, n_windows=state.windows_done,
                      n_features=n_features, n_dead=len(result.dead), resumed_from_batch=resumed_from,
-                     seconds=round(seconds, 2), density_quantiles=qs,
+                     seconds=round(seconds, 2), stream_seconds=round(t_stream - t0, 2),
+                     finish_seconds=round(seconds - (t_stream - t0), 2), density_quantiles=qs,
                      densest=[(int(i), float(dens[i])) for i in order])
     out._result = result
     return out
+
+
+def _prefetch(it: Iterator[Any], depth: int = 2) -> Iterator[Any]:
+    """Run ``it`` (reading and tokenising) in a background thread, ``depth`` items ahead of the model.
+
+    Order is preserved and an exception from the producer (e.g. an InputError on a bad row) is raised here.
+    """
+    import queue
+    import threading
+
+    q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in it:
+                while not stop.is_set():
+                    try:
+                        q.put(("item", item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(("end", None))
+        except BaseException as exc:  # handed to the consumer
+            q.put(("error", exc))
+
+    thread = threading.Thread(target=produce, daemon=True, name="harvest-prefetch")
+    thread.start()
+    try:
+        while True:
+            kind, value = q.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
 
 
 def _batch_acts(lm: Any, sae: Any, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -396,7 +455,7 @@ def _finish(state: _State, lm: Any, sae: Any, args: HarvestIn, windows: _Windows
     for f, kind, j, q, w, pos, acts in picks:
         toks = rows_by_win[w]
         lo, hi = (1, args.ctx) if pos < 0 else (max(1, pos - args.left), min(args.ctx, pos + args.right + 1))
-        per_tok = [0.0] * (hi - lo) if acts is None else [round(float(a), 4) for a in acts[lo:hi].tolist()]
+        per_tok = [0.0] * (hi - lo) if acts is None else np.round(acts[lo:hi].double().numpy(), 4).tolist()
         example_rows.append({
             "sae_id": sae.sae_id, "feature_index": f, "kind": kind, "example_id": j, "quantile": q,
             "tokens": [vocab[t] for t in toks[lo:hi].tolist()], "acts": per_tok,
@@ -413,12 +472,13 @@ def _quantile_picks(state: _State, f: int, args: HarvestIn) -> Iterator[tuple[An
     if not ok.any():
         return
     idx = ok.nonzero().flatten()
-    order = idx[torch.argsort(state.res_val[f, idx], stable=True)]
-    bins = np.array_split(order.numpy(), min(args.n_quantiles, len(order)))
+    order = idx[torch.argsort(state.res_val[f, idx], stable=True)].tolist()
+    keys = state.res_key[f].tolist()
+    n_bins = min(args.n_quantiles, len(order))
     j = 0
-    for q, members in enumerate(bins):
-        chosen = sorted(members.tolist(), key=lambda m: float(state.res_key[f, m]))[: args.per_quantile]
-        for m in chosen:
+    for q in range(n_bins):  # equal-count bins by activation, weakest first
+        members = order[q * len(order) // n_bins : (q + 1) * len(order) // n_bins]
+        for m in sorted(members, key=keys.__getitem__)[: args.per_quantile]:
             yield (f, "quantile", j, q, int(state.res_win[f, m]), int(state.res_pos[f, m]), state.res_acts[f, m])
             j += 1
 
