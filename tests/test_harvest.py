@@ -142,11 +142,11 @@ def test_kill_9_then_resume_equals_uninterrupted(planted, planted_ctx, tmp_path)
     """A real harvest process killed with SIGKILL mid-run, then started again, stores what an uninterrupted run
     stores (and does not redo the batches finished before the kill)."""
     corpus = tmp_path / "big.txt"
-    corpus.write_text("\n".join(SENTENCES[(i * 7) % len(SENTENCES)] for i in range(6000)) + "\n")
+    corpus.write_text("\n".join(SENTENCES[(i * 7) % len(SENTENCES)] for i in range(3000)) + "\n")
     cache = tmp_path / "cache"
     env = {**os.environ, "AUTOEXPLAIN_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "autoexplain.agent.cli", "harvest", "--model", str(planted.model_dir),
-           "--sae", str(planted.sae_dir), "--dataset", str(corpus), "--tokens", "60000", "--ctx", "16",
+           "--sae", str(planted.sae_dir), "--dataset", str(corpus), "--tokens", "30000", "--ctx", "16",
            "--batch-size", "8", "--top-k", "5", "--checkpoint-every", "5", "--db", str(tmp_path / "k.duckdb"),
            "--device", "cpu"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -167,7 +167,7 @@ def test_kill_9_then_resume_equals_uninterrupted(planted, planted_ctx, tmp_path)
     lm, sae = planted_ctx
     ref = Store(tmp_path / "ref.duckdb")
     harvest(ToolContext(model=lm, saes={sae.sae_id: sae}, sink=ref.upsert),
-            HarvestIn(sae_id=sae.sae_id, dataset=str(corpus), n_tokens=60000, ctx=16, batch_size=8, top_k=5),
+            HarvestIn(sae_id=sae.sae_id, dataset=str(corpus), n_tokens=30000, ctx=16, batch_size=8, top_k=5),
             work_dir=tmp_path / "refwork")
     killed = Store(tmp_path / "k.duckdb")
     for q in ("select * exclude (run_id) from features order by all",

@@ -14,7 +14,12 @@ separate processes harvesting N and 10·N tokens.
 
 Run (threads pinned, one process at a time)::
 
-    python -m autoexplain.evals.perf.harvest_bench --out evals/perf/results/harvest.json
+    python -m autoexplain.evals.perf.harvest_bench --delphi-venv .peers/delphi-venv \
+        --out evals/perf/results/harvest.json
+
+delphi (PyPI ``eai-delphi``) runs in its own venv (setup in ``evals/perf/delphi_peer.py``) on the same windows,
+model and SAE; its time covers its latent cache plus building the same per-feature top-k contexts (and its
+quantile and random samples). Ours starts from raw text.
 """
 
 from __future__ import annotations
@@ -125,6 +130,33 @@ def _peak_rss(model: str, sae: str, dataset: str, tokens: int) -> dict[str, Any]
     return {"tokens": n, "rss_after_load_mb": round(base / 1024, 1), "peak_rss_mb": round(peak / 1024, 1)}
 
 
+def _delphi(venv: Path, model: str, sae: str, dataset: str, tokens: int, batch: int, ctx: int,
+            top_k: int) -> dict[str, Any]:
+    """delphi's caching + example construction on the same windows, in its own venv (evals/perf/delphi_peer.py)."""
+    import torch
+
+    from autoexplain.tools.data import iter_texts, iter_windows
+    from autoexplain.tools.models import load_model
+    from autoexplain.tools.saes import load_sae
+
+    lm = load_model(model)
+    s = load_sae(sae, lm)
+    wins = torch.cat([w.tokens for w in iter_windows(iter_texts(dataset), lm.tokenizer, ctx=ctx, n_ctx=lm.n_ctx,
+                                                     batch_windows=batch, max_tokens=tokens)])
+    wins = wins[: len(wins) // batch * batch]  # delphi drops a last partial batch; give it none
+    with tempfile.TemporaryDirectory() as tmp:
+        tok_file, out = Path(tmp) / "tokens.pt", Path(tmp) / "delphi.json"
+        torch.save(wins, tok_file)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+        subprocess.run([str(venv / "bin" / "python"), str(Path(__file__).with_name("delphi_peer.py")),
+                        "--model-dir", str(lm.source_dir), "--sae-dir", str(s.source_dir),
+                        "--tokens-file", str(tok_file), "--batch-size", str(batch), "--top-k", str(top_k),
+                        "--out", str(out)], check=True, env=env, capture_output=True, text=True)
+        report = json.loads(out.read_text())
+    return {k: report[k] for k in ("cache_s", "save_s", "examples_s", "total_s", "topk_only_s") if k in report} | {
+        "windows": len(wins), "tokens": int(wins.numel())}
+
+
 def _big_corpus(root: Path, src: Path, copies: int) -> str:
     """The toy corpus repeated (with a line number so texts differ): a dataset large enough for 10x runs."""
     out = root / f"corpus-x{copies}.txt"
@@ -138,7 +170,9 @@ def _big_corpus(root: Path, src: Path, copies: int) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--toy-tokens", type=int, default=200_000)
+    ap.add_argument("--toy-tokens", type=int, default=204_800, help="a multiple of 32 x 64 (delphi's batches)")
+    ap.add_argument("--delphi-venv", type=Path, default=None,
+                    help="delphi's venv (see evals/perf/delphi_peer.py), e.g. .peers/delphi-venv")
     ap.add_argument("--big-tokens", type=int, default=16_384)
     ap.add_argument("--mem-tokens", type=int, default=50_000, help="N for the memory check (N and 10 N)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (pinned: shared cores are noisy)")
@@ -162,6 +196,12 @@ def main() -> None:
     }
     results["toy"] = _measure("toy:small", "toy:small/res0", corpus, args.toy_tokens, batch=32, ctx=64)
     print(json.dumps(results["toy"]), flush=True)
+    if args.delphi_venv is not None:
+        peer = _delphi(args.delphi_venv, "toy:small", "toy:small/res0", corpus, args.toy_tokens, batch=32, ctx=64,
+                       top_k=20)
+        peer["ratio_delphi_total_over_harvest"] = round(peer["total_s"] / results["toy"]["harvest_s"], 2)
+        results["delphi_toy"] = peer
+        print(json.dumps(peer), flush=True)
     model, sae = _gpt2_small_shaped(work)
     results["gpt2_small_shaped"] = _measure(model, sae, corpus, args.big_tokens, batch=16, ctx=64, repeats=2)
     print(json.dumps(results["gpt2_small_shaped"]), flush=True)
