@@ -181,19 +181,35 @@ def _admit(keys: torch.Tensor, cand: torch.Tensor, largest: bool) -> tuple[torch
     return rows, slots[take], news[take]
 
 
-def _update(state: _State, acts: torch.Tensor, win_offset: int, gen: torch.Generator, args: HarvestIn) -> None:
-    """Fold one batch of activations ``[B, T, F]`` (already zero at BOS/padding) into the state."""
-    b = acts.shape[0]
-    fire = acts > 0
-    state.fire_count += fire.sum(dim=(0, 1)).to(torch.int64)
-    state.act_sum += acts.sum(dim=(0, 1)).double()
-    win_max, win_arg = acts.max(dim=1)  # [B, F]
+def _update(state: _State, acts: torch.Tensor, mask: torch.Tensor, win_offset: int, gen: torch.Generator,
+            args: HarvestIn) -> None:
+    """Fold one batch of activations ``[B, T, F]`` into the state; ``mask`` [B, T] marks the counted tokens.
+
+    Works on the non-zero entries (one pass over the dense tensor to find them): SAE activations are sparse,
+    so the statistics cost O(firings), not O(B x T x F).
+    """
+    b, t, f = acts.shape
+    nz_b, nz_t, nz_f = acts.nonzero(as_tuple=True)
+    keep = mask[nz_b, nz_t]  # drop BOS and padding
+    nz_b, nz_t, nz_f = nz_b[keep], nz_t[keep], nz_f[keep]
+    vals = acts[nz_b, nz_t, nz_f]
+    state.fire_count += torch.bincount(nz_f, minlength=f)
+    state.act_sum += torch.bincount(nz_f, weights=vals.double(), minlength=f)
+    bins = torch.bucketize(vals, torch.tensor(HIST_EDGES, dtype=vals.dtype))
+    state.hist.view(-1).index_add_(0, nz_f * state.hist.shape[1] + bins, torch.ones_like(nz_f))
+    # per (window, feature): the max and the first position reaching it
+    cell = nz_b * f + nz_f
+    win_max = torch.zeros(b * f, dtype=acts.dtype).scatter_reduce_(0, cell, vals, reduce="amax")
+    at_max = vals == win_max[cell]
+    win_arg = torch.zeros(b * f, dtype=torch.int64).fill_(t).scatter_reduce_(0, cell[at_max], nz_t[at_max],
+                                                                              reduce="amin")
+    win_max, win_arg = win_max.view(b, f), win_arg.masked_fill_(win_arg == t, 0).view(b, f)
     state.act_max = torch.maximum(state.act_max, win_max.max(dim=0).values)
-    nz_b, nz_t, nz_f = fire.nonzero(as_tuple=True)
-    if nz_f.numel():
-        bins = torch.bucketize(acts[nz_b, nz_t, nz_f], torch.tensor(HIST_EDGES, dtype=acts.dtype))
-        state.hist.view(-1).index_add_(0, nz_f * state.hist.shape[1] + bins,
-                                       torch.ones_like(nz_f, dtype=torch.int64))
+    masked = mask.to(acts.dtype)
+
+    def per_token(bb: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return acts[bb, :, rows] * masked[bb]
+
     wm, wa = win_max.T, win_arg.T  # [F, B]
 
     # running top-k by window max (windows where the feature never fires never enter)
@@ -202,7 +218,7 @@ def _update(state: _State, acts: torch.Tensor, win_offset: int, gen: torch.Gener
     state.top_val[rows, slots] = cand[rows, bb]
     state.top_win[rows, slots] = win_offset + bb
     state.top_pos[rows, slots] = wa[rows, bb]
-    state.top_acts[rows, slots] = acts[bb, :, rows].to(state.top_acts.dtype)
+    state.top_acts[rows, slots] = per_token(bb, rows).to(state.top_acts.dtype)
     # priority sample of activating windows: uniform, without replacement
     keys = torch.rand(wm.shape, generator=gen)
     keys = torch.where(wm > 0, keys, torch.full_like(keys, torch.inf))
@@ -211,7 +227,7 @@ def _update(state: _State, acts: torch.Tensor, win_offset: int, gen: torch.Gener
     state.res_val[rows, slots] = wm[rows, bb]
     state.res_win[rows, slots] = win_offset + bb
     state.res_pos[rows, slots] = wa[rows, bb]
-    state.res_acts[rows, slots] = acts[bb, :, rows].to(state.res_acts.dtype)
+    state.res_acts[rows, slots] = per_token(bb, rows).to(state.res_acts.dtype)
     # a uniform pool of windows, for non-activating examples
     pkeys = torch.rand(1, b, generator=gen)
     _, slots, bb = _admit(state.pool_key[None, :], pkeys, largest=False)
@@ -296,9 +312,9 @@ def harvest(ctx: ToolContext, args: HarvestIn, *, progress: Callable[[int, int],
     for i, batch in enumerate(stream):
         if i < state.batches_done:
             continue  # finished before the interruption: tokenised again (cheap), not recomputed
-        acts = _batch_acts(lm, sae, batch.tokens, batch.valid)
+        acts, mask = _batch_acts(lm, sae, batch.tokens, batch.valid)
         gen = torch.Generator().manual_seed(args.seed * 1_000_003 + i)  # per batch: resume-independent
-        _update(state, acts, state.windows_done, gen, args)
+        _update(state, acts, mask, state.windows_done, gen, args)
         windows.append(batch.tokens)
         state.windows_done += batch.n_windows
         state.n_tokens += int(batch.valid[:, 1:].sum()) if batch.bos else int(batch.valid.sum())
@@ -374,14 +390,14 @@ def _prefetch(it: Iterator[Any], depth: int = 2) -> Iterator[Any]:
         stop.set()
 
 
-def _batch_acts(lm: Any, sae: Any, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Feature activations [B, T, F] on CPU float32, zeroed at BOS and padding."""
+def _batch_acts(lm: Any, sae: Any, tokens: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Feature activations [B, T, F] (CPU float32) and the mask of counted tokens: valid and not BOS."""
     from autoexplain.tools.saes import feature_activations
 
-    acts = feature_activations(lm, sae, tokens).float()
+    acts = feature_activations(lm, sae, tokens).float().cpu()
     mask = valid.clone()
     mask[:, 0] = False  # BOS (windows always start with it here)
-    return (acts * mask.to(acts.device)[..., None]).cpu()
+    return acts, mask
 
 
 def _work_dir(lm: Any, sae: Any, args: HarvestIn) -> Path:
