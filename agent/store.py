@@ -361,7 +361,7 @@ class Store:
         import pyarrow as pa
 
         for cols, group in groups.items():
-            arrow_rows = pa.Table.from_pylist([{k: _jsonable(r[k]) for k in cols} for r in group])
+            arrow_rows = pa.Table.from_pylist([{k: _jsonable(r[k]) for k in cols} for r in group])  # noqa: F841 (scanned by name)
             con.execute(f"insert or replace into {table} by name select * from arrow_rows")
 
     # -- reads ----------------------------------------------------------------------------------------

@@ -435,7 +435,7 @@ def _finish(state: _State, lm: Any, sae: Any, args: HarvestIn, windows: _Windows
     mean_act = np.where(count > 0, state.act_sum.numpy() / np.maximum(count, 1), 0.0)
     max_act = state.act_max.numpy().astype(np.float64)
     promote, suppress = _logit_effects(lm, sae, args.n_logits)
-    vocab = _token_strings(lm.tokenizer, lm.model.cfg.d_vocab)
+    vocab = lm.token_strs(range(lm.model.cfg.d_vocab))
     hist = state.hist.numpy()
 
     feature_rows = []
@@ -503,7 +503,7 @@ def _logit_effects(lm: Any, sae: Any, n: int) -> tuple[list[list[Any]] | None, l
     """Per feature, the ``n`` tokens whose logits the decoder row raises (lowers) most: ``W_dec @ W_U``."""
     if sae.site.kind not in _RESIDUAL_WRITERS:
         return None, None
-    vocab = _token_strings(lm.tokenizer, lm.model.cfg.d_vocab)
+    vocab = lm.token_strs(range(lm.model.cfg.d_vocab))
     w_u = lm.model.W_U.detach()
     promote: list[list[Any]] = []
     suppress: list[list[Any]] = []
@@ -517,11 +517,6 @@ def _logit_effects(lm: Any, sae: Any, n: int) -> tuple[list[list[Any]] | None, l
                         for r_i, r_v in zip(ids.tolist(), vals.tolist(), strict=True)]
                 (promote if vals is top.values else suppress).extend(rows)
     return promote, suppress
-
-
-def _token_strings(tokenizer: Any, d_vocab: int) -> list[str]:
-    n = len(tokenizer)
-    return [tokenizer.decode([i]) if i < n else f"<{i}>" for i in range(d_vocab)]
 
 
 def _tool(ctx: ToolContext, args: HarvestIn) -> HarvestOut:

@@ -46,6 +46,8 @@ the model needs that component.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,7 +55,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from autoexplain.tools.errors import InputError
-from autoexplain.tools.registry import Cost, ToolContext, ToolOutput, ToolSpec
+from autoexplain.tools.registry import Cost, ToolContext, ToolOutput, ToolSpec, short_repr
 from autoexplain.tools.vocab import Site, SiteKind
 
 #: Rows (layer x position pairs) decoded through the unembedding at once: bounds memory at rows x d_vocab floats.
@@ -87,10 +89,10 @@ def _encode(lm: Any, texts: list[str], prepend_bos: bool) -> _Batch:
     ids = [([bos] if prepend_bos else []) + list(e) for e in encoded]
     for i, row in enumerate(ids):
         if not row:
-            raise InputError(f"text {i} ({_short(texts[i])}) tokenises to no tokens: give it some text or set "
+            raise InputError(f"text {i} ({short_repr(texts[i])}) tokenises to no tokens: give it some text or set "
                              "prepend_bos true")
         if len(row) > lm.n_ctx:
-            raise InputError(f"text {i} ({_short(texts[i])}) is {len(row)} tokens but the model's context is "
+            raise InputError(f"text {i} ({short_repr(texts[i])}) is {len(row)} tokens but the model's context is "
                              f"{lm.n_ctx}: shorten it")
     pad = next((p for p in (tok.pad_token_id, tok.eos_token_id) if p is not None), 0)
     width = max(len(r) for r in ids)
@@ -120,29 +122,9 @@ def _resolve_position(position: int, length: int, index: int, text: str, prepend
     """``position`` (negative counts from the text's own end) as an index into that text's real tokens."""
     resolved = position + length if position < 0 else position
     if not 0 <= resolved < length:
-        raise InputError(f"position {position} is out of range for text {index} ({_short(text)}), which has "
+        raise InputError(f"position {position} is out of range for text {index} ({short_repr(text)}), which has "
                          f"{length} tokens{' including BOS' if prepend_bos else ''}: use {-length}..{length - 1}")
     return resolved
-
-
-class _TokenNames:
-    """Decodes token ids to strings once per call (decoding is the slow part of a wide top-k table)."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self._tok = tokenizer
-        self._seen: dict[int, str] = {}
-
-    def __call__(self, token_id: int) -> str:
-        if token_id not in self._seen:
-            try:
-                self._seen[token_id] = self._tok.decode([token_id])
-            except (IndexError, KeyError, ValueError, TypeError, OverflowError):
-                self._seen[token_id] = f"<id {token_id}>"  # padded vocabulary rows the tokenizer does not know
-        return self._seen[token_id]
-
-
-def _short(text: str, width: int = 40) -> str:
-    return repr(text if len(text) <= width else text[: width - 1] + "…")
 
 
 def _soft_cap(lm: Any) -> float:
@@ -213,7 +195,7 @@ class LogitLensOut(ToolOutput):
                                "Per layer: top-3 (prob) | target #rank (0 = top)."]
         shown = 0
         for r in self.readings:
-            block = [f"[{r.text_index}] {_short(r.text, 36)} @{r.position} {_tok_repr(r.token)}; model predicts "
+            block = [f"[{r.text_index}] {short_repr(r.text, 36)} @{r.position} {_tok_repr(r.token)}; model predicts "
                      + ", ".join(f"{_tok_repr(p.token)} {p.prob:.2g}" for p in r.prediction[:3])]
             block += [f"  {layer.site}: {_lens_line(layer)}" for layer in _sample_layers(r.layers, 10)]
             if shown and len("\n".join(lines + block)) > budget:
@@ -300,7 +282,7 @@ def logit_lens(ctx: ToolContext, args: LogitLensIn) -> LogitLensOut:
         del cache
         lens = _decoded_stats(lm, resid.reshape(-1, resid.shape[-1]), targets, args.top_k)
         final = _stats(logits[bi, pi], targets, args.top_k)
-    name = _TokenNames(lm.tokenizer)
+    name = lm.token_str
     n_rows = len(rows)
     readings = []
     for r, (i, p) in enumerate(rows):
@@ -311,17 +293,17 @@ def logit_lens(ctx: ToolContext, args: LogitLensIn) -> LogitLensOut:
     return LogitLensOut(sites=[str(s) for s in sites], targets=list(args.targets), readings=readings)
 
 
-def _top(stats: _Stats, row: int, name: _TokenNames) -> list[TokenProb]:
+def _top(stats: _Stats, row: int, name: Callable[[int], str]) -> list[TokenProb]:
     return [TokenProb(token=name(t), id=t, prob=round(p, _PROB_DIGITS))
             for t, p in zip(stats.top_ids[row], stats.top_probs[row], strict=True)]
 
 
-def _target_ranks(stats: _Stats, row: int, targets: list[int], name: _TokenNames) -> list[TargetRank]:
+def _target_ranks(stats: _Stats, row: int, targets: list[int], name: Callable[[int], str]) -> list[TargetRank]:
     return [TargetRank(token=name(t), id=t, rank=k, prob=round(p, _PROB_DIGITS))
             for t, k, p in zip(targets, stats.target_ranks[row], stats.target_probs[row], strict=True)]
 
 
-def _lens_layer(site: str, stats: _Stats, row: int, targets: list[int], name: _TokenNames) -> LensLayer:
+def _lens_layer(site: str, stats: _Stats, row: int, targets: list[int], name: Callable[[int], str]) -> LensLayer:
     return LensLayer(site=site, top=_top(stats, row, name), targets=_target_ranks(stats, row, targets, name))
 
 
@@ -499,7 +481,7 @@ def direct_logit_attribution(ctx: ToolContext, args: DLAIn) -> DLAOut:
     totals = _real_totals(lm, dec, target, baseline)
     per_text_err = (entries.sum(1) - totals).abs()
     mean = entries.mean(0)
-    name = _TokenNames(lm.tokenizer)
+    name = lm.token_str
     items = [DLAItem(text=t, position=p, token=name(batch.ids[i][p]), total=round(float(totals[i]), _LOGIT_DIGITS),
                      residual_error=_sig(float(per_text_err[i])))
              for i, (t, p) in enumerate(zip(args.texts, positions, strict=True))]

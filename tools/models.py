@@ -187,6 +187,23 @@ class LoadedModel:
                              "cannot read or patch them; choose another site")
         return sites
 
+    def token_str(self, token_id: int) -> str:
+        """The readable text of one token id (decoded once, then cached); ids the tokenizer lacks (padded
+        vocabulary rows) read ``<id N>``."""
+        cache = self.meta.setdefault("_token_strs", {})
+        token_id = int(token_id)
+        if token_id not in cache:
+            try:
+                cache[token_id] = self.tokenizer.decode([token_id]) if token_id < len(self.tokenizer) else None
+            except (IndexError, KeyError, ValueError, TypeError, OverflowError):
+                cache[token_id] = None
+            if cache[token_id] is None:
+                cache[token_id] = f"<id {token_id}>"
+        return cache[token_id]
+
+    def token_strs(self, ids: Iterable[int]) -> list[str]:
+        return [self.token_str(i) for i in ids]
+
     def to_tokens(self, texts: str | list[str], prepend_bos: bool = True) -> torch.Tensor:
         """Tokenise like the model's own ``to_tokens`` (BOS prepended by default, right-padded)."""
         return self.model.to_tokens(texts, prepend_bos=prepend_bos).to(self.device)
@@ -197,7 +214,7 @@ class LoadedModel:
             "spec": self.spec, "model_id": self.model_id, "architecture": cfg.original_architecture,
             "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "d_model": cfg.d_model, "d_head": cfg.d_head,
             "d_mlp": cfg.d_mlp, "d_vocab": cfg.d_vocab, "n_ctx": cfg.n_ctx, "attn_only": bool(cfg.attn_only),
-            "device": str(self.device), **self.meta,
+            "device": str(self.device), **{k: v for k, v in self.meta.items() if not k.startswith("_")},
         }
 
 

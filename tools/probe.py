@@ -33,7 +33,7 @@ import torch
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from autoexplain.tools.errors import InputError
-from autoexplain.tools.registry import Cost, ToolContext, ToolOutput, ToolSpec
+from autoexplain.tools.registry import Cost, ToolContext, ToolOutput, ToolSpec, short_repr
 from autoexplain.tools.saes import LoadedSAE, feature_activations as _encode_at_site
 
 #: Largest ``batch * pos * width`` tensor (logits or SAE latents) one chunk may create (float32: 256 MiB).
@@ -99,17 +99,9 @@ def _batches(lm: Any, seqs: list[torch.Tensor], width: int) -> Iterator[tuple[li
         start = end
 
 
-def _token_strs(lm: Any, ids: Sequence[int]) -> list[str]:
-    return [lm.tokenizer.decode([int(i)]) for i in ids]
-
-
 def _sig(x: float, digits: int = 4) -> float:
     """Round to ``digits`` significant digits: keeps tiny KLs and probabilities visible, and exact zeros exact."""
     return x if x == 0 or not math.isfinite(x) else float(f"{x:.{digits}g}")
-
-
-def _quote(text: str, width: int = 40) -> str:
-    return repr(text if len(text) <= width else text[: width - 1] + "…")
 
 
 def _fit(header: str, lines: list[str], unit: str = "texts") -> str:
@@ -232,7 +224,7 @@ def _effects(lm: Any, texts: Sequence[str], seqs: Sequence[torch.Tensor], clean:
         kl_row = kl[row, :n]
         loss_c, loss_e = (_mean_nll(lp[row], seq) for lp in (logp_c, logp_e))
         kl_max, pos = kl_row.max().item(), int(kl_row.argmax().item())
-        tok_strs = _token_strs(lm, seq.tolist())
+        tok_strs = lm.token_strs(seq.tolist())
         if focus == "mean":
             before, after, where = p_c[row, :n].mean(0), p_e[row, :n].mean(0), "mean over positions"
         else:
@@ -263,13 +255,13 @@ def _intervene(ctx: ToolContext, sae: LoadedSAE, texts: Sequence[str], prepend_b
 
 def _effect_line(e: InterventionEffect, shown: int = 3) -> str:
     if e.kl_max_position is None and not e.delta_loss:
-        return f"{_quote(e.text)}: no change"
+        return f"{short_repr(e.text)}: no change"
     dl = "n/a" if e.delta_loss is None else f"{e.delta_loss:+.4g}"
     at = "" if e.kl_max_position is None else f" at {e.tokens[e.kl_max_position]!r}(pos {e.kl_max_position})"
     rose = " ".join(f"{s.token!r}({s.delta:+.3g})" for s in e.rose[:shown]) or "-"
     fell = " ".join(f"{s.token!r}({s.delta:+.3g})" for s in e.fell[:shown]) or "-"
     where = "mean" if e.shifts_at.startswith("mean") else "max-KL pos"
-    return (f"{_quote(e.text)}: Δloss {dl}, KL mean {e.kl_mean:.3g} max {e.kl_max:.3g}{at}; "
+    return (f"{short_repr(e.text)}: Δloss {dl}, KL mean {e.kl_mean:.3g} max {e.kl_max:.3g}{at}; "
             f"[{where}] rose {rose}; fell {fell}")
 
 
@@ -324,7 +316,7 @@ def _activation_line(item: TextActivations, shown_features: int = 6, shown_token
     if silent:
         extra = f" (+{len(silent) - shown_silent} more)" if len(silent) > shown_silent else ""
         line += (" | " if line else "") + "silent: " + " ".join(silent[:shown_silent]) + extra
-    return f"{_quote(item.text)} {line}"
+    return f"{short_repr(item.text)} {line}"
 
 
 def feature_activations(ctx: ToolContext, args: FeatureActivationsIn) -> FeatureActivationsOut:
@@ -348,7 +340,7 @@ def feature_activations(ctx: ToolContext, args: FeatureActivationsIn) -> Feature
 
 def _text_activations(lm: Any, text: str, seq: torch.Tensor, acts: torch.Tensor,
                       features: Sequence[int]) -> TextActivations:
-    tokens = _token_strs(lm, seq.tolist())
+    tokens = lm.token_strs(seq.tolist())
     traces = []
     for j, f in enumerate(features):
         col = acts[:, j]

@@ -21,6 +21,11 @@ from autoexplain.tools.errors import InputError
 SUMMARY_MAX_CHARS = 2000
 
 
+def short_repr(text: str, width: int = 40) -> str:
+    """``repr`` of ``text`` cut to ``width`` characters with an ellipsis: how summaries and errors quote texts."""
+    return repr(text if len(text) <= width else text[: width - 1] + "…")
+
+
 class Cost(StrEnum):
     """How expensive one call is, so a planner can budget: ``cheap`` (no forward pass or one tiny one),
     ``forward`` (forward passes over a handful of texts), ``dataset`` (a pass over a dataset)."""
@@ -135,4 +140,4 @@ def default_registry() -> Registry:
 
 
 #: Modules of ``autoexplain.tools`` that export a ``TOOLS`` tuple of :class:`ToolSpec`.
-TOOL_MODULES: tuple[str, ...] = ("info", "probe", "lens", "harvest")
+TOOL_MODULES: tuple[str, ...] = ("info", "probe", "lens", "harvest", "patching", "circuits")
