@@ -114,20 +114,23 @@ def _measure(model: str, sae: str, dataset: str, tokens: int, batch: int, ctx: i
 
 def _peak_rss(model: str, sae: str, dataset: str, tokens: int) -> dict[str, Any]:
     """Harvest in a fresh process and report its peak resident memory."""
+    # VmHWM (peak resident set of this process image) resets at exec, unlike getrusage's ru_maxrss,
+    # which a child inherits from the parent that forked it.
     code = (
-        "import resource, tempfile, sys, os, torch; from pathlib import Path\n"
+        "import tempfile, os, torch; from pathlib import Path\n"
         "torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS', '1')))\n"
+        "def kb(field): return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(field))\n"
         "from autoexplain.tools.models import load_model; from autoexplain.tools.saes import load_sae\n"
         "from autoexplain.tools.harvest import HarvestIn, harvest; from autoexplain.tools.registry import ToolContext\n"
         f"lm = load_model({model!r}); s = load_sae({sae!r}, lm)\n"
-        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "base = kb('VmHWM:')\n"
         "ctx = ToolContext(model=lm, saes={s.sae_id: s}, sink=lambda t, r: None)\n"
         f"out = harvest(ctx, HarvestIn(sae_id=s.sae_id, dataset={dataset!r}, n_tokens={tokens}),"
         " work_dir=Path(tempfile.mkdtemp()) / 'w')\n"
-        "print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, out.n_tokens)\n")
+        "print(base, kb('VmHWM:'), out.n_tokens)\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     base, peak, n = (int(x) for x in res.stdout.split()[-3:])
-    return {"tokens": n, "rss_after_load_mb": round(base / 1024, 1), "peak_rss_mb": round(peak / 1024, 1)}
+    return {"tokens": n, "peak_rss_after_load_mb": round(base / 1024, 1), "peak_rss_mb": round(peak / 1024, 1)}
 
 
 def _delphi(venv: Path, model: str, sae: str, dataset: str, tokens: int, batch: int, ctx: int,
@@ -176,7 +179,8 @@ def main() -> None:
     ap.add_argument("--big-tokens", type=int, default=16_384)
     ap.add_argument("--mem-tokens", type=int, default=50_000, help="N for the memory check (N and 10 N)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (pinned: shared cores are noisy)")
-    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--parts", default="toy,big,memory", help="comma-separated subset of toy,big,memory")
+    ap.add_argument("--out", type=Path, default=None, help="results JSON (parts not run keep their old entry)")
     args = ap.parse_args()
     import torch
 
@@ -190,26 +194,30 @@ def main() -> None:
     work = cache_root() / "bench"
     work.mkdir(parents=True, exist_ok=True)
     corpus = _big_corpus(work, zoo.corpus, 12)
-    results: dict[str, Any] = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
-        "date": time.strftime("%Y-%m-%d"),
-    }
-    results["toy"] = _measure("toy:small", "toy:small/res0", corpus, args.toy_tokens, batch=32, ctx=64)
-    print(json.dumps(results["toy"]), flush=True)
-    if args.delphi_venv is not None:
-        peer = _delphi(args.delphi_venv, "toy:small", "toy:small/res0", corpus, args.toy_tokens, batch=32, ctx=64,
-                       top_k=20)
-        peer["ratio_delphi_total_over_harvest"] = round(peer["total_s"] / results["toy"]["harvest_s"], 2)
-        results["delphi_toy"] = peer
-        print(json.dumps(peer), flush=True)
-    model, sae = _gpt2_small_shaped(work)
-    results["gpt2_small_shaped"] = _measure(model, sae, corpus, args.big_tokens, batch=16, ctx=64, repeats=2)
-    print(json.dumps(results["gpt2_small_shaped"]), flush=True)
-    small = _peak_rss("toy:small", "toy:small/res0", corpus, args.mem_tokens)
-    large = _peak_rss("toy:small", "toy:small/res0", corpus, args.mem_tokens * 10)
-    results["memory"] = {"n": small, "10n": large,
-                         "peak_growth_mb": round(large["peak_rss_mb"] - small["peak_rss_mb"], 1)}
-    print(json.dumps(results["memory"]), flush=True)
+    parts = set(args.parts.split(","))
+    results: dict[str, Any] = json.loads(args.out.read_text()) if args.out and args.out.exists() else {}
+    results["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
+                          "threads": args.threads}
+    results["date"] = time.strftime("%Y-%m-%d")
+    if "toy" in parts:
+        results["toy"] = _measure("toy:small", "toy:small/res0", corpus, args.toy_tokens, batch=32, ctx=64)
+        print(json.dumps(results["toy"]), flush=True)
+        if args.delphi_venv is not None:
+            peer = _delphi(args.delphi_venv, "toy:small", "toy:small/res0", corpus, args.toy_tokens, batch=32,
+                           ctx=64, top_k=20)
+            peer["ratio_delphi_total_over_harvest"] = round(peer["total_s"] / results["toy"]["harvest_s"], 2)
+            results["delphi_toy"] = peer
+            print(json.dumps(peer), flush=True)
+    if "big" in parts:
+        model, sae = _gpt2_small_shaped(work)
+        results["gpt2_small_shaped"] = _measure(model, sae, corpus, args.big_tokens, batch=16, ctx=64, repeats=2)
+        print(json.dumps(results["gpt2_small_shaped"]), flush=True)
+    if "memory" in parts:
+        small = _peak_rss("toy:small", "toy:small/res0", corpus, args.mem_tokens)
+        large = _peak_rss("toy:small", "toy:small/res0", corpus, args.mem_tokens * 10)
+        results["memory"] = {"n": small, "10n": large,
+                             "peak_growth_mb": round(large["peak_rss_mb"] - small["peak_rss_mb"], 1)}
+        print(json.dumps(results["memory"]), flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1))
