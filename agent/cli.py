@@ -393,6 +393,10 @@ def _show_harvest(store: Any, saes: list[Any], outs: list[Any]) -> None:
     _console().print(t)
 
 
+from autoexplain.agent.circuit_cli import circuit  # noqa: E402
+app.command("circuit")(circuit)
+
+
 def main() -> None:
     """Entry point: every user error is one stderr line and exit code 2."""
     from typer.exceptions import TyperException

@@ -77,22 +77,23 @@ Caveat: at the clean run the KL is at its minimum, so its gradient vanishes; att
 
 Implementation notes
 ~~~~~~~~~~~~~~~~~~~~
-Hooks (TransformerLens): per-head outputs ``head_out``, MLP outputs ``mlp_out`` and ``resid_pre.0`` (the embedding)
-are read; ``q_in/k_in/v_in``, ``mlp_in`` and ``resid_post`` of the last layer (the logits input) are written. All
-prompts of a chunk run in one batch; metrics are computed at the answer positions only (the unembedding never runs
-on other positions). Models whose per-head outputs are not additive in the residual stream (post-norm blocks, a
+Hooks (TransformerLens): per-head outputs (read at ``z`` and multiplied by ``W_O`` here, cheaper than TL's
+``hook_result``), MLP outputs ``mlp_out`` and ``resid_pre.0`` (the embedding) are read; ``q_in/k_in/v_in``,
+``mlp_in`` and ``resid_post`` of the last layer (the logits input) are written, and only the optional hooks a pass
+writes are switched on (split q/k/v inputs roughly double a pass). All prompts of a chunk run in one batch; metrics
+are computed at the answer positions only (the unembedding never runs elsewhere). A pass whose patched destinations
+all lie in layers >= L starts at layer L from the cached clean residual; one that patches only the logits input
+runs no layer at all. Models whose per-head outputs are not additive in the residual stream (post-norm blocks, a
 norm after attention) and grouped-query attention are refused.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -103,8 +104,14 @@ from autoexplain.tools.models import hook_name
 from autoexplain.tools.registry import Cost, ToolContext, ToolOutput, ToolSpec
 from autoexplain.tools.vocab import HEAD_KINDS, Edge, Node, Site, SiteKind
 
-#: Rows (prompts x copies) one forward pass may hold; bigger work is split into chunks of prompts.
+#: Rows (prompts x copies) one forward pass may hold on CUDA; bigger work is split. On CPU a batch twice as large
+#: costs more than twice as much once it leaves the caches (measured 1.5-4x per row), so CPU passes hold fewer.
 ROW_BUDGET = 512
+CPU_ROW_BUDGET = 128
+
+
+def row_budget(device: torch.device) -> int:
+    return ROW_BUDGET if device.type == "cuda" else CPU_ROW_BUDGET
 
 
 class Ablation(StrEnum):
@@ -250,7 +257,7 @@ def _graph(n_layers: int, n_heads: int, has_mlp: bool, parallel: bool) -> Graph:
         for qkv, kind in (("q", SiteKind.Q_IN), ("k", SiteKind.K_IN), ("v", SiteKind.V_IN)):
             dst_groups.append(Group(qkv, L, len(dests), n_heads, Site(kind=kind, layer=L, head=0)))
             dests += [f"a{L}.{h}.{qkv}" for h in range(n_heads)]
-        src_groups.append(Group("heads", L, len(sources), n_heads, Site(kind=SiteKind.HEAD_OUT, layer=L, head=0)))
+        src_groups.append(Group("heads", L, len(sources), n_heads, Site(kind=SiteKind.Z, layer=L)))
         sources += [f"a{L}.{h}" for h in range(n_heads)]
         if has_mlp:
             dst_groups.append(Group("mlp", L, len(dests), 1, Site(kind=SiteKind.MLP_IN, layer=L)))
@@ -358,6 +365,7 @@ class PatchSetup:
         self.position = position
         self.graph = build_graph(lm)
         self.device = torch.device(lm.device)
+        self.dtype = next(self.model.parameters()).dtype
         self.n_prompts = int(task.clean.shape[0])
         if self.metric is Metric.LOGIT_DIFF:
             no_wrong = (task.wrong < 0).all(-1) if task.wrong.shape[-1] else torch.ones(self.n_prompts, dtype=bool)
@@ -366,10 +374,10 @@ class PatchSetup:
                 raise InputError(f"prompt {i} has no wrong_answers, so logit_diff is undefined: add wrong_answers "
                                  "to every prompt or use metric answer_prob or kl")
         positions = _metric_positions(task, position)
-        self._dst_sites = [g.site for g in self.graph.dst_groups] + [g.site for g in self.graph.src_groups]
+        self._w_o = [blk.attn.W_O for blk in self.model.blocks]
         self.chunks: list[_Chunk] = []
         bs = max(1, min(batch_size, ROW_BUDGET))
-        with torch.no_grad(), self.lm.sites_enabled(self._dst_sites):
+        with torch.no_grad():
             corrupt_runs = [] if self.ablation is Ablation.ZERO else [
                 self._capture(task.corrupt[i:i + bs], _attention_mask(task, slice(i, i + bs)))
                 for i in range(0, self.n_prompts, bs)]
@@ -417,8 +425,9 @@ class PatchSetup:
         final = self.model.run_with_hooks(tokens.to(self.device), fwd_hooks=[(n, keep) for n in names],
                                           attention_mask=attn.to(self.device),
                                           stop_at_layer=g.n_layers)
-        srcs = [_as_group(got[hook_name(s.site)], s) for s in g.src_groups]
-        resid = [got[hook_name(Site(kind=SiteKind.RESID_PRE, layer=L))] for L in range(g.n_layers)] if keep_resid else []
+        srcs = [self._src_out(got[hook_name(s.site)], s) for s in g.src_groups]
+        resid = ([got[hook_name(Site(kind=SiteKind.RESID_PRE, layer=L))] for L in range(g.n_layers)]
+                 if keep_resid else [])
         return srcs, resid, final
 
     def _mean(self, runs: list[tuple[list[torch.Tensor], Any, Any]], task: Any) -> list[torch.Tensor]:
@@ -444,6 +453,14 @@ class PatchSetup:
         logits = model.unembed(x).float()
         cap = float(getattr(model.cfg, "output_logits_soft_cap", 0.0) or 0.0)
         return cap * torch.tanh(logits / cap) if cap > 0 else logits
+
+    def _src_out(self, act: torch.Tensor, sg: Group) -> torch.Tensor:
+        """A source hook's activation as the group's outputs [b, p, n, d]. Heads are read at ``z`` and multiplied
+        by their ``W_O`` here (TransformerLens' own per-head ``hook_result`` costs a [b, p, head, d_head,
+        d_model] product per layer); embed and MLP outputs get n = 1."""
+        if sg.kind == "heads":
+            return torch.einsum("bphe,hem->bphm", act, self._w_o[sg.layer])
+        return act[:, :, None]
 
     # -- baselines ------------------------------------------------------------------------------------
     @property
@@ -484,35 +501,57 @@ class PatchSetup:
         ``start_layer`` > 0 skips recomputing layers whose inputs are all unpatched (the caller guarantees it; it
         is checked): what makes ACDC's many passes cheap.
         """
-        with torch.no_grad(), self.lm.sites_enabled(self._dst_sites):
-            return self._aggregate(self.chunk_metric(c, self.patched_logits(c, mask, start_layer=start_layer))
-                                   for c in self.chunks)
+        return self.evaluate_many(None if mask is None else mask[None], start_layer=start_layer)[0]
+
+    def evaluate_many(self, masks: torch.Tensor | None, *, start_layer: int = 0) -> list[float]:
+        """The metric for each of K masks ``[K, n_sources, n_dests]`` (CPU), several masks per forward pass (the
+        batch holds K copies of the prompts, up to :func:`row_budget` rows): what ACDC's speculative passes use."""
+        if masks is None:
+            masks = torch.zeros(1, len(self.graph.sources), len(self.graph.dests))
+        totals = torch.zeros(masks.shape[0], dtype=torch.float64)
+        with torch.no_grad():
+            for c in self.chunks:
+                per = max(1, row_budget(self.device) // c.size)
+                for k0 in range(0, masks.shape[0], per):
+                    block = masks[k0:k0 + per]
+                    logits = self.patched_logits(c, block, start_layer=start_layer)
+                    vals = self.chunk_metric(c, logits, block.shape[0]).reshape(block.shape[0], c.size).sum(1)
+                    totals[k0:k0 + block.shape[0]] += vals.double().cpu()
+        return (totals / self.n_prompts).tolist()
 
     def patched_logits(self, chunk: _Chunk, mask: torch.Tensor | None, *, start_layer: int = 0) -> torch.Tensor:
-        """Answer-position logits of one chunk with edges patched by ``mask`` (one forward pass, or none when only
-        the logits input is patched and ``start_layer`` says so)."""
+        """Answer-position logits of one chunk with edges patched by ``mask``: ``[n_sources, n_dests]`` gives
+        ``[b, vocab]``; K masks ``[K, n_sources, n_dests]`` give ``[K * b, vocab]`` (copy k in rows k*b…). One
+        forward pass, or none when only the logits input is patched and ``start_layer`` says so."""
+        with torch.no_grad():
+            return self._patched_logits(chunk, mask, start_layer)
+
+    def _patched_logits(self, chunk: _Chunk, mask: torch.Tensor | None, start_layer: int) -> torch.Tensor:
         g = self.graph
-        if mask is None or not bool(mask.any()):
+        if mask is None:
             return chunk.clean_logits
-        active = _active_blocks(g, mask)
+        masks = mask if mask.dim() == 3 else mask[None]
+        k, b = masks.shape[0], chunk.size
+        if not bool(masks.any()):
+            return chunk.clean_logits.repeat(k, 1)
+        active = _active_blocks(g, masks.amax(0))
         first_patched = min(g.dst_groups[G].layer for G, _ in active)
         if start_layer > first_patched:
             raise ValueError(f"start_layer {start_layer} skips patched destinations in layer {first_patched}")
-        dev_mask = mask.to(self.device)
+        dev = masks.to(self.device, self.dtype)
         if start_layer >= g.n_layers:  # only the logits input is patched: no forward pass at all
-            final = chunk.clean_final.clone()
-            ar = torch.arange(chunk.size, device=self.device)
+            final = chunk.clean_final.repeat(k, 1).view(k, b, -1)
+            ar = torch.arange(b, device=self.device)
             G = len(g.dst_groups) - 1
             for gi in g.feeds[G]:
                 if (G, gi) in active:
                     sg = g.src_groups[gi]
                     delta = chunk.delta_src[gi][ar, chunk.pos]  # [b, n, d]
-                    final = final + torch.einsum("bsd,s->bd", delta, dev_mask[sg.start:sg.stop, -1])
-            return self._unembed(final)
-        with torch.no_grad(), self.lm.sites_enabled(self._dst_sites):
-            resid = self._run(chunk, dev_mask, active, live=True, start_layer=start_layer)
-        ar = torch.arange(chunk.size, device=self.device)
-        return self._unembed(resid[ar, chunk.pos])
+                    final = final + torch.einsum("bsd,ks->kbd", delta, dev[:, sg.start:sg.stop, -1])
+            return self._unembed(final.reshape(k * b, -1))
+        resid = self._run(chunk, dev if k > 1 else dev[0], active, live=True, start_layer=start_layer)
+        rows = torch.arange(k * b, device=self.device)
+        return self._unembed(resid[rows, chunk.pos.repeat(k)])
 
     def _run(self, chunk: _Chunk, mask: torch.Tensor, active: set[tuple[int, int]] | None, *, live: bool,
              start_layer: int = 0, alpha: torch.Tensor | None = None,
@@ -525,7 +564,10 @@ class PatchSetup:
         given, each destination group's input tensor is kept in it (keyed by group) for autograd.
         """
         g = self.graph
-        reps = 1 if alpha is None else int(alpha.shape[0])
+        blocks = int(mask.shape[0]) if mask.dim() == 3 else 1
+        assert alpha is None or blocks == 1
+        reps = blocks if alpha is None else int(alpha.shape[0])
+        b = chunk.size
 
         def rep(t: torch.Tensor) -> torch.Tensor:
             return t if reps == 1 else t.repeat(reps, *([1] * (t.dim() - 1)))
@@ -546,7 +588,7 @@ class PatchSetup:
                     a = alpha.repeat_interleave(chunk.size)[:, None, None].to(act.dtype)
                     out = torch.where(a == 1, act, p + a * (act - p)).detach()
                     return out.requires_grad_(True) if grads is not None else out
-                deltas[gi] = patched - _as_group(act, sg)
+                deltas[gi] = patched - self._src_out(act, sg)
                 return None
 
             return fn
@@ -558,8 +600,14 @@ class PatchSetup:
                     if active is not None and (G, gi) not in active:
                         continue
                     sg = g.src_groups[gi]
-                    block = mask[sg.start:sg.stop, dg.start:dg.stop]
-                    part = torch.einsum("bpsd,sn->bpnd", deltas[gi], block)
+                    if blocks == 1:
+                        block = mask[sg.start:sg.stop, dg.start:dg.stop]
+                        part = torch.einsum("bpsd,sn->bpnd", deltas[gi], block)
+                    else:  # one mask per copy of the batch
+                        block = mask[:, sg.start:sg.stop, dg.start:dg.stop]
+                        dl = deltas[gi]
+                        part = torch.einsum("kbpsd,ksn->kbpnd", dl.view(blocks, b, *dl.shape[1:]), block)
+                        part = part.reshape(blocks * b, *part.shape[2:])
                     add = part if add is None else add + part
                 out = act
                 if add is not None:
@@ -570,58 +618,73 @@ class PatchSetup:
 
             return fn
 
+        needed = {gi for _, gi in active} if active is not None else set(range(len(g.src_groups)))
         for gi, sg in enumerate(g.src_groups):
-            if (sg.kind == "embed" and alpha is not None) or (sg.kind != "embed" and live and sg.layer >= start_layer):
+            if sg.kind == "embed":
+                if alpha is not None:
+                    hooks.append((hook_name(sg.site), src_hook(gi, sg)))
+            elif live and sg.layer >= start_layer and gi in needed:
                 hooks.append((hook_name(sg.site), src_hook(gi, sg)))
+        written = []
         for G, dg in enumerate(g.dst_groups):
             if dg.layer >= start_layer and (grads is not None or active is None or
                                              any(a[0] == G for a in active)):
                 hooks.append((hook_name(dg.site), dst_hook(G, dg)))
+                written.append(dg.site)
         attn = rep(chunk.attn)
-        if start_layer == 0:
-            return self.model.run_with_hooks(rep(chunk.clean), fwd_hooks=hooks, attention_mask=attn,
+        # only the optional hooks this pass writes are switched on (split q/k/v inputs cost a pass ~2x)
+        with self.lm.sites_enabled(written):
+            if start_layer == 0:
+                return self.model.run_with_hooks(rep(chunk.clean), fwd_hooks=hooks, attention_mask=attn,
+                                                 stop_at_layer=g.n_layers)
+            return self.model.run_with_hooks(rep(chunk.resid_pre[start_layer]), fwd_hooks=hooks,
+                                             attention_mask=attn, start_at_layer=start_layer,
                                              stop_at_layer=g.n_layers)
-        return self.model.run_with_hooks(rep(chunk.resid_pre[start_layer]), fwd_hooks=hooks, attention_mask=attn,
-                                         start_at_layer=start_layer, stop_at_layer=g.n_layers)
 
     # -- attribution ----------------------------------------------------------------------------------
-    def edge_attribution(self, alphas: Sequence[float], *, row_budget: int = ROW_BUDGET) -> torch.Tensor:
+    def edge_attribution(self, alphas: Sequence[float], *, max_rows: int | None = None) -> torch.Tensor:
         """Per edge: ``(patched_src - clean_src) . mean over alphas of d metric / d (destination input)``, summed
         over positions and averaged over prompts, with the embeddings at ``patched + alpha (clean - patched)``.
 
         ``alphas == [1.0]`` is EAP (the gradient at the clean run); ``k/steps`` for k = 1..steps is EAP-IG over
-        inputs. One forward and one backward pass per chunk of (prompts x alphas). The gradient is taken with
-        respect to the destination inputs only (``torch.autograd.grad``): model parameters get no ``.grad``.
+        inputs. One forward and one backward pass per chunk of (prompts x alphas), at most ``max_rows`` rows
+        (default :func:`row_budget`: fewer on CPU, where bigger batches cost more per row). The gradient is
+        taken with respect to the destination inputs only (``torch.autograd.grad``): model parameters get no
+        ``.grad``. Gradients are summed over alphas first; then one product per destination group, with the
+        concatenated source deltas (every group's sources are a prefix of the forward-ordered source list).
         """
         g = self.graph
+        rows_per_pass = max_rows or row_budget(self.device)
         scores = torch.zeros(len(g.sources), len(g.dests), dtype=torch.float64, device=self.device)
         alpha_all = torch.tensor(list(alphas), dtype=torch.float32, device=self.device)
         n_total = self.n_prompts * len(alphas)
-        zero_mask = torch.zeros(len(g.sources), len(g.dests), device=self.device)
-        with torch.enable_grad(), self.lm.sites_enabled(self._dst_sites):
+        zero_mask = torch.zeros(len(g.sources), len(g.dests), device=self.device, dtype=self.dtype)
+        with torch.enable_grad():
             for chunk in self.chunks:
-                per = max(1, row_budget // max(1, chunk.size))
+                per = max(1, rows_per_pass // max(1, chunk.size))
+                summed: dict[int, torch.Tensor] = {}
                 for a0 in range(0, len(alphas), per):
                     alpha = alpha_all[a0:a0 + per]
                     grads: dict[int, torch.Tensor] = {}
                     resid = self._run(chunk, zero_mask, set(), live=False, alpha=alpha, grads=grads)
                     reps = int(alpha.shape[0])
-                    ar = torch.arange(chunk.size, device=self.device).repeat(reps)
-                    logits = self._unembed(resid[ar, chunk.pos.repeat(reps)])
+                    rows = torch.arange(reps * chunk.size, device=self.device)
+                    logits = self._unembed(resid[rows, chunk.pos.repeat(reps)])
                     loss = self.chunk_metric(chunk, logits, reps).sum() / n_total
                     keys = sorted(grads)
                     got = torch.autograd.grad(loss, [grads[k] for k in keys], allow_unused=True)
                     for G, gr in zip(keys, got, strict=True):
-                        if gr is None:
-                            continue
-                        dg = g.dst_groups[G]
-                        gr = gr.reshape(reps, chunk.size, *gr.shape[1:]).sum(0)
-                        if dg.kind not in ("q", "k", "v"):
-                            gr = gr[:, :, None]
-                        for gi in g.feeds[G]:
-                            sg = g.src_groups[gi]
-                            scores[sg.start:sg.stop, dg.start:dg.stop] += torch.einsum(
-                                "bpsd,bpnd->sn", chunk.delta_src[gi], gr).double()
+                        if gr is not None:
+                            gr = gr.detach().reshape(reps, chunk.size, *gr.shape[1:]).sum(0)
+                            summed[G] = gr if G not in summed else summed[G] + gr
+                deltas = torch.cat(chunk.delta_src, dim=2)  # [b, p, n_sources, d]
+                for G, gr in summed.items():
+                    dg = g.dst_groups[G]
+                    stop = g.src_groups[max(g.feeds[G])].stop
+                    assert [g.src_groups[i].start for i in g.feeds[G]][0] == 0
+                    if dg.kind not in ("q", "k", "v"):
+                        gr = gr[:, :, None]
+                    scores[:stop, dg.start:dg.stop] += torch.einsum("bpsd,bpnd->sn", deltas[:, :, :stop], gr).double()
         return scores[torch.tensor(g.edge_src), torch.tensor(g.edge_dst)].float().cpu()
 
     # -- path patching --------------------------------------------------------------------------------
@@ -632,10 +695,10 @@ class PatchSetup:
             _check_path(self.graph, p)
         if not paths:
             return self.m_clean
-        with torch.no_grad(), self.lm.sites_enabled(self._dst_sites):
+        with torch.no_grad(), self.lm.sites_enabled([dg.site for dg in self.graph.dst_groups]):
             values = []
             for chunk in self.chunks:
-                per = max(1, ROW_BUDGET // chunk.size - 1)
+                per = max(1, row_budget(self.device) // chunk.size - 1)
                 final = chunk.clean_final.clone()
                 for p0 in range(0, len(paths), per):
                     final = final + self._path_deltas(chunk, paths[p0:p0 + per])
@@ -660,7 +723,7 @@ class PatchSetup:
 
         def src_hook(gi: int, sg: Group) -> Callable[..., Any]:
             def fn(act: torch.Tensor, hook: Any) -> None:
-                outs[gi] = _as_group(act, sg)
+                outs[gi] = self._src_out(act, sg)
 
             return fn
 
@@ -692,9 +755,6 @@ class PatchSetup:
         return (at[1:] - at[0]).sum(0)
 
 
-def _as_group(act: torch.Tensor, sg: Group) -> torch.Tensor:
-    """A source hook's activation as [b, p, n, d]: heads already are; embed and MLP outputs get n = 1."""
-    return act if sg.kind == "heads" else act[:, :, None]
 
 
 def _active_blocks(g: Graph, mask: torch.Tensor) -> set[tuple[int, int]]:
@@ -739,3 +799,345 @@ def _metric_positions(task: Any, position: int | None) -> torch.Tensor:
 def _attention_mask(task: Any, rows: slice) -> torch.Tensor:
     lens = task.seq_lens[rows]
     return (torch.arange(task.clean.shape[1])[None, :] < lens[:, None]).long()
+
+
+def default_metric_for(task: Any) -> Metric:
+    """``logit_diff`` when every prompt has wrong answers, else ``answer_prob``."""
+    has_wrong = task.wrong.shape[-1] > 0 and bool((task.wrong >= 0).any(-1).all())
+    return Metric.LOGIT_DIFF if has_wrong else Metric.ANSWER_PROB
+
+
+# ============================================================================= node (activation) patching
+#: Site kinds node patching can patch; per-head kinds patch one head at a time.
+NODE_KINDS: tuple[SiteKind, ...] = (SiteKind.RESID_PRE, SiteKind.RESID_MID, SiteKind.RESID_POST, SiteKind.ATTN_OUT,
+                                    SiteKind.MLP_IN, SiteKind.MLP_OUT, SiteKind.HEAD_OUT, SiteKind.Q_IN,
+                                    SiteKind.K_IN, SiteKind.V_IN)
+
+
+class NodeEffect(BaseModel):
+    site: str = Field(description="the patched site, e.g. head_out.1.2 or resid_pre.1")
+    position: int | None = Field(description="the patched position (padded index); None = every position")
+    value: float = Field(description="the metric with this site patched")
+    effect: float = Field(description="(value - base) / (other - base): 1 = this patch alone moves the metric all "
+                                      "the way (noising: to the ablated run; denoising: back to the clean run)")
+
+
+@dataclass(frozen=True)
+class NodePatching:
+    """Node patching results: one :class:`NodeEffect` per (site, position), and the two reference values."""
+
+    kind: SiteKind
+    direction: Direction
+    ablation: Ablation
+    metric: Metric
+    effects: list[NodeEffect]
+    base: float  # the metric of the run patched into (clean for noising, corrupt for denoising)
+    other: float  # the metric the patches move toward (everything ablated for noising, clean for denoising)
+
+
+def patch_nodes(setup: PatchSetup, kind: SiteKind | str, *, direction: Direction | str = Direction.NOISING,
+                per_position: bool | None = None, layers: Sequence[int] | None = None) -> NodePatching:
+    """Patch every site of ``kind`` (each head separately for per-head kinds; each position separately when
+    ``per_position``, the default for residual kinds) one at a time, and measure the metric.
+
+    Noising runs the clean prompts with the site set to the ablation's value (resample: the corrupt prompt's
+    activation; mean: the mean over corrupt prompts at that position; zero). Denoising runs the corrupt prompts with
+    the site set to the clean activation (resample ablation only). Experiments are batched: many (site, position)
+    patches share one forward pass, one block of rows each.
+    """
+    kind, direction = SiteKind(kind), Direction(direction)
+    lm = setup.lm
+    if kind not in NODE_KINDS:
+        raise InputError(f"node patching cannot patch {kind.value} sites: use one of "
+                         f"{', '.join(k.value for k in NODE_KINDS)}")
+    if direction is Direction.DENOISING and setup.ablation is not Ablation.RESAMPLE:
+        raise InputError("denoising patches clean activations into the corrupt run, so it needs resample ablation; "
+                         f"for {setup.ablation.value} ablation use noising")
+    all_layers = list(range(lm.n_layers)) if layers is None else list(dict.fromkeys(layers))
+    heads = list(range(lm.n_heads)) if kind in HEAD_KINDS else [None]
+    sites = [Site(kind=kind, layer=L, head=h) for L in all_layers for h in heads]
+    for s in sites:
+        lm.validate_site(s)
+    if per_position is None:
+        per_position = kind in (SiteKind.RESID_PRE, SiteKind.RESID_MID, SiteKind.RESID_POST)
+    width = int(setup.task.clean.shape[1])
+    exps = [(s, p) for s in sites for p in (range(width) if per_position else [None])]
+    names = sorted({hook_name(s) for s in sites})
+    totals = torch.zeros(len(exps), dtype=torch.float64)
+    base_total = 0.0
+    with torch.no_grad(), lm.sites_enabled(sites):
+        mean = _node_means(setup, names) if setup.ablation is Ablation.MEAN else None
+        for chunk in setup.chunks:
+            base_tokens = chunk.clean if direction is Direction.NOISING else chunk.corrupt
+            source = {Direction.NOISING: chunk.corrupt, Direction.DENOISING: chunk.clean}[direction]
+            values = _capture_sites(setup, source, chunk.attn, names)
+            if setup.ablation is Ablation.ZERO:
+                values = {n: torch.zeros_like(v) for n, v in values.items()}
+            elif mean is not None:
+                values = {n: mean[n].expand_as(values[n]) for n in values}
+            base_logits = _forward_at(setup, chunk, base_tokens, [])
+            base_total += float(setup.chunk_metric(chunk, base_logits).sum())
+            per = max(1, row_budget(setup.device) // chunk.size)
+            for e0 in range(0, len(exps), per):
+                block = exps[e0:e0 + per]
+                logits = _forward_at(setup, chunk, base_tokens, _node_hooks(block, values, chunk.size), reps=len(block))
+                vals = setup.chunk_metric(chunk, logits, len(block)).reshape(len(block), chunk.size).sum(1)
+                totals[e0:e0 + len(block)] += vals.double().cpu()
+    base = base_total / setup.n_prompts
+    other = setup.m_ablated if direction is Direction.NOISING else setup.m_clean
+    span = other - base
+    effects = [NodeEffect(site=str(s), position=p, value=float(v) / setup.n_prompts,
+                          effect=(float(v) / setup.n_prompts - base) / span if abs(span) > 1e-12 else 0.0)
+               for (s, p), v in zip(exps, totals.tolist(), strict=True)]
+    return NodePatching(kind=kind, direction=direction, ablation=setup.ablation, metric=setup.metric,
+                        effects=effects, base=base, other=other)
+
+
+def _capture_sites(setup: PatchSetup, tokens: torch.Tensor, attn: torch.Tensor,
+                   names: list[str]) -> dict[str, torch.Tensor]:
+    got: dict[str, torch.Tensor] = {}
+
+    def keep(act: torch.Tensor, hook: Any) -> None:
+        got[hook.name] = act.clone()
+
+    setup.model.run_with_hooks(tokens, fwd_hooks=[(n, keep) for n in names], attention_mask=attn,
+                               stop_at_layer=setup.graph.n_layers)
+    return got
+
+
+def _node_means(setup: PatchSetup, names: list[str]) -> dict[str, torch.Tensor]:
+    """Per hook: the mean over all corrupt prompts at each position (padding excluded), [1, p, ...]."""
+    sums: dict[str, torch.Tensor] = {}
+    count = torch.zeros(setup.task.clean.shape[1], device=setup.device)
+    for chunk in setup.chunks:
+        got = _capture_sites(setup, chunk.corrupt, chunk.attn, names)
+        valid = chunk.attn.float()
+        count += valid.sum(0)
+        for n, v in got.items():
+            w = valid.reshape(*valid.shape, *([1] * (v.dim() - 2)))
+            part = (v * w).sum(0, keepdim=True)
+            sums[n] = part if n not in sums else sums[n] + part
+    return {n: s / count.clamp_min(1).reshape(1, -1, *([1] * (s.dim() - 2))) for n, s in sums.items()}
+
+
+def _node_hooks(block: list[tuple[Site, int | None]], values: dict[str, torch.Tensor],
+                b: int) -> list[tuple[str, Callable[..., Any]]]:
+    by_hook: dict[str, list[tuple[int, Site, int | None]]] = {}
+    for e, (site, pos) in enumerate(block):
+        by_hook.setdefault(hook_name(site), []).append((e, site, pos))
+    n = len(block)
+
+    def make(name: str) -> Callable[..., Any]:
+        todo = by_hook[name]
+        val = values[name]
+
+        def fn(act: torch.Tensor, hook: Any) -> torch.Tensor:
+            act = act.clone()
+            view = act.view(n, b, *act.shape[1:])
+            for e, site, pos in todo:
+                p = slice(None) if pos is None else pos
+                if site.head is None:
+                    view[e, :, p] = val[:, p]
+                else:
+                    view[e, :, p, site.head] = val[:, p, site.head]
+            return act
+
+        return fn
+
+    return [(name, make(name)) for name in by_hook]
+
+
+def _forward_at(setup: PatchSetup, chunk: _Chunk, tokens: torch.Tensor, hooks: list[tuple[str, Callable[..., Any]]],
+                reps: int = 1) -> torch.Tensor:
+    """Answer-position logits of ``tokens`` (repeated ``reps`` times) run with ``hooks``."""
+    toks = tokens.repeat(reps, 1) if reps > 1 else tokens
+    resid = setup.model.run_with_hooks(toks, fwd_hooks=hooks, attention_mask=chunk.attn.repeat(reps, 1),
+                                       stop_at_layer=setup.graph.n_layers)
+    rows = torch.arange(reps * chunk.size, device=setup.device)
+    return setup._unembed(resid[rows, chunk.pos.repeat(reps)])
+
+
+# ============================================================================= tool inputs shared with circuits
+class TaskArgs(BaseModel):
+    """Where a patching tool gets its prompt pairs: a task file or inline prompts (exactly one)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task_file: str | None = Field(default=None, description="path of a circuit task file (auto-circuit layout: "
+                                                            "{\"prompts\": [{clean, corrupt, answers, "
+                                                            "wrong_answers}]})")
+    prompts: list[dict[str, Any]] | None = Field(default=None, min_length=1, max_length=512,
+                                                 description="inline prompt pairs: [{\"clean\": ..., \"corrupt\": "
+                                                             "..., \"answers\": [\" Mary\"], \"wrong_answers\": "
+                                                             "[\" John\"]}] (clean and corrupt of equal token "
+                                                             "length, single-token answers)")
+    position: int | None = Field(default=None, description="where the metric is read: default each prompt's last "
+                                                           "token (the answer position); negative counts from each "
+                                                           "prompt's end")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "TaskArgs":
+        if (self.task_file is None) == (self.prompts is None):
+            raise ValueError("give exactly one of task_file or prompts")
+        return self
+
+
+def load_task_for(lm: Any, args: TaskArgs) -> Any:
+    """The :class:`~autoexplain.tools.data.TokenizedTask` of a tool call's task file or inline prompts."""
+    from pydantic import ValidationError
+
+    from autoexplain.tools.data import TaskFile, load_task_file, tokenize_task
+
+    if lm.tokenizer is None:
+        raise InputError("this model has no tokenizer, so text prompts cannot be used with it")
+    if args.task_file is not None:
+        tf = load_task_file(args.task_file)
+    else:
+        try:
+            tf = TaskFile.model_validate({"prompts": args.prompts})
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"])
+            raise InputError(f"prompts: {where} is invalid ({err['msg']}); each prompt needs clean, corrupt, "
+                             "answers and optional wrong_answers") from None
+    return tokenize_task(tf, lm.tokenizer, n_ctx=lm.n_ctx)
+
+
+def summary_fit(header: str, lines: Sequence[str], tail: str = "", budget: int = 1500) -> str:
+    """``header``, as many ``lines`` as fit ``budget`` characters, then ``tail``."""
+    out, used = [header], len(header) + len(tail)
+    for n, line in enumerate(lines):
+        if used + len(line) + 1 > budget:
+            out.append(f"(+{len(lines) - n} more lines in the full output)")
+            break
+        out.append(line)
+        used += len(line) + 1
+    if tail:
+        out.append(tail)
+    return "\n".join(out)
+
+
+# ============================================================================= tool: activation_patching
+class ActivationPatchingIn(TaskArgs):
+    kind: SiteKind = Field(default=SiteKind.HEAD_OUT, description="what to patch: resid_pre, resid_mid, resid_post, "
+                                                                   "attn_out, mlp_in, mlp_out, head_out (each head), "
+                                                                   "q_in, k_in, v_in (each head's input)")
+    direction: Direction = Field(default=Direction.NOISING, description="noising (ablated values into the clean "
+                                                                        "run: necessity) or denoising (clean values "
+                                                                        "into the corrupt run: sufficiency)")
+    ablation: Ablation = Field(default=Ablation.RESAMPLE, description="resample (default), mean or zero")
+    metric: Metric | None = Field(default=None, description="logit_diff (default), answer_prob or kl")
+    per_position: bool | None = Field(default=None, description="patch each position separately (default: yes "
+                                                                "for residual kinds, no otherwise)")
+    layers: list[int] | None = Field(default=None, description="only these layers (default all)")
+    top_n: int = Field(default=12, ge=1, le=100, description="sites to list in the summary, by |effect|")
+
+
+class ActivationPatchingOut(ToolOutput):
+    kind: SiteKind
+    direction: Direction
+    ablation: Ablation
+    metric: Metric
+    patch_type: PatchType = PatchType.NODE
+    base: float = Field(description="metric of the unpatched run (clean for noising, corrupt for denoising)")
+    other: float = Field(description="what the patches move toward (all ablated for noising, clean for denoising)")
+    effects: list[NodeEffect]
+    top_n: int = 12
+
+    def summary_text(self) -> str:
+        ranked = sorted(self.effects, key=lambda e: -abs(e.effect))
+        head = (f"activation patching ({self.direction.value}, {self.ablation.value} ablation, node patching, "
+                f"metric {self.metric.value}) of {len(self.effects)} {self.kind.value} patches: base "
+                f"{self.base:.4g}, target {self.other:.4g}; effect 1 = one patch moves the metric all the way. "
+                "Intervention-level evidence.")
+        lines = [f"{e.site}{'' if e.position is None else f' @pos {e.position}'}: effect {e.effect:+.3f} "
+                 f"(metric {e.value:.4g})" for e in ranked[:self.top_n]]
+        return summary_fit(head, lines)
+
+
+def activation_patching(ctx: ToolContext, args: ActivationPatchingIn) -> ActivationPatchingOut:
+    """Patch each site of a kind one at a time (node patching) and report how much each moves the metric."""
+    task = load_task_for(ctx.model, args)
+    setup = PatchSetup(ctx.model, task, ablation=args.ablation, metric=args.metric or default_metric_for(task),
+                       position=args.position)
+    res = patch_nodes(setup, args.kind, direction=args.direction, per_position=args.per_position, layers=args.layers)
+    return ActivationPatchingOut(kind=res.kind, direction=res.direction, ablation=res.ablation, metric=res.metric,
+                                 base=res.base, other=res.other, effects=res.effects, top_n=args.top_n)
+
+
+# ============================================================================= tool: edge_patching
+class EdgePatchingIn(TaskArgs):
+    edges: list[str] | None = Field(default=None, min_length=1, max_length=100_000,
+                                    description="edges to patch together (edge patching), e.g. ['a0.3->a1.2.k', "
+                                                "'a1.2->logits']")
+    paths: list[list[str]] | None = Field(default=None, min_length=1, max_length=64,
+                                          description="paths to patch (treeified path patching): each a chain of "
+                                                      "edges ending at logits, e.g. [['a0.0->a1.1.k', "
+                                                      "'a1.1->logits']]")
+    ablation: Ablation = Field(default=Ablation.RESAMPLE, description="resample (default), mean or zero")
+    metric: Metric | None = Field(default=None, description="logit_diff (default), answer_prob or kl")
+
+    @model_validator(mode="after")
+    def _edges_or_paths(self) -> "EdgePatchingIn":
+        if (self.edges is None) == (self.paths is None):
+            raise ValueError("give exactly one of edges (edge patching) or paths (path patching)")
+        return self
+
+
+class EdgePatchingOut(ToolOutput):
+    patch_type: PatchType
+    ablation: Ablation
+    metric: Metric
+    n_patched: int = Field(description="edges (or paths) patched")
+    value: float = Field(description="the metric with them patched")
+    m_clean: float = Field(description="m(M): nothing patched")
+    m_ablated: float = Field(description="m(∅): every edge patched")
+    fraction: float = Field(description="(value - m(M)) / (m(∅) - m(M)): the share of the full ablation effect "
+                                        "these edges carry (1 = patching them is as bad as ablating everything)")
+
+    def summary_text(self) -> str:
+        what = "edges" if self.patch_type is PatchType.EDGE else "paths"
+        return (f"{self.patch_type.value} patching of {self.n_patched} {what} ({self.ablation.value} ablation, metric "
+                f"{self.metric.value}): {self.value:.4g} vs clean {self.m_clean:.4g} and all-ablated "
+                f"{self.m_ablated:.4g}: {self.fraction:+.3f} of the full effect. Intervention-level evidence.")
+
+
+def edge_patching(ctx: ToolContext, args: EdgePatchingIn) -> EdgePatchingOut:
+    """Patch a set of edges (or treeified paths) in one forward pass and report the metric."""
+    lm = ctx.model
+    g = build_graph(lm)
+    edge_ids = g.edge_ids(args.edges) if args.edges is not None else None  # unknown names fail before any work
+    paths = [g.edge_ids(p) for p in args.paths] if args.paths is not None else None
+    for p in paths or []:
+        _check_path(g, p)
+    task = load_task_for(lm, args)
+    setup = PatchSetup(lm, task, ablation=args.ablation, metric=args.metric or default_metric_for(task),
+                       position=args.position)
+    if edge_ids is not None:
+        value, kind, n = setup.evaluate(g.mask(edge_ids)), PatchType.EDGE, len(set(edge_ids))
+    else:
+        assert paths is not None
+        value, kind, n = setup.evaluate_paths(paths), PatchType.PATH, len(paths)
+    span = setup.m_ablated - setup.m_clean
+    return EdgePatchingOut(patch_type=kind, ablation=setup.ablation, metric=setup.metric, n_patched=n, value=value,
+                           m_clean=setup.m_clean, m_ablated=setup.m_ablated,
+                           fraction=(value - setup.m_clean) / span if abs(span) > 1e-12 else 0.0)
+
+
+TOOLS = (
+    ToolSpec(name="activation_patching", input_model=ActivationPatchingIn, output_model=ActivationPatchingOut,
+             fn=activation_patching, cost=Cost.FORWARD,
+             description="Activation (node) patching on a task of clean/corrupt prompt pairs: patch one site at a "
+                         "time (each head's output, each head's q/k/v input, attention or MLP outputs, or the "
+                         "residual stream per layer and position) and report how far each moves the metric "
+                         "(logit difference, answer probability or KL) at the answer. Noising (ablated values into "
+                         "the clean run) tests necessity; denoising (clean into corrupt) tests sufficiency. "
+                         "Intervention-level evidence; redundant components hide from noising."),
+    ToolSpec(name="edge_patching", input_model=EdgePatchingIn, output_model=EdgePatchingOut, fn=edge_patching,
+             cost=Cost.FORWARD,
+             description="Edge or path patching: ablate a set of edges of the model graph (e.g. a0.3->a1.2.k, "
+                         "a1.2->logits) together in one forward pass, or treeified paths (a chain of edges ending at "
+                         "logits, only that route carries the ablated signal), and report the metric against the "
+                         "clean and fully ablated model. Use it to test whether specific connections carry a "
+                         "behaviour. Intervention-level evidence; unknown edge names are refused."),
+)

@@ -1,0 +1,183 @@
+"""``autoexplain circuit``: find the circuit behind a task and store it (one ``circuits`` row, every scored edge in
+``circuit_edges``).
+
+Registered on the main app in :mod:`autoexplain.agent.cli`. Heavy libraries are imported inside the command, so
+``autoexplain --help`` stays fast. Every input is validated (selection, task file, model, tokenisation, that the
+ablation changes the metric at all) before the database is opened: a bad call writes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from autoexplain.tools.errors import InputError
+
+#: Rows of the circuit table printed; every edge is stored in circuit_edges anyway.
+_SHOWN = 40
+
+
+class MethodChoice(StrEnum):
+    eap_ig = "eap-ig"
+    eap = "eap"
+    acdc = "acdc"
+
+
+class AblationChoice(StrEnum):
+    resample = "resample"
+    mean = "mean"
+    zero = "zero"
+
+
+def circuit(
+        model: Annotated[str, typer.Option("--model", "-m", help="local HF dir, hub name or toy:NAME")],
+        task: Annotated[Path, typer.Option("--task", "-t", help="circuit task file (JSON, auto-circuit layout)")],
+        method: Annotated[MethodChoice, typer.Option(help="eap-ig (default), eap or acdc")] = MethodChoice.eap_ig,
+        ablation: Annotated[AblationChoice, typer.Option(help="what patched edges carry: resample (the corrupt "
+                                                              "prompt's values), mean or zero")]
+        = AblationChoice.resample,
+        top_k: Annotated[int | None, typer.Option(help="keep this many edges (exclusive with --threshold)")] = None,
+        threshold: Annotated[float | None, typer.Option(help="keep edges with |score| >= THRESHOLD x |m(M) - m(∅)| "
+                                                             "(default 0.02; ACDC's tau)")] = None,
+        db: Annotated[Path | None, typer.Option("--db", help="DuckDB file (default: $AUTOEXPLAIN_DB or "
+                                                             "./autoexplain.duckdb)")] = None,
+        device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N (default: cuda if present)")] = None,
+) -> None:
+    """Find the edges that carry a task's behaviour, measure the circuit's faithfulness, and store it.
+
+    Scores every edge of the model's graph (EAP-IG by default), keeps the top-k or those above a threshold, and
+    reports faithfulness (m(C) - m(∅)) / (m(M) - m(∅)) with everything outside the circuit ablated. The metric is
+    the logit difference at the answer (KL divergence to the clean run for ACDC; answer probability when prompts
+    lack wrong answers). An interrupted ACDC run resumes when the same command is run again.
+    """
+    if top_k is not None and threshold is not None:
+        raise InputError("give --top-k or --threshold, not both: --top-k keeps a number of edges, --threshold keeps "
+                         "edges scoring above a fraction of the full effect")
+    if top_k is not None and top_k < 1:
+        raise InputError(f"--top-k must be at least 1, got {top_k}")
+    if threshold is not None and threshold < 0:
+        raise InputError(f"--threshold must be >= 0 (a fraction of |m(M) - m(∅)|), got {threshold}")
+
+    from autoexplain.tools.cache import cache_root
+    from autoexplain.tools.circuits import Method, check_effect, default_metric, find_circuit
+    from autoexplain.tools.data import load_task_file, tokenize_task
+    from autoexplain.tools.models import load_model
+    from autoexplain.tools.patching import Ablation, PatchSetup
+
+    task_file = load_task_file(task)
+    lm = load_model(model, device=device)
+    try:
+        tokenized = tokenize_task(task_file, lm.tokenizer, n_ctx=lm.n_ctx)
+    except InputError as exc:
+        raise InputError(exc.message if str(task) in exc.message else f"task file {str(task)!r}: {exc}") from None
+    chosen = Method(method.value)
+    metric = default_metric(chosen, tokenized)
+    setup = PatchSetup(lm, tokenized, ablation=Ablation(ablation.value), metric=metric)
+    check_effect(setup)
+    if top_k is not None and top_k > setup.graph.n_edges:
+        raise InputError(f"--top-k {top_k} is more than the model's {setup.graph.n_edges} edges")
+
+    store = _store(db)
+    run_id = f"circuit-{uuid.uuid4().hex[:10]}"
+    task_name = task_file.name or task.stem
+    config = {"model": model, "task": str(task), "method": chosen.value, "ablation": ablation.value,
+              "metric": metric.value, "top_k": top_k, "threshold": threshold, "device": str(lm.device)}
+    store.start_run(run_id, "circuit", config)
+    _record_model(store, lm)
+    checkpoint = None
+    if chosen is Method.ACDC:
+        tau_key = threshold if threshold is not None else "default"
+        checkpoint = cache_root() / "circuits" / f"acdc-{setup.fingerprint()}-{tau_key}.json"
+    try:
+        circ = find_circuit(setup, chosen, top_k=top_k, threshold=threshold, checkpoint=checkpoint)
+    except BaseException:
+        store.finish_run(run_id, "interrupted", {"checkpoint": str(checkpoint) if checkpoint else None})
+        raise
+    circuit_id = _circuit_id(lm.model_id, setup.fingerprint(), chosen.value, top_k, circ.threshold)
+    _store_circuit(store, circuit_id, run_id, lm.model_id, task_name, str(task), circ)
+    store.finish_run(run_id, "done", {"circuit_id": circuit_id, "n_edges": circ.n_edges,
+                                      "n_edges_total": len(circ.scores.edges), "faithfulness": circ.faithfulness})
+    _show(circ, task_name)
+    from autoexplain.agent.cli import _console
+
+    _console().print(f"database: {store.path.resolve()}  (run {run_id}, circuit {circuit_id})")
+
+
+def _store(db: Path | None) -> Any:
+    from autoexplain.agent.store import Store
+
+    return Store(db)
+
+
+def _record_model(store: Any, lm: Any) -> None:
+    from autoexplain.agent.cli import _record_model_and_saes
+
+    _record_model_and_saes(store, lm, [])
+
+
+def _circuit_id(model_id: str, fingerprint: str, method: str, top_k: int | None, threshold: float | None) -> str:
+    """Deterministic, so running the same search again replaces its rows instead of adding new ones."""
+    key = json.dumps([model_id, fingerprint, method, top_k, threshold])
+    return "circ-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _store_circuit(store: Any, circuit_id: str, run_id: str, model_id: str, task_name: str, task_path: str,
+                   circ: Any) -> None:
+    from datetime import datetime, timezone
+
+    s = circ.scores
+    ranks = circ.ranks()
+    row = {
+        "circuit_id": circuit_id, "run_id": run_id, "item_id": None, "model_id": model_id, "task": task_name,
+        "method": s.method.value, "ablation": s.ablation.value, "patch_type": s.patch_type.value,
+        "metric": s.metric.value, "threshold": circ.threshold, "top_k": circ.top_k, "n_edges_total": len(s.edges),
+        "n_edges": circ.n_edges, "faithfulness": circ.faithfulness,
+        "details": {"task_file": task_path, "m_clean": s.m_clean, "m_ablated": s.m_ablated, "seconds": s.seconds,
+                    "curve": [p.model_dump() for p in circ.curve], "method_details": s.details,
+                    "threshold_is_relative_to": "|m(M) - m(empty)|", "note": circ.note},
+        "created_at": datetime.now(timezone.utc).replace(tzinfo=None),
+    }
+    edges = []
+    for i, name in enumerate(s.edges):
+        src, dst = name.split("->")
+        dst_node = dst[:-2] if dst[-2:] in (".q", ".k", ".v") else dst
+        edges.append({"circuit_id": circuit_id, "edge": name, "src": src, "dst": dst_node, "score": s.scores[i],
+                      "in_circuit": circ.in_circuit[i], "rank": ranks[i]})
+    with store.transaction() as con:
+        con.execute("delete from circuit_edges where circuit_id = ?", [circuit_id])
+        store.upsert("circuits", [row], con=con)
+        store.upsert("circuit_edges", edges, con=con)
+
+
+def _show(circ: Any, task_name: str) -> None:
+    from rich.table import Table
+
+    from autoexplain.agent.cli import _console
+
+    s = circ.scores
+    con = _console()
+    sel = (f"top {circ.top_k} edges" if circ.top_k is not None
+           else f"|score| >= {circ.threshold:g} x |m(M) - m(∅)|")
+    con.print(f"[bold]{s.method.value} circuit for {task_name}[/bold]: {circ.n_edges} of {len(s.edges)} edges "
+              f"({sel}); {s.ablation.value} ablation, edge patching, metric {s.metric.value}")
+    con.print(f"faithfulness {circ.faithfulness:.3f}   m(M) {s.m_clean:.4g}   m(∅) {s.m_ablated:.4g}   "
+              f"search {s.seconds:.2f} s")
+    if circ.note:
+        con.print(f"[yellow]{circ.note}[/yellow]")
+    table = Table("rank", "edge", "score")
+    ranks = circ.ranks()
+    kept = sorted((i for i, k in enumerate(circ.in_circuit) if k), key=lambda i: ranks[i])
+    for i in kept[:_SHOWN]:
+        table.add_row(str(ranks[i]), s.edges[i], f"{s.scores[i]:+.4g}")
+    con.print(table)
+    if len(kept) > _SHOWN:
+        con.print(f"(+{len(kept) - _SHOWN} more circuit edges; all {len(s.edges)} scored edges are in circuit_edges)")
+    if circ.curve:
+        con.print("faithfulness by % of edges kept: " + "  ".join(f"{p.percent:g}%: {p.faithfulness:.2f}"
+                                                                 for p in circ.curve))
