@@ -57,6 +57,20 @@ def test_tiny_zoo_parts(tiny_zoo) -> None:
         assert zoo.task_accuracy(lm, tt) == m["task_accuracy"][task]
 
 
+def test_stale_task_files_are_regenerated_without_retraining(tmp_path: Path) -> None:
+    root = tmp_path / "built"
+    zoo.build(MICRO, root)
+    weights = _digest(root / "model" / "model.safetensors")
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["tasks_format"] = zoo.TASKS_FORMAT - 1
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    (root / "tasks" / "ioi.json").write_text("{}")
+    zoo._refresh_tasks(MICRO, root)
+    assert json.loads((root / "manifest.json").read_text())["tasks_format"] == zoo.TASKS_FORMAT
+    assert load_task_file(root / "tasks" / "ioi.json").prompts
+    assert _digest(root / "model" / "model.safetensors") == weights
+
+
 def test_second_use_does_not_rebuild(tiny_zoo) -> None:
     before = (tiny_zoo.root / "manifest.json").stat().st_mtime_ns
     again = zoo.ensure_model("tiny")
@@ -68,8 +82,11 @@ def test_task_files_are_consistent() -> None:
     ioi = zoo.task_prompts("ioi", 7, 50)["prompts"]
     for p in ioi:
         names = [w.strip(",") for w in p["clean"].split() if w.strip(",") in zoo.CATEGORIES["name"]]
-        a, b, s = names[0], names[1], names[2]
+        a, b, s = names
         assert s == b and p["answers"] == [f" {a}"] and p["wrong_answers"] == [f" {b}"]
+        # the corrupt prompt swaps the two names' order: the first-name shortcut's answer flips to b
+        corrupt = [w.strip(",") for w in p["corrupt"].split() if w.strip(",") in zoo.CATEGORIES["name"]]
+        assert corrupt == [b, a, b]
     gt = zoo.task_prompts("greater_than", 7, 50)["prompts"]
     for p in gt:
         x = int(p["clean"].split()[-2])

@@ -42,6 +42,7 @@ from autoexplain.tools.cache import cache_root
 from autoexplain.tools.errors import InputError
 
 ZOO_FORMAT = 1  # bump when the build recipe changes: the fingerprint changes and everything rebuilds
+TASKS_FORMAT = 3  # bump when only the task files change: they are regenerated in place (seconds, no retraining)
 
 # ----------------------------------------------------------------------------- the corpus grammar
 CATEGORIES: dict[str, tuple[str, ...]] = {
@@ -60,14 +61,24 @@ INDUCTION_POOL = CATEGORIES["animal"] + CATEGORIES["color"] + CATEGORIES["food"]
 
 
 def _ioi(rng: random.Random) -> tuple[str, str, str, str]:
-    """(prompt, answer, corrupt prompt, wrong answer): the indirect object is the name not repeated."""
-    a, b, c = rng.sample(CATEGORIES["name"], 3)
+    """(prompt, answer, corrupt prompt, wrong answer) for an IOI-style sentence: the answer is the name not repeated.
+
+    Caveat, measured: the training templates always put the indirect object first, and the trained toy model
+    learns that shortcut ("say the first name") rather than IOI proper; trained on both orders for 3,000 steps it
+    learned neither (uniform over names). The corrupt prompt therefore swaps the order of the two names
+    (``When B and A …, B gave … to``): the shortcut's answer flips from A to B, so circuit search has a strong
+    signal and finds the circuit of the behaviour the model really has. Known-answer IOI-like circuits are tested
+    on hand-planted models instead.
+    """
+    a, b, _ = rng.sample(CATEGORIES["name"], 3)  # the third draw keeps the corpus (and so the model) unchanged
     place, obj = rng.choice(CATEGORIES["place"]), rng.choice(CATEGORIES["object"])
     if rng.random() < 0.5:
-        head = f"When {a} and {b} went to the {place}, {{S}} gave a {obj} to"
+        template = "When {X} and {Y} went to the {place}, {S} gave a {obj} to"
     else:
-        head = f"After {a} and {b} met at the {place}, {{S}} handed the {obj} to"
-    return head.format(S=b), f" {a}", head.format(S=c), f" {b}"
+        template = "After {X} and {Y} met at the {place}, {S} handed the {obj} to"
+    clean = template.format(X=a, Y=b, S=b, place=place, obj=obj)
+    corrupt = template.format(X=b, Y=a, S=b, place=place, obj=obj)
+    return clean, f" {a}", corrupt, f" {b}"
 
 
 def _induction(rng: random.Random) -> tuple[str, str, str, str]:
@@ -238,6 +249,10 @@ def ensure_model(name: str, *, progress: Progress | None = None) -> BuiltZoo:
                 with contextlib.ExitStack() as stack:
                     report = progress or stack.enter_context(_stderr_bars(f"building toy:{name} (first use)"))
                     build(spec, root, progress=report)
+    if json.loads(manifest.read_text()).get("tasks_format") != TASKS_FORMAT:
+        with _lock(root.parent / f".{root.name}.lock"):
+            if json.loads(manifest.read_text()).get("tasks_format") != TASKS_FORMAT:
+                _refresh_tasks(spec, root)
     return BuiltZoo(spec.name, root, spec.fingerprint(), json.loads(manifest.read_text()))
 
 
@@ -296,16 +311,10 @@ def build(spec: ZooSpec, root: Path, *, progress: Progress | None = None) -> dic
     final_loss = _train_model(spec, tok, tmp / "model", report)
     timings["train_model_s"] = time.perf_counter() - t
 
-    from autoexplain.tools.data import load_task_file, tokenize_task
     from autoexplain.tools.models import load_model
 
     lm = load_model(str(tmp / "model"), device="cpu")
-    (tmp / "tasks").mkdir()
-    accuracy: dict[str, float] = {}
-    for i, task in enumerate(TASKS):
-        path = tmp / "tasks" / f"{task}.json"
-        path.write_text(json.dumps(task_prompts(task, spec.seed + 1000 + i, spec.task_prompts), indent=1))
-        accuracy[task] = task_accuracy(lm, tokenize_task(load_task_file(path), lm.tokenizer, n_ctx=lm.n_ctx))
+    accuracy = _write_tasks(spec, tmp, lm)
 
     t = time.perf_counter()
     sae_info = [_train_sae(lm, corpus, sae, tmp / "saes" / sae.name, spec.seed, report) for sae in spec.saes]
@@ -317,7 +326,7 @@ def build(spec: ZooSpec, root: Path, *, progress: Progress | None = None) -> dic
         "corpus": {"documents": len(corpus), "tokens": int(sum(len(x) for x in tok(corpus)["input_ids"]))},
         "model": {"d_vocab": len(tok), "n_params": int(sum(p.numel() for p in lm.model.parameters())),
                   "final_train_loss": final_loss},
-        "task_accuracy": accuracy, "saes": sae_info, "timings": timings,
+        "task_accuracy": accuracy, "tasks_format": TASKS_FORMAT, "saes": sae_info, "timings": timings,
         "threads": torch.get_num_threads(),
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
@@ -325,6 +334,35 @@ def build(spec: ZooSpec, root: Path, *, progress: Progress | None = None) -> dic
         shutil.rmtree(root)
     tmp.rename(root)
     return manifest
+
+
+def _write_tasks(spec: ZooSpec, root: Path, lm: Any) -> dict[str, float]:
+    """Write the task files into ``root/tasks`` (replacing any) and return the model's top-1 accuracy on each."""
+    from autoexplain.tools.data import load_task_file, tokenize_task
+
+    tmp = root / f"tasks.writing-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    accuracy: dict[str, float] = {}
+    for i, task in enumerate(TASKS):
+        path = tmp / f"{task}.json"
+        path.write_text(json.dumps(task_prompts(task, spec.seed + 1000 + i, spec.task_prompts), indent=1))
+        accuracy[task] = task_accuracy(lm, tokenize_task(load_task_file(path), lm.tokenizer, n_ctx=lm.n_ctx))
+    shutil.rmtree(root / "tasks", ignore_errors=True)
+    tmp.rename(root / "tasks")
+    return accuracy
+
+
+def _refresh_tasks(spec: ZooSpec, root: Path) -> None:
+    """Bring an existing build's task files up to :data:`TASKS_FORMAT` without retraining anything."""
+    from autoexplain.tools.models import load_model
+
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["task_accuracy"] = _write_tasks(spec, root, load_model(str(root / "model"), device="cpu"))
+    manifest["tasks_format"] = TASKS_FORMAT
+    tmp = root / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, root / "manifest.json")
 
 
 def _train_tokenizer(corpus: list[str], out: Path) -> Any:
