@@ -18,6 +18,7 @@ from typing import Annotated, Any
 import typer
 
 from autoexplain.tools.errors import InputError
+from autoexplain.tools.vocab import Ablation
 
 #: Rows of the circuit table printed; every edge is stored in circuit_edges anyway.
 _SHOWN = 40
@@ -29,19 +30,13 @@ class MethodChoice(StrEnum):
     acdc = "acdc"
 
 
-class AblationChoice(StrEnum):
-    resample = "resample"
-    mean = "mean"
-    zero = "zero"
-
-
 def circuit(
         model: Annotated[str, typer.Option("--model", "-m", help="local HF dir, hub name or toy:NAME")],
         task: Annotated[Path, typer.Option("--task", "-t", help="circuit task file (JSON, auto-circuit layout)")],
         method: Annotated[MethodChoice, typer.Option(help="eap-ig (default), eap or acdc")] = MethodChoice.eap_ig,
-        ablation: Annotated[AblationChoice, typer.Option(help="what patched edges carry: resample (the corrupt "
+        ablation: Annotated[Ablation, typer.Option(help="what patched edges carry: resample (the corrupt "
                                                               "prompt's values), mean or zero")]
-        = AblationChoice.resample,
+        = Ablation.RESAMPLE,
         top_k: Annotated[int | None, typer.Option(help="keep this many edges (exclusive with --threshold)")] = None,
         threshold: Annotated[float | None, typer.Option(help="keep edges with |score| >= THRESHOLD x |m(M) - m(∅)| "
                                                              "(default 0.02; ACDC's tau)")] = None,
@@ -68,7 +63,7 @@ def circuit(
     from autoexplain.tools.circuits import Method, check_effect, default_metric, find_circuit
     from autoexplain.tools.data import load_task_file, tokenize_task
     from autoexplain.tools.models import load_model
-    from autoexplain.tools.patching import Ablation, PatchSetup
+    from autoexplain.tools.patching import PatchSetup
 
     task_file = load_task_file(task)
     lm = load_model(model, device=device)
@@ -78,7 +73,7 @@ def circuit(
         raise InputError(exc.message if str(task) in exc.message else f"task file {str(task)!r}: {exc}") from None
     chosen = Method(method.value)
     metric = default_metric(chosen, tokenized)
-    setup = PatchSetup(lm, tokenized, ablation=Ablation(ablation.value), metric=metric)
+    setup = PatchSetup(lm, tokenized, ablation=ablation, metric=metric)
     check_effect(setup)
     if top_k is not None and top_k > setup.graph.n_edges:
         raise InputError(f"--top-k {top_k} is more than the model's {setup.graph.n_edges} edges")

@@ -76,6 +76,17 @@ def tiny_neox_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small tensors: one torch thread is faster and far steadier on a shared machine (use per module)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Tests never read or write the user's real cache: the toy zoo builds into a session temp dir."""

@@ -91,7 +91,7 @@ def _loaded(name: str, model) -> object:
 def _task(clean: list[list[int]], corrupt: list[list[int]], answers: list[int], wrong: list[int]):
     from autoexplain.tools.data import TokenizedTask
 
-    n, width = len(clean), max(len(c) for c in clean)
+    width = max(len(c) for c in clean)
     pad = lambda rows: torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.long)  # noqa: E731
     lens = torch.tensor([len(c) for c in clean], dtype=torch.long)
     return TokenizedTask(clean=pad(clean), corrupt=pad(corrupt), answer_pos=lens - 1,

@@ -24,12 +24,7 @@ from planted_circuits import PlantedCircuit, induction, suppression
 from test_cli import CLI, assert_input_error, cli_env, run_cli
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

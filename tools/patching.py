@@ -92,7 +92,6 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
 from functools import lru_cache
 from typing import Any
 
@@ -102,7 +101,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from autoexplain.tools.errors import InputError
 from autoexplain.tools.models import hook_name
 from autoexplain.tools.registry import Cost, ToolContext, ToolOutput, ToolSpec
-from autoexplain.tools.vocab import HEAD_KINDS, Edge, Node, Site, SiteKind
+from autoexplain.tools.vocab import HEAD_KINDS, Ablation, Direction, Edge, Metric, Node, PatchType, Site, SiteKind
 
 #: Rows (prompts x copies) one forward pass may hold on CUDA; bigger work is split. On CPU a batch twice as large
 #: costs more than twice as much once it leaves the caches (measured 1.5-4x per row), so CPU passes hold fewer.
@@ -112,37 +111,6 @@ CPU_ROW_BUDGET = 128
 
 def row_budget(device: torch.device) -> int:
     return ROW_BUDGET if device.type == "cuda" else CPU_ROW_BUDGET
-
-
-class Ablation(StrEnum):
-    """What a patched activation is replaced with (see the module doc)."""
-
-    RESAMPLE = "resample"
-    MEAN = "mean"
-    ZERO = "zero"
-
-
-class PatchType(StrEnum):
-    NODE = "node"
-    EDGE = "edge"
-    PATH = "path"
-
-
-class Metric(StrEnum):
-    """What is measured at the answer position; ``kl`` is a divergence (0 = the clean run), the others grow with
-    the clean behaviour."""
-
-    LOGIT_DIFF = "logit_diff"
-    ANSWER_PROB = "answer_prob"
-    KL = "kl"
-
-
-class Direction(StrEnum):
-    """Node patching: ``noising`` patches ablated values into the clean run (necessity); ``denoising`` patches
-    clean values into the corrupt run (sufficiency)."""
-
-    NOISING = "noising"
-    DENOISING = "denoising"
 
 
 # ============================================================================= the graph

@@ -111,6 +111,38 @@ class CausalLevel(StrEnum):
     COUNTERFACTUAL = "counterfactual"
 
 
+# ----------------------------------------------------------------------------------------------- interventions
+class Ablation(StrEnum):
+    """What a patched activation is replaced with (see the module doc)."""
+
+    RESAMPLE = "resample"
+    MEAN = "mean"
+    ZERO = "zero"
+
+
+class PatchType(StrEnum):
+    NODE = "node"
+    EDGE = "edge"
+    PATH = "path"
+
+
+class Metric(StrEnum):
+    """What is measured at the answer position; ``kl`` is a divergence (0 = the clean run), the others grow with
+    the clean behaviour."""
+
+    LOGIT_DIFF = "logit_diff"
+    ANSWER_PROB = "answer_prob"
+    KL = "kl"
+
+
+class Direction(StrEnum):
+    """Node patching: ``noising`` patches ablated values into the clean run (necessity); ``denoising`` patches
+    clean values into the corrupt run (sufficiency)."""
+
+    NOISING = "noising"
+    DENOISING = "denoising"
+
+
 # ----------------------------------------------------------------------------------------------- graph
 _NODE_RE = re.compile(r"^(embed|logits|a(\d+)\.(\d+)|m(\d+))$")
 _EDGE_RE = re.compile(r"^(?P<src>[^-]+)->(?P<dst>[a-z0-9.]+?)(?:\.(?P<qkv>[qkv]))?$")
