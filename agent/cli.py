@@ -340,8 +340,8 @@ DEMO_TOKENS = 60_000
 
 @app.command()
 def demo(db: DbOpt = None) -> None:
-    """The main job on the toy world, offline. Today: build the toy world, record it, and harvest every feature of
-    both toy SAEs (statistics, top/quantile/non-activating contexts, logit effects) into the database."""
+    """The main job on the toy world, offline: build it, harvest every feature of both toy SAEs, and find the
+    circuit of every toy task (EAP-IG), all into the database. Labelling and scoring arrive with the agent."""
     from autoexplain.tools.harvest import HarvestIn
 
     store = _open_store(db)
@@ -350,10 +350,12 @@ def demo(db: DbOpt = None) -> None:
     with _run_guard(store, run_id):
         outs = [_harvest_into(store, run_id, lm, s, HarvestIn(sae_id=s.sae_id, dataset=str(built.corpus),
                                                                 n_tokens=DEMO_TOKENS)) for s in saes]
+        circuits = _demo_circuits(store, run_id, lm, built)
         store.finish_run(run_id, "done", {"task_accuracy": built.manifest["task_accuracy"],
-                                          "harvest": [o.model_dump() for o in outs]})
+                                          "harvest": [o.model_dump() for o in outs], "circuits": circuits})
     _show_zoo(built)
     _show_harvest(store, saes, outs)
+    _show_circuits(circuits)
     con = _console()
     path = store.path.resolve()
     flag = f" --db {path}" if db else ""
@@ -366,8 +368,44 @@ def demo(db: DbOpt = None) -> None:
               "order by f.density desc limit 10",
               f"select kind, quantile, round(max_act, 2) as act, array_to_string(cast(tokens as varchar[]), '') "
               f"as context from feature_examples where sae_id = '{first}' and feature_index = "
-              f"{_densest(outs[0])} order by kind, example_id limit 8"):
+              f"{_densest(outs[0])} order by kind, example_id limit 8",
+              "select c.task, e.rank, e.edge, round(e.score, 3) as score from circuits c join circuit_edges e "
+              "using (circuit_id) where e.in_circuit order by c.task, e.rank"):
         con.print(f'  autoexplain sql "{q}"{flag}')
+
+
+def _demo_circuits(store: Any, run_id: str, lm: Any, built: Any) -> list[dict[str, Any]]:
+    """EAP-IG (resample ablation, default threshold) on every toy task; each circuit stored like the CLI's."""
+    from autoexplain.agent.circuit_cli import _circuit_id, _store_circuit
+    from autoexplain.tools.circuits import Method, default_metric, find_circuit
+    from autoexplain.tools.data import load_task_file, tokenize_task
+    from autoexplain.tools.patching import PatchSetup
+    from autoexplain.tools.vocab import Ablation
+
+    found = []
+    for task in built.manifest["task_accuracy"]:
+        path = built.task_file(task)
+        tokenized = tokenize_task(load_task_file(path), lm.tokenizer, n_ctx=lm.n_ctx)
+        setup = PatchSetup(lm, tokenized, ablation=Ablation.RESAMPLE, metric=default_metric(Method.EAP_IG, tokenized))
+        circ = find_circuit(setup, Method.EAP_IG)
+        circuit_id = _circuit_id(lm.model_id, setup.fingerprint(), Method.EAP_IG.value, None, circ.threshold)
+        _store_circuit(store, circuit_id, run_id, lm.model_id, task, str(path), circ)
+        ranks = circ.ranks()
+        top = sorted((i for i, k in enumerate(circ.in_circuit) if k), key=lambda i: ranks[i])[:5]
+        found.append({"task": task, "circuit_id": circuit_id, "n_edges": circ.n_edges,
+                      "n_edges_total": len(circ.scores.edges), "faithfulness": round(circ.faithfulness, 3),
+                      "top_edges": [circ.scores.edges[i] for i in top]})
+    return found
+
+
+def _show_circuits(circuits: list[dict[str, Any]]) -> None:
+    from rich.table import Table
+
+    t = Table("task", "EAP-IG circuit", "faithfulness", "strongest edges")
+    for c in circuits:
+        t.add_row(c["task"], f"{c['n_edges']} of {c['n_edges_total']} edges", f"{c['faithfulness']:.2f}",
+                  ", ".join(c["top_edges"]))
+    _console().print(t)
 
 
 def _densest(out: Any) -> int:

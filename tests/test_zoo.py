@@ -114,3 +114,18 @@ def test_small_zoo_solves_its_tasks() -> None:
         tt = tokenize_task(load_task_file(built.task_file(task)), lm.tokenizer, n_ctx=lm.n_ctx)
         with torch.no_grad():
             assert zoo.task_accuracy(lm, tt) >= 0.95, task
+
+
+def test_sae_ids_do_not_depend_on_the_cache_location(tmp_path: Path) -> None:
+    """The same build in two folders gives the same sae_id (a content hash): results stay keyed across machines."""
+    import shutil
+
+    from autoexplain.tools.saes import load_sae
+
+    zoo.build(MICRO, tmp_path / "a")
+    shutil.copytree(tmp_path / "a", tmp_path / "elsewhere" / "b")
+    ids = []
+    for root in (tmp_path / "a", tmp_path / "elsewhere" / "b"):
+        lm = load_model(str(root / "model"), device="cpu")
+        ids.append(load_sae(str(root / "saes" / "res0"), lm).sae_id)
+    assert ids[0] == ids[1]

@@ -41,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from autoexplain.tools.cache import cache_root
 from autoexplain.tools.errors import InputError
 
-ZOO_FORMAT = 1  # bump when the build recipe changes: the fingerprint changes and everything rebuilds
+ZOO_FORMAT = 2  # bump when the build recipe changes: the fingerprint changes and everything rebuilds
 TASKS_FORMAT = 3  # bump when only the task files change: they are regenerated in place (seconds, no retraining)
 
 # ----------------------------------------------------------------------------- the corpus grammar
@@ -317,7 +317,7 @@ def build(spec: ZooSpec, root: Path, *, progress: Progress | None = None) -> dic
     accuracy = _write_tasks(spec, tmp, lm)
 
     t = time.perf_counter()
-    sae_info = [_train_sae(lm, corpus, sae, tmp / "saes" / sae.name, spec.seed, report) for sae in spec.saes]
+    sae_info = [_train_sae(lm, corpus, sae, tmp / "saes" / sae.name, spec, report) for sae in spec.saes]
     timings["train_saes_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
 
@@ -436,7 +436,7 @@ def task_accuracy(lm: Any, task: Any) -> float:
     return round(float(hits.float().mean()), 4)
 
 
-def _train_sae(lm: Any, corpus: list[str], sae_spec: SAESpec, out: Path, seed: int,
+def _train_sae(lm: Any, corpus: list[str], sae_spec: SAESpec, out: Path, spec: ZooSpec,
                report: Progress) -> dict[str, Any]:
     """Train a TopK SAE with sae-lens' SAETrainer on activations of ``sae_spec.site`` over the corpus."""
     from sae_lens import LoggingConfig, TopKTrainingSAE, TopKTrainingSAEConfig
@@ -461,7 +461,7 @@ def _train_sae(lm: Any, corpus: list[str], sae_spec: SAESpec, out: Path, seed: i
             keep[:, 0] = False
             acts.append(a[keep])
     data = torch.cat(acts)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(spec.seed)
     batch = 1024
 
     def provider() -> Iterator[torch.Tensor]:
@@ -470,11 +470,12 @@ def _train_sae(lm: Any, corpus: list[str], sae_spec: SAESpec, out: Path, seed: i
             for j in range(0, len(perm) - batch + 1, batch):
                 yield data[perm[j : j + batch]]
 
-    torch.manual_seed(seed)
+    torch.manual_seed(spec.seed)
     cfg = TopKTrainingSAEConfig(d_in=lm.d_model, d_sae=sae_spec.d_sae, k=sae_spec.k)
     sae = TopKTrainingSAE(cfg)
     sae.cfg.metadata.hook_name = hook
-    sae.cfg.metadata.model_name = lm.model_id
+    # a name that does not depend on where the cache lives, so the SAE's content hash (its sae_id) is stable
+    sae.cfg.metadata.model_name = f"toy:{spec.name}@{spec.fingerprint()}"
     trainer = SAETrainer(
         cfg=SAETrainerConfig(total_training_samples=sae_spec.samples, train_batch_size_samples=batch, lr=3e-3,
                              lr_end=3e-4, lr_decay_steps=sae_spec.samples // batch // 3, device="cpu",
