@@ -78,7 +78,9 @@ def circuit(
     if top_k is not None and top_k > setup.graph.n_edges:
         raise InputError(f"--top-k {top_k} is more than the model's {setup.graph.n_edges} edges")
 
-    store = _store(db)
+    from autoexplain.agent.cli import _open_store
+
+    store = _open_store(db)
     run_id = f"circuit-{uuid.uuid4().hex[:10]}"
     task_name = task_file.name or task.stem
     config = {"model": model, "task": str(task), "method": chosen.value, "ablation": ablation.value,
@@ -102,12 +104,6 @@ def circuit(
     from autoexplain.agent.cli import _console
 
     _console().print(f"database: {store.path.resolve()}  (run {run_id}, circuit {circuit_id})")
-
-
-def _store(db: Path | None) -> Any:
-    from autoexplain.agent.store import Store
-
-    return Store(db)
 
 
 def _record_model(store: Any, lm: Any) -> None:
