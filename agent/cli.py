@@ -124,21 +124,55 @@ def zoo_show(name: Annotated[str, typer.Option(help="which toy world (small, tin
     _show_zoo(_build_zoo(name))
 
 
-def _build_zoo(name: str) -> Any:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+@contextlib.contextmanager
+def _progress() -> Any:
+    """A ``report(stage, done, total)`` callback: live bars on a terminal; in a log (no terminal), one line per
+    stage at most every 15 s and when it completes, so overnight runs show progress in their logs too."""
+    import time
 
+    err = _console(stderr=True)
+    if err.is_terminal:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      TimeElapsedColumn(), TimeRemainingColumn(), console=err) as prog:
+            tasks: dict[str, Any] = {}
+
+            def live(stage: str, done: int, total: int) -> None:
+                key = stage.split(" (")[0]
+                if key not in tasks:
+                    tasks[key] = prog.add_task(stage, total=total)
+                prog.update(tasks[key], completed=done, total=total, description=stage)
+
+            yield live
+        return
+    start = time.monotonic()
+    last: dict[str, float] = {}
+
+    def lines(stage: str, done: int, total: int) -> None:
+        key = stage.split(" (")[0]
+        now = time.monotonic()
+        if done >= total or now - last.get(key, -1e9) >= 15:
+            last[key] = now
+            print(f"{stage}: {done}/{total} ({now - start:.0f} s)", file=sys.stderr, flush=True)
+
+    yield lines
+
+
+@zoo_app.command("path")
+def zoo_path(name: Annotated[str, typer.Option(help="which toy world (small, tiny)")] = "small") -> None:
+    """Print the folder of a toy world (building it first if needed), for use in shell commands:
+    ``autoexplain harvest ... --dataset "$(autoexplain zoo path)/corpus/train.txt"``."""
+    from autoexplain.tools.zoo import get_spec
+
+    get_spec(name)
+    print(_build_zoo(name).root)
+
+
+def _build_zoo(name: str) -> Any:
     from autoexplain.tools.zoo import ensure_model
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=_console(stderr=True), transient=False) as prog:
-        tasks: dict[str, Any] = {}
-
-        def report(stage: str, done: int, total: int) -> None:
-            key = stage.split(" (")[0]
-            if key not in tasks:
-                tasks[key] = prog.add_task(stage, total=total)
-            prog.update(tasks[key], completed=done, description=stage)
-
+    with _progress() as report:
         return ensure_model(name, progress=report)
 
 
@@ -277,19 +311,16 @@ def harvest_cmd(
 
 def _harvest_into(store: Any, run_id: str, lm: Any, sae: Any, args: Any) -> Any:
     """Run a harvest with a progress bar, its rows going to ``store`` tagged with ``run_id``."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     from autoexplain.tools.harvest import harvest
     from autoexplain.tools.registry import ToolContext
 
     def sink(table: str, rows: list[dict[str, Any]]) -> None:
         store.upsert(table, [{**r, "run_id": run_id} for r in rows])
 
-    with Progress(TextColumn("harvest {task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"
-                  " batches"), TimeElapsedColumn(), TimeRemainingColumn(), console=_console(stderr=True)) as prog:
-        task = prog.add_task(f"{sae.spec} ({sae.sae_id})", total=None)
+    with _progress() as report:
+        stage = f"harvest {sae.spec} ({sae.sae_id})"
         return harvest(ToolContext(model=lm, saes={sae.sae_id: sae}, sink=sink), args,
-                       progress=lambda done, total: prog.update(task, completed=done, total=total))
+                       progress=lambda done, total: report(stage, done, total))
 
 
 @contextlib.contextmanager

@@ -313,3 +313,13 @@ def test_sql_formats(tmp_path: Path) -> None:
     empty = run_cli(["sql", "select run_id from runs where false", "--db", str(db), "-f", "csv"], tmp_path)
     assert empty.stdout.strip() == "run_id"  # a header row even with no rows
     assert not (tmp_path / "r.duckdb.wal").exists()
+
+
+def test_zoo_path_prints_the_built_folder(tiny_zoo, tmp_path: Path) -> None:
+    """`zoo path` prints only the folder on stdout (for "$(autoexplain zoo path)/corpus/train.txt")."""
+    env = {**cli_env(tmp_path), "AUTOEXPLAIN_CACHE": os.environ["AUTOEXPLAIN_CACHE"]}
+    p = subprocess.run([*CLI, "zoo", "path", "--name", "tiny"], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert Path(p.stdout.strip()) == tiny_zoo.root and (tiny_zoo.root / "corpus" / "train.txt").is_file()
+    assert_input_error(run_cli(["zoo", "path", "--name", "nosuch"], tmp_path), "nosuch")
