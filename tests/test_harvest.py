@@ -105,9 +105,9 @@ def test_planted_features_known_answers(planted, planted_ctx, corpus, tmp_path) 
 
 
 def test_interrupted_harvest_resumes_to_the_same_result(planted_ctx, corpus, tmp_path) -> None:
-    store_a, _ = _run(planted_ctx, tmp_path / "a" / "h.duckdb", corpus) if (tmp_path / "a").mkdir() is None \
-        else (None, None)
+    (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
+    store_a, _ = _run(planted_ctx, tmp_path / "a" / "h.duckdb", corpus)
     with pytest.raises(KeyboardInterrupt):
         lm, sae = planted_ctx
         store = Store(tmp_path / "b" / "h.duckdb")
