@@ -211,7 +211,29 @@ _V1 = (
         from ranked r where r.rk = 1""",
 )
 
-MIGRATIONS: tuple[Migration, ...] = (Migration(1, "initial schema", _V1),)
+_V2 = (
+    """create table judgements (
+        judgement_id varchar primary key,   -- hash of (explanation, scorer, judge, example, variant)
+        explanation_id varchar not null,
+        sae_id varchar not null,
+        feature_index integer not null,
+        scorer varchar not null,            -- detection | fuzzing | embedding
+        judge varchar not null,             -- lexical | embedding:<model> | llm:<model>
+        example_kind varchar not null,      -- top | quantile | random (feature_examples.kind)
+        example_id integer not null,        -- feature_examples.example_id
+        split varchar not null,             -- always 'score': judged examples come from the held-out side
+        truth boolean not null,             -- detection: the context activates; fuzzing: the true firing tokens
+                                            -- are highlighted
+        prediction boolean,                 -- the judge's answer; null when ok is false
+        ok boolean not null,                -- false: the judge failed (unparseable reply, API error)
+        error varchar,
+        raw json,                           -- what the judge saw and said (similarity, reply, highlights)
+        created_at timestamp not null
+    )""",
+)
+
+MIGRATIONS: tuple[Migration, ...] = (Migration(1, "initial schema", _V1),
+                                     Migration(2, "judgements: one row per per-example judge decision", _V2))
 
 #: Each table the schema promises (DESIGN §7) and its primary key; tests and the README list them.
 PRIMARY_KEYS: dict[str, tuple[str, ...]] = {
@@ -219,7 +241,7 @@ PRIMARY_KEYS: dict[str, tuple[str, ...]] = {
     "saes": ("sae_id",), "features": ("sae_id", "feature_index"),
     "feature_examples": ("sae_id", "feature_index", "kind", "example_id"), "hypotheses": ("hypothesis_id",),
     "explanations": ("explanation_id",), "scores": ("score_id",), "circuits": ("circuit_id",),
-    "circuit_edges": ("circuit_id", "edge"),
+    "circuit_edges": ("circuit_id", "edge"), "judgements": ("judgement_id",),
 }
 TABLES = tuple(PRIMARY_KEYS)
 

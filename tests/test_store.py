@@ -93,30 +93,31 @@ def test_pending_migration_is_applied(tmp_path: Path, monkeypatch: pytest.Monkey
     path = tmp_path / "old.duckdb"
     old = Store(path)
     old.upsert("runs", [_run("kept", policy="offline")])
-    assert old.schema_version() == 1
+    base = MIGRATIONS[-1].version
+    assert old.schema_version() == base
     assert "note" not in _columns(path, "runs")
 
-    v2 = Migration(version=2, description="runs.note", statements=(
+    v2 = Migration(version=base + 1, description="runs.note", statements=(
         "alter table runs add column note varchar",
         "update runs set note = 'migrated'",
     ))
     monkeypatch.setattr(store_mod, "MIGRATIONS", (*MIGRATIONS, v2))
     new = Store(path)
-    assert new.schema_version() == 2
+    assert new.schema_version() == base + 1
     assert _columns(path, "runs")[-1] == "note"
     assert new.query("select run_id, policy, note from runs")[1] == [("kept", "offline", "migrated")]
     assert new.query("select version, description from schema_migrations order by version")[1] == [
-        (1, MIGRATIONS[0].description), (2, "runs.note")]
+        *((m.version, m.description) for m in MIGRATIONS), (base + 1, "runs.note")]
     # the new column is writable through upsert, and opening again applies nothing twice
     new.upsert("runs", [{"run_id": "kept", "note": "hello"}])
     assert Store(path).query("select note, kind from runs")[1] == [("hello", "zoo")]
-    assert new.query("select count(*) from schema_migrations")[1] == [(2,)]
+    assert new.query("select count(*) from schema_migrations")[1] == [(len(MIGRATIONS) + 1,)]
 
 
 def test_failing_migration_rolls_back_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "old.duckdb"
     Store(path)
-    broken = Migration(version=2, description="half broken", statements=(
+    broken = Migration(version=MIGRATIONS[-1].version + 1, description="half broken", statements=(
         "alter table runs add column note varchar",
         "alter table no_such_table add column x integer",
     ))
@@ -125,7 +126,7 @@ def test_failing_migration_rolls_back_whole(tmp_path: Path, monkeypatch: pytest.
         Store(path)
     monkeypatch.setattr(store_mod, "MIGRATIONS", MIGRATIONS)
     assert "note" not in _columns(path, "runs")  # the first statement was rolled back too
-    assert Store(path).schema_version() == 1
+    assert Store(path).schema_version() == MIGRATIONS[-1].version
 
 
 # ============================================================================= upserts

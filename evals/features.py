@@ -1,0 +1,387 @@
+"""Scoring feature explanations on held-out examples: correctness, completeness, succinctness.
+
+Held-out split
+--------------
+:func:`split_examples` assigns every harvested example of a feature (``feature_examples`` kinds ``top``,
+``quantile``, ``random``) to ``explain`` (what the explainer may see) or ``score`` (what the scorers use). The unit
+of assignment is a *context group*: examples that share a harvested window (``window_index``) or have identical
+tokens always land on the same side, so no scored context was shown to the explainer, even when the same window
+is both a top and a quantile example (delphi's leak). Groups are stratified (quantile bin, else top, else random),
+ordered by a hash of ``(sae_id, feature_index, group, seed)`` and dealt to the two sides in the ratio
+``explain_fraction`` — deterministic, and independent of the order rows come in. Write the result back with
+:func:`split_rows` (``feature_examples.split``) so the split can be checked in SQL.
+
+Scorers (all on the ``score`` side only)
+----------------------------------------
+* **detection** — the judge sees the explanation and a context and says whether the feature fires in it.
+  Positives: score-side ``quantile`` then ``top`` examples (up to ``n_activating``, 50 as in delphi); negatives:
+  score-side ``random`` examples (non-activating, up to ``n_nonactivating``, 50). Batches of ``batch_size`` (5).
+  Metric: balanced accuracy ``(TPR + TNR) / 2`` over the judgements that succeeded; range [0, 1], 0.5 = chance,
+  1 = perfect, < 0.5 = anti-correlated.
+* **fuzzing** — for each activating example two versions: the true firing tokens highlighted (truth yes), and the
+  same number of randomly chosen non-firing tokens of the same context highlighted (truth no). The judge says
+  whether the highlighted tokens are the ones that fire. Metric: balanced accuracy, [0, 1], 0.5 = chance. It
+  measures whether the explanation identifies *which* tokens fire, not merely which contexts.
+* **embedding** — cosine similarity (MiniLM) of the explanation to activating vs non-activating contexts; metric:
+  ROC AUC, [0, 1], 0.5 = chance. Needs an :class:`~autoexplain.evals.judges.EmbeddingJudge` (passed as ``judge``
+  or ``embedder``); None otherwise.
+
+The three scores
+----------------
+* **correctness** = detection balanced accuracy. High: the explanation predicts which contexts fire. A too-broad
+  explanation ("any word") gets TPR 1, TNR ≈ 0 → ≈ 0.5.
+* **completeness** = ``½·R + ½·max(0, 2·F − 1)`` where ``R`` is the mean over activation-quantile bins of the
+  detection recall on that bin's score-side ``quantile`` examples (weak bins count as much as strong ones), and
+  ``F`` the fuzzing balanced accuracy, rescaled so that chance is 0. When one part is missing (no quantile
+  examples, or every fuzzing judgement failed) the other alone is used; None if both are. Range [0, 1]. High:
+  the explanation covers weak activations as well as strong ones, and names the tokens that fire. A too-narrow
+  explanation (one member of a category — typically the strongest one) misses the bins it does not name.
+* **succinctness** = ``exp(−(words − 1) / L) / (1 + C · extra_disjuncts)`` with ``L = 16`` words and ``C = 0.5``;
+  ``words`` = whitespace-separated pieces containing a letter or digit (at least 1), ``extra_disjuncts`` = number
+  of ``' or '``, ``'/'``, ``'|'``, ``';'`` and ``','`` in the text (each adds an alternative to a list). Range (0, 1],
+  1 for a one-word explanation, strictly decreasing in both counts. Caveat: a comma in a subordinate clause
+  counts as a disjunct too, and ``' and '`` does not (it usually joins conditions, not alternatives).
+
+Caveats: scores depend on the judge (the lexical judge only reads named tokens and a few categories); failures
+(``ok=False``) are excluded from every metric and reported as ``n_failures`` / ``failure_rate``; with few
+held-out examples (the harvest's defaults keep 20 top, 20 quantile, 20 random per feature, half of them scored)
+the scores are noisy — see the ``n_*`` fields.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import math
+import random
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from autoexplain.evals.judges import EmbeddingJudge, Judge, Judgement, context_text
+from pydantic import BaseModel, Field
+
+SUCCINCTNESS_L = 16.0
+SUCCINCTNESS_C = 0.5
+SPLITS = ("explain", "score")
+
+
+class Example(BaseModel):
+    """One harvested context of a feature (a ``feature_examples`` row)."""
+
+    kind: str
+    example_id: int
+    quantile: int | None = None
+    split: str | None = None
+    tokens: list[str]
+    acts: list[float]
+    max_act: float = 0.0
+    window_index: int | None = None
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Example:
+        """From a store row (dict); JSON strings in ``tokens`` / ``acts`` are decoded."""
+        d = dict(row)
+        for k in ("tokens", "acts"):
+            if isinstance(d.get(k), str):
+                d[k] = json.loads(d[k])
+        return cls(**{k: d.get(k) for k in cls.model_fields if k in d})
+
+    @property
+    def activating(self) -> bool:
+        return self.kind != "random" and self.max_act > 0
+
+    @property
+    def text(self) -> str:
+        return context_text(self.tokens)
+
+
+def examples_from_query(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[Example]:
+    """``Store.query(...)`` output (select at least kind, example_id, tokens, acts …) to :class:`Example`s."""
+    return [Example.from_row(dict(zip(columns, r, strict=True))) for r in rows]
+
+
+def _h(*parts: Any) -> str:
+    return hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).hexdigest()
+
+
+# ============================================================================= held-out split
+def split_examples(examples: Sequence[Example], sae_id: str, feature_index: int, *,
+                   explain_fraction: float = 0.5, seed: int = 0) -> list[Example]:
+    """Copies of ``examples`` with ``split`` set to 'explain' or 'score' (see the module docstring)."""
+    if not 0.0 < explain_fraction < 1.0:
+        raise ValueError("explain_fraction must be in (0, 1)")
+    n = len(examples)
+    parent = list(range(n))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[tuple[str, Any], int] = {}
+    for i, e in enumerate(examples):
+        keys = [("text", json.dumps(e.tokens))]
+        if e.window_index is not None:
+            keys.append(("window", e.window_index))
+        for k in keys:
+            if k in first:
+                parent[find(i)] = find(first[k])
+            else:
+                first[k] = i
+    groups: dict[int, list[int]] = {}
+    for i in range(n):
+        groups.setdefault(find(i), []).append(i)
+
+    def stratum(members: list[int]) -> tuple[int, int]:
+        qs = [examples[i].quantile for i in members if examples[i].kind == "quantile"]
+        if qs:
+            return (0, min(q if q is not None else 0 for q in qs))
+        if any(examples[i].kind == "top" for i in members):
+            return (1, 0)
+        return (2, 0)
+
+    strata: dict[tuple[int, int], list[tuple[str, list[int]]]] = {}
+    for members in groups.values():
+        ident = min(f"{examples[i].kind}#{examples[i].example_id}" for i in members)
+        strata.setdefault(stratum(members), []).append((_h(sae_id, feature_index, seed, ident), members))
+    side = [""] * n
+    for _, items in sorted(strata.items()):
+        items.sort()
+        for j, (_, members) in enumerate(items):
+            to_explain = math.floor((j + 1) * explain_fraction) > math.floor(j * explain_fraction)
+            for i in members:
+                side[i] = "explain" if to_explain else "score"
+    return [e.model_copy(update={"split": s}) for e, s in zip(examples, side, strict=True)]
+
+
+def split_rows(examples: Sequence[Example], sae_id: str, feature_index: int) -> list[dict[str, Any]]:
+    """Partial ``feature_examples`` rows (key + ``split``) for ``Store.upsert``: only ``split`` is replaced."""
+    return [{"sae_id": sae_id, "feature_index": feature_index, "kind": e.kind, "example_id": e.example_id,
+             "split": e.split} for e in examples]
+
+
+# ============================================================================= metrics
+def succinctness(text: str) -> float:
+    """``exp(−(words − 1)/16) / (1 + 0.5·extra_disjuncts)``; range (0, 1]; see the module docstring."""
+    words, extra = explanation_size(text)
+    return math.exp(-(words - 1) / SUCCINCTNESS_L) / (1.0 + SUCCINCTNESS_C * extra)
+
+
+def explanation_size(text: str) -> tuple[int, int]:
+    """(words, extra disjuncts) as succinctness counts them."""
+    words = max(1, sum(1 for w in text.split() if re.search(r"\w", w)))
+    extra = len(re.findall(r"\sor\s", f" {text.lower()} ")) + sum(text.count(c) for c in "/|;,")
+    return words, extra
+
+
+def balanced_accuracy(truth: Sequence[bool], pred: Sequence[bool]) -> float | None:
+    """(TPR + TNR) / 2; None unless both classes are present."""
+    pos = [p for t, p in zip(truth, pred, strict=True) if t]
+    neg = [p for t, p in zip(truth, pred, strict=True) if not t]
+    if not pos or not neg:
+        return None
+    return (sum(pos) / len(pos) + sum(not p for p in neg) / len(neg)) / 2
+
+
+def roc_auc(pos: Sequence[float], neg: Sequence[float]) -> float | None:
+    """Probability that a random positive scores above a random negative (ties count ½); None if a side is empty."""
+    if not pos or not neg:
+        return None
+    wins = sum((p > q) + 0.5 * (p == q) for p in pos for q in neg)
+    return wins / (len(pos) * len(neg))
+
+
+class FeatureScores(BaseModel):
+    """The three scores of one explanation of one feature, the raw metrics behind them, and every judgement."""
+
+    explanation_id: str
+    sae_id: str
+    feature_index: int
+    explanation: str
+    judge: str
+    correctness: float | None = Field(description="detection balanced accuracy, [0,1], 0.5 = chance")
+    completeness: float | None = Field(description="½·mean quantile recall + ½·max(0, 2·fuzzing − 1), [0,1]")
+    succinctness: float = Field(description="exp(−(words−1)/16) / (1 + 0.5·extra_disjuncts), (0,1]")
+    detection_balanced_accuracy: float | None = None
+    detection_recall: float | None = None
+    detection_specificity: float | None = None
+    quantile_recall: dict[int, float] = Field(default_factory=dict, description="detection recall per bin")
+    quantile_recall_mean: float | None = None
+    fuzzing_balanced_accuracy: float | None = None
+    embedding_auc: float | None = None
+    n_words: int = 0
+    n_extra_disjuncts: int = 0
+    n_detection: int = 0
+    n_fuzzing: int = 0
+    n_embedding: int = 0
+    n_failures: int = 0
+    failure_rate: float = 0.0
+    n_explain_examples: int = 0
+    n_score_examples: int = 0
+    judgements: list[dict[str, Any]] = Field(default_factory=list, description="rows for table judgements")
+
+    def score_rows(self) -> list[dict[str, Any]]:
+        """Rows for table ``scores``: the three scores and the raw metrics (one row each, details say the judge)."""
+        now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+        details = {"judge": self.judge, "sae_id": self.sae_id, "feature_index": self.feature_index,
+                   "split": "score", "n_failures": self.n_failures}
+        metrics: list[tuple[str, float | None, int, dict[str, Any]]] = [
+            ("correctness", self.correctness, self.n_detection, {"from": "detection balanced accuracy"}),
+            ("completeness", self.completeness, self.n_detection + self.n_fuzzing,
+             {"quantile_recall": {str(k): v for k, v in self.quantile_recall.items()},
+              "fuzzing": self.fuzzing_balanced_accuracy}),
+            ("succinctness", self.succinctness, 1,
+             {"words": self.n_words, "extra_disjuncts": self.n_extra_disjuncts,
+              "L": SUCCINCTNESS_L, "C": SUCCINCTNESS_C}),
+            ("detection", self.detection_balanced_accuracy, self.n_detection,
+             {"recall": self.detection_recall, "specificity": self.detection_specificity}),
+            ("quantile_recall", self.quantile_recall_mean, self.n_detection, {}),
+            ("fuzzing", self.fuzzing_balanced_accuracy, self.n_fuzzing, {}),
+            ("embedding_auc", self.embedding_auc, self.n_embedding, {}),
+        ]
+        return [{"score_id": _h(self.explanation_id, m, self.judge)[:24], "explanation_id": self.explanation_id,
+                 "metric": m, "value": v, "n": n, "details": {**details, **extra}, "created_at": now}
+                for m, v, n, extra in metrics]
+
+
+def _judge_in_batches(fn: Any, items: list[Any], batch_size: int) -> list[Judgement]:
+    out: list[Judgement] = []
+    for i in range(0, len(items), batch_size):
+        chunk = items[i:i + batch_size]
+        res = fn(chunk)
+        if len(res) != len(chunk):  # a judge that miscounts: every item of the batch fails
+            res = [Judgement.failure(f"judge returned {len(res)} judgements for {len(chunk)} items")] * len(chunk)
+        out.extend(res)
+    return out
+
+
+def score_explanation(explanation_text: str, examples: Sequence[Example | Mapping[str, Any]], judge: Judge, *,
+                      sae_id: str, feature_index: int, explanation_id: str | None = None,
+                      n_activating: int = 50, n_nonactivating: int = 50, batch_size: int = 5, seed: int = 0,
+                      embedder: EmbeddingJudge | None = None, explain_fraction: float = 0.5) -> FeatureScores:
+    """Score one explanation of feature ``(sae_id, feature_index)`` on its held-out examples.
+
+    ``examples`` are the feature's harvested examples (:class:`Example` or store rows). If their ``split`` is
+    unset, :func:`split_examples` assigns it (same result as the stored split for the same seed). Only
+    ``score``-side examples are judged; ``explain``-side ones are used for nothing but calibrating an embedding
+    judge's threshold. Returns the scores and the judgement rows (the caller writes them: table ``judgements``).
+    """
+    exs = [e if isinstance(e, Example) else Example.from_row(e) for e in examples]
+    if any(e.split not in SPLITS for e in exs):
+        exs = split_examples(exs, sae_id, feature_index, explain_fraction=explain_fraction, seed=seed)
+    explain = [e for e in exs if e.split == "explain"]
+    scored = [e for e in exs if e.split == "score"]
+    explanation_id = explanation_id or "x" + _h(sae_id, feature_index, explanation_text)[:16]
+    rng = random.Random(_h("score", sae_id, feature_index, seed))
+    now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+    quant = [e for e in scored if e.kind == "quantile" and e.max_act > 0]
+    top = [e for e in scored if e.kind == "top" and e.max_act > 0]
+    rng.shuffle(quant)
+    rng.shuffle(top)
+    positives = (quant + top)[:n_activating]
+    negatives = [e for e in scored if e.kind == "random" and e.max_act <= 0]
+    rng.shuffle(negatives)
+    negatives = negatives[:n_nonactivating]
+
+    emb = embedder if embedder is not None else (judge if isinstance(judge, EmbeddingJudge) else None)
+    for j in {id(x): x for x in (judge, emb) if isinstance(x, EmbeddingJudge)}.values():  # one encode call
+        j.embed([explanation_text, *(e.text for e in exs),
+                 *(" ".join(t.strip() for t, a in zip(e.tokens, e.acts, strict=True) if a > 0) for e in exs)])
+    if isinstance(judge, EmbeddingJudge):  # calibrate on the explain side only
+        cal_rng = random.Random(_h("calibrate", sae_id, feature_index, seed))
+        ex_pos = [e for e in explain if e.activating]
+        ex_neg = [e for e in explain if e.kind == "random" and e.max_act <= 0]
+        judge.calibrate(explanation_text, [e.text for e in ex_pos], [e.text for e in ex_neg], task="detection")
+        judge.calibrate(explanation_text, [" ".join(t.strip() for t, a in zip(e.tokens, e.acts) if a > 0)
+                                           for e in ex_pos],
+                        [" ".join(t.strip() for t in _fuzz_tokens(e, cal_rng)[1]) for e in ex_pos], task="fuzzing")
+
+    rows: list[dict[str, Any]] = []
+
+    def add(scorer: str, judge_name: str, e: Example, truth: bool, j: Judgement, variant: str = "") -> None:
+        rows.append({
+            "judgement_id": _h(explanation_id, scorer, judge_name, e.kind, e.example_id, variant)[:24],
+            "explanation_id": explanation_id, "sae_id": sae_id, "feature_index": feature_index,
+            "scorer": scorer, "judge": judge_name, "example_kind": e.kind, "example_id": e.example_id,
+            "split": e.split, "truth": truth, "prediction": j.prediction if j.ok else None, "ok": j.ok,
+            "error": j.error, "raw": {**j.raw, **({"variant": variant} if variant else {}),
+                                      **({"quantile": e.quantile} if e.quantile is not None else {})},
+            "created_at": now})
+
+    # detection (order shuffled so batches mix positives and negatives)
+    det_items = [(e, True) for e in positives] + [(e, False) for e in negatives]
+    rng.shuffle(det_items)
+    det = _judge_in_batches(lambda ch: judge.judge_detection(explanation_text, [e.tokens for e, _ in ch]),
+                            det_items, batch_size)
+    for (e, t), j in zip(det_items, det, strict=True):
+        add("detection", judge.name, e, t, j)
+    ok_det = [(e, t, j.prediction) for (e, t), j in zip(det_items, det, strict=True) if j.ok]
+    det_ba = balanced_accuracy([t for _, t, _ in ok_det], [bool(p) for _, _, p in ok_det])
+    pos_p = [bool(p) for _, t, p in ok_det if t]
+    neg_p = [bool(p) for _, t, p in ok_det if not t]
+    recall = sum(pos_p) / len(pos_p) if pos_p else None
+    specificity = sum(not p for p in neg_p) / len(neg_p) if neg_p else None
+    by_bin: dict[int, list[bool]] = {}
+    for e, t, p in ok_det:
+        if t and e.kind == "quantile" and e.quantile is not None:
+            by_bin.setdefault(e.quantile, []).append(bool(p))
+    q_recall = {q: sum(v) / len(v) for q, v in sorted(by_bin.items())}
+    q_mean = sum(q_recall.values()) / len(q_recall) if q_recall else None
+
+    # fuzzing: each activating example twice, true firing tokens vs as many random non-firing tokens
+    fz_items: list[tuple[Example, bool, list[int]]] = []
+    for e in positives:
+        true_hl, wrong_hl = _fuzz_tokens(e, rng, positions=True)
+        if not true_hl or not wrong_hl:
+            continue
+        fz_items.append((e, True, true_hl))
+        fz_items.append((e, False, wrong_hl))
+    rng.shuffle(fz_items)
+    fz = _judge_in_batches(lambda ch: judge.judge_fuzzing(explanation_text, [e.tokens for e, _, _ in ch],
+                                                          [h for _, _, h in ch]), fz_items, batch_size)
+    for (e, t, h), j in zip(fz_items, fz, strict=True):
+        j = j.model_copy(update={"raw": {**j.raw, "highlight": h}})
+        add("fuzzing", judge.name, e, t, j, variant="true" if t else "random")
+    ok_fz = [(t, j.prediction) for (_, t, _), j in zip(fz_items, fz, strict=True) if j.ok]
+    fz_ba = balanced_accuracy([t for t, _ in ok_fz], [bool(p) for _, p in ok_fz])
+
+    # embedding: ROC AUC of similarity
+    auc, n_emb = None, 0
+    if emb is not None and positives and negatives:
+        items = [(e, True) for e in positives] + [(e, False) for e in negatives]
+        sims = emb.similarities(explanation_text, [e.text for e, _ in items])
+        thr, how = emb.threshold_for(explanation_text, "detection")
+        for (e, t), s in zip(items, sims, strict=True):
+            add("embedding", emb.name, e, t, Judgement(prediction=bool(s >= thr), raw={
+                "similarity": round(float(s), 5), "threshold": round(thr, 5), "threshold_from": how}))
+        auc = roc_auc([float(s) for (_, t), s in zip(items, sims, strict=True) if t],
+                      [float(s) for (_, t), s in zip(items, sims, strict=True) if not t])
+        n_emb = len(items)
+
+    fz_part = None if fz_ba is None else max(0.0, 2 * fz_ba - 1)
+    parts = [p for p in (q_mean, fz_part) if p is not None]
+    completeness = sum(parts) / len(parts) if parts else None
+    words, extra = explanation_size(explanation_text)
+    n_fail = sum(1 for r in rows if not r["ok"])
+    return FeatureScores(
+        explanation_id=explanation_id, sae_id=sae_id, feature_index=feature_index, explanation=explanation_text,
+        judge=judge.name, correctness=det_ba, completeness=completeness, succinctness=succinctness(explanation_text),
+        detection_balanced_accuracy=det_ba, detection_recall=recall, detection_specificity=specificity,
+        quantile_recall=q_recall, quantile_recall_mean=q_mean, fuzzing_balanced_accuracy=fz_ba, embedding_auc=auc,
+        n_words=words, n_extra_disjuncts=extra, n_detection=len(det_items), n_fuzzing=len(fz_items),
+        n_embedding=n_emb, n_failures=n_fail, failure_rate=n_fail / len(rows) if rows else 0.0,
+        n_explain_examples=len(explain), n_score_examples=len(scored), judgements=rows)
+
+
+def _fuzz_tokens(e: Example, rng: random.Random, *, positions: bool = False) -> tuple[list[Any], list[Any]]:
+    """(firing, random non-firing of the same count) — as positions if ``positions`` else as token strings."""
+    fire = [i for i, a in enumerate(e.acts) if a > 0]
+    rest = [i for i, a in enumerate(e.acts) if a <= 0 and e.tokens[i].strip()]
+    wrong = sorted(rng.sample(rest, min(len(fire), len(rest)))) if rest else []
+    if positions:
+        return fire, wrong
+    return [e.tokens[i] for i in fire], [e.tokens[i] for i in wrong]
