@@ -519,12 +519,8 @@ def _logit_effects(lm: Any, sae: Any, n: int) -> tuple[list[list[Any]] | None, l
     return promote, suppress
 
 
-def _tool(ctx: ToolContext, args: HarvestIn) -> HarvestOut:
-    return harvest(ctx, args)
-
-
 TOOLS = (
-    ToolSpec(name="harvest", input_model=HarvestIn, output_model=HarvestOut, fn=_tool, cost=Cost.DATASET,
+    ToolSpec(name="harvest", input_model=HarvestIn, output_model=HarvestOut, fn=harvest, cost=Cost.DATASET,
              description="Stream a dataset through the model and an SAE once and record, for every feature: "
                          "top activating contexts, samples across activation quantiles, non-activating "
                          "contexts, firing density, max/mean activation, a histogram, and the tokens its decoder "

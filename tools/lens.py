@@ -55,7 +55,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from autoexplain.tools.errors import InputError
-from autoexplain.tools.registry import Cost, ToolContext, ToolOutput, ToolSpec, short_repr
+from autoexplain.tools.registry import Cost, ToolContext, ToolOutput, ToolSpec, round_sig, short_repr
 from autoexplain.tools.vocab import Site, SiteKind
 
 #: Rows (layer x position pairs) decoded through the unembedding at once: bounds memory at rows x d_vocab floats.
@@ -483,19 +483,14 @@ def direct_logit_attribution(ctx: ToolContext, args: DLAIn) -> DLAOut:
     mean = entries.mean(0)
     name = lm.token_str
     items = [DLAItem(text=t, position=p, token=name(batch.ids[i][p]), total=round(float(totals[i]), _LOGIT_DIGITS),
-                     residual_error=_sig(float(per_text_err[i])))
+                     residual_error=round_sig(float(per_text_err[i]), 3))
              for i, (t, p) in enumerate(zip(args.texts, positions, strict=True))]
     note = "The model soft-caps its logits: entries decompose the logit before the cap." if _soft_cap(lm) > 0 else ""
     return DLAOut(target=args.target, baseline=args.baseline,
                   contributions={n: round(float(v), _LOGIT_DIGITS) for n, v in zip(names, mean.tolist(), strict=True)},
                   total=round(float(totals.mean()), _LOGIT_DIGITS),
-                  residual_error=_sig(abs(float(mean.sum() - totals.mean()))), items=items, top_n=args.top_n,
+                  residual_error=round_sig(abs(float(mean.sum() - totals.mean())), 3), items=items, top_n=args.top_n,
                   note=note)
-
-
-def _sig(x: float) -> float:
-    """Three significant digits (for error magnitudes)."""
-    return float(f"{x:.3g}")
 
 
 # ============================================================================= catalogue

@@ -25,7 +25,6 @@ near ``_ELEMENT_BUDGET`` elements, and every chunk is reduced to per-text number
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Annotated, Any, Literal
 
@@ -33,7 +32,7 @@ import torch
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from autoexplain.tools.errors import InputError
-from autoexplain.tools.registry import Cost, ToolContext, ToolOutput, ToolSpec, short_repr
+from autoexplain.tools.registry import Cost, ToolContext, ToolOutput, ToolSpec, round_sig, short_repr
 from autoexplain.tools.saes import LoadedSAE, feature_activations as _encode_at_site
 
 #: Largest ``batch * pos * width`` tensor (logits or SAE latents) one chunk may create (float32: 256 MiB).
@@ -97,11 +96,6 @@ def _batches(lm: Any, seqs: list[torch.Tensor], width: int) -> Iterator[tuple[li
             tokens[row, : len(seqs[i])] = seqs[i]
         yield list(range(start, end)), tokens
         start = end
-
-
-def _sig(x: float, digits: int = 4) -> float:
-    """Round to ``digits`` significant digits: keeps tiny KLs and probabilities visible, and exact zeros exact."""
-    return x if x == 0 or not math.isfinite(x) else float(f"{x:.{digits}g}")
 
 
 def _fit(header: str, lines: list[str], unit: str = "texts") -> str:
@@ -194,8 +188,8 @@ def _shifts(lm: Any, before: torch.Tensor, after: torch.Tensor, top_k: int) -> t
     k = min(top_k, delta.numel())
 
     def pick(values: torch.Tensor, ids: torch.Tensor, sign: float) -> list[TokenShift]:
-        return [TokenShift(token=lm.tokenizer.decode([int(i)]), token_id=int(i), p_before=_sig(before[i].item()),
-                           p_after=_sig(after[i].item()), delta=_sig(sign * v.item()))
+        return [TokenShift(token=lm.token_str(int(i)), token_id=int(i), p_before=round_sig(before[i].item()),
+                           p_after=round_sig(after[i].item()), delta=round_sig(sign * v.item()))
                 for v, i in zip(values, ids) if v.item() > 0]
 
     up, down = delta.topk(k), (-delta).topk(k)
@@ -231,11 +225,11 @@ def _effects(lm: Any, texts: Sequence[str], seqs: Sequence[torch.Tensor], clean:
             before, after, where = p_c[row, pos], p_e[row, pos], f"position {pos} ({tok_strs[pos]!r})"
         rose, fell = _shifts(lm, before, after, top_k)
         out.append(InterventionEffect(
-            text=text, tokens=tok_strs, kl_per_position=[_sig(v) for v in kl_row.tolist()],
-            kl_mean=_sig(kl_row.mean().item()), kl_max=_sig(kl_max), kl_max_position=pos if kl_max > 0 else None,
-            loss_clean=None if loss_c is None else _sig(loss_c, 6),
-            loss_edited=None if loss_e is None else _sig(loss_e, 6),
-            delta_loss=None if loss_c is None or loss_e is None else _sig(loss_e - loss_c),
+            text=text, tokens=tok_strs, kl_per_position=[round_sig(v) for v in kl_row.tolist()],
+            kl_mean=round_sig(kl_row.mean().item()), kl_max=round_sig(kl_max), kl_max_position=pos if kl_max > 0 else None,
+            loss_clean=None if loss_c is None else round_sig(loss_c, 6),
+            loss_edited=None if loss_e is None else round_sig(loss_e, 6),
+            delta_loss=None if loss_c is None or loss_e is None else round_sig(loss_e - loss_c),
             shifts_at=where, rose=rose, fell=fell))
     return out
 

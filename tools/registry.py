@@ -26,6 +26,14 @@ def short_repr(text: str, width: int = 40) -> str:
     return repr(text if len(text) <= width else text[: width - 1] + "…")
 
 
+def round_sig(x: float, digits: int = 4) -> float:
+    """Round to ``digits`` significant digits for summaries: tiny values stay visible, zeros and non-finite values
+    are returned as they are."""
+    import math
+
+    return x if x == 0 or not math.isfinite(x) else float(f"{x:.{digits}g}")
+
+
 class Cost(StrEnum):
     """How expensive one call is, so a planner can budget: ``cheap`` (no forward pass or one tiny one),
     ``forward`` (forward passes over a handful of texts), ``dataset`` (a pass over a dataset)."""
