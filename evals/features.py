@@ -270,8 +270,13 @@ def score_explanation(explanation_text: str, examples: Sequence[Example | Mappin
     judge's threshold. Returns the scores and the judgement rows (the caller writes them: table ``judgements``).
     """
     exs = [e if isinstance(e, Example) else Example.from_row(e) for e in examples]
-    if any(e.split not in SPLITS for e in exs):
+    unsplit = sum(e.split not in SPLITS for e in exs)
+    if unsplit == len(exs):
         exs = split_examples(exs, sae_id, feature_index, explain_fraction=explain_fraction, seed=seed)
+    elif unsplit:
+        # re-splitting would move examples the explainer may already have seen to the score side
+        raise ValueError(f"{unsplit} of {len(exs)} examples of {sae_id}#{feature_index} have no split while the "
+                         "others do: split all of them (split_examples) before scoring")
     explain = [e for e in exs if e.split == "explain"]
     scored = [e for e in exs if e.split == "score"]
     explanation_id = explanation_id or "x" + _h(sae_id, feature_index, explanation_text)[:16]

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 
 class Judgement(BaseModel):
@@ -39,6 +39,12 @@ class Judgement(BaseModel):
     ok: bool = True
     error: str | None = None
     raw: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _prediction_iff_ok(self) -> Judgement:
+        if (self.prediction is None) == self.ok:
+            raise ValueError("a judgement has a prediction exactly when ok is True (a failure predicts nothing)")
+        return self
 
     @classmethod
     def failure(cls, error: str, **raw: Any) -> Judgement:
@@ -80,11 +86,10 @@ CATEGORIES: dict[str, frozenset[str]] = {
     "name": frozenset("mary john alice bob james anna tom sarah david emma michael lisa".split()),
     "article": frozenset("the a an".split()),
     "number": frozenset(),  # digits: matched by pattern
-    "punctuation": frozenset(".,;:!?'\"()-".split() + [".", ","]),
+    "punctuation": frozenset(".,;:!?'\"()-"),
 }
 _ALIASES = {"color": "colour", "person": "name", "people": "name", "firstname": "name", "determiner": "article",
-            "digit": "number", "numeral": "number", "integer": "number", "punctuation": "punctuation",
-            "mark": "punctuation"}
+            "digit": "number", "numeral": "number", "integer": "number", "mark": "punctuation"}
 _UNIVERSAL = re.compile(r"\b(any|every|all)\s+(word|token|text|input|context)s?\b|\banything\b|\beverything\b",
                         re.IGNORECASE)
 _QUOTED = re.compile(r"(?<!\w)'([^']+)'(?!\w)|\"([^\"]+)\"|`([^`]+)`|‘([^’]+)’|“([^”]+)”")
@@ -265,6 +270,7 @@ class EmbeddingJudge(Judge):
     def calibrate(self, explanation: str, positives: Sequence[str], negatives: Sequence[str], *,
                   task: str = "detection") -> float | None:
         """Set (and return) this explanation's threshold for ``task`` from labelled texts; None if either is empty."""
+        self._calibrated.pop((explanation, task), None)  # never reuse another feature's threshold
         if not positives or not negatives:
             return None
         sims = self.similarities(explanation, [*positives, *negatives])
@@ -340,6 +346,8 @@ class LLMJudge(Judge):
         self.calls = 0
 
     def _ask(self, system: str, explanation: str, texts: Sequence[str]) -> list[Judgement]:
+        import openai
+
         listing = "\n".join(f"{i + 1}. {json.dumps(t, ensure_ascii=False)}" for i, t in enumerate(texts))
         user = (f"Explanation: {explanation}\n\nTexts ({len(texts)}):\n{listing}\n\n"
                 f"Reply with JSON: {{\"answers\": [...]}} holding exactly {len(texts)} booleans.")
@@ -358,6 +366,9 @@ class LLMJudge(Judge):
                 raise ValueError("no parsed reply")
             if len(parsed.answers) != len(texts):
                 raise ValueError(f"expected {len(texts)} answers, got {len(parsed.answers)}")
+        except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError, TypeError,
+                AttributeError):
+            raise  # configuration errors and bugs stop the run instead of filling it with failure rows
         except Exception as exc:  # noqa: BLE001 (every failure becomes failure rows; none is a silent 'no')
             err = f"{type(exc).__name__}: {str(exc).strip()}"
             return [Judgement.failure(err, reply=content, position=i) for i in range(len(texts))]

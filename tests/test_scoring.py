@@ -16,7 +16,7 @@ from pathlib import Path
 import duckdb
 import pytest
 from autoexplain.agent import store as store_mod
-from autoexplain.agent.store import MIGRATIONS, PRIMARY_KEYS, Store
+from autoexplain.agent.store import MIGRATIONS, Store
 from autoexplain.evals.features import (
     SPLITS,
     Example,
@@ -328,10 +328,33 @@ def test_v1_database_is_migrated_to_v2(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.setattr(store_mod, "MIGRATIONS", MIGRATIONS)
     new = Store(path)
     assert new.schema_version() == 2 == MIGRATIONS[-1].version
-    assert PRIMARY_KEYS["judgements"] == ("judgement_id",)
     assert new.query("select count(*) from feature_examples")[1] == [(1,)]  # nothing lost
     new.upsert("judgements", [{"judgement_id": "j", "explanation_id": "x", "sae_id": "s", "feature_index": 0,
                                "scorer": "detection", "judge": "lexical", "example_kind": "top", "example_id": 0,
                                "split": "score", "truth": True, "prediction": None, "ok": False, "error": "bad",
                                "raw": {"reply": "??"}, "created_at": store_mod._now()}])
     assert new.query("select ok, prediction, raw->>'reply' from judgements")[1] == [(False, None, "??")]
+
+
+# ============================================================================= guards
+def test_a_judgement_predicts_exactly_when_it_is_ok() -> None:
+    with pytest.raises(ValueError, match="exactly when ok"):
+        Judgement(prediction=None)  # a missing answer must never pass as an ok "no"
+    with pytest.raises(ValueError, match="exactly when ok"):
+        Judgement(prediction=False, ok=False)
+    assert Judgement.failure("x").prediction is None
+
+
+def test_half_split_examples_are_refused(harvested) -> None:
+    exs = _examples(harvested[0], 0)
+    mixed = [e.model_copy(update={"split": None}) if i % 2 else e for i, e in enumerate(exs)]
+    with pytest.raises(ValueError, match="have no split"):
+        score_explanation("animals", mixed, LexicalJudge(), sae_id=harvested[1], feature_index=0)
+
+
+def test_embedding_calibration_is_never_reused_across_features() -> None:
+    judge = EmbeddingJudge()
+    assert judge.calibrate("animals", ["the cat"], ["the red"]) is not None
+    assert judge.threshold_for("animals")[1] == "calibrated on explain split"
+    assert judge.calibrate("animals", ["the cat"], []) is None  # another feature with nothing to calibrate on
+    assert judge.threshold_for("animals")[1] != "calibrated on explain split"
