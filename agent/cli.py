@@ -114,12 +114,9 @@ def zoo_build(name: Annotated[str, typer.Option(help="which toy world (small, ti
 @zoo_app.command("show")
 def zoo_show(name: Annotated[str, typer.Option(help="which toy world (small, tiny)")] = "small") -> None:
     """Show a built toy world: sizes, task accuracy, SAEs and where its files are."""
-    from autoexplain.tools.cache import cache_root
-    from autoexplain.tools.zoo import get_spec
+    from autoexplain.tools.zoo import get_spec, zoo_root
 
-    spec = get_spec(name)
-    root = cache_root() / "zoo" / f"{spec.name}-{spec.fingerprint()}"
-    if not (root / "manifest.json").exists():
+    if not (zoo_root(get_spec(name)) / "manifest.json").exists():
         raise InputError(f"toy world {name!r} is not built yet: run autoexplain zoo build --name {name}")
     _show_zoo(_build_zoo(name))
 

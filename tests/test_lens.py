@@ -192,15 +192,21 @@ def test_bad_inputs_are_refused(tiny_model) -> None:
         reg.call(ctx, "direct_logit_attribution", {"texts": ["a"], "target": " Mary", "layer": 1})
 
 
-def test_dla_restores_attn_result_flag(tiny_model) -> None:
+def test_dla_restores_attn_result_flag(tiny_model, monkeypatch: pytest.MonkeyPatch) -> None:
     assert tiny_model.model.cfg.use_attn_result is False
     direct_logit_attribution(ToolContext(model=tiny_model), DLAIn(texts=["the cat"], target=" sat"))
     assert tiny_model.model.cfg.use_attn_result is False
-    # the flag is restored when the forward pass is skipped by an error as well
-    with pytest.raises(InputError):
-        direct_logit_attribution(ToolContext(model=tiny_model), DLAIn(texts=["the cat"], target=" sat",
-                                                                      position=40))
-    assert tiny_model.model.cfg.use_attn_result is False
+    # the flag is restored when the forward pass itself fails (the flag is on at that moment)
+    seen = []
+
+    def broken(*args, **kwargs):
+        seen.append(tiny_model.model.cfg.use_attn_result)
+        raise RuntimeError("forward failed")
+
+    monkeypatch.setattr(tiny_model.model, "run_with_hooks", broken)
+    with pytest.raises(RuntimeError, match="forward failed"):
+        direct_logit_attribution(ToolContext(model=tiny_model), DLAIn(texts=["the cat"], target=" sat"))
+    assert seen == [True] and tiny_model.model.cfg.use_attn_result is False
 
 
 def test_summaries_are_bounded(tiny_model) -> None:

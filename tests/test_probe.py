@@ -181,3 +181,17 @@ def test_summaries_are_bounded(wide_ctx, reg) -> None:
         text = out.summary_text()
         assert len(text) <= SUMMARY_MAX_CHARS and "more texts" in text and len(out.items) == 64
     assert any(a > 0 for it in outs[0].items for tr in it.features for a in tr.activations)
+
+
+def test_texts_longer_than_the_context_are_refused_not_cut(planted) -> None:
+    from autoexplain.tools.errors import InputError
+    from autoexplain.tools.models import load_model
+    from autoexplain.tools.registry import ToolContext, default_registry
+    from autoexplain.tools.saes import load_sae
+
+    lm = load_model(str(planted.model_dir), device="cpu")
+    sae = load_sae(str(planted.sae_dir), lm)
+    ctx = ToolContext(model=lm, saes={sae.sae_id: sae})
+    with pytest.raises(InputError, match="context is 32"):
+        default_registry().call(ctx, "feature_activations",
+                                {"sae_id": sae.sae_id, "features": [0], "texts": ["the cat sat on the mat " * 10]})

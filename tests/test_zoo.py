@@ -117,15 +117,13 @@ def test_small_zoo_solves_its_tasks() -> None:
 
 
 def test_sae_ids_do_not_depend_on_the_cache_location(tmp_path: Path) -> None:
-    """The same build in two folders gives the same sae_id (a content hash): results stay keyed across machines."""
-    import shutil
-
+    """Two separate builds in different folders give the same sae_id (a content hash of config + weights), so
+    results stay keyed across machines; a path written into cfg.json would break this."""
     from autoexplain.tools.saes import load_sae
 
-    zoo.build(MICRO, tmp_path / "a")
-    shutil.copytree(tmp_path / "a", tmp_path / "elsewhere" / "b")
     ids = []
     for root in (tmp_path / "a", tmp_path / "elsewhere" / "b"):
+        zoo.build(MICRO, root)
         lm = load_model(str(root / "model"), device="cpu")
         ids.append(load_sae(str(root / "saes" / "res0"), lm).sae_id)
     assert ids[0] == ids[1]

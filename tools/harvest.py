@@ -181,8 +181,7 @@ def _admit(keys: torch.Tensor, cand: torch.Tensor, largest: bool) -> tuple[torch
     return rows, slots[take], news[take]
 
 
-def _update(state: _State, acts: torch.Tensor, mask: torch.Tensor, win_offset: int, gen: torch.Generator,
-            args: HarvestIn) -> None:
+def _update(state: _State, acts: torch.Tensor, mask: torch.Tensor, win_offset: int, gen: torch.Generator) -> None:
     """Fold one batch of activations ``[B, T, F]`` into the state; ``mask`` [B, T] marks the counted tokens.
 
     Works on the non-zero entries (one pass over the dense tensor to find them): SAE activations are sparse,
@@ -314,10 +313,10 @@ def harvest(ctx: ToolContext, args: HarvestIn, *, progress: Callable[[int, int],
             continue  # finished before the interruption: tokenised again (cheap), not recomputed
         acts, mask = _batch_acts(lm, sae, batch.tokens, batch.valid)
         gen = torch.Generator().manual_seed(args.seed * 1_000_003 + i)  # per batch: resume-independent
-        _update(state, acts, mask, state.windows_done, gen, args)
+        _update(state, acts, mask, state.windows_done, gen)
         windows.append(batch.tokens)
         state.windows_done += batch.n_windows
-        state.n_tokens += int(batch.valid[:, 1:].sum()) if batch.bos else int(batch.valid.sum())
+        state.n_tokens += int(mask.sum())  # the counted tokens: valid and not BOS
         state.batches_done = i + 1
         done_now += 1
         if progress:

@@ -94,7 +94,7 @@ def _encode(lm: Any, texts: list[str], prepend_bos: bool) -> _Batch:
         if len(row) > lm.n_ctx:
             raise InputError(f"text {i} ({short_repr(texts[i])}) is {len(row)} tokens but the model's context is "
                              f"{lm.n_ctx}: shorten it")
-    pad = next((p for p in (tok.pad_token_id, tok.eos_token_id) if p is not None), 0)
+    pad = lm.pad_id
     width = max(len(r) for r in ids)
     tokens = torch.full((len(ids), width), pad, dtype=torch.long)
     mask = torch.zeros((len(ids), width), dtype=torch.long)

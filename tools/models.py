@@ -201,12 +201,20 @@ class LoadedModel:
                 cache[token_id] = f"<id {token_id}>"
         return cache[token_id]
 
+    @property
+    def pad_id(self) -> int:
+        """The id padding is written with (the data module's rule: pad token, else EOS, else 0)."""
+        from autoexplain.tools.data import _pad_id
+
+        return _pad_id(self.tokenizer)
+
     def token_strs(self, ids: Iterable[int]) -> list[str]:
         return [self.token_str(i) for i in ids]
 
-    def to_tokens(self, texts: str | list[str], prepend_bos: bool = True) -> torch.Tensor:
-        """Tokenise like the model's own ``to_tokens`` (BOS prepended by default, right-padded)."""
-        return self.model.to_tokens(texts, prepend_bos=prepend_bos).to(self.device)
+    def to_tokens(self, texts: str | list[str], prepend_bos: bool = True, truncate: bool = True) -> torch.Tensor:
+        """Tokenise like the model's own ``to_tokens`` (BOS prepended by default, right-padded; cut to the context
+        unless ``truncate`` is False)."""
+        return self.model.to_tokens(texts, prepend_bos=prepend_bos, truncate=truncate).to(self.device)
 
     def describe(self) -> dict[str, Any]:
         cfg = self.model.cfg

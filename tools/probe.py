@@ -64,20 +64,16 @@ Features = Annotated[list[Feature], AfterValidator(_no_duplicates)]
 
 
 def _tokenize(lm: Any, texts: Sequence[str], prepend_bos: bool) -> list[torch.Tensor]:
-    """One 1-D token tensor per text (its real length, truncated to the context like the model's ``to_tokens``)."""
-    seqs = [lm.to_tokens(t, prepend_bos=prepend_bos)[0] for t in texts]
+    """One 1-D token tensor per text, at its real length; a text longer than the model's context is refused (the
+    model's ``to_tokens`` would cut it silently)."""
+    seqs = [lm.to_tokens(t, prepend_bos=prepend_bos, truncate=False)[0] for t in texts]
     for text, seq in zip(texts, seqs):
         if seq.numel() == 0:
-            raise InputError(f"text {text[:40]!r} tokenises to no tokens: write a longer text or set prepend_bos")
+            raise InputError(f"text {short_repr(text)} tokenises to no tokens: write a longer text or set prepend_bos")
+        if seq.numel() > lm.n_ctx:
+            raise InputError(f"text {short_repr(text)} is {seq.numel()} tokens but the model's context is "
+                             f"{lm.n_ctx}: shorten it")
     return seqs
-
-
-def _pad_id(lm: Any) -> int:
-    tok = lm.tokenizer
-    for pid in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None)):
-        if pid is not None:
-            return int(pid)
-    return 0
 
 
 def _batches(lm: Any, seqs: list[torch.Tensor], width: int) -> Iterator[tuple[list[int], torch.Tensor]]:
@@ -91,7 +87,7 @@ def _batches(lm: Any, seqs: list[torch.Tensor], width: int) -> Iterator[tuple[li
         while end < len(seqs) and (end + 1 - start) * max(longest, len(seqs[end])) * width <= _ELEMENT_BUDGET:
             longest = max(longest, len(seqs[end]))
             end += 1
-        tokens = torch.full((end - start, longest), _pad_id(lm), dtype=torch.long, device=lm.device)
+        tokens = torch.full((end - start, longest), lm.pad_id, dtype=torch.long, device=lm.device)
         for row, i in enumerate(range(start, end)):
             tokens[row, : len(seqs[i])] = seqs[i]
         yield list(range(start, end)), tokens

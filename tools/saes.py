@@ -146,15 +146,17 @@ def _check_fits(loaded: LoadedSAE, lm: LoadedModel) -> None:
         lm.validate_site(loaded.site)
     except InputError as exc:
         raise InputError(f"SAE {loaded.spec!r} reads hook {loaded.hook_name}, which this model lacks: {exc}") from None
-    lm.check_sites([loaded.site])
     shape: list[int] = []
 
     def grab(act: torch.Tensor, hook: Any) -> None:
         shape[:] = list(act.shape)
 
     probe = torch.arange(1, 3, device=lm.device)[None, :]
-    with torch.no_grad():
+    with torch.no_grad(), lm.sites_enabled([loaded.site]):  # one pass checks that the hook fires and its width
         lm.model.run_with_hooks(probe, fwd_hooks=[(loaded.hook_name, grab)], stop_at_layer=loaded.site.layer + 1)
+    if not shape:
+        raise InputError(f"SAE {loaded.spec!r} reads hook {loaded.hook_name}, which exists in this model but never "
+                         "fires: this runtime cannot feed the SAE; use an SAE trained on another site")
     width = shape[-1]
     if getattr(loaded.sae.cfg, "reshape_activations", "none") == "hook_z":
         width = shape[-1] * shape[-2]  # sae-lens flattens [.., head, d_head] for hook_z SAEs

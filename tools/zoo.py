@@ -237,10 +237,15 @@ class BuiltZoo:
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 
+def zoo_root(spec: ZooSpec) -> Path:
+    """Where the toy world ``spec`` is (or will be) built: one folder per fingerprint in the cache."""
+    return cache_root() / "zoo" / f"{spec.name}-{spec.fingerprint()}"
+
+
 def ensure_model(name: str, *, progress: Progress | None = None) -> BuiltZoo:
     """Return the built toy world ``name``, building it first if the cache lacks it."""
     spec = get_spec(name)
-    root = cache_root() / "zoo" / f"{spec.name}-{spec.fingerprint()}"
+    root = zoo_root(spec)
     manifest = root / "manifest.json"
     if not manifest.exists():
         root.parent.mkdir(parents=True, exist_ok=True)
