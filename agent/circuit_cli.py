@@ -11,29 +11,22 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from autoexplain.tools.errors import InputError
-from autoexplain.tools.vocab import Ablation
+from autoexplain.tools.vocab import Ablation, Edge, Method
 
 #: Rows of the circuit table printed; every edge is stored in circuit_edges anyway.
 _SHOWN = 40
 
 
-class MethodChoice(StrEnum):
-    eap_ig = "eap-ig"
-    eap = "eap"
-    acdc = "acdc"
-
-
 def circuit(
         model: Annotated[str, typer.Option("--model", "-m", help="local HF dir, hub name or toy:NAME")],
         task: Annotated[Path, typer.Option("--task", "-t", help="circuit task file (JSON, auto-circuit layout)")],
-        method: Annotated[MethodChoice, typer.Option(help="eap-ig (default), eap or acdc")] = MethodChoice.eap_ig,
+        method: Annotated[Method, typer.Option(help="eap-ig (default), eap or acdc")] = Method.EAP_IG,
         ablation: Annotated[Ablation, typer.Option(help="what patched edges carry: resample (the corrupt "
                                                               "prompt's values), mean or zero")]
         = Ablation.RESAMPLE,
@@ -60,7 +53,7 @@ def circuit(
         raise InputError(f"--threshold must be >= 0 (a fraction of |m(M) - m(∅)|), got {threshold}")
 
     from autoexplain.tools.cache import cache_root
-    from autoexplain.tools.circuits import Method, check_effect, default_metric, find_circuit
+    from autoexplain.tools.circuits import check_effect, default_metric, find_circuit
     from autoexplain.tools.data import load_task_file, tokenize_task
     from autoexplain.tools.models import load_model
     from autoexplain.tools.patching import PatchSetup
@@ -71,8 +64,7 @@ def circuit(
         tokenized = tokenize_task(task_file, lm.tokenizer, n_ctx=lm.n_ctx)
     except InputError as exc:
         raise InputError(exc.message if str(task) in exc.message else f"task file {str(task)!r}: {exc}") from None
-    chosen = Method(method.value)
-    metric = default_metric(chosen, tokenized)
+    metric = default_metric(method, tokenized)
     setup = PatchSetup(lm, tokenized, ablation=ablation, metric=metric)
     check_effect(setup)
     if top_k is not None and top_k > setup.graph.n_edges:
@@ -83,20 +75,20 @@ def circuit(
     store = _open_store(db)
     run_id = f"circuit-{uuid.uuid4().hex[:10]}"
     task_name = task_file.name or task.stem
-    config = {"model": model, "task": str(task), "method": chosen.value, "ablation": ablation.value,
+    config = {"model": model, "task": str(task), "method": method.value, "ablation": ablation.value,
               "metric": metric.value, "top_k": top_k, "threshold": threshold, "device": str(lm.device)}
     store.start_run(run_id, "circuit", config)
     _record_model(store, lm)
     checkpoint = None
-    if chosen is Method.ACDC:
+    if method is Method.ACDC:
         tau_key = threshold if threshold is not None else "default"
         checkpoint = cache_root() / "circuits" / f"acdc-{setup.fingerprint()}-{tau_key}.json"
     try:
-        circ = find_circuit(setup, chosen, top_k=top_k, threshold=threshold, checkpoint=checkpoint)
+        circ = find_circuit(setup, method, top_k=top_k, threshold=threshold, checkpoint=checkpoint)
     except BaseException:
         store.finish_run(run_id, "interrupted", {"checkpoint": str(checkpoint) if checkpoint else None})
         raise
-    circuit_id = _circuit_id(lm.model_id, setup.fingerprint(), chosen.value, top_k, circ.threshold)
+    circuit_id = _circuit_id(lm.model_id, setup.fingerprint(), method.value, top_k, circ.threshold)
     _store_circuit(store, circuit_id, run_id, lm.model_id, task_name, str(task), circ)
     store.finish_run(run_id, "done", {"circuit_id": circuit_id, "n_edges": circ.n_edges,
                                       "n_edges_total": len(circ.scores.edges), "faithfulness": circ.faithfulness})
@@ -136,9 +128,9 @@ def _store_circuit(store: Any, circuit_id: str, run_id: str, model_id: str, task
     }
     edges = []
     for i, name in enumerate(s.edges):
-        src, dst = name.split("->")
-        dst_node = dst[:-2] if dst[-2:] in (".q", ".k", ".v") else dst
-        edges.append({"circuit_id": circuit_id, "edge": name, "src": src, "dst": dst_node, "score": s.scores[i],
+        edge = Edge.parse(name)
+        edges.append({"circuit_id": circuit_id, "edge": name, "src": str(edge.src), "dst": str(edge.dst),
+                      "score": s.scores[i],
                       "in_circuit": circ.in_circuit[i], "rank": ranks[i]})
     with store.transaction() as con:
         con.execute("delete from circuit_edges where circuit_id = ?", [circuit_id])
@@ -163,7 +155,7 @@ def _show(circ: Any, task_name: str) -> None:
         con.print(f"[yellow]{circ.note}[/yellow]")
     table = Table("rank", "edge", "score")
     ranks = circ.ranks()
-    kept = sorted((i for i, k in enumerate(circ.in_circuit) if k), key=lambda i: ranks[i])
+    kept = circ.kept_by_rank()
     for i in kept[:_SHOWN]:
         table.add_row(str(ranks[i]), s.edges[i], f"{s.scores[i]:+.4g}")
     con.print(table)

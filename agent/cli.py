@@ -418,8 +418,7 @@ def _demo_circuits(store: Any, run_id: str, lm: Any, built: Any) -> list[dict[st
         circ = find_circuit(setup, Method.EAP_IG)
         circuit_id = _circuit_id(lm.model_id, setup.fingerprint(), Method.EAP_IG.value, None, circ.threshold)
         _store_circuit(store, circuit_id, run_id, lm.model_id, task, str(path), circ)
-        ranks = circ.ranks()
-        top = sorted((i for i, k in enumerate(circ.in_circuit) if k), key=lambda i: ranks[i])[:5]
+        top = circ.kept_by_rank()[:5]
         found.append({"task": task, "circuit_id": circuit_id, "n_edges": circ.n_edges,
                       "n_edges_total": len(circ.scores.edges), "faithfulness": round(circ.faithfulness, 3),
                       "top_edges": [circ.scores.edges[i] for i in top]})

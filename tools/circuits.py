@@ -44,7 +44,6 @@ import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +51,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from autoexplain.tools.errors import InputError
-from autoexplain.tools.patching import (Ablation, Metric, PatchSetup, PatchType, TaskArgs, default_metric_for,
-                                        load_task_for, summary_fit)
+from autoexplain.tools.patching import (Ablation, Metric, PatchSetup, PatchType, TaskArgs, check_effect,
+                                        default_metric_for, load_task_for, summary_fit)
 from autoexplain.tools.registry import Cost, ToolContext, ToolOutput, ToolSpec
+from autoexplain.tools.vocab import Method
 
 #: Default selection threshold: keep edges whose |score| is at least 2 % of |m(M) - m(∅)| (ACDC: τ likewise).
 DEFAULT_THRESHOLD = 0.02
@@ -66,12 +66,6 @@ CHECKPOINT_FORMAT = 1
 #: Below these |m(M) - m(∅)| the ablation hardly moves the metric: edge scores and faithfulness ratios are then
 #: dominated by noise (a model that does not do the task, or corrupt prompts that do not change it).
 WEAK_EFFECT: dict[Metric, float] = {Metric.LOGIT_DIFF: 0.1, Metric.ANSWER_PROB: 0.01, Metric.KL: 0.01}
-
-
-class Method(StrEnum):
-    EAP = "eap"
-    EAP_IG = "eap-ig"
-    ACDC = "acdc"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -154,13 +148,6 @@ def score_edges(setup: PatchSetup, method: Method | str, config: SearchConfig | 
     """Score every edge of ``setup``'s graph with ``method``."""
     check_effect(setup)
     return METHODS[Method(method)](setup, config or SearchConfig())
-
-
-def check_effect(setup: PatchSetup) -> None:
-    if not math.isfinite(setup.effect) or abs(setup.effect) < 1e-9:
-        raise InputError(f"patching every edge does not change the metric ({setup.metric.value}: clean "
-                         f"{setup.m_clean:.4g}, all {setup.ablation.value}-ablated {setup.m_ablated:.4g}): there is "
-                         "nothing to explain; use corrupt prompts that change the answer, or another metric")
 
 
 def effect_note(setup: PatchSetup) -> str:
@@ -358,13 +345,6 @@ def faithfulness_curve(setup: PatchSetup, scores: EdgeScores,
     return points
 
 
-def curve_area(points: Sequence[CurvePoint]) -> float:
-    """Area under faithfulness vs fraction of edges (trapezoids over the measured points; MIB's CPR)."""
-    xs = [p.percent / 100 for p in points]
-    ys = [p.faithfulness for p in points]
-    return float(sum((xs[i + 1] - xs[i]) * (ys[i + 1] + ys[i]) / 2 for i in range(len(xs) - 1)))
-
-
 # ============================================================================= a whole search
 class Circuit(BaseModel):
     """A found circuit: every edge's score, which edges are in, and how faithful the circuit is."""
@@ -384,6 +364,11 @@ class Circuit(BaseModel):
     @property
     def n_edges(self) -> int:
         return sum(self.in_circuit)
+
+    def kept_by_rank(self) -> list[int]:
+        """Indices of the circuit's edges, strongest first."""
+        ranks = self.ranks()
+        return sorted((i for i, k in enumerate(self.in_circuit) if k), key=lambda i: ranks[i])
 
     def ranks(self) -> list[int]:
         """1-based rank of every edge by |score|."""
@@ -490,7 +475,7 @@ def circuit_search(ctx: ToolContext, args: CircuitSearchIn) -> CircuitSearchOut:
     circ = find_circuit(setup, args.method, top_k=args.top_k, threshold=args.threshold, steps=args.steps,
                         curve=args.curve)
     ranks = circ.ranks()
-    kept = sorted((i for i, k in enumerate(circ.in_circuit) if k), key=lambda i: ranks[i])
+    kept = circ.kept_by_rank()
     s = circ.scores
     return CircuitSearchOut(method=s.method, ablation=s.ablation, metric=s.metric, n_edges_total=len(s.edges),
                             n_edges=circ.n_edges,

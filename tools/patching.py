@@ -90,6 +90,7 @@ norm after attention) and grouped-query attention are refused.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -854,11 +855,21 @@ def patch_nodes(setup: PatchSetup, kind: SiteKind | str, *, direction: Direction
     base = base_total / setup.n_prompts
     other = setup.m_ablated if direction is Direction.NOISING else setup.m_clean
     span = other - base
+    if abs(span) <= 1e-12:
+        check_effect(setup)  # raises: effects would be 0/0, not 0
     effects = [NodeEffect(site=str(s), position=p, value=float(v) / setup.n_prompts,
-                          effect=(float(v) / setup.n_prompts - base) / span if abs(span) > 1e-12 else 0.0)
+                          effect=(float(v) / setup.n_prompts - base) / span)
                for (s, p), v in zip(exps, totals.tolist(), strict=True)]
     return NodePatching(kind=kind, direction=direction, ablation=setup.ablation, metric=setup.metric,
                         effects=effects, base=base, other=other)
+
+
+def check_effect(setup: PatchSetup) -> None:
+    """Refuse a setup where ablating everything does not move the metric: every ratio would be 0/0."""
+    if not math.isfinite(setup.effect) or abs(setup.effect) < 1e-9:
+        raise InputError(f"patching every edge does not change the metric ({setup.metric.value}: clean "
+                         f"{setup.m_clean:.4g}, all {setup.ablation.value}-ablated {setup.m_ablated:.4g}): there is "
+                         "nothing to explain; use corrupt prompts that change the answer, or another metric")
 
 
 def _capture_sites(setup: PatchSetup, tokens: torch.Tensor, attn: torch.Tensor,
@@ -1081,6 +1092,7 @@ def edge_patching(ctx: ToolContext, args: EdgePatchingIn) -> EdgePatchingOut:
     task = load_task_for(lm, args)
     setup = PatchSetup(lm, task, ablation=args.ablation, metric=args.metric or default_metric_for(task),
                        position=args.position)
+    check_effect(setup)  # a fraction of a zero effect is undefined, not 0
     if edge_ids is not None:
         value, kind, n = setup.evaluate(g.mask(edge_ids)), PatchType.EDGE, len(set(edge_ids))
     else:
@@ -1089,7 +1101,7 @@ def edge_patching(ctx: ToolContext, args: EdgePatchingIn) -> EdgePatchingOut:
     span = setup.m_ablated - setup.m_clean
     return EdgePatchingOut(patch_type=kind, ablation=setup.ablation, metric=setup.metric, n_patched=n, value=value,
                            m_clean=setup.m_clean, m_ablated=setup.m_ablated,
-                           fraction=(value - setup.m_clean) / span if abs(span) > 1e-12 else 0.0)
+                           fraction=(value - setup.m_clean) / span)
 
 
 TOOLS = (

@@ -143,6 +143,14 @@ class Direction(StrEnum):
     DENOISING = "denoising"
 
 
+class Method(StrEnum):
+    """Circuit search methods (catalogue in :mod:`autoexplain.tools.circuits`)."""
+
+    EAP = "eap"
+    EAP_IG = "eap-ig"
+    ACDC = "acdc"
+
+
 # ----------------------------------------------------------------------------------------------- graph
 _NODE_RE = re.compile(r"^(embed|logits|a(\d+)\.(\d+)|m(\d+))$")
 _EDGE_RE = re.compile(r"^(?P<src>[^-]+)->(?P<dst>[a-z0-9.]+?)(?:\.(?P<qkv>[qkv]))?$")
