@@ -36,8 +36,11 @@ def circuit(
         db: Annotated[Path | None, typer.Option("--db", help="DuckDB file (default: $AUTOEXPLAIN_DB or "
                                                              "./autoexplain.duckdb)")] = None,
         device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N (default: cuda if present)")] = None,
+        policy: Annotated[str, typer.Option("--policy", help="offline (default) or llm")] = "offline",
+        llm_model: Annotated[str | None, typer.Option("--llm-model", help="model at the OpenAI-compatible "
+                                                                          "endpoint (policy llm)")] = None,
 ) -> None:
-    """Find the edges that carry a task's behaviour, measure the circuit's faithfulness, and store it.
+    """Find the edges that carry a task's behaviour with the agent, explain and score the circuit, store it.
 
     Scores every edge of the model's graph (EAP-IG by default), keeps the top-k or those above a threshold, and
     reports faithfulness (m(C) - m(∅)) / (m(M) - m(∅)) with everything outside the circuit ablated. The metric is
@@ -52,8 +55,7 @@ def circuit(
     if threshold is not None and threshold < 0:
         raise InputError(f"--threshold must be >= 0 (a fraction of |m(M) - m(∅)|), got {threshold}")
 
-    from autoexplain.tools.cache import cache_root
-    from autoexplain.tools.circuits import check_effect, default_metric, find_circuit
+    from autoexplain.tools.circuits import check_effect, default_metric
     from autoexplain.tools.data import load_task_file, tokenize_task
     from autoexplain.tools.models import load_model
     from autoexplain.tools.patching import PatchSetup
@@ -70,32 +72,33 @@ def circuit(
     if top_k is not None and top_k > setup.graph.n_edges:
         raise InputError(f"--top-k {top_k} is more than the model's {setup.graph.n_edges} edges")
 
-    from autoexplain.agent.cli import _open_store
+    from autoexplain.agent.run_cli import _plan, execute
 
-    store = _open_store(db)
-    run_id = f"circuit-{uuid.uuid4().hex[:10]}"
-    task_name = task_file.name or task.stem
-    config = {"model": model, "task": str(task), "method": method.value, "ablation": ablation.value,
-              "metric": metric.value, "top_k": top_k, "threshold": threshold, "device": str(lm.device)}
-    store.start_run(run_id, "circuit", config)
-    _record_model(store, lm)
-    checkpoint = None
-    if method is Method.ACDC:
-        tau_key = threshold if threshold is not None else "default"
-        checkpoint = cache_root() / "circuits" / f"acdc-{setup.fingerprint()}-{tau_key}.json"
-    try:
-        circ = find_circuit(setup, method, top_k=top_k, threshold=threshold, checkpoint=checkpoint)
-    except BaseException:
-        store.finish_run(run_id, "interrupted", {"checkpoint": str(checkpoint) if checkpoint else None})
-        raise
-    circuit_id = _circuit_id(lm.model_id, setup.fingerprint(), method.value, top_k, circ.threshold)
-    _store_circuit(store, circuit_id, run_id, lm.model_id, task_name, str(task), circ)
-    store.finish_run(run_id, "done", {"circuit_id": circuit_id, "n_edges": circ.n_edges,
-                                      "n_edges_total": len(circ.scores.edges), "faithfulness": circ.faithfulness})
-    _show(circ, task_name)
+    plan = _plan({"name": "circuit", "model": model, "policy": policy, "llm_model": llm_model, "device": device,
+                  "items": [{"circuit": {"task": str(task), "method": method.value, "ablation": ablation.value,
+                                         "top_k": top_k, "threshold": threshold}}]})
+    res, store, _ = execute(plan, db, kind="circuit")
     from autoexplain.agent.cli import _console
 
-    _console().print(f"database: {store.path.resolve()}  (run {run_id}, circuit {circuit_id})")
+    con = _console()
+    for o in res.outcomes:
+        if o.error:
+            raise InputError(f"circuit search for {o.target} failed: {o.error}")
+        circ = _found_circuit(store, o.item_id)
+        _show(circ, o.target)
+        con.print(f"[bold]explanation[/bold] ({o.status.value}): {o.text}")
+        con.print("scores: " + ", ".join(f"{k} {v:.3f}" for k, v in o.scores.items() if v is not None))
+        cid = store.query("select circuit_id from circuits where item_id = ?", [o.item_id])[1]
+        con.print(f"database: {store.path.resolve()}  (run {res.run_id}, circuit {cid[0][0] if cid else '-'})")
+
+
+def _found_circuit(store: Any, item_id: str) -> Any:
+    """The Circuit an item's circuit_search call found (from the tool cache)."""
+    from autoexplain.tools.circuits import CircuitSearchOut
+
+    rows = store.query("select c.output from tool_calls t join tool_cache c using (cache_key) where t.item_id = ? "
+                       "and t.tool = 'circuit_search' order by t.created_at desc limit 1", [item_id])[1]
+    return CircuitSearchOut.model_validate_json(rows[0][0]).circuit()
 
 
 def _record_model(store: Any, lm: Any) -> None:
@@ -111,13 +114,13 @@ def _circuit_id(model_id: str, fingerprint: str, method: str, top_k: int | None,
 
 
 def _store_circuit(store: Any, circuit_id: str, run_id: str, model_id: str, task_name: str, task_path: str,
-                   circ: Any) -> None:
+                   circ: Any, *, item_id: str | None = None) -> None:
     from datetime import datetime, timezone
 
     s = circ.scores
     ranks = circ.ranks()
     row = {
-        "circuit_id": circuit_id, "run_id": run_id, "item_id": None, "model_id": model_id, "task": task_name,
+        "circuit_id": circuit_id, "run_id": run_id, "item_id": item_id, "model_id": model_id, "task": task_name,
         "method": s.method.value, "ablation": s.ablation.value, "patch_type": s.patch_type.value,
         "metric": s.metric.value, "threshold": circ.threshold, "top_k": circ.top_k, "n_edges_total": len(s.edges),
         "n_edges": circ.n_edges, "faithfulness": circ.faithfulness,

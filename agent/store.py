@@ -30,6 +30,7 @@ import contextlib
 import json
 import os
 import random
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -232,8 +233,63 @@ _V2 = (
     )""",
 )
 
+_V3 = (
+    """create table tool_cache (
+        cache_key varchar primary key,      -- sha256 of (model, SAEs, tool, canonical arguments)
+        tool varchar not null,
+        output json not null,               -- the tool's full output model, as JSON
+        created_at timestamp not null
+    )""",
+    """create table llm_calls (
+        llm_call_id varchar primary key,
+        run_id varchar not null,
+        item_id varchar,
+        purpose varchar not null,           -- plan | explain | judge ...
+        model varchar not null,
+        attempt integer not null,
+        ok boolean not null,
+        cached boolean not null default false,
+        prompt_tokens integer,
+        completion_tokens integer,
+        duration_s double,
+        finish_reason varchar,
+        error varchar,                      -- never holds an API key
+        request_hash varchar,
+        created_at timestamp not null
+    )""",
+    """create table llm_cache (
+        request_hash varchar primary key,   -- sha256 of (model, messages, tools, response format)
+        response json not null,             -- the completion as the API returned it
+        created_at timestamp not null
+    )""",
+    """alter table explanations add column overall double""",
+    """alter table explanations add column judge varchar""",
+    """drop view best_explanations""",
+    # the final explanation of each target (the agent's choice), else the best by overall score; one row per
+    # target and judge, so explanations scored by different judges are never compared
+    """create view best_explanations as
+        with s as (
+            select explanation_id, details->>'judge' as judge,
+                   max(value) filter (where metric = 'correctness') as correctness,
+                   max(value) filter (where metric = 'completeness') as completeness,
+                   max(value) filter (where metric = 'succinctness') as succinctness
+            from scores group by all
+        ), ranked as (
+            select e.target, e.explanation_id, e.text, e.author, e.causal_level, coalesce(s.judge, e.judge) as judge,
+                   s.correctness, s.completeness, s.succinctness, e.overall, e.is_final, e.budget_limited,
+                   e.run_id, e.created_at,
+                   row_number() over (partition by e.target, coalesce(s.judge, e.judge)
+                                      order by e.is_final desc, e.overall desc nulls last,
+                                               s.correctness desc nulls last, e.created_at desc) as rk
+            from explanations e left join s using (explanation_id)
+        )
+        select * exclude (rk) from ranked where rk = 1""",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (Migration(1, "initial schema", _V1),
-                                     Migration(2, "judgements: one row per per-example judge decision", _V2))
+                                     Migration(2, "judgements: one row per per-example judge decision", _V2),
+                                     Migration(3, "agent: tool cache, LLM calls and cache, overall scores, "
+                                                  "best_explanations per judge", _V3))
 
 #: Each table the schema promises (DESIGN §7) and its primary key; tests and the README list them.
 PRIMARY_KEYS: dict[str, tuple[str, ...]] = {
@@ -241,7 +297,8 @@ PRIMARY_KEYS: dict[str, tuple[str, ...]] = {
     "saes": ("sae_id",), "features": ("sae_id", "feature_index"),
     "feature_examples": ("sae_id", "feature_index", "kind", "example_id"), "hypotheses": ("hypothesis_id",),
     "explanations": ("explanation_id",), "scores": ("score_id",), "circuits": ("circuit_id",),
-    "circuit_edges": ("circuit_id", "edge"), "judgements": ("judgement_id",),
+    "circuit_edges": ("circuit_id", "edge"), "judgements": ("judgement_id",), "tool_cache": ("cache_key",),
+    "llm_calls": ("llm_call_id",), "llm_cache": ("request_hash",),
 }
 TABLES = tuple(PRIMARY_KEYS)
 
@@ -267,13 +324,22 @@ def connect(path: Path, *, read_only: bool, timeout_s: float = 30.0,
     Raises :class:`InputError` if the file is not a DuckDB database, or if the lock is not released within
     ``timeout_s`` (naming the process that holds it).
     """
+    con = open_connection(path, read_only=read_only, timeout_s=timeout_s, external_access=external_access)
+    try:
+        yield con
+    finally:
+        con.close()
+
+
+def open_connection(path: Path, *, read_only: bool, timeout_s: float = 30.0,
+                    external_access: bool = True) -> duckdb.DuckDBPyConnection:
+    """:func:`connect` without the context manager: the caller closes the connection."""
     deadline = time.monotonic() + timeout_s
     delay = 0.005
     while True:
         try:
-            con = duckdb.connect(str(path), read_only=read_only,
-                                 config={} if external_access else {"enable_external_access": False})
-            break
+            return duckdb.connect(str(path), read_only=read_only,
+                                  config={} if external_access else {"enable_external_access": False})
         except duckdb.IOException as exc:
             if "not a valid duckdb database" in str(exc).lower():
                 raise InputError(f"--db {str(path)!r} exists but is not a DuckDB database: pass a new file "
@@ -286,10 +352,45 @@ def connect(path: Path, *, read_only: bool, timeout_s: float = 30.0,
                                  "try again when it finishes") from None
             time.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 0.2)
+
+
+# ----------------------------------------------------------------------------- readers waiting
+#: A reader's request is ignored once this old (a reader killed mid-wait leaves its file behind).
+READER_STALE_S = 60.0
+
+
+def _readers_dir(path: Path) -> Path:
+    return path.with_name(path.name + ".readers")
+
+
+@contextlib.contextmanager
+def announce_reader(path: Path) -> Iterator[None]:
+    """Tell a writer holding ``path`` (see :meth:`Store.hold`) that a reader waits: it lets go of the file."""
+    d = _readers_dir(path)
+    f = d / f"{os.getpid()}-{random.getrandbits(48):012x}"
     try:
-        yield con
+        d.mkdir(exist_ok=True)
+        f.touch()
+    except OSError:  # a read-only folder: the writer will let go when idle anyway
+        f = None
+    try:
+        yield
     finally:
-        con.close()
+        if f is not None:
+            with contextlib.suppress(OSError):
+                f.unlink()
+            with contextlib.suppress(OSError):  # leave no folder behind (fails while other readers wait)
+                d.rmdir()
+
+
+def readers_waiting(path: Path) -> bool:
+    d = _readers_dir(path)
+    try:
+        now = time.time()
+        with os.scandir(d) as it:
+            return any(now - e.stat().st_mtime < READER_STALE_S for e in it)
+    except OSError:
+        return False
 
 
 def _jsonable(value: Any) -> Any:
@@ -308,6 +409,10 @@ class Store:
     def __init__(self, path: str | Path | None = None, *, timeout_s: float = 30.0) -> None:
         self.path = Path(path) if path is not None else default_db_path()
         self.timeout_s = timeout_s
+        self._held: duckdb.DuckDBPyConnection | None = None  # see hold()
+        self._holding = False
+        self._lock = threading.RLock()
+        self._last_use = 0.0
         if self.path.exists() and self.path.is_dir():
             raise InputError(f"--db {str(self.path)!r} is a directory: pass a file path such as results.duckdb")
         if not self.path.parent.exists():
@@ -319,6 +424,20 @@ class Store:
     @contextlib.contextmanager
     def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """A read-write connection inside one transaction; committed on success, rolled back on error."""
+        if self._holding:
+            with self._lock:
+                con = self._held_connection()
+                try:
+                    con.execute("begin transaction")
+                    try:
+                        yield con
+                    except BaseException:
+                        con.execute("rollback")
+                        raise
+                    con.execute("commit")
+                finally:
+                    self._last_use = time.monotonic()
+            return
         with connect(self.path, read_only=False, timeout_s=self.timeout_s) as con:
             con.execute("begin transaction")
             try:
@@ -327,6 +446,59 @@ class Store:
                 con.execute("rollback")
                 raise
             con.execute("commit")
+
+    @contextlib.contextmanager
+    def hold(self, idle_s: float = 0.25) -> Iterator[Store]:
+        """Keep one read-write connection open across writes and reads (a run's many small transactions).
+
+        Opening and closing the file costs ~40 ms on a 2-core machine (closing checkpoints the WAL), against
+        ~7 ms for a small transaction on an open connection. But a held file locks every other process out,
+        ``autoexplain sql`` included, so the connection is let go (a) after ``idle_s`` without use, by a
+        background thread, and (b) as soon as a reader announces itself (:func:`announce_reader`, which
+        :func:`run_query` does): the next write finds the request, closes the file and waits (at most 2 s) for
+        the readers to finish. Reads through :meth:`query` use the held connection.
+        """
+        self._holding = True
+        stop = threading.Event()
+
+        def closer() -> None:
+            while not stop.wait(0.05):
+                if self._held is None or not self._lock.acquire(blocking=False):
+                    continue
+                try:
+                    idle = time.monotonic() - self._last_use > idle_s
+                    if self._held is not None and (idle or readers_waiting(self.path)):
+                        self._held.close()
+                        self._held = None
+                finally:
+                    self._lock.release()
+
+        thread = threading.Thread(target=closer, name="autoexplain-store-closer", daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            stop.set()
+            thread.join()
+            with self._lock:
+                self._holding = False
+                if self._held is not None:
+                    self._held.close()
+                    self._held = None
+
+    def _held_connection(self) -> duckdb.DuckDBPyConnection:
+        """The held connection (under ``_lock``), reopened after readers waiting have had their turn."""
+        if readers_waiting(self.path):
+            if self._held is not None:
+                self._held.close()
+                self._held = None
+            deadline = time.monotonic() + 2.0
+            while readers_waiting(self.path) and time.monotonic() < deadline:
+                time.sleep(0.005)
+        if self._held is None:
+            self._held = open_connection(self.path, read_only=False, timeout_s=self.timeout_s)
+        self._last_use = time.monotonic()
+        return self._held
 
     # -- schema ---------------------------------------------------------------------------------------
     def _migrate(self) -> None:
@@ -389,6 +561,15 @@ class Store:
     # -- reads ----------------------------------------------------------------------------------------
     def query(self, sql: str, params: Sequence[Any] | None = None) -> tuple[list[str], list[tuple[Any, ...]]]:
         """Run one read-only query; return (column names, rows)."""
+        if self._holding:
+            with self._lock:
+                try:
+                    cur = self._held_connection().execute(sql, list(params) if params else None)
+                    if cur is None or cur.description is None:
+                        return [], []
+                    return [d[0] for d in cur.description], cur.fetchall()
+                finally:
+                    self._last_use = time.monotonic()
         return run_query(self.path, sql, params, timeout_s=self.timeout_s)
 
     # -- runs -----------------------------------------------------------------------------------------
@@ -413,7 +594,7 @@ def run_query(path: Path, sql: str, params: Sequence[Any] | None = None, *,
     if not path.exists():
         raise InputError(f"no database at {str(path)!r}: run a command that writes one (e.g. autoexplain demo) "
                          "or pass --db PATH")
-    with connect(path, read_only=True, timeout_s=timeout_s, external_access=False) as con:
+    with announce_reader(path), connect(path, read_only=True, timeout_s=timeout_s, external_access=False) as con:
         try:
             cur = con.execute(sql, list(params) if params else None)
         except duckdb.Error as exc:

@@ -22,6 +22,18 @@ Scorers (all on the ``score`` side only)
   same number of randomly chosen non-firing tokens of the same context highlighted (truth no). The judge says
   whether the highlighted tokens are the ones that fire. Metric: balanced accuracy, [0, 1], 0.5 = chance. It
   measures whether the explanation identifies *which* tokens fire, not merely which contexts.
+* **simulation** — the judge predicts, from the explanation alone, the activation on every token (0–10) of the
+  same contexts detection uses (positives and negatives together); as in OpenAI's "Language models can explain
+  neurons in language models" (Bills et al., 2023; delphi's *simulation* scorer too). True activations are
+  normalised per feature to [0, 10] by their maximum over those contexts (negatives are all 0). Metric:
+  ``simulation_correlation`` = Pearson r between simulated and true activations over *all* tokens of the
+  successfully simulated contexts (activating and non-activating together, one long vector); range [−1, 1],
+  0 = chance, 1 = the explanation predicts where and how strongly it fires. None when either side is constant
+  (e.g. every simulation failed, or the judge predicted 0 everywhere). The lexical judge predicts 0/10, so it
+  cannot reproduce graded activations: even an exact description scores below 1 on a graded feature (0.88 on
+  the planted four-level animal feature, 0.93–0.96 on the two- and three-level ones, 1.0 on the one-token one).
+  A row per context goes to ``judgements`` (scorer ``simulation``: truth = the context activates, prediction =
+  some simulated value > 0, raw = the simulated values and the context's own r where defined).
 * **embedding** — cosine similarity (MiniLM) of the explanation to activating vs non-activating contexts; metric:
   ROC AUC, [0, 1], 0.5 = chance. Needs an :class:`~autoexplain.evals.judges.EmbeddingJudge` (passed as ``judge``
   or ``embedder``); None otherwise.
@@ -29,7 +41,13 @@ Scorers (all on the ``score`` side only)
 The three scores
 ----------------
 * **correctness** = detection balanced accuracy. High: the explanation predicts which contexts fire. A too-broad
-  explanation ("any word") gets TPR 1, TNR ≈ 0 → ≈ 0.5.
+  explanation ("any word") gets TPR 1, TNR ≈ 0 → ≈ 0.5. The simulation correlation is reported beside it as its
+  own metric (``simulation``), not folded in. Why not ``mean(BA, (1 + r)/2)``: the two live on different
+  scales (r = 0 is chance, but r's spread under chance depends on how many tokens fire, while BA's 0.5 does
+  not); r is capped below 1 for judges that cannot grade (lexical: 0/10) and for MiniLM on single tokens, so
+  mixing it in would penalise an exact description for its judge's limits, and a judge-dependent offset would
+  blur the known-answer tests (true ≫ false, broad ≈ 0.5) that make correctness interpretable. Read both:
+  correctness says *which contexts*, simulation says *which tokens and how strongly*.
 * **completeness** = ``½·R + ½·max(0, 2·F − 1)`` where ``R`` is the mean over activation-quantile bins of the
   detection recall on that bin's score-side ``quantile`` examples (weak bins count as much as strong ones), and
   ``F`` the fuzzing balanced accuracy, rescaled so that chance is 0. When one part is missing (no quantile
@@ -59,7 +77,14 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from autoexplain.evals.judges import EmbeddingJudge, Judge, Judgement, context_text
+from autoexplain.evals.judges import (
+    SIM_MAX,
+    EmbeddingJudge,
+    Judge,
+    Judgement,
+    Simulation,
+    context_text,
+)
 from pydantic import BaseModel, Field
 
 SUCCINCTNESS_L = 16.0
@@ -194,6 +219,22 @@ def roc_auc(pos: Sequence[float], neg: Sequence[float]) -> float | None:
     return wins / (len(pos) * len(neg))
 
 
+def pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Pearson correlation of two equal-length sequences; None if shorter than 2 or either is constant."""
+    if len(x) != len(y):
+        raise ValueError(f"pearson needs equal lengths, got {len(x)} and {len(y)}")
+    n = len(x)
+    if n < 2:
+        return None
+    mx, my = sum(x) / n, sum(y) / n
+    sxx = sum((a - mx) ** 2 for a in x)
+    syy = sum((b - my) ** 2 for b in y)
+    if sxx <= 1e-12 * n or syy <= 1e-12 * n:
+        return None
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y, strict=True))
+    return max(-1.0, min(1.0, sxy / math.sqrt(sxx * syy)))
+
+
 class FeatureScores(BaseModel):
     """The three scores of one explanation of one feature, the raw metrics behind them, and every judgement."""
 
@@ -212,11 +253,15 @@ class FeatureScores(BaseModel):
     quantile_recall_mean: float | None = None
     fuzzing_balanced_accuracy: float | None = None
     embedding_auc: float | None = None
+    simulation_correlation: float | None = Field(
+        default=None, description="Pearson r of simulated vs true (0–10 normalised) activations over all tokens")
     n_words: int = 0
     n_extra_disjuncts: int = 0
     n_detection: int = 0
     n_fuzzing: int = 0
     n_embedding: int = 0
+    n_simulation: int = 0
+    n_simulation_tokens: int = Field(default=0, description="tokens in the correlation (successful contexts)")
     n_failures: int = 0
     failure_rate: float = 0.0
     n_explain_examples: int = 0
@@ -229,7 +274,8 @@ class FeatureScores(BaseModel):
         details = {"judge": self.judge, "sae_id": self.sae_id, "feature_index": self.feature_index,
                    "split": "score", "n_failures": self.n_failures}
         metrics: list[tuple[str, float | None, int, dict[str, Any]]] = [
-            ("correctness", self.correctness, self.n_detection, {"from": "detection balanced accuracy"}),
+            ("correctness", self.correctness, self.n_detection,
+             {"from": "detection balanced accuracy", "simulation": self.simulation_correlation}),
             ("completeness", self.completeness, self.n_detection + self.n_fuzzing,
              {"quantile_recall": {str(k): v for k, v in self.quantile_recall.items()},
               "fuzzing": self.fuzzing_balanced_accuracy}),
@@ -241,19 +287,22 @@ class FeatureScores(BaseModel):
             ("quantile_recall", self.quantile_recall_mean, self.n_detection, {}),
             ("fuzzing", self.fuzzing_balanced_accuracy, self.n_fuzzing, {}),
             ("embedding_auc", self.embedding_auc, self.n_embedding, {}),
+            ("simulation", self.simulation_correlation, self.n_simulation,
+             {"tokens": self.n_simulation_tokens, "method": "pearson r, all tokens, truth normalised to [0,10]"}),
         ]
         return [{"score_id": _h(self.explanation_id, m, self.judge)[:24], "explanation_id": self.explanation_id,
                  "metric": m, "value": v, "n": n, "details": {**details, **extra}, "created_at": now}
                 for m, v, n, extra in metrics]
 
 
-def _judge_in_batches(fn: Any, items: list[Any], batch_size: int) -> list[Judgement]:
-    out: list[Judgement] = []
+def _judge_in_batches(fn: Any, items: list[Any], batch_size: int, failure: Any = Judgement.failure) -> list[Any]:
+    """``fn`` on consecutive chunks of ``items``; a chunk answered with the wrong count fails item by item."""
+    out: list[Any] = []
     for i in range(0, len(items), batch_size):
         chunk = items[i:i + batch_size]
         res = fn(chunk)
         if len(res) != len(chunk):  # a judge that miscounts: every item of the batch fails
-            res = [Judgement.failure(f"judge returned {len(res)} judgements for {len(chunk)} items")] * len(chunk)
+            res = [failure(f"judge returned {len(res)} answers for {len(chunk)} items")] * len(chunk)
         out.extend(res)
     return out
 
@@ -295,7 +344,8 @@ def score_explanation(explanation_text: str, examples: Sequence[Example | Mappin
     emb = embedder if embedder is not None else (judge if isinstance(judge, EmbeddingJudge) else None)
     for j in {id(x): x for x in (judge, emb) if isinstance(x, EmbeddingJudge)}.values():  # one encode call
         j.embed([explanation_text, *(e.text for e in exs),
-                 *(" ".join(t.strip() for t, a in zip(e.tokens, e.acts, strict=True) if a > 0) for e in exs)])
+                 *(" ".join(t.strip() for t, a in zip(e.tokens, e.acts, strict=True) if a > 0) for e in exs),
+                 *(t.strip() for e in exs for t in e.tokens if t.strip())])
     if isinstance(judge, EmbeddingJudge):  # calibrate on the explain side only
         cal_rng = random.Random(_h("calibrate", sae_id, feature_index, seed))
         ex_pos = [e for e in explain if e.activating]
@@ -304,6 +354,10 @@ def score_explanation(explanation_text: str, examples: Sequence[Example | Mappin
         judge.calibrate(explanation_text, [" ".join(t.strip() for t, a in zip(e.tokens, e.acts) if a > 0)
                                            for e in ex_pos],
                         [" ".join(t.strip() for t in _fuzz_tokens(e, cal_rng)[1]) for e in ex_pos], task="fuzzing")
+        judge.calibrate(explanation_text,
+                        [t.strip() for e in ex_pos for t, a in zip(e.tokens, e.acts, strict=True) if a > 0],
+                        [t.strip() for e in [*ex_pos, *ex_neg] for t, a in zip(e.tokens, e.acts, strict=True)
+                         if a <= 0 and t.strip()], task="simulation")
 
     rows: list[dict[str, Any]] = []
 
@@ -367,6 +421,12 @@ def score_explanation(explanation_text: str, examples: Sequence[Example | Mappin
                       [float(s) for (_, t), s in zip(items, sims, strict=True) if not t])
         n_emb = len(items)
 
+    # simulation: per-token activations predicted for the detection contexts, correlated with the truth
+    simulated = _judge_in_batches(lambda ch: judge.judge_simulation(explanation_text, [e.tokens for e, _ in ch]),
+                                  det_items, batch_size, failure=Simulation.failure)
+    sim_corr, n_sim_tokens = _simulation_rows(det_items, simulated,
+                                              lambda e, t, j: add("simulation", judge.name, e, t, j))
+
     fz_part = None if fz_ba is None else max(0.0, 2 * fz_ba - 1)
     parts = [p for p in (q_mean, fz_part) if p is not None]
     completeness = sum(parts) / len(parts) if parts else None
@@ -378,8 +438,37 @@ def score_explanation(explanation_text: str, examples: Sequence[Example | Mappin
         detection_balanced_accuracy=det_ba, detection_recall=recall, detection_specificity=specificity,
         quantile_recall=q_recall, quantile_recall_mean=q_mean, fuzzing_balanced_accuracy=fz_ba, embedding_auc=auc,
         n_words=words, n_extra_disjuncts=extra, n_detection=len(det_items), n_fuzzing=len(fz_items),
-        n_embedding=n_emb, n_failures=n_fail, failure_rate=n_fail / len(rows) if rows else 0.0,
+        n_embedding=n_emb, simulation_correlation=sim_corr, n_simulation=len(det_items),
+        n_simulation_tokens=n_sim_tokens, n_failures=n_fail, failure_rate=n_fail / len(rows) if rows else 0.0,
         n_explain_examples=len(explain), n_score_examples=len(scored), judgements=rows)
+
+
+def _simulation_rows(items: Sequence[tuple[Example, bool]], sims: Sequence[Simulation], add: Any
+                     ) -> tuple[float | None, int]:
+    """Record one judgement row per simulated context (via ``add``) and return (Pearson r, tokens used).
+
+    Truth is normalised to [0, 10] by the maximum activation over ``items``; a context whose simulation failed,
+    or whose length does not match its tokens, contributes nothing. A row's prediction is "fires somewhere"
+    (max simulated value > 0); its raw keeps the simulated values (1 decimal) and the context's own r if defined.
+    """
+    top = max((max(e.acts, default=0.0) for e, _ in items), default=0.0)
+    scale = SIM_MAX / top if top > 0 else 0.0
+    pred_all: list[float] = []
+    true_all: list[float] = []
+    for (e, t), s in zip(items, sims, strict=True):
+        if s.ok and s.values is not None and len(s.values) != len(e.acts):
+            s = Simulation.failure(f"simulated {len(s.values)} values for {len(e.acts)} tokens", **s.raw)
+        if not s.ok or s.values is None:
+            add(e, t, Judgement.failure(s.error or "simulation failed", **s.raw))
+            continue
+        truth = [max(0.0, a) * scale for a in e.acts]
+        pred_all += s.values
+        true_all += truth
+        r = pearson(s.values, truth)
+        raw = {**s.raw, "values": [round(v, 1) for v in s.values], **({"correlation": round(r, 5)} if r is not None
+                                                                       else {})}
+        add(e, t, Judgement(prediction=max(s.values, default=0.0) > 0, raw=raw))
+    return pearson(pred_all, true_all), len(pred_all)
 
 
 def _fuzz_tokens(e: Example, rng: random.Random, *, positions: bool = False) -> tuple[list[Any], list[Any]]:

@@ -1,5 +1,6 @@
-"""Judges: given a feature explanation, say which contexts activate the feature (detection) and whether the
-highlighted tokens of a context are the ones where it fires (fuzzing).
+"""Judges: given a feature explanation, say which contexts activate the feature (detection), whether the
+highlighted tokens of a context are the ones where it fires (fuzzing), and how strongly it fires on each token
+(simulation).
 
 Three implementations share the :class:`Judge` interface:
 
@@ -15,8 +16,14 @@ Three implementations share the :class:`Judge` interface:
   (``ok=False``, ``prediction=None``) for every context of that call — never a default "no".
 
 A context is a list of token strings (as stored in ``feature_examples.tokens``, leading spaces included).
-Judges take batches (the scorers send 5 contexts per call, like delphi) and return one :class:`Judgement` per
-context, in order.
+Judges take batches (the scorers send 5 contexts per call, like delphi) and return one :class:`Judgement` (or,
+for simulation, one :class:`Simulation`) per context, in order.
+
+Simulation follows OpenAI's "Language models can explain neurons in language models" (Bills et al., 2023): from
+the explanation alone, predict the activation on every token of a context on a 0–10 scale; the scorer correlates
+the predictions with the true activations. Differences: the LLM judge states one integer per token (structured
+output) instead of the expected value over the logprobs of "0".."10"; the offline judges predict 0/10 (lexical)
+or a rescaled token–explanation similarity (embedding).
 """
 
 from __future__ import annotations
@@ -24,12 +31,13 @@ from __future__ import annotations
 import abc
 import functools
 import json
+import math
 import re
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 
 class Judgement(BaseModel):
@@ -51,6 +59,33 @@ class Judgement(BaseModel):
         return cls(prediction=None, ok=False, error=error[:2000], raw=raw)
 
 
+SIM_MAX = 10.0  # simulated activations lie in [0, SIM_MAX] (OpenAI's scale)
+
+
+class Simulation(BaseModel):
+    """A judge's simulated activations for one context: one value in [0, 10] per token, or a failure.
+
+    ``values`` is None exactly when ``ok`` is False (a failed simulation predicts nothing, never zeros).
+    """
+
+    values: list[float] | None
+    ok: bool = True
+    error: str | None = None
+    raw: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _values_iff_ok(self) -> Simulation:
+        if (self.values is None) == self.ok:
+            raise ValueError("a simulation has values exactly when ok is True (a failure predicts nothing)")
+        if self.values is not None and not all(math.isfinite(v) and 0.0 <= v <= SIM_MAX for v in self.values):
+            raise ValueError(f"simulated activations must be finite and in [0, {SIM_MAX:g}]")
+        return self
+
+    @classmethod
+    def failure(cls, error: str, **raw: Any) -> Simulation:
+        return cls(values=None, ok=False, error=error[:2000], raw=raw)
+
+
 class Judge(abc.ABC):
     """The interface every judge implements. ``name`` identifies it in the ``judgements`` table."""
 
@@ -64,6 +99,11 @@ class Judge(abc.ABC):
     def judge_fuzzing(self, explanation: str, contexts: Sequence[Sequence[str]],
                       highlights: Sequence[Sequence[int]]) -> list[Judgement]:
         """For each context: are the tokens at positions ``highlights[i]`` the ones where the feature fires?"""
+
+    @abc.abstractmethod
+    def judge_simulation(self, explanation: str, contexts: Sequence[Sequence[str]]) -> list[Simulation]:
+        """For each context: the feature's activation on each of its tokens, predicted from ``explanation`` alone,
+        on a 0 (does not fire) to 10 (fires at its strongest) scale; one :class:`Simulation` per context."""
 
 
 def context_text(tokens: Sequence[str]) -> str:
@@ -112,15 +152,27 @@ def _stem(word: str) -> str:
     return w
 
 
-@functools.lru_cache(maxsize=1024)
-def lexical_terms(explanation: str) -> tuple[frozenset[str], bool, bool]:
+Lexicon = tuple[tuple[str, frozenset[str]], ...]
+
+
+def as_lexicon(categories: dict[str, frozenset[str]] | None) -> Lexicon | None:
+    """A hashable lexicon (category -> lower-cased members) for :func:`lexical_terms`; None = the built-in one."""
+    if categories is None:
+        return None
+    return tuple(sorted((k.lower(), frozenset(w.lower() for w in v)) for k, v in categories.items()))
+
+
+@functools.lru_cache(maxsize=4096)
+def lexical_terms(explanation: str, lexicon: Lexicon | None = None) -> tuple[frozenset[str], bool, bool]:
     """What the lexical judge reads from an explanation: (terms, matches_numbers, universal).
 
     Terms are lower-cased token strings without surrounding spaces. Quoted strings are always terms; words listed
-    after "such as", "e.g.", "like", "including", "the word(s)" are terms; category words add their members. If
-    nothing is found, the explanation's content words themselves are the terms (so "cat" matches ' cat').
+    after "such as", "e.g.", "like", "including", "the word(s)" are terms; category words add their members
+    (from ``lexicon``, default :data:`CATEGORIES`). If nothing is found, the explanation's content words
+    themselves are the terms (so "cat" matches ' cat').
     """
-    text = explanation.strip()
+    cats = dict(lexicon) if lexicon is not None else CATEGORIES
+    text = split_context(explanation)[0]
     terms: set[str] = set()
     numbers = False
     universal = bool(_UNIVERSAL.search(text))
@@ -139,14 +191,38 @@ def lexical_terms(explanation: str) -> tuple[frozenset[str], bool, bool]:
     words = re.findall(r"[A-Za-z]+", unquoted)
     for w in words:
         stem = _stem(w)
-        cat = _ALIASES.get(stem, stem)
-        if cat in CATEGORIES:
-            terms |= CATEGORIES[cat]
-            numbers |= cat == "number"
+        for cat in {stem, _ALIASES.get(stem, stem)}:
+            if cat in cats:
+                terms |= cats[cat]
+                numbers |= cat == "number"
     if not terms and not numbers and not universal:
         terms = {w.lower() for w in words if w.lower() not in _STOP}
         terms |= {_stem(t) for t in terms}
     return frozenset(terms), numbers, universal
+
+
+_CONTEXT = re.compile(r"\s+(?:right\s+|directly\s+|immediately\s+)?(?:after|following|preceded\s+by)\s+",
+                      re.IGNORECASE)
+
+
+def split_context(explanation: str) -> tuple[str, str | None]:
+    """(what fires, the preceding-token clause or None): "colour words after 'The' or 'a'" → ("colour words",
+    "'The' or 'a'"). Only the first "after" / "following" / "preceded by" counts."""
+    text = explanation.strip()
+    m = _CONTEXT.search(text)
+    if m is None:
+        return text, None
+    return text[: m.start()].strip(), text[m.end():].strip()
+
+
+@functools.lru_cache(maxsize=4096)
+def lexical_context(explanation: str, lexicon: Lexicon | None = None) -> frozenset[str] | None:
+    """The tokens that must come right before a firing token (the "after 'X'" clause), or None for no condition."""
+    clause = split_context(explanation)[1]
+    if clause is None:
+        return None
+    terms, _, _ = lexical_terms(clause, lexicon)
+    return terms or None
 
 
 def _token_matches(token: str, terms: frozenset[str], numbers: bool, universal: bool) -> bool:
@@ -160,39 +236,91 @@ def _token_matches(token: str, terms: frozenset[str], numbers: bool, universal: 
     return t in terms or _stem(t) in terms
 
 
+def _multiword_positions(tokens: Sequence[str], terms: frozenset[str]) -> set[int]:
+    """Positions of the tokens that overlap an occurrence of a multi-word term in the context's text."""
+    multi = [t for t in terms if " " in t]
+    if not multi:
+        return set()
+    text = context_text(tokens).lower()
+    starts, pos = [], 0
+    for t in tokens:
+        starts.append(pos)
+        pos += len(t)
+    hit: set[int] = set()
+    for term in multi:
+        for m in re.finditer(rf"(?<!\w){re.escape(term)}(?!\w)", text):
+            hit |= {i for i, (a, t) in enumerate(zip(starts, tokens, strict=True))
+                    if a < m.end() and a + len(t) > m.start() and t.strip()}
+    return hit
+
+
 class LexicalJudge(Judge):
     """Token-matching judge (offline, deterministic). See the module docstring for what it can read.
 
+    Context: an explanation ending in "after 'X' or 'Y'" (also "following", "preceded by") fires only on
+    matching tokens right after X or Y: "colour words after 'The'" reads 'The red' as firing and ', red' not.
+
     Detection: yes iff some token of the context (or a multi-word term in the context's text) matches.
     Fuzzing: yes iff at least ``fuzz_fraction`` of the highlighted tokens match.
+    Simulation: 10 on every matching token (and on the tokens of a matching multi-word term), 0 elsewhere. It
+    cannot grade: a feature whose activation varies between the tokens it names is simulated as flat, so its
+    correlation stays below 1 even for the exact description.
     """
 
     name = "lexical"
 
-    def __init__(self, fuzz_fraction: float = 0.5) -> None:
+    def __init__(self, fuzz_fraction: float = 0.5, *, lexicon: dict[str, frozenset[str]] | None = None) -> None:
+        """``lexicon``: category -> member words it reads category names with (default :data:`CATEGORIES`);
+        a custom one shows in the judge's name (``lexical:<hash>``), so scores from different lexicons are
+        never mixed up."""
         self.fuzz_fraction = fuzz_fraction
+        self.lexicon = as_lexicon(lexicon)
+        if self.lexicon is not None:
+            import hashlib
+
+            digest = hashlib.sha256(repr(self.lexicon).encode()).hexdigest()[:8]
+            self.name = f"lexical:{digest}"
+
+    def _terms(self, explanation: str) -> tuple[frozenset[str], bool, bool]:
+        return lexical_terms(explanation, self.lexicon)
+
+    def _positions(self, explanation: str, tokens: Sequence[str]) -> set[int]:
+        """Positions the explanation says fire: matching tokens (and multi-word terms), and when the explanation
+        has an "after 'X'" clause, only those right after a token the clause names."""
+        terms, numbers, universal = self._terms(explanation)
+        hit = {i for i, t in enumerate(tokens) if _token_matches(t, terms, numbers, universal)}
+        hit |= _multiword_positions(tokens, terms)
+        before = lexical_context(explanation, self.lexicon)
+        if before is not None:
+            hit = {i for i in hit if i > 0 and _token_matches(tokens[i - 1], before, False, False)}
+        return hit
 
     def judge_detection(self, explanation: str, contexts: Sequence[Sequence[str]]) -> list[Judgement]:
-        terms, numbers, universal = lexical_terms(explanation)
-        multi = [t for t in terms if " " in t]
+        terms, numbers, universal = self._terms(explanation)
         out = []
         for tokens in contexts:
-            hits = sorted({_norm(t) for t in tokens if _token_matches(t, terms, numbers, universal)})
-            text = context_text(tokens).lower()
-            hits += [t for t in multi if re.search(rf"(?<!\w){re.escape(t)}(?!\w)", text)]
+            hits = sorted({_norm(tokens[i]) for i in self._positions(explanation, tokens)})
             out.append(Judgement(prediction=bool(hits), raw={"matched": hits[:20]}))
         return out
 
     def judge_fuzzing(self, explanation: str, contexts: Sequence[Sequence[str]],
                       highlights: Sequence[Sequence[int]]) -> list[Judgement]:
-        terms, numbers, universal = lexical_terms(explanation)
         out = []
         for tokens, hl in zip(contexts, highlights, strict=True):
             marked = [tokens[i] for i in hl]
-            hit = [t for t in marked if _token_matches(t, terms, numbers, universal)]
+            fire = self._positions(explanation, tokens)
+            hit = [tokens[i] for i in hl if i in fire]
             frac = len(hit) / len(marked) if marked else 0.0
             out.append(Judgement(prediction=bool(marked) and frac >= self.fuzz_fraction,
                                  raw={"highlighted": marked[:20], "matched_fraction": round(frac, 4)}))
+        return out
+
+    def judge_simulation(self, explanation: str, contexts: Sequence[Sequence[str]]) -> list[Simulation]:
+        out = []
+        for tokens in contexts:
+            hit = self._positions(explanation, tokens)
+            out.append(Simulation(values=[SIM_MAX if i in hit else 0.0 for i in range(len(tokens))],
+                                  raw={"matched": sorted({_norm(tokens[i]) for i in hit})[:20]}))
         return out
 
 
@@ -205,6 +333,13 @@ BACKGROUND = (
     "Please send the file when you can.", "It was a quiet evening in the small town.",
     "The results will be published next year.", "We need to buy more paper for the printer.",
     "and then it was over", "of the in to on at by for with",
+)
+#: Generic single words: the uncalibrated *simulation* threshold is measured against these (simulation compares
+#: the explanation with one token at a time, whose similarities run lower than whole sentences').
+BACKGROUND_TOKENS = (
+    "the", "of", "and", "to", "in", "was", "he", "it", "for", "on", "with", "said", "time", "year", "then",
+    "about", "after", "over", "new", "just", "could", "would", "first", "other", "some", "very", "went", "made",
+    ".", ",",
 )
 
 
@@ -236,8 +371,19 @@ class EmbeddingJudge(Judge):
     3. otherwise ``mean + 2·std`` of the similarities between the explanation and :data:`BACKGROUND` (generic
        sentences): "clearly more related than unrelated text". Uncalibrated thresholds are crude: prefer 2.
 
+    Simulation embeds every token on its own (its text without surrounding spaces; blank tokens get 0) and maps
+    its similarity ``s`` to the explanation onto [0, 10] as ``10 · clip((s − t) / (1 − t), 0, 1)``, where ``t``
+    is the simulation threshold: calibrated like the others (task ``simulation``: the firing tokens of the
+    explain-split examples against their non-firing tokens), else ``mean + 2·std`` of the similarities to the
+    generic words of :data:`BACKGROUND_TOKENS`. Tokens below the threshold are predicted 0, tokens above it rise
+    linearly with similarity.
+
     Caveats: similarity of a short description to a noisy 30-token context is small and depends on context length;
-    MiniLM knows nothing about token positions, so fuzzing with it is weak.
+    MiniLM knows nothing about token positions, so fuzzing with it is weak. Simulation with it is cruder still:
+    MiniLM on one sub-word token has little to go on (" Mary" vs "people's names" is close, " ary" is not), it
+    sees no context (a token that fires only after "the" looks the same everywhere), and its similarity says how
+    related a word is, not how strongly the feature fires — expect modest correlations even for exact
+    descriptions.
     """
 
     def __init__(self, model_path: str | None = None, *, threshold: float | None = None) -> None:
@@ -291,7 +437,7 @@ class EmbeddingJudge(Judge):
             return self.threshold, "given"
         if (explanation, task) in self._calibrated:
             return self._calibrated[(explanation, task)], "calibrated on explain split"
-        sims = self.similarities(explanation, BACKGROUND)
+        sims = self.similarities(explanation, BACKGROUND_TOKENS if task == "simulation" else BACKGROUND)
         return float(sims.mean() + 2 * sims.std()), "background mean+2sd"
 
     def _judge(self, explanation: str, texts: Sequence[str], task: str) -> list[Judgement]:
@@ -309,12 +455,47 @@ class EmbeddingJudge(Judge):
         texts = [" ".join(c[i].strip() for i in h) for c, h in zip(contexts, highlights, strict=True)]
         return self._judge(explanation, texts, "fuzzing")
 
+    def judge_simulation(self, explanation: str, contexts: Sequence[Sequence[str]]) -> list[Simulation]:
+        thr, how = self.threshold_for(explanation, "simulation")
+        words = list(dict.fromkeys(t.strip() for c in contexts for t in c if t.strip()))
+        sim = dict(zip(words, (float(x) for x in self.similarities(explanation, words)), strict=True))
+        return [Simulation(values=[_rescale(sim[t.strip()], thr) if t.strip() else 0.0 for t in c],
+                           raw={"threshold": round(thr, 5), "threshold_from": how})
+                for c in contexts]
+
+
+def _rescale(similarity: float, threshold: float) -> float:
+    """``10 · clip((s − t) / (1 − t), 0, 1)``: 0 at or below the threshold, 10 at similarity 1."""
+    if threshold >= 1.0:
+        return 0.0
+    return SIM_MAX * min(1.0, max(0.0, (similarity - threshold) / (1.0 - threshold)))
+
 
 # ============================================================================= LLM
 class JudgeReply(BaseModel):
     """The structured reply asked of the LLM: one boolean per numbered context, in order."""
 
     answers: list[bool] = Field(description="one entry per numbered context, in order: true = yes")
+
+
+class SimulationReply(BaseModel):
+    """The structured simulation reply: per numbered text, one integer 0–10 per token, in order."""
+
+    # (The docstring above goes to the LLM as the schema's description.) Out-of-range or non-integer values fail
+    # validation: the whole reply becomes failure rows; a list whose length differs from its text's token count
+    # fails that text alone (LLMJudge). The range is checked by a validator rather than written into the JSON
+    # schema, because strict structured-output modes of some endpoints reject ``minimum``/``maximum``.
+    activations: list[list[int]] = Field(
+        description="one list per numbered text, in order; each holds one integer from 0 to 10 per token of "
+                    "that text, in token order")
+
+    @field_validator("activations")
+    @classmethod
+    def _on_scale(cls, v: list[list[int]]) -> list[list[int]]:
+        bad = [x for row in v for x in row if not 0 <= x <= SIM_MAX]
+        if bad:
+            raise ValueError(f"activations must be integers from 0 to 10, got {bad[:5]}")
+        return v
 
 
 _DETECTION_PROMPT = (
@@ -325,13 +506,33 @@ _FUZZING_PROMPT = (
     "You are scoring an explanation of a neuron (a feature) in a language model. The explanation says on which "
     "tokens the feature fires. In each numbered text some tokens are highlighted as <<token>>. Answer true if the "
     "highlighted tokens are the ones on which the feature, as explained, fires; false if they are not.")
+_SIMULATION_PROMPT = (
+    "You are simulating a neuron (a feature) in a language model from an explanation of it. The explanation says "
+    "on which tokens the feature fires. For every token of every numbered text, predict the feature's activation "
+    "on that token as an integer from 0 (does not fire) to 10 (fires as strongly as it ever does). Most tokens "
+    "are 0. Judge from the explanation alone.")
+
+#: Contexts per simulation call (each is listed token by token, so the prompt grows fast).
+SIMULATION_BATCH = 5
+
+
+def simulation_listing(contexts: Sequence[Sequence[str]]) -> str:
+    """Contexts token by token, one line each: ``<text>.<position> <token as a JSON string>`` (both from 1)."""
+    blocks = []
+    for i, tokens in enumerate(contexts, 1):
+        lines = [f"Text {i} ({len(tokens)} tokens):"]
+        lines += [f"{i}.{j} {json.dumps(t, ensure_ascii=False)}" for j, t in enumerate(tokens, 1)]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
 
 
 class LLMJudge(Judge):
     """An LLM behind an OpenAI-compatible chat endpoint, one call per batch, structured output.
 
-    ``client.chat.completions.parse(response_format=JudgeReply)``; every context of a call whose reply cannot be
-    turned into exactly one boolean per context gets a failure judgement carrying the error.
+    ``client.chat.completions.parse(response_format=JudgeReply | SimulationReply)``; every context of a call
+    whose reply cannot be turned into exactly one answer per context gets a failure row carrying the error.
+    Simulation sends at most :data:`SIMULATION_BATCH` contexts per call, each listed token by token and
+    numbered; a context whose list of values has the wrong length fails on its own.
     """
 
     def __init__(self, model: str, *, base_url: str | None = None, api_key: str | None = None,
@@ -345,17 +546,20 @@ class LLMJudge(Judge):
         self.name = f"llm:{model}"
         self.calls = 0
 
-    def _ask(self, system: str, explanation: str, texts: Sequence[str]) -> list[Judgement]:
+    def _request(self, system: str, user: str, reply_format: type[BaseModel], n: int
+                 ) -> tuple[Any, str | None, str | None]:
+        """One structured call: (parsed reply, raw content, error). Exactly one of parsed/error is None.
+
+        Configuration errors (authentication, permission, unknown model) and programming errors propagate: they
+        would fail every call alike, and must stop the run rather than fill it with failure rows.
+        """
         import openai
 
-        listing = "\n".join(f"{i + 1}. {json.dumps(t, ensure_ascii=False)}" for i, t in enumerate(texts))
-        user = (f"Explanation: {explanation}\n\nTexts ({len(texts)}):\n{listing}\n\n"
-                f"Reply with JSON: {{\"answers\": [...]}} holding exactly {len(texts)} booleans.")
         self.calls += 1
         content = None
         try:
             resp = self.client.chat.completions.parse(
-                model=self.model, temperature=self.temperature, response_format=JudgeReply,
+                model=self.model, temperature=self.temperature, response_format=reply_format,
                 messages=[{"role": "system", "content": system}, {"role": "user", "content": user}])
             msg = resp.choices[0].message
             content = msg.content
@@ -364,13 +568,22 @@ class LLMJudge(Judge):
             parsed = msg.parsed
             if parsed is None:
                 raise ValueError("no parsed reply")
-            if len(parsed.answers) != len(texts):
-                raise ValueError(f"expected {len(texts)} answers, got {len(parsed.answers)}")
+            got = len(parsed.answers if isinstance(parsed, JudgeReply) else parsed.activations)
+            if got != n:
+                raise ValueError(f"expected {n} answers, got {got}")
         except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError, TypeError,
                 AttributeError):
-            raise  # configuration errors and bugs stop the run instead of filling it with failure rows
-        except Exception as exc:  # noqa: BLE001 (every failure becomes failure rows; none is a silent 'no')
-            err = f"{type(exc).__name__}: {str(exc).strip()}"
+            raise
+        except Exception as exc:  # noqa: BLE001 (every failure becomes failure rows; none is a silent answer)
+            return None, content, f"{type(exc).__name__}: {str(exc).strip()}"
+        return parsed, content, None
+
+    def _ask(self, system: str, explanation: str, texts: Sequence[str]) -> list[Judgement]:
+        listing = "\n".join(f"{i + 1}. {json.dumps(t, ensure_ascii=False)}" for i, t in enumerate(texts))
+        user = (f"Explanation: {explanation}\n\nTexts ({len(texts)}):\n{listing}\n\n"
+                f"Reply with JSON: {{\"answers\": [...]}} holding exactly {len(texts)} booleans.")
+        parsed, content, err = self._request(system, user, JudgeReply, len(texts))
+        if err is not None:
             return [Judgement.failure(err, reply=content, position=i) for i in range(len(texts))]
         return [Judgement(prediction=bool(a), raw={"reply": content, "position": i})
                 for i, a in enumerate(parsed.answers)]
@@ -382,3 +595,29 @@ class LLMJudge(Judge):
                       highlights: Sequence[Sequence[int]]) -> list[Judgement]:
         return self._ask(_FUZZING_PROMPT, explanation,
                          [marked_text(c, h) for c, h in zip(contexts, highlights, strict=True)])
+
+    def judge_simulation(self, explanation: str, contexts: Sequence[Sequence[str]]) -> list[Simulation]:
+        out: list[Simulation] = []
+        for i in range(0, len(contexts), SIMULATION_BATCH):
+            out.extend(self._simulate(explanation, contexts[i:i + SIMULATION_BATCH]))
+        return out
+
+    def _simulate(self, explanation: str, contexts: Sequence[Sequence[str]]) -> list[Simulation]:
+        counts = ", ".join(str(len(c)) for c in contexts)
+        user = (f"Explanation: {explanation}\n\nTexts ({len(contexts)}), each token on its own line as "
+                f"<text>.<position> followed by the token as a JSON string:\n\n{simulation_listing(contexts)}\n\n"
+                f"Reply with JSON: {{\"activations\": [[...], ...]}} holding exactly {len(contexts)} lists, one "
+                f"per text in order; list i holds one integer from 0 to 10 per token of text i ({counts} "
+                "integers).")
+        parsed, content, err = self._request(_SIMULATION_PROMPT, user, SimulationReply, len(contexts))
+        if err is not None:
+            return [Simulation.failure(err, reply=content, position=i) for i in range(len(contexts))]
+        out = []
+        for i, (tokens, values) in enumerate(zip(contexts, parsed.activations, strict=True)):
+            raw = {"reply": content, "position": i}
+            if len(values) != len(tokens):
+                out.append(Simulation.failure(f"expected {len(tokens)} values for text {i + 1}, got {len(values)}",
+                                              **raw))
+            else:
+                out.append(Simulation(values=[float(v) for v in values], raw=raw))
+        return out

@@ -112,70 +112,11 @@ def tiny_model(tiny_gpt2_dir: Path):
 
 
 # ----------------------------------------------------------------------------- planted features
-#: feature index -> the words (with leading space) on which it fires, by construction. Features 3, 5, 6, 7 never fire.
-PLANTED_FEATURES: dict[int, tuple[str, ...]] = {
-    0: (" cat", " dog", " fox", " owl"),
-    1: (" red", " green", " blue"),
-    2: (" Mary", " John"),
-    4: (" the",),
-}
-PLANTED_DEAD = (3, 5, 6, 7)
-
-
-class Planted:
-    """A tiny GPT-2 and a StandardSAE at ``resid_pre.0`` whose features fire exactly on known tokens."""
-
-    def __init__(self, model_dir: Path, sae_dir: Path, token_ids: dict[int, list[int]],
-                 strengths: dict[int, float]) -> None:
-        self.model_dir, self.sae_dir, self.token_ids, self.strengths = model_dir, sae_dir, token_ids, strengths
-        self.features = PLANTED_FEATURES
-        self.dead = PLANTED_DEAD
-
-
 @pytest.fixture(scope="session")
-def planted(tmp_path_factory: pytest.TempPathFactory, tiny_gpt2_dir: Path) -> Planted:
-    """Planted by construction: dimension f of the residual stream at ``resid_pre.0`` (token + position embedding)
-    is zero everywhere except on feature f's tokens, where it is 2 + 0.5 * (rank of the token in its set); SAE
-    feature f reads that dimension with bias -1, so it fires exactly on those tokens with activation
-    1 + 0.5 * rank."""
-    import shutil
+def planted(tmp_path_factory: pytest.TempPathFactory, tiny_gpt2_dir: Path):
+    """The tiny GPT-2 with the default planted features (``evals/benchmarks/planted_features.py``): a StandardSAE
+    at ``resid_pre.0`` whose feature 0 fires exactly on ' cat',' dog',' fox',' owl' (activation 1, 1.5, 2, 2.5),
+    1 on ' red',' green',' blue', 2 on ' Mary',' John', 4 on ' the'; 3, 5, 6, 7 never fire."""
+    from autoexplain.evals.benchmarks.planted_features import plant_features
 
-    import torch
-    from sae_lens import StandardSAE, StandardSAEConfig
-    from sae_lens.saes.sae import SAEMetadata
-    from transformers import GPT2LMHeadModel, GPT2TokenizerFast
-
-    out = tmp_path_factory.mktemp("planted")
-    model_dir, sae_dir = out / "model", out / "sae"
-    shutil.copytree(tiny_gpt2_dir, model_dir)
-    tok = GPT2TokenizerFast.from_pretrained(str(model_dir))
-    hf = GPT2LMHeadModel.from_pretrained(str(model_dir))
-    token_ids: dict[int, list[int]] = {}
-    strengths: dict[int, float] = {}
-    with torch.no_grad():
-        wte, wpe = hf.transformer.wte.weight, hf.transformer.wpe.weight
-        dims = sorted(set(PLANTED_FEATURES) | set(PLANTED_DEAD))
-        wte[:, dims] = 0.0
-        wpe[:, dims] = 0.0
-        for f, words in PLANTED_FEATURES.items():
-            ids = []
-            for rank, w in enumerate(words):
-                (tid,) = tok(w, add_special_tokens=False)["input_ids"]
-                wte[tid, f] = 2.0 + 0.5 * rank
-                strengths[tid] = 1.0 + 0.5 * rank
-                ids.append(tid)
-            token_ids[f] = ids
-    hf.save_pretrained(str(model_dir))
-    d = hf.config.n_embd
-    sae = StandardSAE(StandardSAEConfig(d_in=d, d_sae=8, metadata=SAEMetadata(hook_name="blocks.0.hook_resid_pre")))
-    with torch.no_grad():
-        sae.W_enc.zero_()
-        sae.W_dec.zero_()
-        sae.b_dec.zero_()
-        sae.b_enc.fill_(-1.0)
-        for f in dims:
-            if f in PLANTED_FEATURES:
-                sae.W_enc[f, f] = 1.0
-            sae.W_dec[f, f] = 1.0
-    sae.save_model(str(sae_dir))
-    return Planted(model_dir, sae_dir, token_ids, strengths)
+    return plant_features(tiny_gpt2_dir, tmp_path_factory.mktemp("planted"))

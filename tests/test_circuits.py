@@ -15,13 +15,13 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
+from autoexplain.evals.benchmarks.planted_circuits import PlantedCircuit, induction, suppression
 from autoexplain.tools.circuits import (CURVE_PERCENTS, METHODS, EdgeScores, Method, SearchConfig, default_metric,
                                         faithfulness, find_circuit, register, score_edges)
 from autoexplain.tools.errors import InputError
 from autoexplain.tools.patching import PatchSetup
 from autoexplain.tools.registry import SUMMARY_MAX_CHARS, ToolContext, default_registry
 
-from planted_circuits import PlantedCircuit, induction, suppression
 from test_cli import CLI, assert_input_error, cli_env, run_cli
 
 

@@ -9,14 +9,13 @@ import random
 import pytest
 import torch
 
+from autoexplain.evals.benchmarks.planted_circuits import induction
 from autoexplain.tools.errors import InputError
 from autoexplain.tools.models import hook_name
 from autoexplain.tools.patching import (Direction, Metric, PatchSetup, build_graph, graph_edges,
                                         metric_values, patch_nodes)
 from autoexplain.tools.registry import SUMMARY_MAX_CHARS, ToolContext, default_registry
 from autoexplain.tools.vocab import Edge, Site, SiteKind
-
-from planted_circuits import induction
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -451,6 +451,17 @@ class CircuitSearchOut(ToolOutput):
     seconds: float
     note: str = ""
     top_n: int = 15
+    all_scores: EdgeScores | None = Field(default=None, description="every edge's score (for storing and scoring "
+                                                                    "the circuit; never in the summary)")
+
+    def circuit(self) -> Circuit:
+        """The :class:`Circuit` this search found (needs ``all_scores``)."""
+        if self.all_scores is None:
+            raise ValueError("this output was made without all_scores")
+        kept = {e.edge for e in self.edges}
+        return Circuit(scores=self.all_scores, in_circuit=[e in kept for e in self.all_scores.edges],
+                       top_k=self.top_k, threshold=self.threshold, faithfulness=self.faithfulness, curve=self.curve,
+                       note=self.note)
 
     def summary_text(self) -> str:
         sel = f"top {self.top_k}" if self.top_k is not None else f"|score| >= {self.threshold:g} x |m(M)-m(∅)|"
@@ -472,8 +483,14 @@ def circuit_search(ctx: ToolContext, args: CircuitSearchIn) -> CircuitSearchOut:
     task = load_task_for(ctx.model, args)
     metric = args.metric or default_metric(args.method, task)
     setup = PatchSetup(ctx.model, task, ablation=args.ablation, metric=metric, position=args.position)
+    checkpoint = None
+    if args.method is Method.ACDC:  # an interrupted ACDC search resumes from its last receiver
+        from autoexplain.tools.cache import cache_root
+
+        tau = args.threshold if args.threshold is not None else "default"
+        checkpoint = cache_root() / "circuits" / f"acdc-{setup.fingerprint()}-{tau}.json"
     circ = find_circuit(setup, args.method, top_k=args.top_k, threshold=args.threshold, steps=args.steps,
-                        curve=args.curve)
+                        curve=args.curve, checkpoint=checkpoint)
     ranks = circ.ranks()
     kept = circ.kept_by_rank()
     s = circ.scores
@@ -482,7 +499,7 @@ def circuit_search(ctx: ToolContext, args: CircuitSearchIn) -> CircuitSearchOut:
                             edges=[ScoredEdge(edge=s.edges[i], score=s.scores[i], rank=ranks[i]) for i in kept],
                             faithfulness=circ.faithfulness, curve=circ.curve, m_clean=s.m_clean,
                             m_ablated=s.m_ablated, threshold=circ.threshold, top_k=circ.top_k, seconds=s.seconds,
-                            note=circ.note, top_n=args.top_n)
+                            note=circ.note, top_n=args.top_n, all_scores=s)
 
 
 TOOLS = (

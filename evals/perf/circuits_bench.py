@@ -20,7 +20,7 @@ What it does
   agreement = Jaccard of the kept edge sets.
 * EAP agreement: edge names mapped (``Resid Start``->``embed``, ``Resid End``->``logits``, ``A1.2.Q``->``a1.2.q``,
   ``MLP 0``->``m0``); auto-circuit's EAP score is d(-mean logit diff)/d(mask), i.e. minus ours, so it is negated.
-* Planted: the ``suppression`` model from ``tests/planted_circuits.py`` (fixed-length prompts) is exported too;
+* Planted: the ``suppression`` model from ``evals/benchmarks/planted_circuits.py`` (fixed-length prompts) is exported too;
   ROC AUC of |score| against the planted edges for both tools. ``induction`` has variable-length right-padded
   prompts, which auto-circuit's ``last_seq`` slice cannot read, so it is not exported.
 * Memory (ours): ``setup.evaluate(mask)`` on the medium model with k random edges patched, k = 0..all; peak RSS
@@ -363,7 +363,7 @@ def main() -> None:
         results["models"]["small_2x4_d64"] = compare("small", small, task, args, tmp, acdc=True)
         results["models"]["medium_4x8_d128"] = compare("medium", medium, task, args, tmp, acdc=not args.no_acdc_medium)
         try:
-            from planted_circuits import suppression
+            from autoexplain.evals.benchmarks.planted_circuits import suppression
 
             p = suppression(n_prompts=64)
             results["models"]["planted_suppression"] = compare("planted", p.lm, p.task, args, tmp, acdc=True,

@@ -1,0 +1,113 @@
+"""Tools the agent adds to the registry: reads of harvested results from the store.
+
+``feature_examples`` shows a feature's statistics and its **explain-split** examples only: the held-out
+``score`` side never reaches a policy (or an LLM), so the scores measure generalisation, not recall of what the
+explainer saw. It lives in ``agent/`` because tools know nothing of DuckDB; it is still an ordinary
+:class:`ToolSpec` (pydantic in/out, bounded summary), so the LLM calls it like any other tool.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from autoexplain.tools.errors import InputError
+from autoexplain.tools.registry import Cost, Registry, ToolContext, ToolOutput, ToolSpec, default_registry, round_sig
+
+
+class FeatureExamplesIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sae_id: str = Field(description="id of a loaded SAE (see model_info)")
+    feature_index: int = Field(ge=0, description="the feature")
+    n: int = Field(default=20, ge=1, le=100, description="examples to show (strongest first)")
+
+
+class ShownExample(BaseModel):
+    kind: str = Field(description="top | quantile | random (random: a non-activating context)")
+    quantile: int | None = None
+    max_act: float
+    tokens: list[str]
+    acts: list[float]
+
+    @property
+    def peak(self) -> str | None:
+        if self.max_act <= 0:
+            return None
+        return self.tokens[self.acts.index(max(self.acts))]
+
+    def marked(self) -> str:
+        """The context with firing tokens wrapped in [[ ]] and their activation."""
+        return "".join(f"[[{t}]]({a:.2g})" if a > 0 else t for t, a in zip(self.tokens, self.acts, strict=True))
+
+
+class FeatureExamplesOut(ToolOutput):
+    sae_id: str
+    feature_index: int
+    density: float | None
+    max_act: float | None
+    n_tokens: int | None
+    is_dead: bool
+    top_logits: list[tuple[str, float]] = Field(default_factory=list)
+    examples: list[ShownExample]
+    n_hidden: int = Field(description="held-out (score-side) examples not shown")
+
+    def summary_text(self) -> str:
+        if self.is_dead:
+            return (f"feature {self.feature_index} of {self.sae_id} never fired in {self.n_tokens} harvested tokens "
+                    "(dead).")
+        head = (f"feature {self.feature_index} of {self.sae_id}: density {round_sig(self.density or 0, 3)}, max act "
+                f"{round_sig(self.max_act or 0, 3)} over {self.n_tokens} tokens; promotes "
+                + ", ".join(repr(t) for t, _ in self.top_logits[:6])
+                + f". Explain-split examples ({len(self.examples)} shown, {self.n_hidden} held out for scoring; "
+                  "firing tokens in [[ ]] with activation; association only):")
+        lines = [f"- {e.kind}{'' if e.quantile is None else f' q{e.quantile}'}: {e.marked()}"
+                 for e in self.examples]
+        return "\n".join([head, *lines])
+
+
+def feature_examples_spec(store: Any) -> ToolSpec:
+    """The ``feature_examples`` tool bound to ``store``."""
+
+    def fn(ctx: ToolContext, args: FeatureExamplesIn) -> FeatureExamplesOut:
+        sae = ctx.sae(args.sae_id)
+        if args.feature_index >= sae.d_sae:
+            raise InputError(f"feature_index {args.feature_index} is out of range: {args.sae_id} has {sae.d_sae} "
+                             "features")
+        feats = store.query("select density, max_act, n_tokens, is_dead, top_logits from features "
+                            "where sae_id = ? and feature_index = ?", [args.sae_id, args.feature_index])[1]
+        if not feats:
+            raise InputError(f"feature {args.feature_index} of {args.sae_id} has not been harvested: run harvest "
+                             "on a dataset first")
+        density, max_act, n_tokens, is_dead, top_logits = feats[0]
+        rows = store.query("select kind, quantile, max_act, tokens, acts, split from feature_examples "
+                           "where sae_id = ? and feature_index = ? order by kind = 'random', max_act desc, "
+                           "example_id", [args.sae_id, args.feature_index])[1]
+        if rows and any(r[5] is None for r in rows):
+            raise InputError(f"the examples of feature {args.feature_index} have no held-out split yet: the agent "
+                             "splits them before explaining (this is a bug if you see it)")
+        shown = [ShownExample(kind=k, quantile=q, max_act=m, tokens=json.loads(t), acts=json.loads(a))
+                 for k, q, m, t, a, split in rows if split == "explain"]
+        hidden = sum(1 for r in rows if r[5] != "explain")
+        activating = [e for e in shown if e.max_act > 0][: args.n]
+        quiet = [e for e in shown if e.max_act <= 0][: max(2, args.n // 5)]
+        return FeatureExamplesOut(sae_id=args.sae_id, feature_index=args.feature_index, density=density,
+                                  max_act=max_act, n_tokens=n_tokens, is_dead=bool(is_dead),
+                                  top_logits=[tuple(x) for x in json.loads(top_logits)] if top_logits else [],
+                                  examples=activating + quiet, n_hidden=hidden)
+
+    return ToolSpec(name="feature_examples", input_model=FeatureExamplesIn, output_model=FeatureExamplesOut, fn=fn,
+                    cost=Cost.CHEAP,
+                    description="A harvested feature's statistics (density, max activation, tokens its decoder "
+                                "promotes) and its explain-split contexts, strongest first, firing tokens marked "
+                                "[[token]](activation), plus a few non-activating contexts. Held-out examples are "
+                                "never shown. Association-level evidence.")
+
+
+def agent_registry(store: Any) -> Registry:
+    """The built-in tools plus the agent's store readers."""
+    reg = default_registry()
+    reg.register(feature_examples_spec(store))
+    return reg

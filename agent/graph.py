@@ -1,0 +1,284 @@
+"""The agent loop as a langgraph graph, one thread per work item.
+
+::
+
+    START → plan ─┬─(tool calls)──→ act → observe → plan …
+                  ├─(ready)───────→ propose → score → decide ─┬─(refine)→ plan …
+                  └─(budget)──────→ accept ← ─────────────────┴─(accept)
+    accept → END
+
+* ``plan``: the policy names hypotheses and tool calls (or none: ready to propose).
+* ``act``: the calls run through :class:`~autoexplain.agent.toolrun.ToolRunner` (validated, cached, logged).
+* ``observe``: the policy reads the results and updates the hypotheses (status, evidence, causal level).
+* ``propose``: the policy drafts explanations; each is stored (``explanations``, not final yet).
+* ``score``: each draft is scored on held-out data (:mod:`autoexplain.agent.scoring`); scores are stored.
+* ``decide``: the policy refines (another round) or accepts.
+* ``accept``: the best scored draft (by :func:`~autoexplain.agent.policies.base.overall`) becomes final; the
+  work item is marked done — or ``budget_limited`` when a budget ended it early.
+
+Budgets (steps, LLM tokens, seconds; per item and per run) are checked before every node: when one is reached the
+item goes straight to ``accept`` with the best explanation so far. Every node's side effects are idempotent
+(deterministic ids, upserts), because after a crash langgraph re-runs the interrupted node from its start.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from langgraph.graph import END, START, StateGraph
+
+from autoexplain.agent.policies.base import Policy, PolicyStep, overall
+from autoexplain.agent.state import (
+    Budget,
+    Clock,
+    ItemState,
+    ItemStatus,
+    ToolRequest,
+    ToolResult,
+    Usage,
+    WorkItem,
+    now,
+    stable_id,
+)
+from autoexplain.agent.toolrun import ToolRunner
+
+
+@dataclass
+class AgentEnv:
+    """Everything the nodes need that is not state: the store, the tools, the policy, the scorer, budgets."""
+
+    store: Any
+    runner: ToolRunner
+    policy: Policy
+    scorer: Any  # agent.scoring.Scorer
+    run_id: str
+    budget: Budget = field(default_factory=Budget)
+    llm_meter: dict[str, Usage] = field(default_factory=dict)  # item_id -> LLM usage not yet counted
+    current_item: str | None = None  # the item being run (LLM calls are charged to it)
+    dead_text: Callable[[WorkItem], str | None] = lambda item: None  # "dead feature: …" for a dead feature
+    run_budget: Budget | None = None  # for the whole run (this process)
+    run_usage: Usage = field(default_factory=Usage)
+
+    def run_limit(self) -> str | None:
+        """Why the whole run must stop, or None."""
+        reason = self.run_budget.exceeded(self.run_usage) if self.run_budget is not None else None
+        return f"run {reason}" if reason else None
+    _outputs: dict[tuple[str, int], list[ToolResult]] = field(default_factory=dict)
+
+    def take_llm_usage(self, item_id: str) -> Usage:
+        return self.llm_meter.pop(item_id, Usage())
+
+
+def _item(state: ItemState) -> WorkItem:
+    return WorkItem.model_validate(state["item"])
+
+
+def _usage(state: ItemState) -> Usage:
+    return Usage.model_validate(state.get("usage") or {})
+
+
+def _apply(state: ItemState, step: PolicyStep, item: WorkItem, env: AgentEnv) -> dict[str, Any]:
+    """State updates for a policy step; new or changed hypotheses are written to the store."""
+    out: dict[str, Any] = {}
+    if step.hypotheses:
+        hyps = dict(state.get("hypotheses") or {})
+        rows = []
+        for h in step.hypotheses:
+            old = hyps.get(h.hypothesis_id)
+            hyps[h.hypothesis_id] = h.model_dump(mode="json")
+            rows.append({"hypothesis_id": h.hypothesis_id, "run_id": item.run_id, "item_id": item.item_id,
+                         "text": h.text, "status": h.status.value, "causal_level": h.causal_level.value,
+                         "evidence": h.evidence, "updated_at": now(),
+                         **({} if old else {"created_at": now()})})
+        env.store.upsert("hypotheses", rows)
+        out["hypotheses"] = hyps
+    if step.notes:
+        out["notes"] = {**(state.get("notes") or {}), **step.notes}
+    if step.messages is not None:
+        out["messages"] = step.messages
+    return out
+
+
+def build_graph(env: AgentEnv, checkpointer: Any = None) -> Any:
+    """The compiled graph; ``checkpointer`` (e.g. a SqliteSaver) makes every item resumable."""
+
+    def metered(name: str, fn: Callable[[ItemState], dict[str, Any]]) -> Callable[[ItemState], dict[str, Any]]:
+        def node(state: ItemState) -> dict[str, Any]:
+            item = _item(state)
+            with Clock() as clock:
+                update = fn(state)
+            llm = env.take_llm_usage(item.item_id)
+            used = _usage(state).plus(steps=1, seconds=clock.seconds, llm_calls=llm.llm_calls,
+                                      prompt_tokens=llm.prompt_tokens, completion_tokens=llm.completion_tokens)
+            if name == "act":
+                used = used.plus(tool_calls=len(update.get("results", [])))
+            update["usage"] = used.model_dump()
+            env.run_usage = env.run_usage.plus(steps=1, seconds=clock.seconds, llm_calls=llm.llm_calls,
+                                               prompt_tokens=llm.prompt_tokens,
+                                               completion_tokens=llm.completion_tokens)
+            if name == "observe" and not update.get("stop"):
+                # a budget reached here routes straight to accept: record why in the state, so accept marks the
+                # item budget_limited (and a resumed item takes the same route)
+                reason = env.budget.exceeded(used) or env.run_limit()
+                if reason:
+                    update["stop"] = reason
+            return update
+
+        node.__name__ = name
+        return node
+
+    def stop_reason(state: ItemState) -> str | None:
+        if state.get("stop"):
+            return state["stop"]
+        reason = env.budget.exceeded(_usage(state))
+        return reason or env.run_limit()
+
+    # -- nodes ----------------------------------------------------------------------------------------------
+    def plan(state: ItemState) -> dict[str, Any]:
+        item = _item(state)
+        reason = stop_reason(state)
+        if reason:
+            return {"stop": reason, "pending": []}
+        dead = env.dead_text(item) if not state.get("step") else None
+        if dead:  # a feature that never fired is stored as dead by every policy, never labelled
+            eid = stable_id("expl", item.item_id, 0, 0, dead)
+            env.store.upsert("explanations", [{
+                "explanation_id": eid, "run_id": item.run_id, "item_id": item.item_id, "target": item.target,
+                "text": dead, "author": env.policy.name, "llm_model": env.policy.llm_model,
+                "causal_level": "association", "evidence": {"calls": [], "dead": True}, "is_final": False,
+                "budget_limited": False, "created_at": now()}])
+            return {"pending": [], "step": 1, "drafts": [{"text": dead, "dead": True, "explanation_id": eid,
+                                                          "causal_level": "association", "evidence": []}]}
+        step = env.policy.plan(state, item)
+        out = _apply(state, step, item, env)
+        out["pending"] = [r.model_dump(mode="json") for r in step.requests]
+        out["step"] = int(state.get("step") or 0) + 1
+        return out
+
+    def act(state: ItemState) -> dict[str, Any]:
+        item = _item(state)
+        reason = stop_reason(state)
+        if reason:  # the plan used the last step: its calls are not run (a forward pass the budget has not got)
+            return {"stop": reason, "pending": [], "results": []}
+        requests = [ToolRequest.model_validate(r) for r in state.get("pending") or []]
+        step_no = int(state.get("step") or 0)
+        results = env.runner.run(item.item_id, step_no, requests)
+        env._outputs[(item.item_id, step_no)] = results
+        return {"results": [r.model_dump(mode="json") for r in results], "pending": [],
+                "calls": [*(state.get("calls") or []), *(r.call_id for r in results)]}
+
+    def observe(state: ItemState) -> dict[str, Any]:
+        item = _item(state)
+        step_no = int(state.get("step") or 0)
+        results = env._outputs.pop((item.item_id, step_no), None)
+        if results is None:  # resumed after a crash between act and observe: cached calls cost nothing
+            requests = [ToolResult.model_validate(r).request for r in state.get("results") or []]
+            results = env.runner.run(item.item_id, step_no, requests)
+        return _apply(state, env.policy.observe(state, item, results), item, env)
+
+    def propose(state: ItemState) -> dict[str, Any]:
+        item = _item(state)
+        step = env.policy.propose(state, item)
+        out = _apply(state, step, item, env)
+        drafts = []
+        rows = []
+        for i, d in enumerate(step.drafts):
+            eid = stable_id("expl", item.item_id, int(state.get("step") or 0), i, d.text)
+            drafts.append({**d.model_dump(mode="json"), "explanation_id": eid})
+            rows.append({"explanation_id": eid, "run_id": item.run_id, "item_id": item.item_id,
+                         "target": item.target, "text": d.text, "author": env.policy.name,
+                         "llm_model": env.policy.llm_model, "causal_level": d.causal_level.value,
+                         "evidence": {"calls": d.evidence, "hypothesis": d.hypothesis_id, "dead": d.dead},
+                         "is_final": False, "budget_limited": False, "created_at": now()})
+        if rows:
+            env.store.upsert("explanations", rows)
+        out["drafts"] = drafts
+        return out
+
+    def score(state: ItemState) -> dict[str, Any]:
+        item = _item(state)
+        drafts = [d for d in state.get("drafts") or [] if not d.get("dead")]
+        scored = list(state.get("scored") or [])
+        done = {s["explanation_id"] for s in scored}
+        todo = [d for d in drafts if d["explanation_id"] not in done]
+        for d, scores in zip(todo, env.scorer.score(item, todo), strict=True):
+            scored.append({"explanation_id": d["explanation_id"], "text": d["text"],
+                           "causal_level": d["causal_level"], "scores": scores, "overall": overall(scores)})
+        return {"scored": scored, "drafts": [d for d in state.get("drafts") or [] if d.get("dead")]}
+
+    def decide(state: ItemState) -> dict[str, Any]:
+        item = _item(state)
+        if stop_reason(state):
+            return {"stop": stop_reason(state)}
+        step = env.policy.decide(state, item)
+        out = _apply(state, step, item, env)
+        out["notes"] = {**out.get("notes", state.get("notes") or {}), "route": step.route or "accept"}
+        return out
+
+    def accept(state: ItemState) -> dict[str, Any]:
+        item = _item(state)
+        stop = state.get("stop")
+        dead = [d for d in state.get("drafts") or [] if d.get("dead")]
+        scored = state.get("scored") or []
+        best = max(scored, key=lambda s: (s["overall"], -len(s["text"]))) if scored else None
+        chosen = dead[0]["explanation_id"] if dead else (best["explanation_id"] if best else None)
+        status = ItemStatus.BUDGET_LIMITED if stop else ItemStatus.DONE
+        with env.store.transaction() as con:
+            con.execute("update explanations set is_final = coalesce(explanation_id = ?, false), budget_limited = ? "
+                        "where item_id = ?", [chosen, bool(stop), item.item_id])
+            for s in scored:
+                con.execute("update explanations set overall = ? where explanation_id = ?",
+                            [s["overall"], s["explanation_id"]])
+            env.store.upsert("work_items", [{
+                "item_id": item.item_id, "run_id": item.run_id, "kind": item.kind.value, "target": item.target,
+                "status": status.value, "error": f"stopped by budget: {stop}" if stop else None,
+                "budget": {**_usage(state).model_dump(), "stopped_by": stop}, "finished_at": now()}], con=con)
+        return {"outcome": {"explanation_id": chosen, "status": status.value, "stopped_by": stop,
+                            "text": dead[0]["text"] if dead else (best["text"] if best else None),
+                            "scores": best["scores"] if best and not dead else {},
+                            "overall": best["overall"] if best and not dead else None}}
+
+    # -- routing --------------------------------------------------------------------------------------------
+    def after_plan(state: ItemState) -> str:
+        if state.get("stop") or any(d.get("dead") for d in state.get("drafts") or []):
+            return "accept"
+        return "act" if state.get("pending") else "propose"
+
+    def after_act(state: ItemState) -> str:
+        return "accept" if state.get("stop") else "observe"
+
+    def after_observe(state: ItemState) -> str:
+        return "accept" if state.get("stop") else "plan"
+
+    def after_propose(state: ItemState) -> str:
+        drafts = state.get("drafts") or []
+        if any(d.get("dead") for d in drafts):
+            return "accept"
+        return "score" if drafts else "decide"
+
+    def after_decide(state: ItemState) -> str:
+        if state.get("stop"):
+            return "accept"
+        return "plan" if (state.get("notes") or {}).get("route") == "refine" else "accept"
+
+    g = StateGraph(ItemState)
+    for name, fn in (("plan", plan), ("act", act), ("observe", observe), ("propose", propose), ("score", score),
+                     ("decide", decide), ("accept", accept)):
+        g.add_node(name, metered(name, fn))
+    g.add_edge(START, "plan")
+    g.add_conditional_edges("plan", after_plan, {"act": "act", "propose": "propose", "accept": "accept"})
+    g.add_conditional_edges("act", after_act, {"observe": "observe", "accept": "accept"})
+    g.add_conditional_edges("observe", after_observe, {"plan": "plan", "accept": "accept"})
+    g.add_conditional_edges("propose", after_propose, {"score": "score", "decide": "decide", "accept": "accept"})
+    g.add_edge("score", "decide")
+    g.add_conditional_edges("decide", after_decide, {"plan": "plan", "accept": "accept"})
+    g.add_edge("accept", END)
+    return g.compile(checkpointer=checkpointer)
+
+
+def initial_state(item: WorkItem) -> ItemState:
+    return {"item": item.model_dump(mode="json"), "step": 0, "pending": [], "results": [], "calls": [],
+            "hypotheses": {}, "drafts": [], "scored": [], "messages": [], "notes": {}, "usage": Usage().model_dump(),
+            "stop": None, "outcome": None}

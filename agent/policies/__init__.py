@@ -1,0 +1,1 @@
+"""Policies that drive the agent graph: offline (deterministic rules) and llm (OpenAI-compatible)."""

@@ -1,0 +1,495 @@
+"""Runs of many work items: plans, preparation (harvest, held-out split), the checkpointed loop, resume, budgets.
+
+A **plan** (YAML or JSON; :class:`Plan`) names one model and a list of items: ``label`` entries (an SAE, a
+dataset, which features) and ``circuit`` entries (a task file or a toy task name). ``autoexplain label`` and
+``autoexplain circuit --policy`` build a one-entry plan; ``autoexplain run PLAN`` takes a file.
+
+Crash safety
+------------
+* Each item is one langgraph thread (``thread_id`` = the item id) in a SQLite checkpointer next to the database
+  (``<db>.checkpoints.sqlite``), written synchronously after every node (``durability="sync"``). A killed run
+  resumes an unfinished item at the node that was running.
+* Finished items (``work_items.status`` done / budget_limited / failed) are never redone on ``--resume``.
+* Tool results are cached by (model, SAEs, tool, arguments) in ``tool_cache`` and LLM responses by request hash in
+  ``llm_cache``: a resumed item does not recompute forward passes or repeat LLM calls it already made.
+* Item ids derive from the run id and the target; ``--resume`` finds the newest unfinished run of the same plan
+  (same content hash) and continues it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from autoexplain.agent.state import Budget, ItemKind, ItemStatus, Usage, WorkItem, now, stable_id
+from autoexplain.tools.errors import InputError
+from autoexplain.tools.vocab import Ablation, Method
+
+PolicyName = Literal["offline", "llm"]
+JudgeName = Literal["lexical", "embedding", "llm"]
+
+
+class LabelEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sae: str = Field(description="sae-lens dir, toy:MODEL/NAME or RELEASE/ID")
+    dataset: str | None = Field(default=None, description="texts to harvest (default: the toy corpus for toy SAEs)")
+    features: str = Field(default="all", description="'all', '0-99', or '1,5,9'")
+    tokens: int = Field(default=60_000, ge=1, description="tokens to harvest if the SAE is not harvested yet")
+
+
+class CircuitEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    task: str = Field(description="task file (auto-circuit layout), or a toy task name (ioi, induction …)")
+    method: Method = Method.EAP_IG
+    ablation: Ablation = Ablation.RESAMPLE
+    top_k: int | None = Field(default=None, ge=1)
+    threshold: float | None = Field(default=None, ge=0)
+
+
+class PlanEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    label: LabelEntry | None = None
+    circuit: CircuitEntry | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> PlanEntry:
+        if (self.label is None) == (self.circuit is None):
+            raise ValueError("each item is either {label: {...}} or {circuit: {...}}")
+        return self
+
+
+class Plan(BaseModel):
+    """A batch of work on one model (the file ``autoexplain run`` takes)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "plan"
+    model: str = Field(description="local HF dir, hub name or toy:NAME")
+    policy: PolicyName = "offline"
+    llm_model: str | None = Field(default=None, description="model name at the OpenAI-compatible endpoint")
+    judge: JudgeName = "lexical"
+    embedding: bool = Field(default=False, description="also score with MiniLM embeddings (needs [judges])")
+    lexicon: str | None = Field(default=None, description="JSON file: category -> member words")
+    budget: Budget = Field(default_factory=Budget, description="per item")
+    run_budget: Budget = Field(default_factory=lambda: Budget(steps=None, llm_tokens=None, seconds=None))
+    device: str | None = None
+    items: list[PlanEntry] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _llm_model(self) -> Plan:
+        if (self.policy == "llm" or self.judge == "llm") and not self.llm_model:
+            raise ValueError("policy llm and judge llm need llm_model (the model name at the endpoint)")
+        return self
+
+    def content_hash(self) -> str:
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+
+
+def load_plan(path: Path) -> Plan:
+    """Read and validate a plan file; any problem is one :class:`InputError` line."""
+    if not path.is_file():
+        raise InputError(f"plan {str(path)!r} does not exist: pass a YAML or JSON plan file")
+    text = path.read_text()
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as exc:  # noqa: BLE001 (any parse error is the user's file)
+        raise InputError(f"plan {str(path)!r} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
+                         f"{str(exc).splitlines()[0]}") from None
+    try:
+        return Plan.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "plan"
+        raise InputError(f"plan {str(path)!r}: {where}: {err['msg']}") from None
+
+
+def parse_features(spec: str, d_sae: int) -> list[int]:
+    """'all' | '0-99' | '1,5,9' (mixable: '0-9,20') → sorted indices, each checked against the SAE width."""
+    if spec.strip() == "all":
+        return list(range(d_sae))
+    out: set[int] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not m:
+            raise InputError(f"--features {spec!r}: {part!r} is not an index or a range; use e.g. 0-99, 1,5,9 or all")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if hi < lo:
+            raise InputError(f"--features {spec!r}: range {part} runs backwards")
+        if hi >= d_sae:
+            raise InputError(f"--features {spec!r}: {hi} is out of range, the SAE has {d_sae} features (0-{d_sae - 1})")
+        out.update(range(lo, hi + 1))
+    return sorted(out)
+
+
+# ============================================================================================ preparation
+class Prepared(BaseModel):
+    """A validated plan, loaded: everything checked before the database is written."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    plan: Plan
+    lm: Any
+    saes: dict[str, Any]  # spec -> LoadedSAE
+    label_jobs: list[tuple[LabelEntry, str, list[int]]]  # (entry, dataset, features)
+    circuit_jobs: list[tuple[CircuitEntry, str, str]]  # (entry, task name, task path)
+    lexicon: dict[str, frozenset[str]] | None = None
+
+
+def prepare(plan: Plan) -> Prepared:
+    """Load the model and SAEs, resolve datasets and tasks, and validate every entry (no writes)."""
+    from autoexplain.tools.data import load_task_file, tokenize_task
+    from autoexplain.tools.models import load_model
+    from autoexplain.tools.saes import load_sae
+
+    lm = load_model(plan.model, device=plan.device)
+    toy = plan.model.startswith("toy:")
+    built = None
+    if toy:
+        from autoexplain.tools.zoo import ensure_model
+
+        built = ensure_model(plan.model.split(":", 1)[1])
+    saes: dict[str, Any] = {}
+    label_jobs = []
+    for e in (p.label for p in plan.items if p.label):
+        if e.sae not in saes:
+            saes[e.sae] = load_sae(e.sae, lm)
+        dataset = e.dataset or (str(built.corpus) if built is not None else None)
+        if dataset is None:
+            raise InputError(f"label item for {e.sae}: give a dataset (only toy models have a default corpus)")
+        if dataset.endswith((".txt", ".jsonl", ".parquet")) and not Path(dataset).is_file():
+            raise InputError(f"dataset {dataset!r} does not exist: pass a .txt/.jsonl/.parquet file or a hub name")
+        from autoexplain.tools.data import iter_texts
+
+        next(iter(iter_texts(dataset)))  # an empty file or an unreachable hub dataset fails before any write
+        label_jobs.append((e, dataset, parse_features(e.features, saes[e.sae].d_sae)))
+    circuit_jobs = []
+    for e in (p.circuit for p in plan.items if p.circuit):
+        path = Path(e.task)
+        if not path.exists() and built is not None and re.fullmatch(r"[a-z_]+", e.task):
+            path = built.task_file(e.task)
+            if not path.exists():
+                raise InputError(f"toy task {e.task!r} does not exist: the toy tasks are "
+                                 f"{', '.join(built.manifest['task_accuracy'])}")
+        task = load_task_file(path)
+        tokenize_task(task, lm.tokenizer, n_ctx=lm.n_ctx)
+        circuit_jobs.append((e, task.name or path.stem, str(path)))
+    lexicon = None
+    if plan.lexicon or built is not None:
+        lexicon = load_lexicon(Path(plan.lexicon) if plan.lexicon else built.root / "corpus" / "categories.json")
+    return Prepared(plan=plan, lm=lm, saes=saes, label_jobs=label_jobs, circuit_jobs=circuit_jobs, lexicon=lexicon)
+
+
+def load_lexicon(path: Path) -> dict[str, frozenset[str]]:
+    """A category lexicon: JSON ``{"animal": ["cat", "dog", …], …}``, merged over the built-in one."""
+    from autoexplain.evals.judges import CATEGORIES
+
+    try:
+        data = json.loads(path.read_text())
+        assert isinstance(data, dict) and all(isinstance(v, list) for v in data.values())
+    except (OSError, json.JSONDecodeError, AssertionError):
+        raise InputError(f"lexicon {str(path)!r} must be a JSON object of category -> list of words") from None
+    merged = {k: frozenset(v) for k, v in CATEGORIES.items()}
+    for k, words in data.items():
+        merged[k] = merged.get(k, frozenset()) | frozenset(str(w).lower() for w in words)
+    return merged
+
+
+# ============================================================================================ the run
+class ItemOutcome(BaseModel):
+    item_id: str
+    kind: ItemKind
+    target: str
+    status: ItemStatus
+    text: str | None = None
+    scores: dict[str, float | None] = Field(default_factory=dict)
+    overall: float | None = None
+    usage: Usage = Field(default_factory=Usage)
+    skipped: bool = False
+    error: str | None = None
+
+
+class RunResult(BaseModel):
+    run_id: str
+    outcomes: list[ItemOutcome]
+    seconds: float
+    harvest_seconds: float = 0.0
+
+
+def checkpoint_path(db_path: Path) -> Path:
+    return db_path.with_name(db_path.name + ".checkpoints.sqlite")
+
+
+def find_resumable(store: Any, kind: str, plan_hash: str) -> str | None:
+    rows = store.query("select run_id from runs where kind = ? and config->>'plan_hash' = ? and status <> 'done' "
+                       "order by started_at desc limit 1", [kind, plan_hash])[1]
+    return rows[0][0] if rows else None
+
+
+def run_plan(store: Any, prep: Prepared, *, kind: str = "plan", resume: bool = False,
+             run_id: str | None = None, report: Callable[[str, int, int], None] | None = None,
+             on_item: Callable[[ItemOutcome], None] | None = None, llm_client: Any = None,
+             stop_after_nodes: int | None = None) -> RunResult:
+    """Run (or resume) every item of ``prep``; return what each item ended with.
+
+    ``stop_after_nodes``: raise ``KeyboardInterrupt`` after that many graph nodes (tests emulate a crash).
+    """
+    with store.hold():  # one open connection for the run's many small writes (let go for readers)
+        return _run_plan(store, prep, kind=kind, resume=resume, run_id=run_id, report=report, on_item=on_item,
+                         llm_client=llm_client, stop_after_nodes=stop_after_nodes)
+
+
+def _run_plan(store: Any, prep: Prepared, *, kind: str, resume: bool, run_id: str | None,
+              report: Callable[[str, int, int], None] | None, on_item: Callable[[ItemOutcome], None] | None,
+              llm_client: Any, stop_after_nodes: int | None) -> RunResult:
+    plan = prep.plan
+    plan_hash = plan.content_hash()
+    if run_id is None and resume:
+        run_id = find_resumable(store, kind, plan_hash)
+    run_id = run_id or f"{kind}-{uuid.uuid4().hex[:10]}"
+    t_start = time.monotonic()
+    store.start_run(run_id, kind, {"plan": plan.model_dump(mode="json"), "plan_hash": plan_hash},
+                    policy=plan.policy)
+    _record(store, prep)
+    report = report or (lambda *_: None)
+
+    harvest_s = _harvest_and_split(store, run_id, prep, report)
+    items = _items(run_id, prep)
+    env = _env(store, run_id, prep, llm_client)
+    outcomes = _loop(store, env, items, checkpoint_path(store.path), report, on_item, stop_after_nodes)
+    seconds = time.monotonic() - t_start
+    summary = {"items": len(outcomes), "by_status": _count(o.status.value for o in outcomes),
+               "seconds": round(seconds, 2), "harvest_seconds": round(harvest_s, 2)}
+    store.finish_run(run_id, "done", summary)
+    return RunResult(run_id=run_id, outcomes=outcomes, seconds=seconds, harvest_seconds=harvest_s)
+
+
+def _count(values: Any) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for v in values:
+        out[v] = out.get(v, 0) + 1
+    return out
+
+
+def _record(store: Any, prep: Prepared) -> None:
+    lm = prep.lm
+    store.upsert("models", [{"model_id": lm.model_id, "spec": lm.spec, "info": lm.describe()}])
+    if prep.saes:
+        store.upsert("saes", [{"sae_id": s.sae_id, "spec": s.spec, "model_id": lm.model_id,
+                               "hook_name": s.hook_name, "site": str(s.site), "d_in": s.d_in, "d_sae": s.d_sae,
+                               "architecture": s.architecture, "info": s.describe()} for s in prep.saes.values()])
+
+
+def _harvest_and_split(store: Any, run_id: str, prep: Prepared, report: Callable[[str, int, int], None]) -> float:
+    """Harvest each SAE not harvested yet (resumable), and fix the held-out split of the features to label."""
+    from autoexplain.evals.features import examples_from_query, split_examples, split_rows
+    from autoexplain.tools.harvest import HarvestIn, harvest
+    from autoexplain.tools.registry import ToolContext
+
+    t0 = time.monotonic()
+    done: set[str] = set()
+    for entry, dataset, features in prep.label_jobs:
+        sae = prep.saes[entry.sae]
+        if sae.sae_id not in done:
+            have = store.query("select count(*) from features where sae_id = ?", [sae.sae_id])[1][0][0]
+            if have < sae.d_sae:
+                def sink(table: str, rows: list[dict[str, Any]]) -> None:
+                    store.upsert(table, [{**r, "run_id": run_id} for r in rows])
+
+                stage = f"harvest {sae.spec}"
+                harvest(ToolContext(model=prep.lm, saes={sae.sae_id: sae}, sink=sink),
+                        HarvestIn(sae_id=sae.sae_id, dataset=dataset, n_tokens=entry.tokens,
+                                  ctx=min(64, prep.lm.n_ctx)),
+                        progress=lambda d, t, stage=stage: report(stage, d, t))
+            done.add(sae.sae_id)
+        cols, rows = store.query(
+            "select feature_index, kind, example_id, quantile, split, tokens, acts, max_act, window_index "
+            "from feature_examples where sae_id = ? and split is null", [sae.sae_id])
+        by_f: dict[int, list[tuple[Any, ...]]] = {}
+        wanted = set(features)
+        for r in rows:
+            if r[0] in wanted:
+                by_f.setdefault(r[0], []).append(r[1:])
+        if by_f:
+            split = []
+            for f, rs in by_f.items():
+                exs = examples_from_query(cols[1:], rs)
+                split += split_rows(split_examples(exs, sae.sae_id, f), sae.sae_id, f)
+            store.upsert("feature_examples", split)
+    return time.monotonic() - t0
+
+
+def _items(run_id: str, prep: Prepared) -> list[WorkItem]:
+    items = []
+    for entry, _, features in prep.label_jobs:
+        sae = prep.saes[entry.sae]
+        for f in features:
+            target = f"{sae.sae_id}#{f}"
+            items.append(WorkItem(item_id=stable_id("item", run_id, "feature", target), run_id=run_id,
+                                  kind=ItemKind.FEATURE, target=target,
+                                  params={"sae_id": sae.sae_id, "feature_index": f}))
+    for entry, name, path in prep.circuit_jobs:
+        items.append(WorkItem(item_id=stable_id("item", run_id, "circuit", name, entry.method.value), run_id=run_id,
+                              kind=ItemKind.CIRCUIT, target=name,
+                              params={"task_file": path, "method": entry.method.value,
+                                      "ablation": entry.ablation.value, "top_k": entry.top_k,
+                                      "threshold": entry.threshold}))
+    return items
+
+
+def _env(store: Any, run_id: str, prep: Prepared, llm_client: Any) -> Any:
+    from autoexplain.agent.agent_tools import agent_registry
+    from autoexplain.agent.graph import AgentEnv
+    from autoexplain.agent.scoring import CircuitScorer, FeatureScorer
+    from autoexplain.agent.toolrun import ToolRunner
+    from autoexplain.tools.registry import ToolContext
+
+    plan = prep.plan
+    holder: dict[str, Any] = {}
+    if llm_client is None and (plan.policy == "llm" or plan.judge == "llm"):
+        from autoexplain.agent.llm_store import make_client
+
+        llm_client = make_client(plan.llm_model or "", store, run_id, holder)
+    ctx = ToolContext(model=prep.lm, saes={s.sae_id: s for s in prep.saes.values()}, sink=None)
+    runner = ToolRunner(store, agent_registry(store), ctx, run_id)
+    judge = _judge(plan, prep, llm_client)
+    embedder = None
+    if plan.embedding or plan.judge == "embedding":
+        from autoexplain.evals.judges import EmbeddingJudge
+
+        embedder = judge if plan.judge == "embedding" else EmbeddingJudge()
+    scorer = _ByKind(FeatureScorer(store, judge, embedder=embedder), CircuitScorer(store, prep.lm, run_id))
+    policy = _policy(plan, prep, llm_client, store, run_id)
+    if hasattr(policy, "bind_tools"):
+        policy.bind_tools(runner.registry)
+    env = AgentEnv(store=store, runner=runner, policy=policy, scorer=scorer,
+                   run_id=run_id, budget=plan.budget, run_budget=plan.run_budget)
+    holder["env"] = env
+
+    def dead_text(item: WorkItem) -> str | None:
+        if item.kind is not ItemKind.FEATURE:
+            return None
+        rows = store.query("select is_dead, n_tokens from features where sae_id = ? and feature_index = ?",
+                           [item.params["sae_id"], int(item.params["feature_index"])])[1]
+        if rows and rows[0][0]:
+            return f"dead feature: never fired in {rows[0][1]} harvested tokens"
+        return None
+
+    env.dead_text = dead_text
+    return env
+
+
+class _ByKind:
+    def __init__(self, feature: Any, circuit: Any) -> None:
+        self.feature, self.circuit = feature, circuit
+
+    def score(self, item: WorkItem, drafts: list[dict[str, Any]]) -> list[dict[str, float | None]]:
+        return (self.feature if item.kind is ItemKind.FEATURE else self.circuit).score(item, drafts)
+
+
+def _judge(plan: Plan, prep: Prepared, llm_client: Any) -> Any:
+    from autoexplain.evals.judges import EmbeddingJudge, LexicalJudge
+
+    if plan.judge == "embedding":
+        return EmbeddingJudge()
+    if plan.judge == "llm":
+        from autoexplain.agent.llm import LLMConfig
+        from autoexplain.evals.judges import LLMJudge
+
+        cfg = LLMConfig.from_env(plan.llm_model or "")
+        return LLMJudge(cfg.model, base_url=cfg.base_url,
+                        api_key=cfg.api_key.get_secret_value() if cfg.api_key is not None else None)
+    return LexicalJudge(lexicon=prep.lexicon)
+
+
+def _policy(plan: Plan, prep: Prepared, llm_client: Any, store: Any, run_id: str) -> Any:
+    if plan.policy == "llm":
+        from autoexplain.agent.policies.llm import LLMPolicy
+
+        return LLMPolicy(llm_client, model_id=prep.lm.model_id)
+    from autoexplain.agent.policies.offline import OfflinePolicy
+
+    return OfflinePolicy(lexicon=prep.lexicon)
+
+
+def _loop(store: Any, env: Any, items: list[WorkItem], ckpt: Path, report: Callable[[str, int, int], None],
+          on_item: Callable[[ItemOutcome], None] | None, stop_after_nodes: int | None) -> list[ItemOutcome]:
+    from langgraph.checkpoint.sqlite import SqliteSaver
+
+    from autoexplain.agent.graph import build_graph, initial_state
+
+    status = dict(store.query("select item_id, status from work_items where run_id = ?", [env.run_id])[1])
+    attempts = dict(store.query("select item_id, attempts from work_items where run_id = ?", [env.run_id])[1])
+    pending = [it for it in items if it.item_id not in status]
+    if pending:
+        store.upsert("work_items", [{"item_id": it.item_id, "run_id": it.run_id, "kind": it.kind.value,
+                                     "target": it.target, "status": ItemStatus.PENDING.value, "attempts": 0}
+                                    for it in pending])
+    outcomes: list[ItemOutcome] = []
+    finished = {ItemStatus.DONE.value, ItemStatus.BUDGET_LIMITED.value, ItemStatus.FAILED.value}
+    nodes = 0
+    with SqliteSaver.from_conn_string(str(ckpt)) as saver:
+        graph = build_graph(env, saver)
+        for n, item in enumerate(items):
+            report("items", n, len(items))
+            if status.get(item.item_id) in finished:
+                outcomes.append(_stored_outcome(store, item))
+                continue
+            cfg = {"configurable": {"thread_id": item.item_id}, "recursion_limit": 10_000}
+            snap = graph.get_state(cfg)
+            store.upsert("work_items", [{"item_id": item.item_id, "run_id": item.run_id, "kind": item.kind.value,
+                                         "target": item.target, "status": ItemStatus.RUNNING.value,
+                                         "attempts": int(attempts.get(item.item_id) or 0) + 1,
+                                         "started_at": now()}])
+            env.current_item = item.item_id
+            inp = None if snap.values and snap.next else initial_state(item)
+            try:
+                if not (snap.values and not snap.next and snap.values.get("outcome")):
+                    for _ in graph.stream(inp, cfg, durability="sync", stream_mode="updates"):
+                        nodes += 1
+                        if stop_after_nodes is not None and nodes >= stop_after_nodes:
+                            raise KeyboardInterrupt("stop_after_nodes")
+                state = graph.get_state(cfg).values
+                oc = state["outcome"]
+                out = ItemOutcome(item_id=item.item_id, kind=item.kind, target=item.target,
+                                  status=ItemStatus(oc["status"]), text=oc.get("text"), scores=oc.get("scores", {}),
+                                  overall=oc.get("overall"), usage=Usage.model_validate(state.get("usage") or {}))
+            except KeyboardInterrupt:
+                raise
+            except Exception as exc:  # noqa: BLE001 (one item's failure is recorded; the run goes on)
+                err = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:500]
+                store.upsert("work_items", [{"item_id": item.item_id, "run_id": item.run_id, "kind": item.kind.value,
+                                             "target": item.target, "status": ItemStatus.FAILED.value,
+                                             "error": err, "finished_at": now()}])
+                out = ItemOutcome(item_id=item.item_id, kind=item.kind, target=item.target,
+                                  status=ItemStatus.FAILED, error=err)
+            outcomes.append(out)
+            if on_item is not None:
+                on_item(out)
+        report("items", len(items), len(items))
+    return outcomes
+
+
+def _stored_outcome(store: Any, item: WorkItem) -> ItemOutcome:
+    """The outcome of an item finished in an earlier process (read back from the store)."""
+    st, err = store.query("select status, error from work_items where item_id = ?", [item.item_id])[1][0]
+    rows = store.query("select text, overall from explanations where item_id = ? and is_final", [item.item_id])[1]
+    return ItemOutcome(item_id=item.item_id, kind=item.kind, target=item.target, status=ItemStatus(st),
+                       text=rows[0][0] if rows else None, overall=rows[0][1] if rows else None, skipped=True,
+                       error=err)

@@ -1,0 +1,94 @@
+"""Scoring drafts inside the agent loop, on held-out data, with every number stored.
+
+* Features: :func:`autoexplain.evals.features.score_explanation` on the feature's **score-split** examples (the
+  explain split is what ``feature_examples`` showed the policy). Stored: the ``scores`` rows (the three scores
+  and the raw metrics) and every per-example ``judgements`` row.
+* Circuits: :func:`autoexplain.evals.circuits.score_circuit` on the circuit the draft's ``circuit_search`` call
+  found (read back from the tool cache, so nothing is searched twice). Stored: the circuit (``circuits``,
+  ``circuit_edges``, tagged with the work item) and its ``scores`` rows, each recording ablation, patch type and
+  metric.
+
+A scorer returns, per draft, ``{"correctness", "completeness", "succinctness"}`` for the policy to compare.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from autoexplain.agent.state import WorkItem
+
+
+class FeatureScorer:
+    """Scores feature labels with ``judge`` (lexical, embedding or LLM) and optionally an embedding judge."""
+
+    def __init__(self, store: Any, judge: Any, *, embedder: Any = None, n_activating: int = 50,
+                 n_nonactivating: int = 50) -> None:
+        self.store, self.judge, self.embedder = store, judge, embedder
+        self.n_activating, self.n_nonactivating = n_activating, n_nonactivating
+
+    def score(self, item: WorkItem, drafts: list[dict[str, Any]]) -> list[dict[str, float | None]]:
+        from autoexplain.evals.features import examples_from_query, score_explanation
+
+        sae_id, f = item.params["sae_id"], int(item.params["feature_index"])
+        examples = examples_from_query(*self.store.query(
+            "select kind, example_id, quantile, split, tokens, acts, max_act, window_index from feature_examples "
+            "where sae_id = ? and feature_index = ? order by kind, example_id", [sae_id, f]))
+        out = []
+        for d in drafts:
+            res = score_explanation(d["text"], examples, self.judge, sae_id=sae_id, feature_index=f,
+                                    explanation_id=d["explanation_id"], embedder=self.embedder,
+                                    n_activating=self.n_activating, n_nonactivating=self.n_nonactivating)
+            with self.store.transaction() as con:
+                self.store.upsert("scores", res.score_rows(), con=con)
+                if res.judgements:
+                    self.store.upsert("judgements", res.judgements, con=con)
+                con.execute("update explanations set judge = ? where explanation_id = ?",
+                            [res.judge, d["explanation_id"]])
+            out.append({"correctness": res.correctness, "completeness": res.completeness,
+                        "succinctness": res.succinctness})
+        return out
+
+
+class CircuitScorer:
+    """Scores circuit explanations by the circuit they rest on (faithfulness, completeness, minimality)."""
+
+    def __init__(self, store: Any, lm: Any, run_id: str, *, true_edges: dict[str, set[str]] | None = None) -> None:
+        self.store, self.lm, self.run_id = store, lm, run_id
+        self.true_edges = true_edges or {}
+
+    def _search_output(self, call_id: str) -> Any:
+        from autoexplain.tools.circuits import CircuitSearchOut
+
+        rows = self.store.query("select c.output from tool_calls t join tool_cache c using (cache_key) "
+                                "where t.call_id = ?", [call_id])[1]
+        if not rows:
+            raise RuntimeError(f"circuit scoring: no cached circuit_search output for call {call_id}")
+        return CircuitSearchOut.model_validate_json(rows[0][0])
+
+    def score(self, item: WorkItem, drafts: list[dict[str, Any]]) -> list[dict[str, float | None]]:
+        from autoexplain.agent.circuit_cli import _circuit_id, _store_circuit
+        from autoexplain.evals.circuits import score_circuit
+        from autoexplain.tools.data import load_task_file, tokenize_task
+        from autoexplain.tools.patching import PatchSetup
+
+        out = []
+        for d in drafts:
+            search = self._search_output(d["evidence"][0])
+            circ = search.circuit()
+            path = item.params["task_file"]
+            task = tokenize_task(load_task_file(path), self.lm.tokenizer, n_ctx=self.lm.n_ctx)
+            setup = PatchSetup(self.lm, task, ablation=search.ablation, metric=search.metric)
+            circuit_id = _circuit_id(self.lm.model_id, setup.fingerprint(), search.method.value, search.top_k,
+                                     search.threshold)
+            res = score_circuit(setup, circ, true_edges=self.true_edges.get(item.target))
+            if not circ.curve and res.curve is not None:  # the search skipped its curve: scoring measured it
+                circ = circ.model_copy(update={"curve": res.curve.points})
+            _store_circuit(self.store, circuit_id, self.run_id, self.lm.model_id, item.target, str(path), circ,
+                           item_id=item.item_id)
+            rows = res.score_rows(d["explanation_id"])
+            for r in rows:
+                r["details"] = {**r["details"], "circuit_id": circuit_id}
+            self.store.upsert("scores", rows)
+            out.append({"correctness": res.correctness, "completeness": res.completeness,
+                        "succinctness": res.succinctness})
+        return out

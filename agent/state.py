@@ -1,0 +1,172 @@
+"""The agent's vocabulary: work items, hypotheses, drafts, budgets, and the per-item graph state.
+
+The graph state (:class:`ItemState`) holds plain JSON values only — ids, short texts, numbers — because langgraph
+writes the whole state to the checkpointer after every step (large or non-JSON state makes checkpoints huge or
+corrupt). Tool outputs, tensors and examples live in the tools' caches and in DuckDB; the state keeps what a
+policy distilled from them (``notes``) and the ids of the tool calls behind each hypothesis.
+
+Every id is derived from the item and the step that made it (never random), so a node that re-runs after a
+crash writes the same rows again instead of new ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from enum import StrEnum
+from typing import Any, Literal, TypedDict
+
+from pydantic import BaseModel, Field
+
+from autoexplain.tools.vocab import CausalLevel
+
+
+class ItemKind(StrEnum):
+    FEATURE = "feature"
+    CIRCUIT = "circuit"
+
+
+class HypothesisStatus(StrEnum):
+    OPEN = "open"
+    CONFIRMED = "confirmed"
+    REFUTED = "refuted"
+    INCONCLUSIVE = "inconclusive"
+
+
+class ItemStatus(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    BUDGET_LIMITED = "budget_limited"
+
+
+def stable_id(prefix: str, *parts: Any, n: int = 16) -> str:
+    """``prefix-<sha256 of the parts>``: the same inputs give the same id in every process."""
+    key = json.dumps(parts, sort_keys=True, default=str)
+    return f"{prefix}-{hashlib.sha256(key.encode()).hexdigest()[:n]}"
+
+
+class Budget(BaseModel):
+    """Limits of one item (or of a whole run). ``None`` = unlimited. A step is one graph node execution."""
+
+    steps: int | None = Field(default=40, ge=1)
+    llm_tokens: int | None = Field(default=200_000, ge=1)
+    seconds: float | None = Field(default=600.0, gt=0)
+
+    def exceeded(self, used: Usage) -> str | None:
+        """The name of the first limit ``used`` reached, or None."""
+        if self.steps is not None and used.steps >= self.steps:
+            return "steps"
+        if self.llm_tokens is not None and used.tokens >= self.llm_tokens:
+            return "llm_tokens"
+        if self.seconds is not None and used.seconds >= self.seconds:
+            return "seconds"
+        return None
+
+
+class Usage(BaseModel):
+    """What an item (or run) has used so far."""
+
+    steps: int = 0
+    tool_calls: int = 0
+    llm_calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def plus(self, **delta: float) -> Usage:
+        return self.model_copy(update={k: getattr(self, k) + v for k, v in delta.items()})
+
+
+class WorkItem(BaseModel):
+    """One thing to explain: a feature ``sae_id#index`` or a task's circuit."""
+
+    item_id: str
+    run_id: str
+    kind: ItemKind
+    target: str = Field(description="'sae_id#index' for a feature, the task name for a circuit")
+    params: dict[str, Any] = Field(default_factory=dict, description="sae_id, feature_index / task_file, method …")
+
+
+class ToolRequest(BaseModel):
+    """A tool call a policy asks for. ``request_id``: the LLM's tool-call id, echoed back in the tool message."""
+
+    tool: str
+    args: dict[str, Any] | str = Field(default_factory=dict, description="a dict, or the LLM's raw JSON string")
+    request_id: str | None = None
+    hypothesis_id: str | None = Field(default=None, description="the hypothesis this call tests, if any")
+
+
+class Hypothesis(BaseModel):
+    hypothesis_id: str
+    text: str
+    status: HypothesisStatus = HypothesisStatus.OPEN
+    causal_level: CausalLevel = CausalLevel.ASSOCIATION
+    evidence: list[str] = Field(default_factory=list, description="tool call ids")
+
+
+class Draft(BaseModel):
+    """A proposed explanation, before it is scored."""
+
+    text: str = Field(min_length=1, max_length=2000)
+    causal_level: CausalLevel = CausalLevel.ASSOCIATION
+    evidence: list[str] = Field(default_factory=list, description="tool call ids")
+    hypothesis_id: str | None = None
+    dead: bool = Field(default=False, description="the feature never fired: stored, never scored as a label")
+
+
+class ToolResult(BaseModel):
+    """What a policy sees of one executed call: the bounded summary always, the full output for offline rules."""
+
+    model_config = {"arbitrary_types_allowed": True}
+
+    call_id: str
+    request: ToolRequest
+    summary: str
+    error: str | None = None
+    cached: bool = False
+    output: Any = Field(default=None, exclude=True, description="the tool's output model (not stored in state)")
+
+
+Route = Literal["refine", "accept"]
+
+
+class ItemState(TypedDict, total=False):
+    """The langgraph state of one work item (JSON values only)."""
+
+    item: dict[str, Any]  # WorkItem
+    step: int  # plan rounds so far
+    pending: list[dict[str, Any]]  # ToolRequest, to execute next
+    results: list[dict[str, Any]]  # ToolResult of the last act (summaries; outputs are re-read from the cache)
+    calls: list[str]  # every tool call id of this item
+    hypotheses: dict[str, dict[str, Any]]  # id -> Hypothesis
+    drafts: list[dict[str, Any]]  # Draft + explanation_id, not yet scored
+    scored: list[dict[str, Any]]  # {explanation_id, text, causal_level, scores, overall}
+    messages: list[dict[str, Any]]  # the LLM conversation (llm policy)
+    notes: dict[str, Any]  # the policy's own distilled facts
+    usage: dict[str, Any]  # Usage
+    stop: str | None  # why the item stopped early ('steps', 'llm_tokens', 'seconds', 'run budget'), if it did
+    outcome: dict[str, Any] | None  # the accepted explanation and the item's final status
+
+
+def now() -> Any:
+    import datetime as dt
+
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+class Clock:
+    """Seconds spent inside a node, added to the item's usage (so a resumed item keeps counting)."""
+
+    def __enter__(self) -> Clock:
+        self.t0 = time.monotonic()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.seconds = time.monotonic() - self.t0

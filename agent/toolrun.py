@@ -1,0 +1,77 @@
+"""Executing tool calls for the agent: validation, the result cache, and one ``tool_calls`` row per call.
+
+Cache
+-----
+A tool's output depends on the model, the SAEs loaded, the tool and its arguments, so the cache key is the
+sha256 of exactly those (the model and SAE ids are content hashes; arguments are canonical JSON after pydantic
+validation, so ``{"texts": ["a"]}`` and a call that spells out every default share a key). Outputs are stored as
+the tool's own output model in JSON (table ``tool_cache``) and rebuilt with ``model_validate_json``. A resumed item
+(or any later item asking the same question) gets the stored result without a forward pass. ``cheap`` tools
+(descriptions, tokenisation, store reads) are not cached: recomputing them costs less than a database round trip,
+and store reads must see the current data.
+
+Errors
+------
+Bad arguments, unknown tools and tool refusals (:class:`InputError`) become the call's ``error``: a line the
+policy (or the LLM) can act on. They are logged like any call. Other exceptions are bugs and propagate.
+
+Call ids are derived from (item, step, position in the step), so a step re-run after a crash rewrites its rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from typing import Any
+
+from autoexplain.agent.state import ToolRequest, ToolResult, now, stable_id
+from autoexplain.tools.errors import InputError
+from autoexplain.tools.registry import Cost, Registry, ToolContext
+
+
+def cache_key(model_id: str, sae_ids: list[str], tool: str, args: dict[str, Any]) -> str:
+    payload = json.dumps([model_id, sorted(sae_ids), tool, args], sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+class ToolRunner:
+    """Runs :class:`ToolRequest`s against one model session, caching and logging each call in the store."""
+
+    def __init__(self, store: Any, registry: Registry, ctx: ToolContext, run_id: str) -> None:
+        self.store, self.registry, self.ctx, self.run_id = store, registry, ctx, run_id
+        self.executed = 0  # calls that really ran (not served from the cache), for tests and reports
+
+    def run(self, item_id: str, step: int, requests: list[ToolRequest]) -> list[ToolResult]:
+        return [self._one(item_id, step, i, r) for i, r in enumerate(requests)]
+
+    def _one(self, item_id: str, step: int, index: int, req: ToolRequest) -> ToolResult:
+        call_id = stable_id("call", item_id, step, index)
+        t0 = time.monotonic()
+        key, output, error, cached, args_json = None, None, None, False, req.args
+        try:
+            spec = self.registry.get(req.tool)
+            parsed = self.registry.parse_args(req.tool, req.args)
+            args_json = parsed.model_dump(mode="json")
+            if spec.cost is not Cost.CHEAP:
+                key = cache_key(self.ctx.model.model_id, list(self.ctx.saes), req.tool, args_json)
+                hit = self.store.query("select output from tool_cache where cache_key = ?", [key])[1]
+                if hit:
+                    output, cached = spec.output_model.model_validate_json(hit[0][0]), True
+            if output is None:
+                output = spec.fn(self.ctx, parsed)
+                self.executed += 1
+        except InputError as exc:
+            error = exc.message
+        duration = time.monotonic() - t0
+        summary = output.summary() if output is not None else ""
+        row = {"call_id": call_id, "run_id": self.run_id, "item_id": item_id, "tool": req.tool,
+               "args": args_json if isinstance(args_json, dict) else {"raw": str(args_json)[:2000]},
+               "summary": summary, "error": error, "duration_s": duration, "cache_key": key,
+               "created_at": now()}
+        with self.store.transaction() as con:
+            self.store.upsert("tool_calls", [row], con=con)
+            if output is not None and key is not None and not cached:
+                self.store.upsert("tool_cache", [{"cache_key": key, "tool": req.tool,
+                                                  "output": output.model_dump_json(), "created_at": now()}], con=con)
+        return ToolResult(call_id=call_id, request=req, summary=summary, error=error, cached=cached, output=output)

@@ -1,0 +1,262 @@
+"""Planted features: a GPT-2 and a sae-lens SAE whose features fire exactly on known tokens.
+
+Why: an explanation score means something only if we know the right answer. Here the right answer is built in.
+
+Construction (:func:`plant_features`), for a GPT-2 saved with ``save_pretrained`` (the test fixture's tiny model
+or a toy-zoo model):
+
+1. Copy the model directory. In the copy, zero residual dimensions ``0 … D−1`` (``D`` = number of features,
+   planted and dead) in both the token embedding ``wte`` and the position embedding ``wpe``. The residual stream
+   at ``resid_pre.0`` is exactly ``wte[token] + wpe[position]``, so dimension ``f`` is now 0 at every position of
+   every input.
+2. For planted feature ``f`` with words ``w_0, w_1, …`` (each must be one token of this tokenizer), set
+   ``wte[id(w_r), f] = 2 + 0.5·r``. Dimension ``f`` is now nonzero exactly on those tokens.
+3. Save a sae-lens ``StandardSAE`` (ReLU) at ``blocks.0.hook_resid_pre`` with ``d_sae = D``: encoder
+   ``W_enc[f, f] = 1`` for planted features (0 for dead ones), ``b_enc = −1``, decoder ``W_dec[f, f] = 1`` for
+   every feature, ``b_dec = 0``. Feature ``f`` therefore fires exactly on its words, with activation
+   ``1 + 0.5·r`` (the first word is the weakest, the last the strongest), and dead features never fire.
+
+Feature index = residual dimension, so every index must be below ``d_model``, and planted ∪ dead must be
+exactly ``0 … D−1`` (no gaps: a gap would be a feature nobody declared).
+
+Caveats: zeroing residual dimensions changes the model's outputs (for a trained model, slightly; it is still a
+fine host for harvesting and scoring, not for reading off what the original model computes). Only
+``resid_pre.0`` is supported: any later site mixes attention and MLP outputs into the planted dimensions, and
+the features would no longer be exact. Only GPT-2-architecture models (``wte`` + ``wpe``) are supported.
+
+The default set (:data:`PLANTED_FEATURES`) uses words that are single tokens both in the tests' tiny tokenizer
+and in the toy zoo's (where every category word is one token): feature 0 animals, 1 colours, 2 names, 4 " the";
+3, 5, 6, 7 dead. :func:`default_texts` writes a corpus mixing those words with unplanted ones, for harvesting.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import MappingProxyType
+
+from pydantic import BaseModel, ConfigDict
+
+#: feature index -> the words (leading space included) on which it fires, weakest first.
+PLANTED_FEATURES: Mapping[int, tuple[str, ...]] = MappingProxyType({
+    0: (" cat", " dog", " fox", " owl"),
+    1: (" red", " green", " blue"),
+    2: (" Mary", " John"),
+    4: (" the",),
+})
+#: features that never fire
+PLANTED_DEAD: tuple[int, ...] = (3, 5, 6, 7)
+#: a true one-line description of each default planted feature (what a good explanation says)
+PLANTED_DESCRIPTIONS: Mapping[int, str] = MappingProxyType({0: "animals", 1: "colour words",
+                                                           2: "people's names", 4: "the word ' the'"})
+#: the words :func:`default_texts` draws from: planted (cat, red, Mary, the …) and unplanted (sat, park, 10 …)
+_DEFAULT_WORDS = ("the cat sat on mat and dog ran to park . Mary John went store , gave a drink red green blue fox "
+                  "owl 10 11 12")
+DEFAULT_VOCAB: tuple[str, ...] = tuple(_DEFAULT_WORDS.split())
+
+BASE_STRENGTH = 2.0  # residual value of a feature's first (weakest) word; the SAE bias subtracts 1
+STEP = 0.5  # each further word of a feature is this much stronger
+SAE_BIAS = -1.0
+MANIFEST = "planted.json"
+SUPPORTED_SITE = "resid_pre.0"
+
+
+class PlantedFeatures(BaseModel):
+    """A planted-feature model and SAE on disk, and the ground truth they were built from.
+
+    ``token_ids[f]`` are feature ``f``'s token ids (weakest first); ``strengths[token_id]`` is the activation of
+    the feature that token belongs to (``1 + 0.5·rank``); ``words[token_id]`` is the planted word.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    model_dir: Path
+    sae_dir: Path
+    features: dict[int, tuple[str, ...]]
+    dead: tuple[int, ...]
+    token_ids: dict[int, list[int]]
+    strengths: dict[int, float]
+    hook_site: str = SUPPORTED_SITE
+    hook_name: str = "blocks.0.hook_resid_pre"
+    d_sae: int
+
+    def activation(self, feature: int, token_id: int) -> float:
+        """The exact activation of ``feature`` on a token (0 when the token is not one of its words)."""
+        return self.strengths[token_id] if token_id in self.token_ids.get(feature, []) else 0.0
+
+
+# ============================================================================= checks
+def _check_layout(features: Mapping[int, Sequence[str]], dead: Sequence[int], hook_site: str) -> int:
+    """Validate the feature layout; return ``d_sae``."""
+    if hook_site != SUPPORTED_SITE:
+        raise ValueError(f"planted features live at {SUPPORTED_SITE} only (the embedding output), not {hook_site!r}: "
+                         "later sites mix attention and MLP outputs into the planted dimensions")
+    if not features:
+        raise ValueError("plant at least one feature")
+    both = set(features) & set(dead)
+    if both:
+        raise ValueError(f"features {sorted(both)} are both planted and dead")
+    indices = set(features) | set(dead)
+    if min(indices) < 0:
+        raise ValueError("feature indices must be >= 0")
+    d_sae = max(indices) + 1
+    gaps = sorted(set(range(d_sae)) - indices)
+    if gaps:
+        raise ValueError(f"feature indices {gaps} are neither planted nor dead: list them in dead")
+    for f, words in features.items():
+        if not words:
+            raise ValueError(f"feature {f} has no words")
+        if len(set(words)) != len(words):
+            raise ValueError(f"feature {f} lists a word twice: {list(words)}")
+    owners: dict[str, int] = {}
+    for f, words in sorted(features.items()):
+        for w in words:
+            if w in owners:  # one token, one feature: strengths are recorded per token
+                raise ValueError(f"word {w!r} is planted in features {owners[w]} and {f}: give each word one feature")
+            owners[w] = f
+    return d_sae
+
+
+def single_token_ids(tokenizer: object, words: Sequence[str]) -> list[int]:
+    """The token id of each word; ValueError naming every word this tokenizer splits into several tokens."""
+    ids, bad = [], []
+    for w in words:
+        pieces = tokenizer(w, add_special_tokens=False)["input_ids"]  # type: ignore[operator]
+        if len(pieces) == 1:
+            ids.append(int(pieces[0]))
+        else:
+            bad.append(f"{w!r} -> {tokenizer.convert_ids_to_tokens(pieces)}")  # type: ignore[attr-defined]
+    if bad:
+        raise ValueError("a planted word must be exactly one token of the model's tokenizer; these are not: "
+                         + "; ".join(bad) + " (mind the leading space: ' cat' and 'cat' are different tokens)")
+    return ids
+
+
+# ============================================================================= construction
+def plant_features(base_model_dir: Path, out_dir: Path,
+                   features: Mapping[int, Sequence[str]] = PLANTED_FEATURES,
+                   dead: Sequence[int] = PLANTED_DEAD, *, hook_site: str = SUPPORTED_SITE,
+                   overwrite: bool = False) -> PlantedFeatures:
+    """Build ``out_dir/model`` (the edited GPT-2) and ``out_dir/sae`` (the planted SAE); see the module docstring.
+
+    ``base_model_dir`` is a GPT-2 directory written by ``save_pretrained`` (weights, config and tokenizer), e.g.
+    a toy-zoo model's ``BuiltZoo.model_dir``. It is only read. ``out_dir/planted.json`` records the ground truth
+    (:func:`load_planted` reads it back). Existing output is refused unless ``overwrite``.
+    """
+    from transformers import AutoConfig, AutoTokenizer, GPT2LMHeadModel
+
+    d_sae = _check_layout(features, dead, hook_site)
+    out_dir = Path(out_dir)
+    model_dir, sae_dir = out_dir / "model", out_dir / "sae"
+    if model_dir.exists() or sae_dir.exists():
+        if not overwrite:
+            raise FileExistsError(f"{out_dir} already holds a planted model: pass overwrite=True to rebuild it")
+        shutil.rmtree(model_dir, ignore_errors=True)
+        shutil.rmtree(sae_dir, ignore_errors=True)
+    cfg = AutoConfig.from_pretrained(str(base_model_dir))
+    if cfg.model_type != "gpt2":
+        raise ValueError(f"planted features need a GPT-2 model (wte + wpe), not {cfg.model_type!r}")
+    d_model = int(cfg.n_embd)
+    if d_sae > d_model:
+        raise ValueError(f"{d_sae} features need {d_sae} residual dimensions; the model has d_model = {d_model}")
+    tok = AutoTokenizer.from_pretrained(str(base_model_dir))
+    token_ids = {int(f): single_token_ids(tok, words) for f, words in features.items()}
+
+    hf = GPT2LMHeadModel.from_pretrained(str(base_model_dir))
+    strengths = _edit_embeddings(hf, token_ids, d_sae)
+    shutil.copytree(base_model_dir, model_dir)
+    hf.save_pretrained(str(model_dir))
+    _save_sae(sae_dir, d_model, d_sae, planted=set(token_ids))
+    planted = PlantedFeatures(model_dir=model_dir, sae_dir=sae_dir,
+                              features={int(f): tuple(w) for f, w in features.items()},
+                              dead=tuple(sorted(int(d) for d in dead)), token_ids=token_ids, strengths=strengths,
+                              d_sae=d_sae)
+    (out_dir / MANIFEST).write_text(planted.model_dump_json(indent=1))
+    return planted
+
+
+def _edit_embeddings(hf: object, token_ids: Mapping[int, Sequence[int]], d_sae: int) -> dict[int, float]:
+    """Zero dimensions ``0 … d_sae−1`` of wte and wpe, then write each feature's words; return the activations."""
+    import torch
+
+    strengths: dict[int, float] = {}
+    with torch.no_grad():
+        wte = hf.transformer.wte.weight  # type: ignore[attr-defined]
+        wpe = hf.transformer.wpe.weight  # type: ignore[attr-defined]
+        wte[:, :d_sae] = 0.0
+        wpe[:, :d_sae] = 0.0
+        for f, ids in token_ids.items():
+            for rank, tid in enumerate(ids):
+                wte[tid, f] = BASE_STRENGTH + STEP * rank
+                strengths[tid] = BASE_STRENGTH + STEP * rank + SAE_BIAS
+    return strengths
+
+
+def _save_sae(sae_dir: Path, d_model: int, d_sae: int, planted: set[int]) -> None:
+    """A StandardSAE reading dimension f into feature f (planted ones only), bias −1, identity decoder."""
+    import torch
+    from sae_lens import StandardSAE, StandardSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    sae = StandardSAE(StandardSAEConfig(d_in=d_model, d_sae=d_sae,
+                                        metadata=SAEMetadata(hook_name="blocks.0.hook_resid_pre")))
+    with torch.no_grad():
+        sae.W_enc.zero_()
+        sae.W_dec.zero_()
+        sae.b_dec.zero_()
+        sae.b_enc.fill_(SAE_BIAS)
+        for f in range(d_sae):
+            if f in planted:
+                sae.W_enc[f, f] = 1.0
+            sae.W_dec[f, f] = 1.0
+    sae.save_model(str(sae_dir))
+
+
+def load_planted(out_dir: Path) -> PlantedFeatures:
+    """The :class:`PlantedFeatures` that :func:`plant_features` recorded in ``out_dir``."""
+    return PlantedFeatures.model_validate_json((Path(out_dir) / MANIFEST).read_text())
+
+
+# ============================================================================= corpus
+def default_texts(seed: int, n: int, vocab: Sequence[str] = DEFAULT_VOCAB, *, min_words: int = 5,
+                  max_words: int = 12) -> list[str]:
+    """``n`` lines of ``min_words``–``max_words`` words drawn uniformly (with replacement) from ``vocab``.
+
+    With the default vocabulary, planted words (cat, dog, fox, owl, red, green, blue, Mary, John, the) and
+    unplanted ones (sat, park, drink, 10 …) mix: every planted feature fires in many lines, and many lines have
+    no planted word at all, so harvesting yields top, quantile and non-activating random examples. Deterministic
+    for a given seed. The words are joined with spaces, so each word after the first carries a leading space (the
+    planted token); a line's first word does not, and does not fire. Write the lines to a ``.txt`` file (one
+    text per line) to harvest it.
+    """
+    if not vocab:
+        raise ValueError("default_texts needs a non-empty vocabulary")
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(vocab) for _ in range(rng.randint(min_words, max_words))) for _ in range(n)]
+
+
+def vocab_for(features: Mapping[int, Sequence[str]], fillers: Sequence[str] = ()) -> tuple[str, ...]:
+    """A :func:`default_texts` vocabulary: every planted word (without its leading space) plus ``fillers``.
+
+    With no fillers, the unplanted words of :data:`DEFAULT_VOCAB` are used. Make sure the fillers are not planted
+    words and, for a clean benchmark, that they are single tokens too (a split filler is harmless, only slower).
+    """
+    planted = [w.strip() for words in features.values() for w in words]
+    rest = list(fillers) or [w for w in DEFAULT_VOCAB if w not in {p.strip() for ws in PLANTED_FEATURES.values()
+                                                                     for p in ws}]
+    return tuple(dict.fromkeys([*planted, *(w for w in rest if w not in planted)]))
+
+
+def write_corpus(path: Path, texts: Sequence[str]) -> Path:
+    """Write ``texts`` one per line (the ``.txt`` dataset format harvest reads); returns ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(t.replace("\n", " ") for t in texts) + "\n")
+    return path
+
+
+__all__ = ["DEFAULT_VOCAB", "PLANTED_DEAD", "PLANTED_DESCRIPTIONS", "PLANTED_FEATURES", "PlantedFeatures",
+           "default_texts", "load_planted", "plant_features", "single_token_ids", "vocab_for",
+           "write_corpus"]
