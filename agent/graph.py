@@ -16,8 +16,9 @@
 * ``accept``: the best scored draft (by :func:`~autoexplain.agent.policies.base.overall`) becomes final; the
   work item is marked done — or ``budget_limited`` when a budget ended it early.
 
-Budgets (steps, LLM tokens, seconds; per item and per run) are checked before every node: when one is reached the
-item goes straight to ``accept`` with the best explanation so far. Every node's side effects are idempotent
+Budgets (steps, LLM tokens, seconds; per item and per run) are checked in ``plan``, ``act``, after ``observe``
+and in ``decide``: when one is reached the item goes straight to ``accept`` with the best explanation so far (a
+``propose`` → ``score`` already under way finishes first, so an item can end a few steps past its limit). Every node's side effects are idempotent
 (deterministic ids, upserts), because after a crash langgraph re-runs the interrupted node from its start.
 """
 

@@ -450,6 +450,8 @@ def _loop(store: Any, env: Any, items: list[WorkItem], ckpt: Path, report: Calla
             report("items", n, len(items))
             if status.get(item.item_id) in finished:
                 outcomes.append(_stored_outcome(store, item))
+                if on_item is not None:
+                    on_item(outcomes[-1])
                 continue
             cfg = {"configurable": {"thread_id": item.item_id}, "recursion_limit": 10_000}
             snap = graph.get_state(cfg)
