@@ -59,7 +59,9 @@ def execute(plan: Any, db: Path | None, *, kind: str, resume: bool = False) -> A
         sc = "  ".join(f"{k[:4]} {v:.2f}" for k, v in o.scores.items() if v is not None)
         tag = "(resumed: already done)" if o.skipped else ""
         text = (o.text or o.error or "")[:90]
-        con.print(f"  {o.status.value:>14}  {o.target[:40]:<40} {sc:<34} {text} {tag}")
+        used = "" if o.skipped else f"{o.usage.steps} steps, {o.usage.tool_calls} tools, " \
+                                    f"{o.usage.tokens} LLM tokens, {o.usage.seconds:.1f} s"
+        con.print(f"  {o.status.value:>14}  {o.target[:40]:<40} {sc:<34} [{used}] {text} {tag}")
 
     with _progress() as report:
         res = run_plan(store, prep, kind=kind, resume=resume, report=report, on_item=on_item)

@@ -393,6 +393,18 @@ def readers_waiting(path: Path) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def _atomic(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConnection]:
+    """One transaction on ``con``: committed on success, rolled back on any error."""
+    con.execute("begin transaction")
+    try:
+        yield con
+    except BaseException:
+        con.execute("rollback")
+        raise
+    con.execute("commit")
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, (dict, list, tuple)):
         return json.dumps(value)
@@ -426,26 +438,14 @@ class Store:
         """A read-write connection inside one transaction; committed on success, rolled back on error."""
         if self._holding:
             with self._lock:
-                con = self._held_connection()
                 try:
-                    con.execute("begin transaction")
-                    try:
+                    with _atomic(self._held_connection()) as con:
                         yield con
-                    except BaseException:
-                        con.execute("rollback")
-                        raise
-                    con.execute("commit")
                 finally:
                     self._last_use = time.monotonic()
             return
-        with connect(self.path, read_only=False, timeout_s=self.timeout_s) as con:
-            con.execute("begin transaction")
-            try:
-                yield con
-            except BaseException:
-                con.execute("rollback")
-                raise
-            con.execute("commit")
+        with connect(self.path, read_only=False, timeout_s=self.timeout_s) as con, _atomic(con):
+            yield con
 
     @contextlib.contextmanager
     def hold(self, idle_s: float = 0.25) -> Iterator[Store]:
