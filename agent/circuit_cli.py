@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import uuid
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -55,23 +54,6 @@ def circuit(
     if threshold is not None and threshold < 0:
         raise InputError(f"--threshold must be >= 0 (a fraction of |m(M) - m(∅)|), got {threshold}")
 
-    from autoexplain.tools.circuits import check_effect, default_metric
-    from autoexplain.tools.data import load_task_file, tokenize_task
-    from autoexplain.tools.models import load_model
-    from autoexplain.tools.patching import PatchSetup
-
-    task_file = load_task_file(task)
-    lm = load_model(model, device=device)
-    try:
-        tokenized = tokenize_task(task_file, lm.tokenizer, n_ctx=lm.n_ctx)
-    except InputError as exc:
-        raise InputError(exc.message if str(task) in exc.message else f"task file {str(task)!r}: {exc}") from None
-    metric = default_metric(method, tokenized)
-    setup = PatchSetup(lm, tokenized, ablation=ablation, metric=metric)
-    check_effect(setup)
-    if top_k is not None and top_k > setup.graph.n_edges:
-        raise InputError(f"--top-k {top_k} is more than the model's {setup.graph.n_edges} edges")
-
     from autoexplain.agent.run_cli import _plan, execute
 
     plan = _plan({"name": "circuit", "model": model, "policy": policy, "llm_model": llm_model, "device": device,
@@ -99,12 +81,6 @@ def _found_circuit(store: Any, item_id: str) -> Any:
     rows = store.query("select c.output from tool_calls t join tool_cache c using (cache_key) where t.item_id = ? "
                        "and t.tool = 'circuit_search' order by t.created_at desc limit 1", [item_id])[1]
     return CircuitSearchOut.model_validate_json(rows[0][0]).circuit()
-
-
-def _record_model(store: Any, lm: Any) -> None:
-    from autoexplain.agent.cli import _record_model_and_saes
-
-    _record_model_and_saes(store, lm, [])
 
 
 def _circuit_id(model_id: str, fingerprint: str, method: str, top_k: int | None, threshold: float | None) -> str:

@@ -220,7 +220,7 @@ def _record_zoo(store: Any, built: Any, *, kind: str) -> tuple[str, Any, list[An
     lm = load_model(spec)
     quality = {f"{spec}/{q['name']}": {"l0": q["l0"], "fvu": q["fvu"], "k": q["k"]} for q in built.manifest["saes"]}
     saes = [load_sae(name, lm) for name in quality]
-    _record_model_and_saes(store, lm, saes, extra=quality)
+    store.record_model_and_saes(lm, saes, extra=quality)
     return run_id, lm, saes
 
 
@@ -298,7 +298,7 @@ def harvest_cmd(
     store = _open_store(db)
     run_id = f"harvest-{uuid.uuid4().hex[:10]}"
     store.start_run(run_id, "harvest", {"model": model, "sae": sae, **args.model_dump()})
-    _record_model_and_saes(store, lm, [s])
+    store.record_model_and_saes(lm, [s])
     with _run_guard(store, run_id):
         out = _harvest_into(store, run_id, lm, s, args)
         store.finish_run(run_id, "done", out.model_dump())
@@ -352,16 +352,6 @@ def _validated(model_cls: Any, **kwargs: Any) -> Any:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
         raise InputError(f"--{where.replace('_', '-')}: {err['msg']}") from None
-
-
-def _record_model_and_saes(store: Any, lm: Any, saes: list[Any],
-                           extra: dict[str, dict[str, Any]] | None = None) -> None:
-    """Upsert the model and SAEs a run used (``extra``: more info per SAE spec, e.g. training quality)."""
-    extra = extra or {}
-    store.upsert("models", [{"model_id": lm.model_id, "spec": lm.spec, "info": lm.describe()}])
-    store.upsert("saes", [{"sae_id": s.sae_id, "spec": s.spec, "model_id": lm.model_id, "hook_name": s.hook_name,
-                           "site": str(s.site), "d_in": s.d_in, "d_sae": s.d_sae, "architecture": s.architecture,
-                           "info": {**s.describe(), **extra.get(s.spec, {})}} for s in saes])
 
 
 # ----------------------------------------------------------------------------- demo

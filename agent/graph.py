@@ -34,6 +34,7 @@ from autoexplain.agent.policies.base import Policy, PolicyStep, overall
 from autoexplain.agent.state import (
     Budget,
     Clock,
+    Draft,
     ItemState,
     ItemStatus,
     ToolRequest,
@@ -102,6 +103,22 @@ def _apply(state: ItemState, step: PolicyStep, item: WorkItem, env: AgentEnv) ->
     return out
 
 
+def _store_drafts(env: AgentEnv, item: WorkItem, step: int, drafts: list[Draft]) -> list[dict[str, Any]]:
+    """Write ``drafts`` as (not yet final) explanations; return them as state entries with their ids."""
+    out, rows = [], []
+    for i, d in enumerate(drafts):
+        eid = stable_id("expl", item.item_id, step, i, d.text)
+        out.append({**d.model_dump(mode="json"), "explanation_id": eid})
+        rows.append({"explanation_id": eid, "run_id": item.run_id, "item_id": item.item_id, "target": item.target,
+                     "text": d.text, "author": env.policy.name, "llm_model": env.policy.llm_model,
+                     "causal_level": d.causal_level.value,
+                     "evidence": {"calls": d.evidence, "hypothesis": d.hypothesis_id, "dead": d.dead},
+                     "is_final": False, "budget_limited": False, "created_at": now()})
+    if rows:
+        env.store.upsert("explanations", rows)
+    return out
+
+
 def build_graph(env: AgentEnv, checkpointer: Any = None) -> Any:
     """The compiled graph; ``checkpointer`` (e.g. a SqliteSaver) makes every item resumable."""
 
@@ -144,14 +161,7 @@ def build_graph(env: AgentEnv, checkpointer: Any = None) -> Any:
             return {"stop": reason, "pending": []}
         dead = env.dead_text(item) if not state.get("step") else None
         if dead:  # a feature that never fired is stored as dead by every policy, never labelled
-            eid = stable_id("expl", item.item_id, 0, 0, dead)
-            env.store.upsert("explanations", [{
-                "explanation_id": eid, "run_id": item.run_id, "item_id": item.item_id, "target": item.target,
-                "text": dead, "author": env.policy.name, "llm_model": env.policy.llm_model,
-                "causal_level": "association", "evidence": {"calls": [], "dead": True}, "is_final": False,
-                "budget_limited": False, "created_at": now()}])
-            return {"pending": [], "step": 1, "drafts": [{"text": dead, "dead": True, "explanation_id": eid,
-                                                          "causal_level": "association", "evidence": []}]}
+            return {"pending": [], "step": 1, "drafts": _store_drafts(env, item, 0, [Draft(text=dead, dead=True)])}
         step = env.policy.plan(state, item)
         out = _apply(state, step, item, env)
         out["pending"] = [r.model_dump(mode="json") for r in step.requests]
@@ -183,18 +193,7 @@ def build_graph(env: AgentEnv, checkpointer: Any = None) -> Any:
         item = _item(state)
         step = env.policy.propose(state, item)
         out = _apply(state, step, item, env)
-        drafts = []
-        rows = []
-        for i, d in enumerate(step.drafts):
-            eid = stable_id("expl", item.item_id, int(state.get("step") or 0), i, d.text)
-            drafts.append({**d.model_dump(mode="json"), "explanation_id": eid})
-            rows.append({"explanation_id": eid, "run_id": item.run_id, "item_id": item.item_id,
-                         "target": item.target, "text": d.text, "author": env.policy.name,
-                         "llm_model": env.policy.llm_model, "causal_level": d.causal_level.value,
-                         "evidence": {"calls": d.evidence, "hypothesis": d.hypothesis_id, "dead": d.dead},
-                         "is_final": False, "budget_limited": False, "created_at": now()})
-        if rows:
-            env.store.upsert("explanations", rows)
+        drafts = _store_drafts(env, item, int(state.get("step") or 0), step.drafts)
         out["drafts"] = drafts
         return out
 

@@ -55,6 +55,13 @@ class CircuitEntry(BaseModel):
     top_k: int | None = Field(default=None, ge=1)
     threshold: float | None = Field(default=None, ge=0)
 
+    @model_validator(mode="after")
+    def _one_selector(self) -> CircuitEntry:
+        if self.top_k is not None and self.threshold is not None:
+            raise ValueError("give top_k or threshold, not both: top_k keeps a number of edges, threshold keeps "
+                             "edges scoring above a fraction of the full effect")
+        return self
+
 
 class PlanEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -154,10 +161,13 @@ class Prepared(BaseModel):
 
 def prepare(plan: Plan) -> Prepared:
     """Load the model and SAEs, resolve datasets and tasks, and validate every entry (no writes)."""
-    from autoexplain.tools.data import load_task_file, tokenize_task
+    from autoexplain.tools.data import load_task_file
     from autoexplain.tools.models import load_model
     from autoexplain.tools.saes import load_sae
 
+    for e in (p.circuit for p in plan.items if p.circuit):
+        if Path(e.task).is_file():
+            load_task_file(Path(e.task))  # a malformed task file fails before the model loads (or a toy builds)
     lm = load_model(plan.model, device=plan.device)
     toy = plan.model.startswith("toy:")
     built = None
@@ -188,12 +198,28 @@ def prepare(plan: Plan) -> Prepared:
                 raise InputError(f"toy task {e.task!r} does not exist: the toy tasks are "
                                  f"{', '.join(built.manifest['task_accuracy'])}")
         task = load_task_file(path)
-        tokenize_task(task, lm.tokenizer, n_ctx=lm.n_ctx)
+        _check_circuit_entry(lm, e, task, path)
         circuit_jobs.append((e, task.name or path.stem, str(path)))
     lexicon = None
     if plan.lexicon or built is not None:
         lexicon = load_lexicon(Path(plan.lexicon) if plan.lexicon else built.root / "corpus" / "categories.json")
     return Prepared(plan=plan, lm=lm, saes=saes, label_jobs=label_jobs, circuit_jobs=circuit_jobs, lexicon=lexicon)
+
+
+def _check_circuit_entry(lm: Any, entry: CircuitEntry, task: Any, path: Path) -> None:
+    """The task tokenises for this model, its ablation moves the metric at all, and top_k fits the graph."""
+    from autoexplain.tools.circuits import check_effect, default_metric
+    from autoexplain.tools.data import tokenize_task
+    from autoexplain.tools.patching import PatchSetup
+
+    try:
+        tokenized = tokenize_task(task, lm.tokenizer, n_ctx=lm.n_ctx)
+    except InputError as exc:
+        raise InputError(exc.message if str(path) in exc.message else f"task file {str(path)!r}: {exc}") from None
+    setup = PatchSetup(lm, tokenized, ablation=entry.ablation, metric=default_metric(entry.method, tokenized))
+    check_effect(setup)
+    if entry.top_k is not None and entry.top_k > setup.graph.n_edges:
+        raise InputError(f"--top-k {entry.top_k} is more than the model's {setup.graph.n_edges} edges")
 
 
 def load_lexicon(path: Path) -> dict[str, frozenset[str]]:
@@ -266,7 +292,7 @@ def _run_plan(store: Any, prep: Prepared, *, kind: str, resume: bool, run_id: st
     t_start = time.monotonic()
     store.start_run(run_id, kind, {"plan": plan.model_dump(mode="json"), "plan_hash": plan_hash},
                     policy=plan.policy)
-    _record(store, prep)
+    store.record_model_and_saes(prep.lm, list(prep.saes.values()))
     report = report or (lambda *_: None)
 
     harvest_s = _harvest_and_split(store, run_id, prep, report)
@@ -285,15 +311,6 @@ def _count(values: Any) -> dict[str, int]:
     for v in values:
         out[v] = out.get(v, 0) + 1
     return out
-
-
-def _record(store: Any, prep: Prepared) -> None:
-    lm = prep.lm
-    store.upsert("models", [{"model_id": lm.model_id, "spec": lm.spec, "info": lm.describe()}])
-    if prep.saes:
-        store.upsert("saes", [{"sae_id": s.sae_id, "spec": s.spec, "model_id": lm.model_id,
-                               "hook_name": s.hook_name, "site": str(s.site), "d_in": s.d_in, "d_sae": s.d_sae,
-                               "architecture": s.architecture, "info": s.describe()} for s in prep.saes.values()])
 
 
 def _harvest_and_split(store: Any, run_id: str, prep: Prepared, report: Callable[[str, int, int], None]) -> float:
@@ -375,7 +392,7 @@ def _env(store: Any, run_id: str, prep: Prepared, llm_client: Any) -> Any:
 
         embedder = judge if plan.judge == "embedding" else EmbeddingJudge()
     scorer = _ByKind(FeatureScorer(store, judge, embedder=embedder), CircuitScorer(store, prep.lm, run_id))
-    policy = _policy(plan, prep, llm_client, store, run_id)
+    policy = _policy(plan, prep, llm_client)
     if hasattr(policy, "bind_tools"):
         policy.bind_tools(runner.registry)
     env = AgentEnv(store=store, runner=runner, policy=policy, scorer=scorer,
@@ -418,7 +435,7 @@ def _judge(plan: Plan, prep: Prepared, llm_client: Any) -> Any:
     return LexicalJudge(lexicon=prep.lexicon)
 
 
-def _policy(plan: Plan, prep: Prepared, llm_client: Any, store: Any, run_id: str) -> Any:
+def _policy(plan: Plan, prep: Prepared, llm_client: Any) -> Any:
     if plan.policy == "llm":
         from autoexplain.agent.policies.llm import LLMPolicy
 

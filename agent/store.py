@@ -218,7 +218,7 @@ _V2 = (
         explanation_id varchar not null,
         sae_id varchar not null,
         feature_index integer not null,
-        scorer varchar not null,            -- detection | fuzzing | embedding
+        scorer varchar not null,            -- detection | fuzzing | simulation | embedding
         judge varchar not null,             -- lexical | embedding:<model> | llm:<model>
         example_kind varchar not null,      -- top | quantile | random (feature_examples.kind)
         example_id integer not null,        -- feature_examples.example_id
@@ -571,6 +571,18 @@ class Store:
                 finally:
                     self._last_use = time.monotonic()
         return run_query(self.path, sql, params, timeout_s=self.timeout_s)
+
+    def record_model_and_saes(self, lm: Any, saes: Sequence[Any],
+                              extra: dict[str, dict[str, Any]] | None = None) -> None:
+        """Upsert the model and SAEs a run used (``extra``: more info per SAE spec, e.g. training quality)."""
+        extra = extra or {}
+        with self.transaction() as con:
+            self.upsert("models", [{"model_id": lm.model_id, "spec": lm.spec, "info": lm.describe()}], con=con)
+            if saes:
+                self.upsert("saes", [{"sae_id": s.sae_id, "spec": s.spec, "model_id": lm.model_id,
+                                      "hook_name": s.hook_name, "site": str(s.site), "d_in": s.d_in,
+                                      "d_sae": s.d_sae, "architecture": s.architecture,
+                                      "info": {**s.describe(), **extra.get(s.spec, {})}} for s in saes], con=con)
 
     # -- runs -----------------------------------------------------------------------------------------
     def start_run(self, run_id: str, kind: str, config: dict[str, Any], *, policy: str | None = None) -> None:

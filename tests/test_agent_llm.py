@@ -24,7 +24,6 @@ from typing import Any
 
 import pytest
 from fake_openai import (
-    FAULT_KINDS,
     FakeOpenAI,
     FaultInjector,
     Reply,

@@ -88,7 +88,9 @@ class LLMPolicy(Policy):
     # ----------------------------------------------------------------------------------------------- decisions
     def plan(self, state: ItemState, item: WorkItem) -> PolicyStep:
         messages = list(state.get("messages") or []) or self._start(item, self.model_id)
-        turn = self.client.chat_tools(messages, self.tools or [], purpose="plan")
+        if self.tools is None:
+            raise RuntimeError("LLMPolicy.bind_tools(registry) was not called: the model would be offered no tools")
+        turn = self.client.chat_tools(messages, self.tools, purpose="plan")
         messages.append(turn.as_message())
         requests = [ToolRequest(tool=c.name, args=c.arguments, request_id=c.id) for c in turn.tool_calls]
         return PolicyStep(requests=requests, messages=messages)
