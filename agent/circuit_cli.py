@@ -89,7 +89,7 @@ def _circuit_id(model_id: str, fingerprint: str, method: str, top_k: int | None,
     return "circ-" + hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def _store_circuit(store: Any, circuit_id: str, run_id: str, model_id: str, task_name: str, task_path: str,
+def _store_circuit(writer: Any, circuit_id: str, run_id: str, model_id: str, task_name: str, task_path: str,
                    circ: Any, *, item_id: str | None = None) -> None:
     from datetime import datetime, timezone
 
@@ -111,10 +111,9 @@ def _store_circuit(store: Any, circuit_id: str, run_id: str, model_id: str, task
         edges.append({"circuit_id": circuit_id, "edge": name, "src": str(edge.src), "dst": str(edge.dst),
                       "score": s.scores[i],
                       "in_circuit": circ.in_circuit[i], "rank": ranks[i]})
-    with store.transaction() as con:
-        con.execute("delete from circuit_edges where circuit_id = ?", [circuit_id])
-        store.upsert("circuits", [row], con=con)
-        store.upsert("circuit_edges", edges, con=con)
+    # circuit_id fixes the model and method, so the edge set (every edge of the model's graph) is the same on every
+    # re-run: upserts replace each row, none is left over
+    writer.upsert_many({"circuits": [row], "circuit_edges": edges})
 
 
 def _show(circ: Any, task_name: str) -> None:

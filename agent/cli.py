@@ -311,15 +311,13 @@ def harvest_cmd(
 
 def _harvest_into(store: Any, run_id: str, lm: Any, sae: Any, args: Any) -> Any:
     """Run a harvest with a progress bar, its rows going to ``store`` tagged with ``run_id``."""
+    from autoexplain.agent.runner import harvest_sink
     from autoexplain.tools.harvest import harvest
     from autoexplain.tools.registry import ToolContext
 
-    def sink(table: str, rows: list[dict[str, Any]]) -> None:
-        store.upsert(table, [{**r, "run_id": run_id} for r in rows])
-
     with _progress() as report:
         stage = f"harvest {sae.spec} ({sae.sae_id})"
-        return harvest(ToolContext(model=lm, saes={sae.sae_id: sae}, sink=sink), args,
+        return harvest(ToolContext(model=lm, saes={sae.sae_id: sae}, sink=harvest_sink(store, run_id)), args,
                        progress=lambda done, total: report(stage, done, total))
 
 

@@ -16,6 +16,10 @@
 * ``accept``: the best scored draft (by :func:`~autoexplain.agent.policies.base.overall`) becomes final; the
   work item is marked done — or ``budget_limited`` when a budget ended it early.
 
+Nodes write their rows (tool calls, hypotheses, drafts, scores …) to ``env.out``, an
+:class:`~autoexplain.agent.outbox.Outbox` committed to DuckDB a group at a time; the rows each node wrote also go
+into that node's checkpoint (the ``outbox`` channel), which is what makes the grouping crash-safe.
+
 Budgets (steps, LLM tokens, seconds; per item and per run) are checked in ``plan``, ``act``, after ``observe``
 and in ``decide``: when one is reached the item goes straight to ``accept`` with the best explanation so far (a
 ``propose`` → ``score`` already under way finishes first, so an item can end a few steps past its limit). Every node's side effects are idempotent
@@ -51,7 +55,8 @@ from autoexplain.agent.toolrun import ToolRunner
 class AgentEnv:
     """Everything the nodes need that is not state: the store, the tools, the policy, the scorer, budgets."""
 
-    store: Any
+    store: Any  # reads
+    out: Any  # agent.outbox.Outbox: every row a node writes
     runner: ToolRunner
     policy: Policy
     scorer: Any  # agent.scoring.Scorer
@@ -94,7 +99,7 @@ def _apply(state: ItemState, step: PolicyStep, item: WorkItem, env: AgentEnv) ->
                          "text": h.text, "status": h.status.value, "causal_level": h.causal_level.value,
                          "evidence": h.evidence, "updated_at": now(),
                          **({} if old else {"created_at": now()})})
-        env.store.upsert("hypotheses", rows)
+        env.out.upsert("hypotheses", rows)
         out["hypotheses"] = hyps
     if step.notes:
         out["notes"] = {**(state.get("notes") or {}), **step.notes}
@@ -115,7 +120,7 @@ def _store_drafts(env: AgentEnv, item: WorkItem, step: int, drafts: list[Draft])
                      "evidence": {"calls": d.evidence, "hypothesis": d.hypothesis_id, "dead": d.dead},
                      "is_final": False, "budget_limited": False, "created_at": now()})
     if rows:
-        env.store.upsert("explanations", rows)
+        env.out.upsert("explanations", rows)
     return out
 
 
@@ -133,6 +138,7 @@ def build_graph(env: AgentEnv, checkpointer: Any = None) -> Any:
             if name == "act":
                 used = used.plus(tool_calls=len(update.get("results", [])))
             update["usage"] = used.model_dump()
+            update["outbox"] = env.out.take_step()  # this node's rows travel with its checkpoint
             env.run_usage = env.run_usage.plus(steps=1, seconds=clock.seconds, llm_calls=llm.llm_calls,
                                                prompt_tokens=llm.prompt_tokens,
                                                completion_tokens=llm.completion_tokens)
@@ -225,16 +231,15 @@ def build_graph(env: AgentEnv, checkpointer: Any = None) -> Any:
         best = max(scored, key=lambda s: (s["overall"], -len(s["text"]))) if scored else None
         chosen = dead[0]["explanation_id"] if dead else (best["explanation_id"] if best else None)
         status = ItemStatus.BUDGET_LIMITED if stop else ItemStatus.DONE
-        with env.store.transaction() as con:
-            con.execute("update explanations set is_final = coalesce(explanation_id = ?, false), budget_limited = ? "
-                        "where item_id = ?", [chosen, bool(stop), item.item_id])
-            for s in scored:
-                con.execute("update explanations set overall = ? where explanation_id = ?",
-                            [s["overall"], s["explanation_id"]])
-            env.store.upsert("work_items", [{
-                "item_id": item.item_id, "run_id": item.run_id, "kind": item.kind.value, "target": item.target,
-                "status": status.value, "error": f"stopped by budget: {stop}" if stop else None,
-                "budget": {**_usage(state).model_dump(), "stopped_by": stop}, "finished_at": now()}], con=con)
+        # every draft of the item: final or not, budget-limited or not, and its overall score
+        marks = {d["explanation_id"]: {} for d in dead}
+        marks.update({s["explanation_id"]: {"overall": s["overall"]} for s in scored})
+        env.out.upsert("explanations", [{"explanation_id": eid, "is_final": eid == chosen, "budget_limited": bool(stop),
+                                         **extra} for eid, extra in marks.items()])
+        env.out.upsert("work_items", [{
+            "item_id": item.item_id, "run_id": item.run_id, "kind": item.kind.value, "target": item.target,
+            "status": status.value, "error": f"stopped by budget: {stop}" if stop else None,
+            "budget": {**_usage(state).model_dump(), "stopped_by": stop}, "finished_at": now()}])
         return {"outcome": {"explanation_id": chosen, "status": status.value, "stopped_by": stop,
                             "text": dead[0]["text"] if dead else (best["text"] if best else None),
                             "scores": best["scores"] if best and not dead else {},
@@ -281,4 +286,4 @@ def build_graph(env: AgentEnv, checkpointer: Any = None) -> Any:
 def initial_state(item: WorkItem) -> ItemState:
     return {"item": item.model_dump(mode="json"), "step": 0, "pending": [], "results": [], "calls": [],
             "hypotheses": {}, "drafts": [], "scored": [], "messages": [], "notes": {}, "usage": Usage().model_dump(),
-            "stop": None, "outcome": None}
+            "stop": None, "outcome": None, "outbox": []}

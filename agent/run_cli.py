@@ -31,14 +31,12 @@ SecondsOpt = Annotated[float, typer.Option("--max-seconds", help="wall seconds p
 def _plan(data: dict[str, Any]) -> Any:
     from pydantic import ValidationError
 
-    from autoexplain.agent.runner import Plan
+    from autoexplain.agent.runner import Plan, validation_message
 
     try:
         return Plan.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"] if not isinstance(p, int)) or "arguments"
-        raise InputError(f"{where.replace('_', '-')}: {err['msg']}") from None
+        raise InputError(validation_message(exc, "arguments", as_flags=True)) from None
 
 
 def execute(plan: Any, db: Path | None, *, kind: str, resume: bool = False) -> Any:
@@ -102,6 +100,9 @@ def label(
         = 60_000,
         policy: PolicyOpt = "offline", llm_model: LLMModelOpt = None, judge: JudgeOpt = "lexical",
         embedding: Annotated[bool, typer.Option(help="also score with MiniLM embeddings (needs [judges])")] = False,
+        judgements: Annotated[str, typer.Option("--judgements", help="per-example judge decisions to keep: final "
+                                                                     "(the chosen label's) or all (every scored "
+                                                                     "draft's)")] = "final",
         max_steps: StepsOpt = 40, max_tokens: TokensOpt = 200_000, max_seconds: SecondsOpt = 600.0,
         resume: Annotated[bool, typer.Option(help="continue the newest unfinished identical run")] = False,
         db: DbOpt = None,
@@ -110,7 +111,7 @@ def label(
     """Label SAE features with the agent: harvest (if needed), explain from the explain split, score each
     explanation on the held-out split, keep the best. Dead features are stored as dead, never labelled."""
     plan = _plan({"name": "label", "model": model, "policy": policy, "llm_model": llm_model, "judge": judge,
-                  "embedding": embedding, "device": device,
+                  "embedding": embedding, "device": device, "judgements": judgements,
                   "budget": {"steps": max_steps, "llm_tokens": max_tokens, "seconds": max_seconds},
                   "items": [{"label": {"sae": sae, "dataset": dataset, "features": features, "tokens": tokens}}]})
     res, store, _ = execute(plan, db, kind="label", resume=resume)

@@ -9,7 +9,13 @@ Crash safety
 * Each item is one langgraph thread (``thread_id`` = the item id) in a SQLite checkpointer next to the database
   (``<db>.checkpoints.sqlite``), written synchronously after every node (``durability="sync"``). A killed run
   resumes an unfinished item at the node that was running.
-* Finished items (``work_items.status`` done / budget_limited / failed) are never redone on ``--resume``.
+* Rows are committed to DuckDB in groups (:mod:`autoexplain.agent.outbox`: every ``commit.seconds``, every
+  ``commit.items`` finished items, when a reader waits, and at the end); until then each node's rows travel in its
+  checkpoint, and ``--resume`` puts back the rows of checkpoints whose commit never came. A committed item's
+  checkpoints are deleted.
+* Finished items (``work_items.status`` done / budget_limited / failed) are never redone on ``--resume``; nor is an
+  item whose last checkpoint is finished but whose rows were not committed yet (its rows come back from the
+  checkpoints; its outcome is reported ``skipped`` like the others).
 * Tool results are cached by (model, SAEs, tool, arguments) in ``tool_cache`` and LLM responses by request hash in
   ``llm_cache``: a resumed item does not recompute forward passes or repeat LLM calls it already made.
 * Item ids derive from the run id and the target; ``--resume`` finds the newest unfinished run of the same plan
@@ -18,6 +24,8 @@ Crash safety
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import json
 import re
@@ -29,6 +37,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from autoexplain.agent.outbox import GroupCommit
 from autoexplain.agent.state import Budget, ItemKind, ItemStatus, Usage, WorkItem, now, stable_id
 from autoexplain.tools.errors import InputError
 from autoexplain.tools.vocab import Ablation, Method
@@ -91,6 +100,12 @@ class Plan(BaseModel):
     budget: Budget = Field(default_factory=Budget, description="per item")
     run_budget: Budget = Field(default_factory=lambda: Budget(steps=None, llm_tokens=None, seconds=None))
     device: str | None = None
+    judgements: Literal["final", "all"] = Field(
+        default="final", description="per-example judge decisions to keep: the final explanation's (the drafts "
+                                     "the agent rejected keep their scores), or every scored draft's")
+    commit: GroupCommit = Field(default_factory=GroupCommit,
+                                description="how often results are committed to DuckDB (not part of the plan's "
+                                            "identity: changing it does not start a new run)")
     items: list[PlanEntry] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -100,7 +115,7 @@ class Plan(BaseModel):
         return self
 
     def content_hash(self) -> str:
-        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+        return hashlib.sha256(self.model_dump_json(exclude={"commit"}).encode()).hexdigest()[:16]
 
 
 def load_plan(path: Path) -> Plan:
@@ -116,14 +131,28 @@ def load_plan(path: Path) -> Plan:
 
             data = yaml.safe_load(text)
     except Exception as exc:  # noqa: BLE001 (any parse error is the user's file)
-        raise InputError(f"plan {str(path)!r} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
-                         f"{str(exc).splitlines()[0]}") from None
+        mark = getattr(exc, "problem_mark", None)  # YAML: where the parser gave up
+        line = getattr(exc, "lineno", None) or (mark.line + 1 if mark is not None else None)
+        at = f" (line {line})" if line else ""
+        raise InputError(f"plan {str(path)!r} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}{at}: "
+                         f"{getattr(exc, 'problem', None) or str(exc).splitlines()[0]}") from None
     try:
         return Plan.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "plan"
-        raise InputError(f"plan {str(path)!r}: {where}: {err['msg']}") from None
+        raise InputError(f"plan {str(path)!r}: {validation_message(exc, 'plan')}") from None
+
+
+def validation_message(exc: ValidationError, default: str, *, as_flags: bool = False) -> str:
+    """The first problem of a pydantic error as one line: where, what, and the value given when it is short.
+
+    ``as_flags``: name the field as the CLI flag that set it (``llm-model``, list positions dropped)."""
+    err = exc.errors()[0]
+    parts = [str(p) for p in err["loc"] if not (as_flags and isinstance(p, int))]
+    where = ".".join(parts).replace("_", "-") if as_flags else ".".join(parts)
+    where = where or default
+    given = err.get("input")
+    shown = f" (got {given!r})" if isinstance(given, (str, int, float)) and len(repr(given)) <= 60 else ""
+    return f"{where}: {err['msg']}{shown}"
 
 
 def parse_features(spec: str, d_sae: int) -> list[int]:
@@ -247,7 +276,7 @@ class ItemOutcome(BaseModel):
     scores: dict[str, float | None] = Field(default_factory=dict)
     overall: float | None = None
     usage: Usage = Field(default_factory=Usage)
-    skipped: bool = False
+    skipped: bool = False  # finished before this process (read back from the store or its checkpoints)
     error: str | None = None
 
 
@@ -268,22 +297,30 @@ def find_resumable(store: Any, kind: str, plan_hash: str) -> str | None:
     return rows[0][0] if rows else None
 
 
+class SimulatedCrash(KeyboardInterrupt):
+    """What ``stop_after_nodes`` raises (tests): it stands for a kill, so the run commits nothing on its way out."""
+
+
 def run_plan(store: Any, prep: Prepared, *, kind: str = "plan", resume: bool = False,
              run_id: str | None = None, report: Callable[[str, int, int], None] | None = None,
              on_item: Callable[[ItemOutcome], None] | None = None, llm_client: Any = None,
-             stop_after_nodes: int | None = None) -> RunResult:
+             stop_after_nodes: int | None = None, commit: GroupCommit | None = None) -> RunResult:
     """Run (or resume) every item of ``prep``; return what each item ended with.
 
-    ``stop_after_nodes``: raise ``KeyboardInterrupt`` after that many graph nodes (tests emulate a crash).
+    ``commit``: when results are committed to DuckDB (default: the plan's ``commit``).
+    ``stop_after_nodes``: raise :class:`SimulatedCrash` after that many graph nodes (tests emulate a crash).
     """
     with store.hold():  # one open connection for the run's many small writes (let go for readers)
         return _run_plan(store, prep, kind=kind, resume=resume, run_id=run_id, report=report, on_item=on_item,
-                         llm_client=llm_client, stop_after_nodes=stop_after_nodes)
+                         llm_client=llm_client, stop_after_nodes=stop_after_nodes,
+                         commit=commit or prep.plan.commit)
 
 
 def _run_plan(store: Any, prep: Prepared, *, kind: str, resume: bool, run_id: str | None,
               report: Callable[[str, int, int], None] | None, on_item: Callable[[ItemOutcome], None] | None,
-              llm_client: Any, stop_after_nodes: int | None) -> RunResult:
+              llm_client: Any, stop_after_nodes: int | None, commit: GroupCommit) -> RunResult:
+    from autoexplain.agent.outbox import Outbox
+
     plan = prep.plan
     plan_hash = plan.content_hash()
     if run_id is None and resume:
@@ -297,12 +334,15 @@ def _run_plan(store: Any, prep: Prepared, *, kind: str, resume: bool, run_id: st
 
     harvest_s = _harvest_and_split(store, run_id, prep, report)
     items = _items(run_id, prep)
-    env = _env(store, run_id, prep, llm_client)
+    env = _env(store, Outbox(store, commit, keep_rejected=plan.judgements == "all"), run_id, prep, llm_client)
     outcomes = _loop(store, env, items, checkpoint_path(store.path), report, on_item, stop_after_nodes)
     seconds = time.monotonic() - t_start
+    left = sum(o.status is ItemStatus.PENDING for o in outcomes)
     summary = {"items": len(outcomes), "by_status": _count(o.status.value for o in outcomes),
-               "seconds": round(seconds, 2), "harvest_seconds": round(harvest_s, 2)}
-    store.finish_run(run_id, "done", summary)
+               "seconds": round(seconds, 2), "harvest_seconds": round(harvest_s, 2),
+               "group_commits": env.out.commits, **({"stopped_by": env.run_limit()} if left else {})}
+    # a run budget that left items unstarted: the run stays resumable (--resume starts them, with a new budget)
+    store.finish_run(run_id, "budget_limited" if left else "done", summary)
     return RunResult(run_id=run_id, outcomes=outcomes, seconds=seconds, harvest_seconds=harvest_s)
 
 
@@ -311,6 +351,19 @@ def _count(values: Any) -> dict[str, int]:
     for v in values:
         out[v] = out.get(v, 0) + 1
     return out
+
+
+def harvest_sink(store: Any, run_id: str) -> Callable[[str, list[dict[str, Any]]], None]:
+    """Where a harvest's rows go: the store, tagged with ``run_id``; examples get their held-out split as they
+    are written (:func:`autoexplain.evals.features.with_split`), so labelling never rewrites them."""
+    from autoexplain.evals.features import with_split
+
+    def sink(table: str, rows: list[dict[str, Any]]) -> None:
+        if table == "feature_examples":
+            rows = with_split(rows)
+        store.upsert(table, [{**r, "run_id": run_id} for r in rows])
+
+    return sink
 
 
 def _harvest_and_split(store: Any, run_id: str, prep: Prepared, report: Callable[[str, int, int], None]) -> float:
@@ -326,11 +379,8 @@ def _harvest_and_split(store: Any, run_id: str, prep: Prepared, report: Callable
         if sae.sae_id not in done:
             have = store.query("select count(*) from features where sae_id = ?", [sae.sae_id])[1][0][0]
             if have < sae.d_sae:
-                def sink(table: str, rows: list[dict[str, Any]]) -> None:
-                    store.upsert(table, [{**r, "run_id": run_id} for r in rows])
-
                 stage = f"harvest {sae.spec}"
-                harvest(ToolContext(model=prep.lm, saes={sae.sae_id: sae}, sink=sink),
+                harvest(ToolContext(model=prep.lm, saes={sae.sae_id: sae}, sink=harvest_sink(store, run_id)),
                         HarvestIn(sae_id=sae.sae_id, dataset=dataset, n_tokens=entry.tokens,
                                   ctx=min(64, prep.lm.n_ctx)),
                         progress=lambda d, t, stage=stage: report(stage, d, t))
@@ -370,7 +420,7 @@ def _items(run_id: str, prep: Prepared) -> list[WorkItem]:
     return items
 
 
-def _env(store: Any, run_id: str, prep: Prepared, llm_client: Any) -> Any:
+def _env(store: Any, out: Any, run_id: str, prep: Prepared, llm_client: Any) -> Any:
     from autoexplain.agent.agent_tools import agent_registry
     from autoexplain.agent.graph import AgentEnv
     from autoexplain.agent.scoring import CircuitScorer, FeatureScorer
@@ -384,18 +434,18 @@ def _env(store: Any, run_id: str, prep: Prepared, llm_client: Any) -> Any:
 
         llm_client = make_client(plan.llm_model or "", store, run_id, holder)
     ctx = ToolContext(model=prep.lm, saes={s.sae_id: s for s in prep.saes.values()}, sink=None)
-    runner = ToolRunner(store, agent_registry(store), ctx, run_id)
+    runner = ToolRunner(store, out, agent_registry(store), ctx, run_id)
     judge = _judge(plan, prep, llm_client)
     embedder = None
     if plan.embedding or plan.judge == "embedding":
         from autoexplain.evals.judges import EmbeddingJudge
 
         embedder = judge if plan.judge == "embedding" else EmbeddingJudge()
-    scorer = _ByKind(FeatureScorer(store, judge, embedder=embedder), CircuitScorer(store, prep.lm, run_id))
+    scorer = _ByKind(FeatureScorer(store, out, judge, embedder=embedder), CircuitScorer(store, out, prep.lm, run_id))
     policy = _policy(plan, prep, llm_client)
     if hasattr(policy, "bind_tools"):
         policy.bind_tools(runner.registry)
-    env = AgentEnv(store=store, runner=runner, policy=policy, scorer=scorer,
+    env = AgentEnv(store=store, out=out, runner=runner, policy=policy, scorer=scorer,
                    run_id=run_id, budget=plan.budget, run_budget=plan.run_budget)
     holder["env"] = env
 
@@ -447,14 +497,30 @@ def _policy(plan: Plan, prep: Prepared, llm_client: Any) -> Any:
 
 def _loop(store: Any, env: Any, items: list[WorkItem], ckpt: Path, report: Callable[[str, int, int], None],
           on_item: Callable[[ItemOutcome], None] | None, stop_after_nodes: int | None) -> list[ItemOutcome]:
+    """Run each unfinished item's graph; rows go through ``env.out`` (group commit, see :mod:`agent.outbox`)."""
+    # the model, tokenizer and SAEs are loaded: move every object alive now out of the collector's sight. Full
+    # collections then scan only what the items allocate (on the toy world they took ~10 % of the run time, and a
+    # pause landing in a group commit doubled its length). Unfrozen at the end: frozen objects are never collected,
+    # and at exit native bindings would report them as leaked.
+    gc.collect()
+    gc.freeze()
+    try:
+        return _run_items(store, env, items, ckpt, report, on_item, stop_after_nodes)
+    finally:
+        gc.unfreeze()
+
+
+def _run_items(store: Any, env: Any, items: list[WorkItem], ckpt: Path, report: Callable[[str, int, int], None],
+               on_item: Callable[[ItemOutcome], None] | None, stop_after_nodes: int | None) -> list[ItemOutcome]:
     from langgraph.checkpoint.sqlite import SqliteSaver
 
     from autoexplain.agent.graph import build_graph, initial_state
 
+    out = env.out
     status = dict(store.query("select item_id, status from work_items where run_id = ?", [env.run_id])[1])
     attempts = dict(store.query("select item_id, attempts from work_items where run_id = ?", [env.run_id])[1])
     pending = [it for it in items if it.item_id not in status]
-    if pending:
+    if pending:  # at once: a query made mid-run sees every item of the run
         store.upsert("work_items", [{"item_id": it.item_id, "run_id": it.run_id, "kind": it.kind.value,
                                      "target": it.target, "status": ItemStatus.PENDING.value, "attempts": 0}
                                     for it in pending])
@@ -463,44 +529,88 @@ def _loop(store: Any, env: Any, items: list[WorkItem], ckpt: Path, report: Calla
     nodes = 0
     with SqliteSaver.from_conn_string(str(ckpt)) as saver:
         graph = build_graph(env, saver)
-        for n, item in enumerate(items):
-            report("items", n, len(items))
-            if status.get(item.item_id) in finished:
-                outcomes.append(_stored_outcome(store, item))
+
+        def commit() -> None:
+            for item_id in out.flush():  # committed: the item's checkpoints are no longer needed
+                saver.delete_thread(item_id)
+
+        # threads of items committed just before a crash (the commit landed, the pruning did not)
+        for item_id in {c.config["configurable"]["thread_id"] for c in saver.list(None)}:
+            if status.get(item_id) in finished:
+                saver.delete_thread(item_id)
+        try:
+            for n, item in enumerate(items):
+                report("items", n, len(items))
+                if status.get(item.item_id) in finished:
+                    outcomes.append(_stored_outcome(store, item))
+                    if on_item is not None:
+                        on_item(outcomes[-1])
+                    continue
+                limit = env.run_limit()
+                if limit:  # the run budget is spent: later items are not started (they stay pending)
+                    outcomes.append(ItemOutcome(item_id=item.item_id, kind=item.kind, target=item.target,
+                                                status=ItemStatus.PENDING,
+                                                error=f"not started: {limit} reached; --resume runs it"))
+                    if on_item is not None:
+                        on_item(outcomes[-1])
+                    continue
+                cfg = {"configurable": {"thread_id": item.item_id}, "recursion_limit": 10_000}
+                snap = graph.get_state(cfg)
+                out.begin(item.item_id)
+                if snap.values:  # checkpoints of a process that died: put back the rows it had not committed
+                    history = list(graph.get_state_history(cfg))
+                    out.replay(e for h in reversed(history) for e in h.values.get("outbox") or [])
+                recovered = bool(snap.values and not snap.next and snap.values.get("outcome"))
+                if not recovered:  # lands with the item's other rows (a query sees it pending, then finished),
+                    # travelling in the first checkpoint this attempt writes (so a recovered item keeps its count)
+                    before = int(attempts.get(item.item_id) or 0)
+                    if snap.values:
+                        replayed = out.get("work_items", (item.item_id,)) or {}
+                        before = max(before, int(replayed.get("attempts") or 1))
+                    out.upsert("work_items", [{
+                        "item_id": item.item_id, "run_id": item.run_id, "kind": item.kind.value,
+                        "target": item.target, "status": ItemStatus.RUNNING.value, "started_at": now(),
+                        "attempts": before + 1}])
+                env.current_item = item.item_id
+                inp = None if snap.values and snap.next else initial_state(item)
+                try:
+                    if not recovered:  # (a recovered item finished before the crash: its rows are back, not redone)
+                        for _ in graph.stream(inp, cfg, durability="sync", stream_mode="updates"):
+                            nodes += 1
+                            if stop_after_nodes is not None and nodes >= stop_after_nodes:
+                                raise SimulatedCrash("stop_after_nodes")
+                            if out.due():
+                                commit()
+                    state = graph.get_state(cfg).values
+                    oc = state["outcome"]
+                    res = ItemOutcome(item_id=item.item_id, kind=item.kind, target=item.target,
+                                      status=ItemStatus(oc["status"]), text=oc.get("text"),
+                                      scores=oc.get("scores", {}), overall=oc.get("overall"),
+                                      usage=Usage.model_validate(state.get("usage") or {}), skipped=recovered)
+                except KeyboardInterrupt:
+                    raise
+                except Exception as exc:  # noqa: BLE001 (one item's failure is recorded; the run goes on)
+                    err = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                    out.upsert("work_items", [{"item_id": item.item_id, "run_id": item.run_id,
+                                               "kind": item.kind.value, "target": item.target,
+                                               "status": ItemStatus.FAILED.value, "error": err[:500],
+                                               "finished_at": now()}], step=False)
+                    res = ItemOutcome(item_id=item.item_id, kind=item.kind, target=item.target,
+                                      status=ItemStatus.FAILED, error=err[:500])
+                out.finished(item.item_id)
+                outcomes.append(res)
                 if on_item is not None:
-                    on_item(outcomes[-1])
-                continue
-            cfg = {"configurable": {"thread_id": item.item_id}, "recursion_limit": 10_000}
-            snap = graph.get_state(cfg)
-            store.upsert("work_items", [{"item_id": item.item_id, "run_id": item.run_id, "kind": item.kind.value,
-                                         "target": item.target, "status": ItemStatus.RUNNING.value,
-                                         "attempts": int(attempts.get(item.item_id) or 0) + 1,
-                                         "started_at": now()}])
-            env.current_item = item.item_id
-            inp = None if snap.values and snap.next else initial_state(item)
-            try:
-                if not (snap.values and not snap.next and snap.values.get("outcome")):
-                    for _ in graph.stream(inp, cfg, durability="sync", stream_mode="updates"):
-                        nodes += 1
-                        if stop_after_nodes is not None and nodes >= stop_after_nodes:
-                            raise KeyboardInterrupt("stop_after_nodes")
-                state = graph.get_state(cfg).values
-                oc = state["outcome"]
-                out = ItemOutcome(item_id=item.item_id, kind=item.kind, target=item.target,
-                                  status=ItemStatus(oc["status"]), text=oc.get("text"), scores=oc.get("scores", {}),
-                                  overall=oc.get("overall"), usage=Usage.model_validate(state.get("usage") or {}))
-            except KeyboardInterrupt:
-                raise
-            except Exception as exc:  # noqa: BLE001 (one item's failure is recorded; the run goes on)
-                err = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:500]
-                store.upsert("work_items", [{"item_id": item.item_id, "run_id": item.run_id, "kind": item.kind.value,
-                                             "target": item.target, "status": ItemStatus.FAILED.value,
-                                             "error": err, "finished_at": now()}])
-                out = ItemOutcome(item_id=item.item_id, kind=item.kind, target=item.target,
-                                  status=ItemStatus.FAILED, error=err)
-            outcomes.append(out)
-            if on_item is not None:
-                on_item(out)
+                    on_item(res)
+                if out.due():
+                    commit()
+            commit()
+        except BaseException as exc:
+            if not isinstance(exc, SimulatedCrash):
+                # on the way out (Ctrl-C, a bug): commit what is finished; if that fails too the checkpoints still
+                # hold every row, and the original error is the one to see
+                with contextlib.suppress(Exception):
+                    commit()
+            raise
         report("items", len(items), len(items))
     return outcomes
 

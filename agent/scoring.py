@@ -2,11 +2,14 @@
 
 * Features: :func:`autoexplain.evals.features.score_explanation` on the feature's **score-split** examples (the
   explain split is what ``feature_examples`` showed the policy). Stored: the ``scores`` rows (the three scores
-  and the raw metrics) and every per-example ``judgements`` row.
+  and the raw metrics) and every per-example judge decision (``judgement_sets``, read through the view
+  ``judgements``).
 * Circuits: :func:`autoexplain.evals.circuits.score_circuit` on the circuit the draft's ``circuit_search`` call
   found (read back from the tool cache, so nothing is searched twice). Stored: the circuit (``circuits``,
   ``circuit_edges``, tagged with the work item) and its ``scores`` rows, each recording ablation, patch type and
   metric.
+
+Rows go to the run's :class:`~autoexplain.agent.outbox.Outbox` (group commit); reads see its waiting rows.
 
 A scorer returns, per draft, ``{"correctness", "completeness", "succinctness"}`` for the policy to compare.
 """
@@ -21,9 +24,9 @@ from autoexplain.agent.state import WorkItem
 class FeatureScorer:
     """Scores feature labels with ``judge`` (lexical, embedding or LLM) and optionally an embedding judge."""
 
-    def __init__(self, store: Any, judge: Any, *, embedder: Any = None, n_activating: int = 50,
+    def __init__(self, store: Any, out: Any, judge: Any, *, embedder: Any = None, n_activating: int = 50,
                  n_nonactivating: int = 50) -> None:
-        self.store, self.judge, self.embedder = store, judge, embedder
+        self.store, self.out, self.judge, self.embedder = store, out, judge, embedder
         self.n_activating, self.n_nonactivating = n_activating, n_nonactivating
 
     def score(self, item: WorkItem, drafts: list[dict[str, Any]]) -> list[dict[str, float | None]]:
@@ -38,12 +41,8 @@ class FeatureScorer:
             res = score_explanation(d["text"], examples, self.judge, sae_id=sae_id, feature_index=f,
                                     explanation_id=d["explanation_id"], embedder=self.embedder,
                                     n_activating=self.n_activating, n_nonactivating=self.n_nonactivating)
-            with self.store.transaction() as con:
-                self.store.upsert("scores", res.score_rows(), con=con)
-                if res.judgements:
-                    self.store.upsert("judgements", res.judgements, con=con)
-                con.execute("update explanations set judge = ? where explanation_id = ?",
-                            [res.judge, d["explanation_id"]])
+            self.out.upsert_many({"scores": res.score_rows(), "judgement_sets": res.judgement_set_rows(),
+                                  "explanations": [{"explanation_id": d["explanation_id"], "judge": res.judge}]})
             out.append({"correctness": res.correctness, "completeness": res.completeness,
                         "succinctness": res.succinctness})
         return out
@@ -52,18 +51,25 @@ class FeatureScorer:
 class CircuitScorer:
     """Scores circuit explanations by the circuit they rest on (faithfulness, completeness, minimality)."""
 
-    def __init__(self, store: Any, lm: Any, run_id: str, *, true_edges: dict[str, set[str]] | None = None) -> None:
-        self.store, self.lm, self.run_id = store, lm, run_id
+    def __init__(self, store: Any, out: Any, lm: Any, run_id: str, *,
+                 true_edges: dict[str, set[str]] | None = None) -> None:
+        self.store, self.out, self.lm, self.run_id = store, out, lm, run_id
         self.true_edges = true_edges or {}
 
     def _search_output(self, call_id: str) -> Any:
+        from autoexplain.agent.toolrun import cached_output
         from autoexplain.tools.circuits import CircuitSearchOut
 
-        rows = self.store.query("select c.output from tool_calls t join tool_cache c using (cache_key) "
-                                "where t.call_id = ?", [call_id])[1]
-        if not rows:
+        call = self.out.get("tool_calls", (call_id,))
+        if call is not None:
+            key = call["cache_key"]
+        else:
+            rows = self.store.query("select cache_key from tool_calls where call_id = ?", [call_id])[1]
+            key = rows[0][0] if rows else None
+        output = cached_output(self.store, self.out, key) if key else None
+        if output is None:
             raise RuntimeError(f"circuit scoring: no cached circuit_search output for call {call_id}")
-        return CircuitSearchOut.model_validate_json(rows[0][0])
+        return CircuitSearchOut.model_validate_json(output)
 
     def score(self, item: WorkItem, drafts: list[dict[str, Any]]) -> list[dict[str, float | None]]:
         from autoexplain.agent.circuit_cli import _circuit_id, _store_circuit
@@ -83,12 +89,12 @@ class CircuitScorer:
             res = score_circuit(setup, circ, true_edges=self.true_edges.get(item.target))
             if not circ.curve and res.curve is not None:  # the search skipped its curve: scoring measured it
                 circ = circ.model_copy(update={"curve": res.curve.points})
-            _store_circuit(self.store, circuit_id, self.run_id, self.lm.model_id, item.target, str(path), circ,
+            _store_circuit(self.out, circuit_id, self.run_id, self.lm.model_id, item.target, str(path), circ,
                            item_id=item.item_id)
             rows = res.score_rows(d["explanation_id"])
             for r in rows:
                 r["details"] = {**r["details"], "circuit_id": circuit_id}
-            self.store.upsert("scores", rows)
+            self.out.upsert("scores", rows)
             out.append({"correctness": res.correctness, "completeness": res.completeness,
                         "succinctness": res.succinctness})
         return out

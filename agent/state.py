@@ -3,7 +3,9 @@
 The graph state (:class:`ItemState`) holds plain JSON values only — ids, short texts, numbers — because langgraph
 writes the whole state to the checkpointer after every step (large or non-JSON state makes checkpoints huge or
 corrupt). Tool outputs, tensors and examples live in the tools' caches and in DuckDB; the state keeps what a
-policy distilled from them (``notes``) and the ids of the tool calls behind each hypothesis.
+policy distilled from them (``notes``) and the ids of the tool calls behind each hypothesis. One exception:
+``outbox`` carries the database rows the last node wrote (plain values and datetimes) until a group commit
+writes them (:mod:`autoexplain.agent.outbox`); each checkpoint holds only its own node's rows.
 
 Every id is derived from the item and the step that made it (never random), so a node that re-runs after a
 crash writes the same rows again instead of new ones.
@@ -138,7 +140,7 @@ Route = Literal["refine", "accept"]
 
 
 class ItemState(TypedDict, total=False):
-    """The langgraph state of one work item (JSON values only)."""
+    """The langgraph state of one work item (JSON values only, but for the rows in ``outbox``)."""
 
     item: dict[str, Any]  # WorkItem
     step: int  # plan rounds so far
@@ -153,6 +155,7 @@ class ItemState(TypedDict, total=False):
     usage: dict[str, Any]  # Usage
     stop: str | None  # why the item stopped early ('steps', 'llm_tokens', 'seconds', 'run budget'), if it did
     outcome: dict[str, Any] | None  # the accepted explanation and the item's final status
+    outbox: list[dict[str, Any]]  # the rows the last node wrote ({table, rows}; agent.outbox): replayed on resume
 
 
 def now() -> Any:

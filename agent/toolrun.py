@@ -10,6 +10,11 @@ the tool's own output model in JSON (table ``tool_cache``) and rebuilt with ``mo
 (descriptions, tokenisation, store reads) are not cached: recomputing them costs less than a database round trip,
 and store reads must see the current data.
 
+Rows go to the run's :class:`~autoexplain.agent.outbox.Outbox` (committed in groups, carried by the step's
+checkpoint until then); lookups see its waiting rows first. A result that took longer than
+``GroupCommit.cache_now_s`` to compute is committed at once instead, so a crash later in the same step never
+makes it run twice.
+
 Errors
 ------
 Bad arguments, unknown tools and tool refusals (:class:`InputError`) become the call's ``error``: a line the
@@ -38,8 +43,8 @@ def cache_key(model_id: str, sae_ids: list[str], tool: str, args: dict[str, Any]
 class ToolRunner:
     """Runs :class:`ToolRequest`s against one model session, caching and logging each call in the store."""
 
-    def __init__(self, store: Any, registry: Registry, ctx: ToolContext, run_id: str) -> None:
-        self.store, self.registry, self.ctx, self.run_id = store, registry, ctx, run_id
+    def __init__(self, store: Any, out: Any, registry: Registry, ctx: ToolContext, run_id: str) -> None:
+        self.store, self.out, self.registry, self.ctx, self.run_id = store, out, registry, ctx, run_id
         self.executed = 0  # calls that really ran (not served from the cache), for tests and reports
 
     def run(self, item_id: str, step: int, requests: list[ToolRequest]) -> list[ToolResult]:
@@ -55,9 +60,9 @@ class ToolRunner:
             args_json = parsed.model_dump(mode="json")
             if spec.cost is not Cost.CHEAP:
                 key = cache_key(self.ctx.model.model_id, list(self.ctx.saes), req.tool, args_json)
-                hit = self.store.query("select output from tool_cache where cache_key = ?", [key])[1]
-                if hit:
-                    output, cached = spec.output_model.model_validate_json(hit[0][0]), True
+                hit = cached_output(self.store, self.out, key)
+                if hit is not None:
+                    output, cached = spec.output_model.model_validate_json(hit), True
             if output is None:
                 output = spec.fn(self.ctx, parsed)
                 self.executed += 1
@@ -69,9 +74,20 @@ class ToolRunner:
                "args": args_json if isinstance(args_json, dict) else {"raw": str(args_json)[:2000]},
                "summary": summary, "error": error, "duration_s": duration, "cache_key": key,
                "created_at": now()}
-        with self.store.transaction() as con:
-            self.store.upsert("tool_calls", [row], con=con)
-            if output is not None and key is not None and not cached:
-                self.store.upsert("tool_cache", [{"cache_key": key, "tool": req.tool,
-                                                  "output": output.model_dump_json(), "created_at": now()}], con=con)
+        if output is not None and key is not None and not cached:
+            entry = {"cache_key": key, "tool": req.tool, "output": output.model_dump_json(), "created_at": now()}
+            if duration >= self.out.policy.cache_now_s:
+                self.store.upsert("tool_cache", [entry])
+            else:
+                self.out.upsert("tool_cache", [entry])
+        self.out.upsert("tool_calls", [row])
         return ToolResult(call_id=call_id, request=req, summary=summary, error=error, cached=cached, output=output)
+
+
+def cached_output(store: Any, out: Any, key: str) -> str | None:
+    """The cached output (JSON) under ``key``: a row waiting in ``out``, else one in the store, else None."""
+    row = out.get("tool_cache", (key,))
+    if row is not None:
+        return str(row["output"])
+    hit = store.query("select output from tool_cache where cache_key = ?", [key])[1]
+    return hit[0][0] if hit else None

@@ -32,6 +32,8 @@ def main() -> None:
     ap.add_argument("--features", default="0-199")
     ap.add_argument("--sae", default="res0")
     ap.add_argument("--zoo", default="small")
+    ap.add_argument("--judgements", default="final", choices=["final", "all"],
+                    help="per-example judge decisions kept: the final label's, or every scored draft's")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -72,7 +74,7 @@ def main() -> None:
         run_plan(store, prep, kind="bench")
         harvest_s = time.perf_counter() - t0  # harvest + one feature
 
-        plan = Plan.model_validate({"name": "bench-label", "model": spec, "items": [
+        plan = Plan.model_validate({"name": "bench-label", "model": spec, "judgements": args.judgements, "items": [
             {"label": {"sae": f"{spec}/{args.sae}", "features": args.features}}]})
         prep = prepare(plan)
         TimedStore.write_s = TimedStore.read_s = 0.0

@@ -188,6 +188,22 @@ def split_rows(examples: Sequence[Example], sae_id: str, feature_index: int) -> 
              "split": e.split} for e in examples]
 
 
+def with_split(example_rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Harvested ``feature_examples`` rows with ``split`` filled in, feature by feature (rows whose feature
+    already has a split are left alone): the held-out split is fixed once, when the examples are written."""
+    by_feature: dict[tuple[str, int], list[int]] = {}
+    for i, r in enumerate(example_rows):
+        by_feature.setdefault((r["sae_id"], int(r["feature_index"])), []).append(i)
+    out = [dict(r) for r in example_rows]
+    for (sae_id, f), idx in by_feature.items():
+        if any(out[i].get("split") in SPLITS for i in idx):
+            continue
+        split = split_examples([Example.from_row(out[i]) for i in idx], sae_id, f)
+        for i, e in zip(idx, split, strict=True):
+            out[i]["split"] = e.split
+    return out
+
+
 # ============================================================================= metrics
 def succinctness(text: str) -> float:
     """``exp(−(words − 1)/16) / (1 + 0.5·extra_disjuncts)``; range (0, 1]; see the module docstring."""
@@ -266,7 +282,12 @@ class FeatureScores(BaseModel):
     failure_rate: float = 0.0
     n_explain_examples: int = 0
     n_score_examples: int = 0
-    judgements: list[dict[str, Any]] = Field(default_factory=list, description="rows for table judgements")
+    judgements: list[dict[str, Any]] = Field(default_factory=list, description="one dict per judged example (the "
+                                                                           "rows of view judgements)")
+
+    def judgement_set_rows(self) -> list[dict[str, Any]]:
+        """Rows for table ``judgement_sets`` (what the store writes; the view ``judgements`` unnests them)."""
+        return judgement_sets(self.judgements)
 
     def score_rows(self) -> list[dict[str, Any]]:
         """Rows for table ``scores``: the three scores and the raw metrics (one row each, details say the judge)."""
@@ -305,6 +326,28 @@ def _judge_in_batches(fn: Any, items: list[Any], batch_size: int, failure: Any =
             res = [failure(f"judge returned {len(res)} answers for {len(chunk)} items")] * len(chunk)
         out.extend(res)
     return out
+
+
+#: judgement_sets list columns, from the per-example keys
+_SET_LISTS = (("judgement_ids", "judgement_id"), ("example_kinds", "example_kind"), ("example_ids", "example_id"),
+              ("splits", "split"), ("truths", "truth"), ("predictions", "prediction"), ("oks", "ok"),
+              ("errors", "error"), ("raws", "raw"))
+
+
+def judgement_sets(judgements: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Per-example judgement dicts grouped into ``judgement_sets`` rows: one per (explanation, scorer, judge), the
+    per-example values as parallel lists. A set is written whole: writing one replaces the stored set."""
+    sets: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for j in judgements:
+        key = (j["explanation_id"], j["scorer"], j["judge"])
+        row = sets.get(key)
+        if row is None:
+            row = sets[key] = {"explanation_id": key[0], "scorer": key[1], "judge": key[2], "sae_id": j["sae_id"],
+                               "feature_index": j["feature_index"], "created_at": j["created_at"],
+                               **{col: [] for col, _ in _SET_LISTS}}
+        for col, k in _SET_LISTS:
+            row[col].append(j[k])
+    return list(sets.values())
 
 
 def score_explanation(explanation_text: str, examples: Sequence[Example | Mapping[str, Any]], judge: Judge, *,

@@ -323,8 +323,11 @@ def test_llm_path_end_to_end_fills_every_table(world, tmp_path, monkeypatch) -> 
     for e in expl:
         got = {m: v for x, m, v in metrics if x == e}
         assert {"correctness", "completeness", "succinctness"} <= set(got), got
+    # per-example judge decisions are kept for the chosen labels (a plan's `judgements: all` keeps every draft's)
     judged = q(store, "select distinct explanation_id, split from judgements")
-    assert {j[0] for j in judged} == set(expl) and {j[1] for j in judged} == {"score"}
+    finals = {r[0] for r in q(store, "select explanation_id from explanations where run_id = ? and is_final",
+                              [run_id])}
+    assert len(expl) > len(finals) and {j[0] for j in judged} == finals and {j[1] for j in judged} == {"score"}
 
     # every LLM request logged once, tokens as the server counted them, charged to the item that made it
     llm = q(store, "select item_id, purpose, ok, cached, prompt_tokens, completion_tokens, request_hash "
@@ -559,8 +562,8 @@ def test_the_api_key_is_never_stored_or_printed(world, tmp_path, monkeypatch, ca
     assert KEY_START not in json.dumps(store.query("select * from schema_migrations")[1], default=str)
     ckpts = [p for p in tmp_path.iterdir() if ".checkpoints.sqlite" in p.name]
     assert ckpts and all(KEY_START.encode() not in p.read_bytes() for p in ckpts)
-    with sqlite3.connect(ckpts[0]) as con:  # the checkpoints are real and hold the conversation
-        assert con.execute("select count(*) from checkpoints").fetchone()[0] > 0
+    with sqlite3.connect(ckpts[0]) as con:  # real checkpoints, deleted once their items were committed
+        assert con.execute("select count(*) from checkpoints").fetchone()[0] == 0
     db_bytes = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("run.duckdb"))
     assert KEY_START.encode() not in db_bytes
     out, err = capfd.readouterr()

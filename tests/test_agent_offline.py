@@ -363,31 +363,43 @@ def test_item_step_budget_keeps_the_best_explanation_so_far(template, budget_pre
         assert o.usage.steps <= 8 + 3, (o.target, o.usage)
 
 
-def test_run_budget_stops_the_run_cleanly(template, tmp_path: Path, one_thread) -> None:
-    from autoexplain.agent.runner import Plan, prepare
+def test_run_budget_stops_the_run_cleanly_and_resume_finishes_it(template, tmp_path: Path, one_thread) -> None:
+    from autoexplain.agent.runner import Plan, prepare, run_plan
+    from autoexplain.agent.store import Store
 
     _, picked = template
     prep = prepare(Plan.model_validate(plan_data({SAES[0]: features_spec(picked[SAES[0]], 4, 0)},
                                                  run_budget={"steps": 15})))
     db, res = _run(template, tmp_path, prep)
-    assert rows(db, "select status from runs where run_id = ?", [res.run_id]) == [("done",)]
+    assert rows(db, "select status, summary->>'stopped_by' from runs where run_id = ?", [res.run_id]) == [
+        ("budget_limited", "run steps")]
     order = [o.target for o in res.outcomes]
     items = {r[0]: r[1:] for r in rows(db, "select target, status, error, budget from work_items where run_id = ?",
                                        [res.run_id])}
-    assert len(items) == 4
-    stopped = [t for t in order if items[t][1] == "stopped by budget: run steps"]
-    assert stopped and stopped == order[order.index(stopped[0]):], "once the run budget is spent every later " \
-                                                                  "item stops"
-    assert items[order[0]][0] == "done"
-    assert all(items[t][0] == "budget_limited" for t in stopped)
-    steps = sum(json.loads(items[t][2])["steps"] for t in order)
+    assert len(items) == 4 and items[order[0]][0] == "done"
+    # the item running when the budget ran out ends with its best explanation; the later ones are not started
+    pending = [t for t in order if items[t][0] == "pending"]
+    assert pending and pending == order[order.index(pending[0]):], "every item after the limit stays pending"
+    assert all(items[t][0] in ("done", "budget_limited") for t in order[:order.index(pending[0])])
+    assert all("run steps reached" in (o.error or "") for o in res.outcomes if o.target in pending)
+    steps = sum(json.loads(items[t][2])["steps"] for t in order if items[t][2])
     assert steps <= 15 + len(order), steps
-    # items reached after the limit did no work at all
-    untouched = [t for t in stopped if json.loads(items[t][2])["steps"] == 1]
-    assert untouched
-    for t in untouched:
+    for t in pending:  # no work at all
         assert rows(db, "select count(*) from tool_calls t join work_items w using (item_id) where w.target = ? "
                         "and w.run_id = ?", [t, res.run_id]) == [(0,)]
+    # each --resume (with a fresh run budget) starts where the last stopped; the finished items are kept
+    left = len(pending)
+    for _ in range(4):
+        again = run_plan(Store(db), prep, resume=True)
+        assert again.run_id == res.run_id
+        (n,), = rows(db, "select count(*) from work_items where run_id = ? and status = 'pending'", [res.run_id])
+        assert n < left, "a resumed run made no progress"
+        left = n
+        if not left:
+            break
+    assert rows(db, "select status from runs where run_id = ?", [res.run_id]) == [("done",)]
+    assert {t: s for t, s, *_ in rows(db, "select target, status from work_items where run_id = ?",
+                                      [res.run_id])}[order[0]] == "done"
 
 
 # ============================================================================= the command line

@@ -164,9 +164,11 @@ def test_kill_9_then_resume_equals_uninterrupted(planted, planted_ctx, tmp_path)
     assert "resumed after batch" in " ".join(again.stdout.split())
     assert not list(cache.glob("harvest/*")), "the work dir is removed once results are stored"
 
+    from autoexplain.agent.runner import harvest_sink
+
     lm, sae = planted_ctx
-    ref = Store(tmp_path / "ref.duckdb")
-    harvest(ToolContext(model=lm, saes={sae.sae_id: sae}, sink=ref.upsert),
+    ref = Store(tmp_path / "ref.duckdb")  # (written as the CLI writes: examples with their held-out split)
+    harvest(ToolContext(model=lm, saes={sae.sae_id: sae}, sink=harvest_sink(ref, "ref")),
             HarvestIn(sae_id=sae.sae_id, dataset=str(corpus), n_tokens=30000, ctx=16, batch_size=8, top_k=5),
             work_dir=tmp_path / "refwork")
     killed = Store(tmp_path / "k.duckdb")

@@ -86,6 +86,25 @@ def _score(harvested, text: str, f: int, judge=None, **kw):
 
 
 # ============================================================================= held-out split
+def test_harvested_rows_get_the_same_split_as_the_stored_one(harvested, planted) -> None:
+    """``with_split`` (what a harvest's sink applies as it writes) matches ``split_examples`` feature by feature,
+    and leaves rows whose feature already has a split alone."""
+    from autoexplain.evals.features import with_split
+
+    store, _ = harvested
+    cols, rows = store.query(f"select feature_index, sae_id, {EXAMPLE_COLS} from feature_examples "
+                             "where feature_index in (0, 1) order by all")
+    stored = [dict(zip(cols, r, strict=True)) for r in rows]
+    fresh = with_split([{**r, "split": None} for r in stored])
+    assert [r["split"] for r in fresh] == [r["split"] for r in stored]
+    assert {r["split"] for r in fresh} == set(SPLITS)
+    mixed = [{**r, "split": "explain" if r["feature_index"] == 0 else None} for r in stored]
+    out = with_split(mixed)
+    assert all(r["split"] == "explain" for r in out if r["feature_index"] == 0)
+    assert [r["split"] for r in out if r["feature_index"] == 1] == [r["split"] for r in stored
+                                                                    if r["feature_index"] == 1]
+
+
 def test_split_is_stored_deterministic_and_leak_free(harvested, planted) -> None:
     store, sae_id = harvested
     # every example of a planted feature has a side, and both sides hold activating and non-activating examples
@@ -126,7 +145,7 @@ def test_judgements_use_only_score_examples_and_are_stored(harvested) -> None:
     assert all(r["split"] == "score" for r in rows)
     explain = {(e.kind, e.example_id) for e in _examples(store, 0) if e.split == "explain"}
     assert not explain & {(r["example_kind"], r["example_id"]) for r in rows}
-    store.upsert("judgements", rows)
+    store.upsert("judgement_sets", res.judgement_set_rows())
     store.upsert("scores", [{**r, "explanation_id": res.explanation_id} for r in res.score_rows()])
     # in SQL: every judged example is a score-side example, no judged window was on the explain side
     bad = store.query("""select count(*) from judgements j join feature_examples x
@@ -149,8 +168,14 @@ def test_judgements_use_only_score_examples_and_are_stored(harvested) -> None:
     assert metrics["correctness"] == pytest.approx(res.correctness)
     assert set(metrics) >= {"correctness", "completeness", "succinctness", "detection", "fuzzing", "simulation"}
     assert metrics["simulation"] == pytest.approx(res.simulation_correlation)
-    # re-scoring rewrites the same rows (idempotent ids)
-    store.upsert("judgements", _score(harvested, TRUE[0], 0).judgements)
+    # stored a set at a time (one row per scorer), read back per example, each the same as scored
+    assert store.query("select count(*) from judgement_sets")[1][0][0] == 3
+    got = store.query("select judgement_id, example_kind, example_id, truth, prediction, ok, raw from judgements")[1]
+    assert sorted((g[0], g[1], g[2], g[3], g[4], g[5], json.loads(g[6])) for g in got) == sorted(
+        (r["judgement_id"], r["example_kind"], r["example_id"], r["truth"], r["prediction"], r["ok"], r["raw"])
+        for r in rows)
+    # re-scoring rewrites the same sets (idempotent ids)
+    store.upsert("judgement_sets", _score(harvested, TRUE[0], 0).judgement_set_rows())
     assert store.query("select count(*) from judgements")[1][0][0] == len(rows)
 
 
@@ -520,11 +545,38 @@ def test_v1_database_is_migrated_to_the_current_schema(tmp_path: Path, monkeypat
     new = Store(path)
     assert new.schema_version() == MIGRATIONS[-1].version >= 2  # v2 (judgements) and any later migration
     assert new.query("select count(*) from feature_examples")[1] == [(1,)]  # nothing lost
-    new.upsert("judgements", [{"judgement_id": "j", "explanation_id": "x", "sae_id": "s", "feature_index": 0,
-                               "scorer": "detection", "judge": "lexical", "example_kind": "top", "example_id": 0,
-                               "split": "score", "truth": True, "prediction": None, "ok": False, "error": "bad",
-                               "raw": {"reply": "??"}, "created_at": store_mod._now()}])
+    from autoexplain.evals.features import judgement_sets
+
+    new.upsert("judgement_sets", judgement_sets([{
+        "judgement_id": "j", "explanation_id": "x", "sae_id": "s", "feature_index": 0, "scorer": "detection",
+        "judge": "lexical", "example_kind": "top", "example_id": 0, "split": "score", "truth": True,
+        "prediction": None, "ok": False, "error": "bad", "raw": {"reply": "??"}, "created_at": store_mod._now()}]))
     assert new.query("select ok, prediction, raw->>'reply' from judgements")[1] == [(False, None, "??")]
+
+
+def test_v3_judgements_move_into_sets_and_read_back_unchanged(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Migration 4 stores judgements a set at a time; the rows a v3 database held read back the same (view)."""
+    path = tmp_path / "v3.duckdb"
+    monkeypatch.setattr(store_mod, "MIGRATIONS", MIGRATIONS[:3])
+    old = Store(path)
+    now = store_mod._now()
+    rows = [{"judgement_id": f"j{i}", "explanation_id": f"x{i % 2}", "sae_id": "s", "feature_index": 3,
+             "scorer": "detection" if i < 4 else "fuzzing", "judge": "lexical", "example_kind": "top",
+             "example_id": i, "split": "score", "truth": i % 3 == 0, "prediction": None if i == 5 else i % 2 == 0,
+             "ok": i != 5, "error": "bad reply" if i == 5 else None, "raw": {"i": i}, "created_at": now}
+            for i in range(7)]
+    with old.transaction() as con:  # (v3 wrote judgements row by row)
+        Store._insert_groups(con, "judgements", {tuple(sorted(rows[0])): [{**r, "raw": json.dumps(r["raw"])}
+                                                                           for r in rows]})
+    cols = ("judgement_id, explanation_id, sae_id, feature_index, scorer, judge, example_kind, example_id, split, "
+            "truth, prediction, ok, error, json(raw)::varchar, created_at")  # (json(): minified)
+    before = sorted(old.query(f"select {cols} from judgements")[1])
+    monkeypatch.setattr(store_mod, "MIGRATIONS", MIGRATIONS)
+    new = Store(path)
+    assert new.schema_version() >= 4
+    assert new.query("select count(*) from judgement_sets")[1] == [(4,)]  # (x0|x1) x (detection|fuzzing)
+    assert sorted(new.query(f"select {cols} from judgements")[1]) == before
 
 
 # ============================================================================= guards

@@ -15,7 +15,7 @@ import duckdb
 import pytest
 
 import autoexplain.agent.store as store_mod
-from autoexplain.agent.store import MIGRATIONS, TABLES, Migration, Store, run_query
+from autoexplain.agent.store import MIGRATIONS, TABLES, VIEWS, Migration, Store, run_query
 from autoexplain.tools.errors import InputError
 
 T0 = dt.datetime(2024, 1, 1, 12, 0, 0)
@@ -52,9 +52,10 @@ def test_fresh_db_has_every_table_and_view(tmp_path: Path) -> None:
     objects = _objects(path)
     for table in TABLES:
         assert objects.get(table) == "BASE TABLE", table
-    assert objects.get("best_explanations") == "VIEW"
+    for view in VIEWS:
+        assert objects.get(view) == "VIEW", view
     assert objects.get("schema_migrations") == "BASE TABLE"
-    assert set(objects) == {*TABLES, "best_explanations", "schema_migrations"}
+    assert set(objects) == {*TABLES, *VIEWS, "schema_migrations"}
     assert store.schema_version() == MIGRATIONS[-1].version
     for table in TABLES:  # every table is empty and queryable
         assert store.query(f"select count(*) from {table}")[1] == [(0,)]
@@ -309,3 +310,15 @@ def test_sql_cannot_write_other_files(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="cannot touch other files"):
         run_query(store.path, f"copy (select 42) to '{leak}'")
     assert not leak.exists()
+
+
+def test_json_columns_the_writer_encodes_are_the_schemas(tmp_path: Path) -> None:
+    """``Store`` turns dict/list values into JSON text for exactly the JSON columns of the schema."""
+    from autoexplain.agent.store import _JSON_COLUMNS
+
+    store = Store(tmp_path / "j.duckdb")
+    got: dict[str, set[str]] = {}
+    for table, col in store.query("select table_name, column_name from information_schema.columns "
+                                  "where data_type = 'JSON' and table_name in (select unnest(?))", [list(TABLES)])[1]:
+        got.setdefault(table, set()).add(col)
+    assert got == {t: set(c) for t, c in _JSON_COLUMNS.items()}
