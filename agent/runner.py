@@ -449,14 +449,17 @@ def _env(store: Any, out: Any, run_id: str, prep: Prepared, llm_client: Any) -> 
                    run_id=run_id, budget=plan.budget, run_budget=plan.run_budget)
     holder["env"] = env
 
+    dead: dict[str, dict[int, int]] = {}  # sae_id -> dead feature -> tokens harvested (read once per SAE)
+
     def dead_text(item: WorkItem) -> str | None:
         if item.kind is not ItemKind.FEATURE:
             return None
-        rows = store.query("select is_dead, n_tokens from features where sae_id = ? and feature_index = ?",
-                           [item.params["sae_id"], int(item.params["feature_index"])])[1]
-        if rows and rows[0][0]:
-            return f"dead feature: never fired in {rows[0][1]} harvested tokens"
-        return None
+        sae_id = item.params["sae_id"]
+        if sae_id not in dead:
+            dead[sae_id] = dict(store.query("select feature_index, n_tokens from features where sae_id = ? "
+                                            "and is_dead", [sae_id])[1])
+        n_tokens = dead[sae_id].get(int(item.params["feature_index"]))
+        return f"dead feature: never fired in {n_tokens} harvested tokens" if n_tokens is not None else None
 
     env.dead_text = dead_text
     return env
