@@ -6,8 +6,8 @@ An agent step writes a handful of small rows (a tool call, a hypothesis, a draft
 at a time that was ~7 DuckDB transactions per labelled feature at ~8 ms each on a 2-core machine: half the run time
 of the offline policy went into commits. Here the rows wait in an :class:`Outbox`, one bucket per work item, and
 the buckets of finished items are written in one transaction per group: every ``GroupCommit.seconds`` or
-``GroupCommit.items`` finished items, as soon as a reader announces itself (``autoexplain sql`` mid-run), and at
-the end of the run. An item's rows land together, so a query never sees half an item (while an item runs, its
+``GroupCommit.items`` finished items, when the current step ends if a reader has announced itself
+(``autoexplain sql`` mid-run), and at the end of the run. An item's rows land together, so a query never sees half an item (while an item runs, its
 ``work_items`` row says ``pending``).
 
 Why nothing is lost
@@ -41,7 +41,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from autoexplain.agent.store import PRIMARY_KEYS, Store, readers_waiting
+from autoexplain.agent.store import Store, readers_waiting, table_key
 
 
 class GroupCommit(BaseModel):
@@ -89,9 +89,7 @@ class Outbox:
         ``step=False``: rows that need not travel with the current node's checkpoint (the runner's own bookkeeping,
         rows put back from a checkpoint).
         """
-        if table not in PRIMARY_KEYS:
-            raise ValueError(f"unknown table {table!r}")
-        key = PRIMARY_KEYS[table]
+        key = table_key(table)
         rows = [dict(r) for r in rows]
         with self._lock:
             held = self._buckets.setdefault(self._current, {}).setdefault(table, {})

@@ -6,11 +6,13 @@ questions of all results in SQL (``autoexplain sql``).
 Concurrency
 -----------
 DuckDB lets one process hold a file read-write, and while it does no other process can open the file at all,
-read-only included. A run that kept its connection open for hours would lock ``autoexplain sql`` out for
-hours. So the store never holds a connection between writes: each write (or small group of writes) opens the
-file, runs in one transaction, and closes it (20–50 ms on a 2-core machine). Readers open the file read-only
-for the length of one query. Either side that meets the other's lock waits and retries with a short backoff
-(:func:`connect`), so a query made mid-run answers within a write's length, and sees every committed row.
+read-only included. A run that kept its connection open for hours would lock ``autoexplain sql`` out for hours.
+So a run holds the file only while it is busy (:meth:`Store.hold`): the connection is let go after a short idle
+spell, and at once when a reader announces itself (:func:`announce_reader`, which :func:`run_query` does). Outside
+a run each write opens the file, commits one transaction and closes it. Readers open the file read-only for the
+length of one query. Either side that meets the other's lock waits and retries with a short backoff
+(:func:`connect`), so a query made mid-run answers within a write's length and sees every committed row. (The
+agent's rows reach the store in groups: :mod:`autoexplain.agent.outbox`.)
 
 Idempotence
 -----------
@@ -360,6 +362,15 @@ _JSON_COLUMNS: dict[str, frozenset[str]] = {
 }
 
 
+def table_key(table: str) -> tuple[str, ...]:
+    """The primary key of a table rows can be written to; ``ValueError`` for anything else (views included)."""
+    if table not in PRIMARY_KEYS:
+        hint = " (a view over judgement_sets: write sets, see evals.features.judgement_sets)" \
+            if table == "judgements" else ""
+        raise ValueError(f"unknown table {table!r}{hint}")
+    return PRIMARY_KEYS[table]
+
+
 def default_db_path() -> Path:
     """``$AUTOEXPLAIN_DB`` if set, else ``./autoexplain.duckdb``."""
     return Path(os.environ.get(DEFAULT_DB_ENV) or DEFAULT_DB_NAME)
@@ -588,9 +599,7 @@ class Store:
         On a key conflict only the columns present in the dicts are replaced; the others keep their stored values
         (or get their defaults on insert). dict/list values are stored as JSON.
         """
-        if table not in PRIMARY_KEYS:
-            raise ValueError(f"unknown table {table!r}")
-        key = PRIMARY_KEYS[table]
+        key = table_key(table)
         # the last row wins for a repeated key (DuckDB's INSERT OR REPLACE would keep the first)
         latest: dict[tuple[Any, ...], dict[str, Any]] = {}
         for r in rows:

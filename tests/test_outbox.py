@@ -155,7 +155,9 @@ def test_per_example_judgements_of_rejected_drafts_are_dropped_unless_kept(store
 
 def test_unknown_tables_and_rows_without_their_key_are_refused(store: Store) -> None:
     out = Outbox(store)
-    with pytest.raises(ValueError, match="unknown table"):
-        out.upsert("judgements", [{"judgement_id": "j"}])  # a view: judgements are written as sets
+    with pytest.raises(ValueError, match="unknown table 'judgements' .a view over judgement_sets"):
+        out.upsert("judgements", [{"judgement_id": "j"}])  # judgements are written as sets
+    with pytest.raises(ValueError, match="unknown table 'nope'"):
+        store.upsert("nope", [{"x": 1}])
     with pytest.raises(ValueError, match="lacks its key"):
         out.upsert("explanations", [{"text": "no id"}])
