@@ -78,10 +78,14 @@ class Outbox:
 
     # -- writing ---------------------------------------------------------------------------------------
     def begin(self, item_id: str | None) -> None:
-        """Rows from now on belong to ``item_id`` (None: the run's own rows, committed with the next group)."""
+        """Rows from now on belong to ``item_id`` (None: the run's own rows, committed with the next group).
+
+        Rows no node took for its checkpoint (a node that raised) stay in their item's bucket but do not travel
+        with the next item's checkpoints."""
         with self._lock:
             self._current = item_id
             self._buckets.setdefault(item_id, {})
+            self._step = []
 
     def upsert(self, table: str, rows: Sequence[dict[str, Any]], *, step: bool = True) -> int:
         """Hold ``rows`` for ``table`` (merged with waiting rows of the same key); return how many.

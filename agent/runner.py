@@ -549,7 +549,10 @@ def _run_items(store: Any, env: Any, items: list[WorkItem], ckpt: Path, report: 
                     if on_item is not None:
                         on_item(outcomes[-1])
                     continue
-                limit = env.run_limit()
+                cfg = {"configurable": {"thread_id": item.item_id}, "recursion_limit": 10_000}
+                snap = graph.get_state(cfg)
+                recovered = bool(snap.values and not snap.next and snap.values.get("outcome"))
+                limit = None if recovered else env.run_limit()
                 if limit:  # the run budget is spent: later items are not started (they stay pending)
                     outcomes.append(ItemOutcome(item_id=item.item_id, kind=item.kind, target=item.target,
                                                 status=ItemStatus.PENDING,
@@ -557,13 +560,10 @@ def _run_items(store: Any, env: Any, items: list[WorkItem], ckpt: Path, report: 
                     if on_item is not None:
                         on_item(outcomes[-1])
                     continue
-                cfg = {"configurable": {"thread_id": item.item_id}, "recursion_limit": 10_000}
-                snap = graph.get_state(cfg)
                 out.begin(item.item_id)
                 if snap.values:  # checkpoints of a process that died: put back the rows it had not committed
                     history = list(graph.get_state_history(cfg))
                     out.replay(e for h in reversed(history) for e in h.values.get("outbox") or [])
-                recovered = bool(snap.values and not snap.next and snap.values.get("outcome"))
                 if not recovered:  # lands with the item's other rows (a query sees it pending, then finished),
                     # travelling in the first checkpoint this attempt writes (so a recovered item keeps its count)
                     before = int(attempts.get(item.item_id) or 0)
