@@ -452,3 +452,41 @@ def test_a_changed_plan_starts_a_new_run(kit: dict[str, Any], small: Any, tmp_pa
     assert again.run_id not in (a, res.run_id)
     assert spy.calls and spy.forward_runs() == 0
     assert [o.text for o in again.outcomes] == [o.text for o in res.outcomes]
+
+
+# ============================================================================= readers mid-run
+def test_a_query_mid_run_sees_finished_items_without_waiting_for_the_group(kit: dict[str, Any],
+                                                                          tmp_path: Path) -> None:
+    """With group commit set to an hour, a reader that announces itself (``autoexplain sql`` does) still gets the
+    finished items committed when the current step ends; it never sees half an item."""
+    db = copy_db(kit["template"], tmp_path / "mid.duckdb")
+    picked = kit["picked"]
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps(plan_data({s: features_spec(picked[s], 12, 4) for s in SAES},
+                                         commit={"seconds": 3600, "items": 1000})))
+    log = (tmp_path / "run.err").open("w")
+    proc = subprocess.Popen([*CLI, "run", str(plan), "--db", str(db)], cwd=tmp_path, env=agent_env(),
+                            stdout=subprocess.DEVNULL, stderr=log)
+    seen: list[tuple[int, int]] = []  # (items the process had finished, items the query saw finished)
+    try:
+        _wait(lambda: _ran(tmp_path / "run.err") >= 1, proc, 300)
+        while proc.poll() is None:
+            ran = _ran(tmp_path / "run.err")
+            (done,), = rows(db, "select count(*) from work_items where status = 'done'")
+            if proc.poll() is None:
+                seen.append((ran, done))
+                # whole items only: every item the query sees as done has its final explanation and scores
+                (partial,), = rows(db, "select count(*) from work_items w where w.status = 'done' and not exists ("
+                                       "select 1 from explanations e where e.item_id = w.item_id and e.is_final "
+                                       "and (e.text like 'dead feature%' or exists (select 1 from scores s "
+                                       "where s.explanation_id = e.explanation_id)))")
+                assert partial == 0
+            time.sleep(0.05)
+        assert proc.wait(timeout=300) == 0, (tmp_path / "run.err").read_text()[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    (n,), = rows(db, "select count(*) from work_items")
+    assert n >= 8 and rows(db, "select count(*) from work_items where status = 'done'") == [(n,)]
+    assert any(0 < done < n for _, done in seen), f"no finished item became visible while others ran: {seen}"
