@@ -50,7 +50,7 @@ class GroupCommit(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     seconds: float = Field(default=30.0, gt=0, description="at most this long after the oldest finished item (a "
-                           "reader announcing itself gets a commit at once)")
+                           "reader announcing itself gets a commit when the current step ends)")
     items: int = Field(default=1000, ge=1, description="after this many finished items")
     cache_now_s: float = Field(default=1.0, ge=0, description="tool results that took longer are written at once")
 
@@ -95,11 +95,12 @@ class Outbox:
         """
         key = table_key(table)
         rows = [dict(r) for r in rows]
+        for r in rows:  # (all checked before any is held)
+            if any(k not in r for k in key):
+                raise ValueError(f"row for {table} lacks its key {key}: {sorted(r)}")
         with self._lock:
             held = self._buckets.setdefault(self._current, {}).setdefault(table, {})
             for r in rows:
-                if any(k not in r for k in key):
-                    raise ValueError(f"row for {table} lacks its key {key}: {sorted(r)}")
                 k = tuple(r[c] for c in key)
                 held[k] = {**held[k], **r} if k in held else r
             if rows and step:
