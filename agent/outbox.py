@@ -41,7 +41,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from autoexplain.agent.store import Store, readers_waiting, table_key
+from autoexplain.agent.store import Store, merge_rows, readers_waiting
 
 
 class GroupCommit(BaseModel):
@@ -93,16 +93,9 @@ class Outbox:
         ``step=False``: rows that need not travel with the current node's checkpoint (the runner's own bookkeeping,
         rows put back from a checkpoint).
         """
-        key = table_key(table)
         rows = [dict(r) for r in rows]
-        for r in rows:  # (all checked before any is held)
-            if any(k not in r for k in key):
-                raise ValueError(f"row for {table} lacks its key {key}: {sorted(r)}")
         with self._lock:
-            held = self._buckets.setdefault(self._current, {}).setdefault(table, {})
-            for r in rows:
-                k = tuple(r[c] for c in key)
-                held[k] = {**held[k], **r} if k in held else r
+            merge_rows(self._buckets.setdefault(self._current, {}).setdefault(table, {}), table, rows)
             if rows and step:
                 self._step.append({"table": table, "rows": rows})
         return len(rows)

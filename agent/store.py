@@ -371,6 +371,20 @@ def table_key(table: str) -> tuple[str, ...]:
     return PRIMARY_KEYS[table]
 
 
+def merge_rows(into: dict[tuple[Any, ...], dict[str, Any]], table: str,
+               rows: Sequence[dict[str, Any]]) -> dict[tuple[Any, ...], dict[str, Any]]:
+    """Merge ``rows`` into ``into`` (primary key -> row) column by column, later values winning — the same rule
+    an upsert applies to a stored row. Every row is checked for its key before any is merged; returns ``into``."""
+    key = table_key(table)
+    for r in rows:
+        if any(k not in r for k in key):
+            raise ValueError(f"row for {table} lacks its key {key}: {sorted(r)}")
+    for r in rows:
+        k = tuple(r[c] for c in key)
+        into[k] = {**into[k], **r} if k in into else r
+    return into
+
+
 def default_db_path() -> Path:
     """``$AUTOEXPLAIN_DB`` if set, else ``./autoexplain.duckdb``."""
     return Path(os.environ.get(DEFAULT_DB_ENV) or DEFAULT_DB_NAME)
@@ -599,13 +613,8 @@ class Store:
         On a key conflict only the columns present in the dicts are replaced; the others keep their stored values
         (or get their defaults on insert). dict/list values are stored as JSON.
         """
-        key = table_key(table)
-        # the last row wins for a repeated key (DuckDB's INSERT OR REPLACE would keep the first)
-        latest: dict[tuple[Any, ...], dict[str, Any]] = {}
-        for r in rows:
-            if any(k not in r for k in key):
-                raise ValueError(f"row for {table} lacks its key {key}: {sorted(r)}")
-            latest[tuple(r[k] for k in key)] = r
+        # rows repeating a key are merged first (DuckDB's INSERT OR REPLACE would keep the first of them)
+        latest = merge_rows({}, table, rows)
         # rows with different column sets go in separate inserts, so no row loses (or nulls) a column
         groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
         for r in latest.values():

@@ -322,3 +322,13 @@ def test_json_columns_the_writer_encodes_are_the_schemas(tmp_path: Path) -> None
                                   "where data_type = 'JSON' and table_name in (select unnest(?))", [list(TABLES)])[1]:
         got.setdefault(table, set()).add(col)
     assert got == {t: set(c) for t, c in _JSON_COLUMNS.items()}
+
+
+def test_rows_repeating_a_key_in_one_upsert_merge_column_by_column(tmp_path: Path) -> None:
+    """Within one call the rule is the one an upsert applies to a stored row: later values win, no column is lost."""
+    store = Store(tmp_path / "m.duckdb")
+    store.upsert("runs", [_run("r1"), {"run_id": "r1", "status": "done"}, {"run_id": "r1", "policy": "offline"}])
+    assert store.query("select kind, status, policy from runs")[1] == [(_run("r1")["kind"], "done", "offline")]
+    with pytest.raises(ValueError, match="lacks its key"):
+        store.upsert("runs", [_run("r2"), {"status": "done"}])
+    assert store.query("select count(*) from runs")[1] == [(1,)]  # nothing of a refused call is written
