@@ -328,9 +328,12 @@ def test_kill_9_at_random_points_then_resume(kit: dict[str, Any], clean: dict[st
             elif cycle == 3 and CIRCUIT:  # in the last items: the circuit (the last one) takes a few seconds
                 alive = _wait(lambda c=cycle: _lines(tmp_path / f"cycle{c}.err") >= 1, proc, 300)
                 pause = rng.uniform(0.2, 1.0)
-            else:  # after this process ran one item, somewhere in the next ones (an item takes ~0.1-1 s); the
-                # item lines on stderr tell (the database shows an item only once a group commit holds it)
-                alive = _wait(lambda c=cycle: _ran(tmp_path / f"cycle{c}.err") >= 1, proc, 300)
+            else:  # cycle 1: after this process ran one item; later: once it reached its items (its first line
+                # is an item recovered or already done). Then somewhere in the next ones (an item takes ~0.1-1 s).
+                # The item lines on stderr tell: the database shows an item only once a group commit holds it.
+                # (Waiting for a newly run item in cycle 2 could mean waiting for the whole circuit item.)
+                count = _ran if cycle == 1 else _lines
+                alive = _wait(lambda c=cycle, f=count: f(tmp_path / f"cycle{c}.err") >= 1, proc, 300)
                 pause = rng.uniform(0.0, 0.15)
             if alive:
                 time.sleep(pause)
