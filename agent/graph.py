@@ -17,12 +17,13 @@
   work item is marked done — or ``budget_limited`` when a budget ended it early.
 
 Nodes write their rows (tool calls, hypotheses, drafts, scores …) to ``env.out``, an
-:class:`~autoexplain.agent.outbox.Outbox` committed to DuckDB a group at a time; the rows each node wrote also go
+:class:`~autoexplain.agent.store.outbox.Outbox` committed to DuckDB a group at a time; the rows each node wrote also go
 into that node's checkpoint (the ``outbox`` channel), which is what makes the grouping crash-safe.
 
 Budgets (steps, LLM tokens, seconds; per item and per run) are checked in ``plan``, ``act``, after ``observe``
 and in ``decide``: when one is reached the item goes straight to ``accept`` with the best explanation so far (a
-``propose`` → ``score`` already under way finishes first, so an item can end a few steps past its limit). Every node's side effects are idempotent
+``propose`` → ``score`` already under way finishes first, so an item can end a few steps past its limit). Every node's
+side effects are idempotent
 (deterministic ids, upserts), because after a crash langgraph re-runs the interrupted node from its start.
 """
 

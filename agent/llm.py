@@ -572,7 +572,7 @@ class LLMClient:
             started = time.monotonic()
             try:
                 data = self._post(kwargs, parse_schema)
-            except Exception as exc:  # noqa: BLE001 (classified below; unknown ones re-raised)
+            except Exception as exc:
                 self._failed(exc, base, attempt, attempts, time.monotonic() - started)
                 continue
             usage = Usage.from_completion(data)

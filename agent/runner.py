@@ -9,7 +9,7 @@ Crash safety
 * Each item is one langgraph thread (``thread_id`` = the item id) in a SQLite checkpointer next to the database
   (``<db>.checkpoints.sqlite``), written synchronously after every node (``durability="sync"``). A killed run
   resumes an unfinished item at the node that was running.
-* Rows are committed to DuckDB in groups (:mod:`autoexplain.agent.outbox`: every ``commit.seconds``, every
+* Rows are committed to DuckDB in groups (:mod:`autoexplain.agent.store.outbox`: every ``commit.seconds``, every
   ``commit.items`` finished items, when a reader waits, and at the end); until then each node's rows travel in its
   checkpoint, and ``--resume`` puts back the rows of checkpoints whose commit never came. A committed item's
   checkpoints are deleted.
@@ -37,8 +37,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from autoexplain.agent.outbox import GroupCommit
 from autoexplain.agent.state import Budget, ItemKind, ItemStatus, Usage, WorkItem, now, stable_id
+from autoexplain.agent.store.outbox import GroupCommit
 from autoexplain.tools.errors import InputError
 from autoexplain.tools.vocab import Ablation, Method
 
@@ -130,7 +130,7 @@ def load_plan(path: Path) -> Plan:
             import yaml
 
             data = yaml.safe_load(text)
-    except Exception as exc:  # noqa: BLE001 (any parse error is the user's file)
+    except Exception as exc:
         mark = getattr(exc, "problem_mark", None)  # YAML: where the parser gave up
         line = getattr(exc, "lineno", None) or (mark.line + 1 if mark is not None else None)
         at = f" (line {line})" if line else ""
@@ -319,7 +319,7 @@ def run_plan(store: Any, prep: Prepared, *, kind: str = "plan", resume: bool = F
 def _run_plan(store: Any, prep: Prepared, *, kind: str, resume: bool, run_id: str | None,
               report: Callable[[str, int, int], None] | None, on_item: Callable[[ItemOutcome], None] | None,
               llm_client: Any, stop_after_nodes: int | None, commit: GroupCommit) -> RunResult:
-    from autoexplain.agent.outbox import Outbox
+    from autoexplain.agent.store.outbox import Outbox
 
     plan = prep.plan
     plan_hash = plan.content_hash()
@@ -430,7 +430,7 @@ def _env(store: Any, out: Any, run_id: str, prep: Prepared, llm_client: Any) -> 
     plan = prep.plan
     holder: dict[str, Any] = {}
     if llm_client is None and (plan.policy == "llm" or plan.judge == "llm"):
-        from autoexplain.agent.llm_store import make_client
+        from autoexplain.agent.llm_session import make_client
 
         llm_client = make_client(plan.llm_model or "", store, run_id, holder)
     ctx = ToolContext(model=prep.lm, saes={s.sae_id: s for s in prep.saes.values()}, sink=None)
@@ -592,7 +592,7 @@ def _run_items(store: Any, env: Any, items: list[WorkItem], ckpt: Path, report: 
                                       usage=Usage.model_validate(state.get("usage") or {}), skipped=recovered)
                 except KeyboardInterrupt:
                     raise
-                except Exception as exc:  # noqa: BLE001 (one item's failure is recorded; the run goes on)
+                except Exception as exc:
                     err = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
                     out.upsert("work_items", [{"item_id": item.item_id, "run_id": item.run_id,
                                                "kind": item.kind.value, "target": item.target,

@@ -9,7 +9,7 @@
   ``circuit_edges``, tagged with the work item) and its ``scores`` rows, each recording ablation, patch type and
   metric.
 
-Rows go to the run's :class:`~autoexplain.agent.outbox.Outbox` (group commit); reads see its waiting rows.
+Rows go to the run's :class:`~autoexplain.agent.store.outbox.Outbox` (group commit); reads see its waiting rows.
 
 A scorer returns, per draft, ``{"correctness", "completeness", "succinctness"}`` for the policy to compare.
 """
@@ -57,7 +57,7 @@ class CircuitScorer:
         self.true_edges = true_edges or {}
 
     def _search_output(self, call_id: str) -> Any:
-        from autoexplain.agent.toolrun import cached_output
+        from autoexplain.agent.store.caches import cached_output
         from autoexplain.tools.circuits import CircuitSearchOut
 
         call = self.out.get("tool_calls", (call_id,))
@@ -72,7 +72,8 @@ class CircuitScorer:
         return CircuitSearchOut.model_validate_json(output)
 
     def score(self, item: WorkItem, drafts: list[dict[str, Any]]) -> list[dict[str, float | None]]:
-        from autoexplain.agent.circuit_cli import _circuit_id, _store_circuit
+        from autoexplain.agent.store.rows import circuit_id as make_circuit_id
+        from autoexplain.agent.store.rows import circuit_rows
         from autoexplain.evals.circuits import score_circuit
         from autoexplain.tools.data import load_task_file, tokenize_task
         from autoexplain.tools.patching import PatchSetup
@@ -84,13 +85,13 @@ class CircuitScorer:
             path = item.params["task_file"]
             task = tokenize_task(load_task_file(path), self.lm.tokenizer, n_ctx=self.lm.n_ctx)
             setup = PatchSetup(self.lm, task, ablation=search.ablation, metric=search.metric)
-            circuit_id = _circuit_id(self.lm.model_id, setup.fingerprint(), search.method.value, search.top_k,
-                                     search.threshold)
+            circuit_id = make_circuit_id(self.lm.model_id, setup.fingerprint(), search.method.value,
+                                         search.top_k, search.threshold)
             res = score_circuit(setup, circ, true_edges=self.true_edges.get(item.target))
             if not circ.curve and res.curve is not None:  # the search skipped its curve: scoring measured it
                 circ = circ.model_copy(update={"curve": res.curve.points})
-            _store_circuit(self.out, circuit_id, self.run_id, self.lm.model_id, item.target, str(path), circ,
-                           item_id=item.item_id)
+            self.out.upsert_many(circuit_rows(circuit_id, self.run_id, self.lm.model_id, item.target, str(path),
+                                              circ, item_id=item.item_id))
             rows = res.score_rows(d["explanation_id"])
             for r in rows:
                 r["details"] = {**r["details"], "circuit_id": circuit_id}

@@ -5,7 +5,7 @@ writes the whole state to the checkpointer after every step (large or non-JSON s
 corrupt). Tool outputs, tensors and examples live in the tools' caches and in DuckDB; the state keeps what a
 policy distilled from them (``notes``) and the ids of the tool calls behind each hypothesis. One exception:
 ``outbox`` carries the database rows the last node wrote (plain values and datetimes) until a group commit
-writes them (:mod:`autoexplain.agent.outbox`); each checkpoint holds only its own node's rows.
+writes them (:mod:`autoexplain.agent.store.outbox`); each checkpoint holds only its own node's rows.
 
 Every id is derived from the item and the step that made it (never random), so a node that re-runs after a
 crash writes the same rows again instead of new ones.

@@ -10,7 +10,7 @@ the tool's own output model in JSON (table ``tool_cache``) and rebuilt with ``mo
 (descriptions, tokenisation, store reads) are not cached: recomputing them costs less than a database round trip,
 and store reads must see the current data.
 
-Rows go to the run's :class:`~autoexplain.agent.outbox.Outbox` (committed in groups, carried by the step's
+Rows go to the run's :class:`~autoexplain.agent.store.outbox.Outbox` (committed in groups, carried by the step's
 checkpoint until then); lookups see its waiting rows first. A result that took longer than
 ``GroupCommit.cache_now_s`` to compute is committed at once instead, so a crash later in the same step never
 makes it run twice.
@@ -25,19 +25,13 @@ Call ids are derived from (item, step, position in the step), so a step re-run a
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from typing import Any
 
 from autoexplain.agent.state import ToolRequest, ToolResult, now, stable_id
+from autoexplain.agent.store.caches import cache_key, cached_output
 from autoexplain.tools.errors import InputError
 from autoexplain.tools.registry import Cost, Registry, ToolContext
-
-
-def cache_key(model_id: str, sae_ids: list[str], tool: str, args: dict[str, Any]) -> str:
-    payload = json.dumps([model_id, sorted(sae_ids), tool, args], sort_keys=True, default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()
 
 
 class ToolRunner:
@@ -82,12 +76,3 @@ class ToolRunner:
                 self.out.upsert("tool_cache", [entry])
         self.out.upsert("tool_calls", [row])
         return ToolResult(call_id=call_id, request=req, summary=summary, error=error, cached=cached, output=output)
-
-
-def cached_output(store: Any, out: Any, key: str) -> str | None:
-    """The cached output (JSON) under ``key``: a row waiting in ``out``, else one in the store, else None."""
-    row = out.get("tool_cache", (key,))
-    if row is not None:
-        return str(row["output"])
-    hit = store.query("select output from tool_cache where cache_key = ?", [key])[1]
-    return hit[0][0] if hit else None

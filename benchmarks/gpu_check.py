@@ -72,7 +72,7 @@ def _step(out: dict[str, Any], name: str, device: str, fn: Callable[[], dict[str
         res = fn()
         _sync(device)
         res = {"ok": True, **res}
-    except Exception as exc:  # noqa: BLE001 (recorded; the next step still runs)
+    except Exception as exc:
         tb = traceback.extract_tb(exc.__traceback__)
         frames = [f"{Path(f.filename).as_posix().split('/main/')[-1]}:{f.lineno} in {f.name}" for f in tb]
         res = {"ok": False, "error": f"{type(exc).__name__}: {str(exc).strip()[:2000]}", "traceback": frames[-25:]}
@@ -117,6 +117,7 @@ def run_device(device: str, *, n_tokens: int = N_TOKENS, task_name: str = "induc
                circuit_tasks: tuple[str, ...] = ("induction", "greater_than")) -> dict[str, Any]:
     """Every step on ``device``; circuits for each of ``circuit_tasks``, the agent's circuit item on ``task_name``."""
     import numpy as np
+
     from autoexplain.tools.cache import cache_root
 
     out: dict[str, Any] = {"env": _env(device), "cache_root": str(cache_root()), "steps": {}}
@@ -229,7 +230,7 @@ def run_device(device: str, *, n_tokens: int = N_TOKENS, task_name: str = "induc
                 "succinctness", "edge_fraction", "cpr", "cmd", "evaluations", "n_edges")}
             res["score_circuit_seconds"] = round(time.perf_counter() - t2, 4)
             res["score_circuit_ok"] = True
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             tb = traceback.extract_tb(exc.__traceback__)
             res["score_circuit_ok"] = False
             res["score_circuit_error"] = f"{type(exc).__name__}: {str(exc).strip()[:2000]}"
@@ -310,6 +311,7 @@ def emulate_cuda_batching() -> dict[str, Any]:
 def check_cuda_refusal() -> dict[str, Any]:
     """Without CUDA, asking for it must be one clear InputError (tools/device.py), not a torch crash."""
     import torch
+
     from autoexplain.tools.errors import InputError
     from autoexplain.tools.models import load_model
 
@@ -319,7 +321,7 @@ def check_cuda_refusal() -> dict[str, Any]:
         load_model("toy:tiny", device="cuda")
     except InputError as exc:
         return {"refused_with_input_error": True, "message": str(exc)}
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         return {"refused_with_input_error": False, "message": f"{type(exc).__name__}: {exc}"}
     return {"refused_with_input_error": False, "message": "loaded?"}
 
@@ -385,7 +387,8 @@ def compare(cpu: dict[str, Any], gpu: dict[str, Any], *, atol: float = 1e-5, lab
             "kept_only_cpu": sorted(kc - kg), "kept_only_cuda": sorted(kg - kc),
             "faithfulness": [c["faithfulness"], g["faithfulness"]],
             "faithfulness_abs_diff": abs(c["faithfulness"] - g["faithfulness"]),
-            "m_clean_abs_diff": abs(c["m_clean"] - g["m_clean"]), "m_ablated_abs_diff": abs(c["m_ablated"] - g["m_ablated"]),
+            "m_clean_abs_diff": abs(c["m_clean"] - g["m_clean"]),
+            "m_ablated_abs_diff": abs(c["m_ablated"] - g["m_ablated"]),
             "edge_scores_max_abs_diff": _maxdiff(c["scores"], g["scores"]),
             "curve_max_abs_diff": _maxdiff([p[2] for p in c["curve"]], [p[2] for p in g["curve"]]),
         }

@@ -43,7 +43,8 @@ The scores
   full ablation effect), else *unnecessary*. The absolute value follows IOI's minimality: a node whose removal
   makes the circuit overshoot (a negative head) also matters. ``succinctness = (1 − edge_fraction) x
   necessary_fraction``, in [0, 1]: high = few edges and no passengers. A circuit with no nodes counts as
-  necessary_fraction 1 (so the empty circuit scores 1: read succinctness together with correctness). Claim supported: *each node is necessary for the circuit's behaviour*. Caveat: knocking
+  necessary_fraction 1 (so the empty circuit scores 1: read succinctness together with correctness). Claim supported:
+  *each node is necessary for the circuit's behaviour*. Caveat: knocking
   out one node at a time (IOI's K = ∅ case) calls two redundant nodes both unnecessary; the result's
   ``joint_unnecessary_drop`` (all unnecessary nodes removed together) shows when that happens. On large graphs
   ``1 − edge_fraction`` is close to 1 for any reasonable circuit, so the node factor does the discriminating.

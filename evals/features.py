@@ -77,6 +77,8 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from pydantic import BaseModel, Field
+
 from autoexplain.evals.judges import (
     SIM_MAX,
     EmbeddingJudge,
@@ -85,7 +87,6 @@ from autoexplain.evals.judges import (
     Simulation,
     context_text,
 )
-from pydantic import BaseModel, Field
 
 SUCCINCTNESS_L = 16.0
 SUCCINCTNESS_C = 0.5

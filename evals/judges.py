@@ -133,7 +133,8 @@ _ALIASES = {"color": "colour", "person": "name", "people": "name", "firstname": 
 _UNIVERSAL = re.compile(r"\b(any|every|all)\s+(word|token|text|input|context)s?\b|\banything\b|\beverything\b",
                         re.IGNORECASE)
 _QUOTED = re.compile(r"(?<!\w)'([^']+)'(?!\w)|\"([^\"]+)\"|`([^`]+)`|‘([^’]+)’|“([^”]+)”")
-_LIST_MARKERS = re.compile(r"\b(?:such as|e\.g\.|eg|like|including|namely|i\.e\.|words?|tokens?)\s*:?\s*", re.IGNORECASE)
+_LIST_MARKERS = re.compile(r"\b(?:such as|e\.g\.|eg|like|including|namely|i\.e\.|words?|tokens?)\s*:?\s*",
+                           re.IGNORECASE)
 _STOP = frozenset("the a an of on in to and or as such like e g eg i ie word words token tokens including namely "
                   "is are with for that which it its this these those any some one form forms mention mentions "
                   "feature fires activates on at".split())
@@ -574,7 +575,7 @@ class LLMJudge(Judge):
         except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError, TypeError,
                 AttributeError):
             raise
-        except Exception as exc:  # noqa: BLE001 (every failure becomes failure rows; none is a silent answer)
+        except Exception as exc:
             return None, content, f"{type(exc).__name__}: {str(exc).strip()}"
         return parsed, content, None
 

@@ -114,9 +114,9 @@ def tiny_model(tiny_gpt2_dir: Path):
 # ----------------------------------------------------------------------------- planted features
 @pytest.fixture(scope="session")
 def planted(tmp_path_factory: pytest.TempPathFactory, tiny_gpt2_dir: Path):
-    """The tiny GPT-2 with the default planted features (``evals/benchmarks/planted_features.py``): a StandardSAE
+    """The tiny GPT-2 with the default planted features (``evals/truth/planted_features.py``): a StandardSAE
     at ``resid_pre.0`` whose feature 0 fires exactly on ' cat',' dog',' fox',' owl' (activation 1, 1.5, 2, 2.5),
     1 on ' red',' green',' blue', 2 on ' Mary',' John', 4 on ' the'; 3, 5, 6, 7 never fire."""
-    from autoexplain.evals.benchmarks.planted_features import plant_features
+    from autoexplain.evals.truth.planted_features import plant_features
 
     return plant_features(tiny_gpt2_dir, tmp_path_factory.mktemp("planted"))

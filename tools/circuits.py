@@ -51,8 +51,17 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from autoexplain.tools.errors import InputError
-from autoexplain.tools.patching import (Ablation, Metric, PatchSetup, PatchType, TaskArgs, check_effect,
-                                        default_metric_for, load_task_for, summary_fit)
+from autoexplain.tools.patching import (
+    Ablation,
+    Metric,
+    PatchSetup,
+    PatchType,
+    TaskArgs,
+    check_effect,
+    default_metric_for,
+    load_task_for,
+    summary_fit,
+)
 from autoexplain.tools.registry import Cost, ToolContext, ToolOutput, ToolSpec
 from autoexplain.tools.vocab import Method
 
@@ -101,7 +110,7 @@ class EdgeScores(BaseModel):
     details: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _same_length(self) -> "EdgeScores":
+    def _same_length(self) -> EdgeScores:
         if len(self.edges) != len(self.scores):
             raise ValueError("edges and scores differ in length")
         return self
@@ -422,7 +431,7 @@ class CircuitSearchIn(TaskArgs):
     top_n: int = Field(default=15, ge=1, le=100, description="circuit edges to list in the summary")
 
     @model_validator(mode="after")
-    def _one_selector(self) -> "CircuitSearchIn":
+    def _one_selector(self) -> CircuitSearchIn:
         if self.top_k is not None and self.threshold is not None:
             raise ValueError("give top_k or threshold, not both")
         return self

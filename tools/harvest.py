@@ -89,10 +89,10 @@ class HarvestOut(ToolOutput):
     finish_seconds: float = Field(description="once per SAE: logit effects (W_dec @ W_U) and example assembly")
     density_quantiles: dict[str, float]
     densest: list[tuple[int, float]]
-    _result: "HarvestResult | None" = PrivateAttr(default=None)
+    _result: HarvestResult | None = PrivateAttr(default=None)
 
     @property
-    def result(self) -> "HarvestResult":
+    def result(self) -> HarvestResult:
         assert self._result is not None
         return self._result
 
@@ -131,7 +131,7 @@ class _State:
     pool_max: torch.Tensor  # [P, F]
 
     @classmethod
-    def empty(cls, n_features: int, args: HarvestIn) -> "_State":
+    def empty(cls, n_features: int, args: HarvestIn) -> _State:
         f, k, r, p, t = n_features, args.top_k, args.reservoir, args.random_pool, args.ctx
         return cls(
             batches_done=0, windows_done=0, n_tokens=0,

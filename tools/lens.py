@@ -47,7 +47,6 @@ the model needs that component.
 from __future__ import annotations
 
 from collections.abc import Callable
-
 from dataclasses import dataclass
 from typing import Any
 

@@ -294,9 +294,8 @@ def _load_local(path: Path, dev: torch.device, *, spec: str) -> LoadedModel:
     if not weights:
         raise InputError(f"{str(path)!r} has a config.json but no model weights (*.safetensors or *.bin)")
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     import transformer_lens.loading_from_pretrained as tl_loading
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with _quiet():
         from sae_lens import HookedSAETransformer

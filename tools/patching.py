@@ -955,7 +955,7 @@ class TaskArgs(BaseModel):
                                                            "prompt's end")
 
     @model_validator(mode="after")
-    def _one_source(self) -> "TaskArgs":
+    def _one_source(self) -> TaskArgs:
         if (self.task_file is None) == (self.prompts is None):
             raise ValueError("give exactly one of task_file or prompts")
         return self
@@ -1057,7 +1057,7 @@ class EdgePatchingIn(TaskArgs):
     metric: Metric | None = Field(default=None, description="logit_diff (default), answer_prob or kl")
 
     @model_validator(mode="after")
-    def _edges_or_paths(self) -> "EdgePatchingIn":
+    def _edges_or_paths(self) -> EdgePatchingIn:
         if (self.edges is None) == (self.paths is None):
             raise ValueError("give exactly one of edges (edge patching) or paths (path patching)")
         return self

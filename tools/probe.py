@@ -33,7 +33,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from autoexplain.tools.errors import InputError
 from autoexplain.tools.registry import Cost, ToolContext, ToolOutput, ToolSpec, round_sig, short_repr
-from autoexplain.tools.saes import LoadedSAE, feature_activations as _encode_at_site
+from autoexplain.tools.saes import LoadedSAE
+from autoexplain.tools.saes import feature_activations as _encode_at_site
 
 #: Largest ``batch * pos * width`` tensor (logits or SAE latents) one chunk may create (float32: 256 MiB).
 _ELEMENT_BUDGET = 1 << 26
@@ -178,7 +179,8 @@ class InterventionEffect(BaseModel):
     fell: list[TokenShift]
 
 
-def _shifts(lm: Any, before: torch.Tensor, after: torch.Tensor, top_k: int) -> tuple[list[TokenShift], list[TokenShift]]:
+def _shifts(lm: Any, before: torch.Tensor, after: torch.Tensor,
+            top_k: int) -> tuple[list[TokenShift], list[TokenShift]]:
     """The ``top_k`` tokens whose probability rose most and fell most (strict changes only)."""
     delta = after - before
     k = min(top_k, delta.numel())
@@ -222,7 +224,8 @@ def _effects(lm: Any, texts: Sequence[str], seqs: Sequence[torch.Tensor], clean:
         rose, fell = _shifts(lm, before, after, top_k)
         out.append(InterventionEffect(
             text=text, tokens=tok_strs, kl_per_position=[round_sig(v) for v in kl_row.tolist()],
-            kl_mean=round_sig(kl_row.mean().item()), kl_max=round_sig(kl_max), kl_max_position=pos if kl_max > 0 else None,
+            kl_mean=round_sig(kl_row.mean().item()), kl_max=round_sig(kl_max),
+            kl_max_position=pos if kl_max > 0 else None,
             loss_clean=None if loss_c is None else round_sig(loss_c, 6),
             loss_edited=None if loss_e is None else round_sig(loss_e, 6),
             delta_loss=None if loss_c is None or loss_e is None else round_sig(loss_e - loss_c),

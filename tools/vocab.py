@@ -69,7 +69,7 @@ class Site(BaseModel):
     head: int | None = Field(default=None, ge=0)
 
     @model_validator(mode="after")
-    def _head_matches_kind(self) -> "Site":
+    def _head_matches_kind(self) -> Site:
         if (self.kind in HEAD_KINDS) != (self.head is not None):
             need = "needs a head index" if self.kind in HEAD_KINDS else "takes no head index"
             raise ValueError(f"site kind {self.kind.value!r} {need}")
@@ -79,7 +79,7 @@ class Site(BaseModel):
         return f"{self.kind.value}.{self.layer}" + ("" if self.head is None else f".{self.head}")
 
     @classmethod
-    def parse(cls, text: str) -> "Site":
+    def parse(cls, text: str) -> Site:
         """Parse ``'resid_post.1'`` or ``'head_out.1.2'``; raise :class:`InputError` with the valid forms."""
         parts = text.strip().split(".")
         kinds = ", ".join(k.value for k in SiteKind)
@@ -164,7 +164,7 @@ class Node(BaseModel):
     name: str
 
     @model_validator(mode="after")
-    def _valid(self) -> "Node":
+    def _valid(self) -> Node:
         if not _NODE_RE.match(self.name):
             raise ValueError(f"unknown node {self.name!r}: use embed, aL.H, mL or logits")
         return self
@@ -199,7 +199,7 @@ class Edge(BaseModel):
     qkv: str | None = None
 
     @model_validator(mode="after")
-    def _valid(self) -> "Edge":
+    def _valid(self) -> Edge:
         if self.dst.is_head != (self.qkv in ("q", "k", "v")):
             raise ValueError(f"edge into {self.dst} must {'name q, k or v' if self.dst.is_head else 'not name q/k/v'}")
         if self.src.name == "logits" or self.dst.name == "embed":
@@ -210,7 +210,7 @@ class Edge(BaseModel):
         return f"{self.src}->{self.dst}" + (f".{self.qkv}" if self.qkv else "")
 
     @classmethod
-    def parse(cls, text: str) -> "Edge":
+    def parse(cls, text: str) -> Edge:
         """Parse ``'a0.3->a1.2.k'``; raise :class:`InputError` on anything else (never ignore an unknown edge)."""
         m = _EDGE_RE.match(text.strip())
         try:
@@ -218,7 +218,8 @@ class Edge(BaseModel):
                 raise ValueError("expected SRC->DST")
             return cls(src=Node(name=m["src"]), dst=Node(name=m["dst"]), qkv=m["qkv"])
         except ValueError as exc:
-            raise InputError(f"malformed edge {text!r} ({exc}): write e.g. embed->a1.2.q, a0.3->m1 or m1->logits") from None
+            raise InputError(f"malformed edge {text!r} ({exc}): write e.g. embed->a1.2.q, a0.3->m1 or "
+                             "m1->logits") from None
 
 
 class FeatureRef(BaseModel):

@@ -1,0 +1,56 @@
+"""The ``autoexplain`` command line (typer): one module per command group, assembled here.
+
+Only commands that work are registered. Every bad input is an :class:`InputError`: one line on stderr, exit
+code 2, and nothing written (inputs are validated before the database is opened). Heavy libraries are imported
+inside the commands, so ``autoexplain --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from autoexplain.agent.cli.bench import bench_app
+from autoexplain.agent.cli.circuit import circuit
+from autoexplain.agent.cli.common import fail
+from autoexplain.agent.cli.demo import demo
+from autoexplain.agent.cli.harvest import check, harvest_cmd
+from autoexplain.agent.cli.run import label, run
+from autoexplain.agent.cli.sql import sql, tools_cmd
+from autoexplain.agent.cli.zoo import zoo_app
+from autoexplain.tools.errors import InputError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Explain what happens inside language models: SAE feature labels and circuits, in DuckDB.")
+app.command("sql")(sql)
+app.command("tools")(tools_cmd)
+app.add_typer(zoo_app, name="zoo")
+app.command("check")(check)
+app.command("harvest")(harvest_cmd)
+app.command("demo")(demo)
+app.command("label")(label)
+app.command("run")(run)
+app.command("circuit")(circuit)
+app.add_typer(bench_app, name="bench")
+
+
+def main() -> None:
+    """Entry point: every user error is one stderr line and exit code 2."""
+    from typer.exceptions import TyperException
+
+    try:
+        code = app(standalone_mode=False)
+    except InputError as exc:
+        fail(exc.message)
+    except typer.Abort:
+        fail("interrupted")
+    except TyperException as exc:  # usage errors of the (vendored) click parser
+        ctx = getattr(exc, "ctx", None)
+        if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:
+            print(ctx.get_help())
+            sys.exit(0)
+        where = ctx.command_path if ctx is not None else "autoexplain"
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        fail(f"{message} (see {where} --help)")
+    sys.exit(code if isinstance(code, int) else 0)

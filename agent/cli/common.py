@@ -1,0 +1,266 @@
+"""What every command shares: options, the console, tables, progress, the store, the toy world, input checks.
+
+Public names only: a command module imports what it needs from here and never another command module's privates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import sys
+import uuid
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from autoexplain.tools.errors import InputError
+
+if TYPE_CHECKING:
+    pass
+
+DbOpt = Annotated[Path | None, typer.Option("--db", help="DuckDB file (default: $AUTOEXPLAIN_DB or "
+                                                         "./autoexplain.duckdb)")]
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="local HF dir, hub name or toy:NAME")]
+PolicyOpt = Annotated[str, typer.Option("--policy", help="offline (deterministic, default) or llm "
+                                                         "(OPENAI_API_KEY, OPENAI_BASE_URL, --llm-model)")]
+LLMModelOpt = Annotated[str | None, typer.Option("--llm-model", help="model name at the OpenAI-compatible "
+                                                                     "endpoint (policy or judge llm)")]
+JudgeOpt = Annotated[str, typer.Option("--judge", help="who scores labels: lexical (default), embedding "
+                                                       "(MiniLM, needs the [judges] extra) or llm")]
+StepsOpt = Annotated[int, typer.Option("--max-steps", help="graph steps per item before it ends with the best "
+                                                           "explanation so far")]
+TokensOpt = Annotated[int, typer.Option("--max-tokens", help="LLM tokens per item")]
+SecondsOpt = Annotated[float, typer.Option("--max-seconds", help="wall seconds per item")]
+DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N (default: cuda if present)")]
+
+
+class Fmt(StrEnum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+def console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    con = Console(stderr=stderr, highlight=False, soft_wrap=True)
+    if not con.is_terminal:  # logs and pipes: wide tables rather than cells wrapped to 80 columns
+        con = Console(stderr=stderr, highlight=False, soft_wrap=True, width=200)
+    return con
+
+
+
+def print_rows(cols: list[str], rows: list[tuple[Any, ...]], fmt: Fmt) -> None:
+    if fmt is Fmt.csv:
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(cols)
+        w.writerows(rows)
+        sys.stdout.write(buf.getvalue())
+    elif fmt is Fmt.json:
+        print(json.dumps([dict(zip(cols, r, strict=True)) for r in rows], default=str, indent=1))
+    else:
+        from rich.table import Table
+
+        table = Table(*cols, show_lines=False)
+        for r in rows:
+            table.add_row(*("NULL" if v is None else str(v) for v in r))
+        con = console()
+        con.print(table)
+        con.print(f"{len(rows)} row{'s' if len(rows) != 1 else ''}")
+
+
+
+@contextlib.contextmanager
+def progress() -> Any:
+    """A ``report(stage, done, total)`` callback: live bars on a terminal; in a log (no terminal), one line per
+    stage at most every 15 s and when it completes, so overnight runs show progress in their logs too."""
+    import time
+
+    err = console(stderr=True)
+    if err.is_terminal:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      TimeElapsedColumn(), TimeRemainingColumn(), console=err) as prog:
+            tasks: dict[str, Any] = {}
+
+            def live(stage: str, done: int, total: int) -> None:
+                key = stage.split(" (")[0]
+                if key not in tasks:
+                    tasks[key] = prog.add_task(stage, total=total)
+                prog.update(tasks[key], completed=done, total=total, description=stage)
+
+            yield live
+        return
+    start = time.monotonic()
+    last: dict[str, float] = {}
+
+    def lines(stage: str, done: int, total: int) -> None:
+        key = stage.split(" (")[0]
+        now = time.monotonic()
+        if done >= total or now - last.get(key, -1e9) >= 15:
+            last[key] = now
+            print(f"{stage}: {done}/{total} ({now - start:.0f} s)", file=sys.stderr, flush=True)
+
+    yield lines
+
+
+
+def build_zoo(name: str) -> Any:
+    from autoexplain.tools.zoo import ensure_model
+
+    with progress() as report:
+        return ensure_model(name, progress=report)
+
+
+def show_zoo(built: Any) -> None:
+    from rich.table import Table
+
+    m = built.manifest
+    spec = m["spec"]
+    con = console()
+    con.print(f"[bold]toy:{built.name}[/bold]  ({built.root})")
+    con.print(f"  corpus: {m['corpus']['documents']:,} documents, {m['corpus']['tokens']:,} tokens "
+              f"({built.corpus})")
+    con.print(f"  model: GPT-2, {spec['n_layers']} layers x {spec['n_heads']} heads, d_model {spec['d_model']}, "
+              f"context {spec['n_ctx']}, vocab {m['model']['d_vocab']}, {m['model']['n_params']:,} parameters, "
+              f"{spec['train_steps']} steps, final loss {m['model']['final_train_loss']}")
+    t = Table("task", "top-1 accuracy", "prompts", "file")
+    for task, acc in m["task_accuracy"].items():
+        t.add_row(task, f"{acc:.1%}", str(spec["task_prompts"]), str(built.task_file(task)))
+    con.print(t)
+    s = Table("SAE", "site", "d_sae", "k", "L0", "FVU", "spec")
+    for sae in m["saes"]:
+        s.add_row(sae["name"], sae["site"], str(sae["d_sae"]), str(sae["k"]), str(sae["l0"]), str(sae["fvu"]),
+                  f"toy:{built.name}/{sae['name']}")
+    con.print(s)
+    tm = m["timings"]
+    con.print(f"  built in {tm['total_s']:.0f} s on {m['threads']} threads (model {tm['train_model_s']:.0f} s, "
+              f"SAEs {tm['train_saes_s']:.0f} s)")
+
+
+def open_store(db: Path | None) -> Any:
+    from autoexplain.agent.store import Store
+
+    return Store(db)
+
+
+def record_zoo(store: Any, built: Any, *, kind: str) -> tuple[str, Any, list[Any]]:
+    """Start a run; load the built model and SAEs through the public loaders (proving they load) and record
+    them. Returns the run id (still running), the model and the SAEs."""
+    from autoexplain.tools.models import load_model
+    from autoexplain.tools.saes import load_sae
+
+    run_id = f"{kind}-{uuid.uuid4().hex[:10]}"
+    spec = f"toy:{built.name}"
+    store.start_run(run_id, kind, {"zoo": built.name, "fingerprint": built.fingerprint})
+    lm = load_model(spec)
+    quality = {f"{spec}/{q['name']}": {"l0": q["l0"], "fvu": q["fvu"], "k": q["k"]} for q in built.manifest["saes"]}
+    saes = [load_sae(name, lm) for name in quality]
+    store.record_model_and_saes(lm, saes, extra=quality)
+    return run_id, lm, saes
+
+
+
+@contextlib.contextmanager
+def run_guard(store: Any, run_id: str) -> Any:
+    """Mark the run interrupted (Ctrl-C) or failed (any error) instead of leaving it 'running'."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        store.finish_run(run_id, "interrupted", {})
+        raise
+    except BaseException as exc:
+        store.finish_run(run_id, "failed", {"error": f"{exc.__class__.__name__}: {exc}"[:500]})
+        raise
+
+
+def dataset_probe(spec: str) -> Any:
+    from autoexplain.tools.data import iter_texts
+
+    return iter_texts(spec)
+
+
+def validated(model_cls: Any, **kwargs: Any) -> Any:
+    """Build a tool's input model from CLI values; a pydantic error becomes one InputError line."""
+    from pydantic import ValidationError
+
+    try:
+        return model_cls(**kwargs)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise InputError(f"--{where.replace('_', '-')}: {err['msg']}") from None
+
+
+
+
+def fail(message: str) -> None:
+    """One line on stderr, exit code 2 (every user error ends here)."""
+    print(f"autoexplain: error: {' '.join(message.split())}", file=sys.stderr)
+    sys.exit(2)
+
+
+# ----------------------------------------------------------------------------- running a plan
+def plan_from(data: dict[str, Any]) -> Any:
+    from pydantic import ValidationError
+
+    from autoexplain.agent.runner import Plan, validation_message
+
+    try:
+        return Plan.model_validate(data)
+    except ValidationError as exc:
+        raise InputError(validation_message(exc, "arguments", as_flags=True)) from None
+
+
+def execute(plan: Any, db: Path | None, *, kind: str, resume: bool = False) -> Any:
+    """Validate, open the store, run with a live display, print the summary; return the RunResult."""
+    from autoexplain.agent.runner import prepare, run_plan
+
+    if plan.policy == "llm" or plan.judge == "llm":
+        from autoexplain.agent.llm import LLMConfig
+
+        LLMConfig.from_env(plan.llm_model)  # a missing key or endpoint fails before anything is written
+    with progress() as report:
+        prep = prepare(plan)
+    store = open_store(db)
+    con = console(stderr=True)
+
+    def on_item(o: Any) -> None:
+        sc = "  ".join(f"{k[:4]} {v:.2f}" for k, v in o.scores.items() if v is not None)
+        tag = "(resumed: already done)" if o.skipped else ""
+        text = (o.text or o.error or "")[:90]
+        used = "" if o.skipped else f"{o.usage.steps} steps, {o.usage.tool_calls} tools, " \
+                                    f"{o.usage.tokens} LLM tokens, {o.usage.seconds:.1f} s"
+        con.print(f"  {o.status.value:>14}  {o.target[:40]:<40} {sc:<34} [{used}] {text} {tag}")
+
+    with progress() as report:
+        res = run_plan(store, prep, kind=kind, resume=resume, report=report, on_item=on_item)
+    return res, store, prep
+
+
+def show_summary(res: Any, store: Any) -> None:
+    from rich.table import Table
+
+
+    con = console()
+    t = Table("kind", "items", "done", "budget-limited", "failed", "dead", "mean correctness", "mean completeness",
+              "mean succinctness")
+    rows = store.query(
+        "select w.kind, count(*), count(*) filter (where w.status = 'done'), "
+        "count(*) filter (where w.status = 'budget_limited'), count(*) filter (where w.status = 'failed'), "
+        "count(*) filter (where e.text like 'dead feature%'), avg(b.correctness), avg(b.completeness), "
+        "avg(b.succinctness) from work_items w "
+        "left join explanations e on e.item_id = w.item_id and e.is_final "
+        "left join best_explanations b on b.explanation_id = e.explanation_id "
+        "where w.run_id = ? group by w.kind order by w.kind", [res.run_id])[1]
+    for r in rows:
+        t.add_row(*(str(x) for x in r[:6]), *("-" if x is None else f"{x:.3f}" for x in r[6:]))
+    con.print(t)
+    con.print(f"run {res.run_id}: {len(res.outcomes)} items in {res.seconds:.1f} s "
+              f"(harvest {res.harvest_seconds:.1f} s)")

@@ -1,0 +1,227 @@
+"""Harvest throughput against the physical limit, and peak memory as the dataset grows.
+
+The limit is a **bare pass**: the same token windows, the same batch size, a forward pass stopped at the SAE's
+layer plus ``sae.encode`` — the work any harvest must do — and nothing else. The ratio harvest ÷ bare says what
+the bookkeeping (streaming top-k, priority samples, histograms, window file, checkpoints, example assembly) costs;
+the target is ≥ 0.8. Two ratios are reported: ``ratio_stream_over_bare`` compares the pass over the data
+(what scales with the dataset) and ``ratio_harvest_over_bare`` the whole call, which also pays a fixed cost once
+per SAE (logit effects ``W_dec @ W_U`` — 16k x 768 x 50k multiply-adds for the big case — and assembling the
+example rows); at a realistic dataset size that cost amortises. Storing the rows in DuckDB is timed separately.
+
+Cases: the toy world (``toy:small`` + ``res0``) and a GPT-2-small-shaped model with random weights (d_model 768,
+12 layers, 12 heads, vocab 50,257) with a TopK SAE of d_sae 16,384 at ``resid_post.6``. Memory: peak RSS of
+separate processes harvesting N and 10·N tokens.
+
+Run (threads pinned, one process at a time)::
+
+    python benchmarks/harvest_bench.py --delphi-venv .peers/delphi-venv \
+        --out benchmarks/results/harvest.json
+
+delphi (PyPI ``eai-delphi``) runs in its own venv (setup in ``benchmarks/delphi_peer.py``) on the same windows,
+model and SAE; its time covers its latent cache plus building the same per-feature top-k contexts (and its
+quantile and random samples). Ours starts from raw text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _gpt2_small_shaped(root: Path) -> tuple[str, str]:
+    """A random GPT-2-small-shaped HF model (toy tokenizer) and a random TopK SAE at resid_post.6."""
+    import torch
+    from sae_lens import TopKSAE, TopKSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+
+    from autoexplain.tools.zoo import ensure_model
+
+    model_dir, sae_dir = root / "gpt2-small-shaped", root / "sae-16k"
+    if not (model_dir / "config.json").exists():
+        tok = GPT2TokenizerFast.from_pretrained(str(ensure_model("small").model_dir))
+        tok.save_pretrained(str(model_dir))
+        torch.manual_seed(0)
+        cfg = GPT2Config(vocab_size=50257, n_positions=1024, n_ctx=1024, n_embd=768, n_layer=12, n_head=12,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        GPT2LMHeadModel(cfg).save_pretrained(str(model_dir))
+    if not (sae_dir / "cfg.json").exists():
+        torch.manual_seed(0)
+        TopKSAE(TopKSAEConfig(d_in=768, d_sae=16384, k=32,
+                              metadata=SAEMetadata(hook_name="blocks.6.hook_resid_post"))).save_model(str(sae_dir))
+    return str(model_dir), str(sae_dir)
+
+
+def _measure(model: str, sae: str, dataset: str, tokens: int, batch: int, ctx: int,
+             repeats: int = 3) -> dict[str, Any]:
+    import torch
+
+    from autoexplain.agent.store import Store
+    from autoexplain.tools.data import iter_texts, iter_windows
+    from autoexplain.tools.harvest import HarvestIn, harvest
+    from autoexplain.tools.models import load_model
+    from autoexplain.tools.registry import ToolContext
+    from autoexplain.tools.saes import feature_activations, load_sae
+
+    lm = load_model(model)
+    s = load_sae(sae, lm)
+    wins = list(iter_windows(iter_texts(dataset), lm.tokenizer, ctx=ctx, n_ctx=lm.n_ctx, batch_windows=batch,
+                             max_tokens=tokens))
+    feature_activations(lm, s, wins[0].tokens)  # warm-up
+    n_tok = sum(w.n_tokens for w in wins)
+    rows: dict[str, list[dict[str, Any]]] = {}
+    ctx_ = ToolContext(model=lm, saes={s.sae_id: s}, sink=lambda table, r: rows.__setitem__(table, r))
+    bare_times: list[float] = []
+    harvest_times: list[float] = []
+    stream_times: list[float] = []
+    # alternate the two and keep each one's best: shared cores make single timings noisy
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for w in wins:
+            feature_activations(lm, s, w.tokens).max()
+        bare_times.append(time.perf_counter() - t)
+        with tempfile.TemporaryDirectory() as tmp:
+            t = time.perf_counter()
+            out = harvest(ctx_, HarvestIn(sae_id=s.sae_id, dataset=dataset, n_tokens=tokens, ctx=ctx,
+                                          batch_size=batch), work_dir=Path(tmp) / "work")
+            harvest_times.append(time.perf_counter() - t)
+            stream_times.append(out.stream_seconds)
+    bare, harv, stream = min(bare_times), min(harvest_times), min(stream_times)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Store(Path(tmp) / "bench.duckdb")
+        t = time.perf_counter()
+        for table, r in rows.items():
+            store.upsert(table, r)
+        db = time.perf_counter() - t
+    return {"model": model, "sae": sae, "d_sae": s.d_sae, "tokens": n_tok, "batch": batch, "ctx": ctx,
+            "bare_s": round(bare, 3), "harvest_s": round(harv, 3), "store_s": round(db, 3), "repeats": repeats,
+            "bare_all_s": [round(x, 3) for x in bare_times], "harvest_all_s": [round(x, 3) for x in harvest_times],
+            "bare_tok_per_s": round(n_tok / bare), "harvest_tok_per_s": round(n_tok / harv),
+            "ratio_harvest_over_bare": round(bare / harv, 3),
+            "stream_s": round(stream, 3), "finish_s": round(harv - stream, 3),
+            "ratio_stream_over_bare": round(bare / stream, 3),
+            "rows": {k: len(v) for k, v in rows.items()}, "n_dead": out.n_dead,
+            "threads": torch.get_num_threads()}
+
+
+def _peak_rss(model: str, sae: str, dataset: str, tokens: int) -> dict[str, Any]:
+    """Harvest in a fresh process and report its peak resident memory."""
+    # VmHWM (peak resident set of this process image) resets at exec, unlike getrusage's ru_maxrss,
+    # which a child inherits from the parent that forked it.
+    code = (
+        "import tempfile, os, torch; from pathlib import Path\n"
+        "torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS', '1')))\n"
+        "def kb(field): return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(field))\n"
+        "from autoexplain.tools.models import load_model; from autoexplain.tools.saes import load_sae\n"
+        "from autoexplain.tools.harvest import HarvestIn, harvest; from autoexplain.tools.registry import ToolContext\n"
+        f"lm = load_model({model!r}); s = load_sae({sae!r}, lm)\n"
+        "base = kb('VmHWM:')\n"
+        "ctx = ToolContext(model=lm, saes={s.sae_id: s}, sink=lambda t, r: None)\n"
+        f"out = harvest(ctx, HarvestIn(sae_id=s.sae_id, dataset={dataset!r}, n_tokens={tokens}),"
+        " work_dir=Path(tempfile.mkdtemp()) / 'w')\n"
+        "print(base, kb('VmHWM:'), out.n_tokens)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    base, peak, n = (int(x) for x in res.stdout.split()[-3:])
+    return {"tokens": n, "peak_rss_after_load_mb": round(base / 1024, 1), "peak_rss_mb": round(peak / 1024, 1)}
+
+
+def _delphi(venv: Path, model: str, sae: str, dataset: str, tokens: int, batch: int, ctx: int,
+            top_k: int) -> dict[str, Any]:
+    """delphi's caching + example construction on the same windows, in its own venv (benchmarks/delphi_peer.py)."""
+    import torch
+
+    from autoexplain.tools.data import iter_texts, iter_windows
+    from autoexplain.tools.models import load_model
+    from autoexplain.tools.saes import load_sae
+
+    lm = load_model(model)
+    s = load_sae(sae, lm)
+    wins = torch.cat([w.tokens for w in iter_windows(iter_texts(dataset), lm.tokenizer, ctx=ctx, n_ctx=lm.n_ctx,
+                                                     batch_windows=batch, max_tokens=tokens)])
+    wins = wins[: len(wins) // batch * batch]  # delphi drops a last partial batch; give it none
+    with tempfile.TemporaryDirectory() as tmp:
+        tok_file, out = Path(tmp) / "tokens.pt", Path(tmp) / "delphi.json"
+        torch.save(wins, tok_file)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+        subprocess.run([str(venv / "bin" / "python"), str(Path(__file__).with_name("delphi_peer.py")),
+                        "--model-dir", str(lm.source_dir), "--sae-dir", str(s.source_dir),
+                        "--tokens-file", str(tok_file), "--batch-size", str(batch), "--top-k", str(top_k),
+                        "--out", str(out)], check=True, env=env, capture_output=True, text=True)
+        report = json.loads(out.read_text())
+    return {k: report[k] for k in ("cache_s", "save_s", "examples_s", "total_s", "topk_only_s") if k in report} | {
+        "windows": len(wins), "tokens": int(wins.numel())}
+
+
+def _big_corpus(root: Path, src: Path, copies: int) -> str:
+    """The toy corpus repeated (with a line number so texts differ): a dataset large enough for 10x runs."""
+    out = root / f"corpus-x{copies}.txt"
+    if not out.exists():
+        lines = src.read_text().splitlines()
+        with out.open("w") as fh:
+            for c in range(copies):
+                fh.writelines(f"{line} {c}\n" for line in lines)
+    return str(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--toy-tokens", type=int, default=204_800, help="a multiple of 32 x 64 (delphi's batches)")
+    ap.add_argument("--delphi-venv", type=Path, default=None,
+                    help="delphi's venv (see benchmarks/delphi_peer.py), e.g. .peers/delphi-venv")
+    ap.add_argument("--big-tokens", type=int, default=16_384)
+    ap.add_argument("--mem-tokens", type=int, default=50_000, help="N for the memory check (N and 10 N)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (pinned: shared cores are noisy)")
+    ap.add_argument("--parts", default="toy,big,memory", help="comma-separated subset of toy,big,memory")
+    ap.add_argument("--out", type=Path, default=None, help="results JSON (parts not run keep their old entry)")
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the memory-check processes
+
+    from autoexplain.tools.cache import cache_root
+    from autoexplain.tools.zoo import ensure_model
+
+    zoo = ensure_model("small")
+    work = cache_root() / "bench"
+    work.mkdir(parents=True, exist_ok=True)
+    corpus = _big_corpus(work, zoo.corpus, 12)
+    parts = set(args.parts.split(","))
+    results: dict[str, Any] = json.loads(args.out.read_text()) if args.out and args.out.exists() else {}
+    results["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
+                          "threads": args.threads}
+    results["date"] = time.strftime("%Y-%m-%d")
+    if "toy" in parts:
+        results["toy"] = _measure("toy:small", "toy:small/res0", corpus, args.toy_tokens, batch=32, ctx=64)
+        print(json.dumps(results["toy"]), flush=True)
+        if args.delphi_venv is not None:
+            peer = _delphi(args.delphi_venv, "toy:small", "toy:small/res0", corpus, args.toy_tokens, batch=32,
+                           ctx=64, top_k=20)
+            peer["ratio_delphi_total_over_harvest"] = round(peer["total_s"] / results["toy"]["harvest_s"], 2)
+            results["delphi_toy"] = peer
+            print(json.dumps(peer), flush=True)
+    if "big" in parts:
+        model, sae = _gpt2_small_shaped(work)
+        results["gpt2_small_shaped"] = _measure(model, sae, corpus, args.big_tokens, batch=16, ctx=64, repeats=2)
+        print(json.dumps(results["gpt2_small_shaped"]), flush=True)
+    if "memory" in parts:
+        small = _peak_rss("toy:small", "toy:small/res0", corpus, args.mem_tokens)
+        large = _peak_rss("toy:small", "toy:small/res0", corpus, args.mem_tokens * 10)
+        results["memory"] = {"n": small, "10n": large,
+                             "peak_growth_mb": round(large["peak_rss_mb"] - small["peak_rss_mb"], 1)}
+        print(json.dumps(results["memory"]), flush=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,1 +1,0 @@
-"""Side-by-side speed and memory benchmarks (never timed unit tests)."""

@@ -1,0 +1,90 @@
+"""SAE loading: any sae-lens architecture from a directory, checked against the model; clear errors otherwise."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from autoexplain.tools.errors import InputError
+from autoexplain.tools.saes import load_sae
+
+
+def _save(tmp: Path, name: str, arch: str, d_in: int, hook: str | None) -> Path:
+    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    torch.manual_seed(0)
+    meta = SAEMetadata(hook_name=hook)
+    sae = {"standard": lambda: StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=64, metadata=meta)),
+           "topk": lambda: TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=64, k=4, metadata=meta)),
+           "jumprelu": lambda: JumpReLUSAE(JumpReLUSAEConfig(d_in=d_in, d_sae=64, metadata=meta))}[arch]()
+    out = tmp / name
+    sae.save_model(str(out))
+    return out
+
+
+@pytest.mark.parametrize("arch", ["standard", "topk", "jumprelu"])
+def test_load_any_architecture_and_splice(arch: str, tmp_path: Path, tiny_model) -> None:
+    path = _save(tmp_path, arch, arch, 32, "blocks.1.hook_resid_pre")
+    s = load_sae(str(path), tiny_model)
+    assert (s.d_in, s.d_sae, s.architecture, str(s.site)) == (32, 64, arch, "resid_pre.1")
+    toks = tiny_model.to_tokens(["the cat sat on the mat"])
+    with torch.no_grad():
+        clean = tiny_model.model(toks)
+        # sae-lens' own splice: with the error term the model's output is unchanged, without it it is not
+        with_err = tiny_model.model.run_with_saes(toks, saes=[s.sae], use_error_term=True)
+        spliced = tiny_model.model.run_with_saes(toks, saes=[s.sae])
+    assert torch.allclose(clean, with_err, atol=1e-4)
+    assert (clean - spliced).abs().max() > 1e-3
+
+
+def test_sae_id_is_a_content_hash(tmp_path: Path, tiny_model) -> None:
+    a = _save(tmp_path, "a", "topk", 32, "blocks.0.hook_resid_post")
+    b = tmp_path / "copy-elsewhere"
+    shutil.copytree(a, b)
+    other = _save(tmp_path, "other", "standard", 32, "blocks.0.hook_resid_post")
+    assert load_sae(str(a), tiny_model).sae_id == load_sae(str(b), tiny_model).sae_id
+    assert load_sae(str(a), tiny_model).sae_id != load_sae(str(other), tiny_model).sae_id
+
+
+def test_width_mismatch_is_refused(tmp_path: Path, tiny_model) -> None:
+    path = _save(tmp_path, "wide", "standard", 48, "blocks.0.hook_resid_post")
+    with pytest.raises(InputError, match="d_in 48 .* width 32"):
+        load_sae(str(path), tiny_model)
+
+
+def test_hook_missing_from_model_is_refused(tmp_path: Path, tiny_model) -> None:
+    with pytest.raises(InputError, match="lacks"):
+        load_sae(str(_save(tmp_path, "deep", "standard", 32, "blocks.7.hook_resid_post")), tiny_model)
+    with pytest.raises(InputError, match="not a site"):
+        load_sae(str(_save(tmp_path, "odd", "standard", 32, "blocks.0.hook_nonsense")), tiny_model)
+
+
+def test_sae_without_hook_name_is_refused(tmp_path: Path, tiny_model) -> None:
+    """sae-lens would silently skip such an SAE when splicing (it only logs a warning)."""
+    path = _save(tmp_path, "nohook", "standard", 32, "blocks.0.hook_resid_post")
+    cfg = json.loads((path / "cfg.json").read_text())
+    cfg["metadata"]["hook_name"] = None
+    (path / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(InputError, match="names no hook"):
+        load_sae(str(path), tiny_model)
+
+
+def test_bad_sae_specs(tmp_path: Path, tiny_model, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(InputError, match="not an sae-lens SAE directory"):
+        load_sae(str(tmp_path), tiny_model)
+    path = _save(tmp_path, "noweights", "standard", 32, "blocks.0.hook_resid_post")
+    (path / "sae_weights.safetensors").unlink()
+    with pytest.raises(InputError, match="no sae_weights"):
+        load_sae(str(path), tiny_model)
+    with pytest.raises(InputError, match="RELEASE/SAE_ID"):
+        load_sae("no-such-release/blocks.0", tiny_model)
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(InputError, match="hub is unavailable"):
+        load_sae("gpt2-small-res-jb/blocks.8.hook_resid_pre", tiny_model)
