@@ -353,21 +353,9 @@ def _count(values: Any) -> dict[str, int]:
     return out
 
 
-def harvest_sink(store: Any, run_id: str) -> Callable[[str, list[dict[str, Any]]], None]:
-    """Where a harvest's rows go: the store, tagged with ``run_id``; examples get their held-out split as they
-    are written (:func:`autoexplain.evals.features.with_split`), so labelling never rewrites them."""
-    from autoexplain.evals.features import with_split
-
-    def sink(table: str, rows: list[dict[str, Any]]) -> None:
-        if table == "feature_examples":
-            rows = with_split(rows)
-        store.upsert(table, [{**r, "run_id": run_id} for r in rows])
-
-    return sink
-
-
 def _harvest_and_split(store: Any, run_id: str, prep: Prepared, report: Callable[[str, int, int], None]) -> float:
     """Harvest each SAE not harvested yet (resumable), and fix the held-out split of the features to label."""
+    from autoexplain.agent.store.harvest import harvest_sink
     from autoexplain.evals.features import examples_from_query, split_examples, split_rows
     from autoexplain.tools.harvest import HarvestIn, harvest
     from autoexplain.tools.registry import ToolContext

@@ -99,7 +99,7 @@ def harvest_cmd(
 
 def harvest_into(store: Any, run_id: str, lm: Any, sae: Any, args: Any) -> Any:
     """Run a harvest with a progress bar, its rows going to ``store`` tagged with ``run_id``."""
-    from autoexplain.agent.runner import harvest_sink
+    from autoexplain.agent.store.harvest import harvest_sink
     from autoexplain.tools.harvest import harvest
     from autoexplain.tools.registry import ToolContext
 

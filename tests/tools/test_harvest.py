@@ -164,7 +164,7 @@ def test_kill_9_then_resume_equals_uninterrupted(planted, planted_ctx, tmp_path)
     assert "resumed after batch" in " ".join(again.stdout.split())
     assert not list(cache.glob("harvest/*")), "the work dir is removed once results are stored"
 
-    from autoexplain.agent.runner import harvest_sink
+    from autoexplain.agent.store.harvest import harvest_sink
 
     lm, sae = planted_ctx
     ref = Store(tmp_path / "ref.duckdb")  # (written as the CLI writes: examples with their held-out split)
