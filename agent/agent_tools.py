@@ -9,12 +9,16 @@ explainer saw. It lives in ``agent/`` because tools know nothing of DuckDB; it i
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from autoexplain.agent.store import queries
 from autoexplain.tools.errors import InputError
 from autoexplain.tools.registry import Cost, Registry, ToolContext, ToolOutput, ToolSpec, default_registry, round_sig
+
+if TYPE_CHECKING:
+    from autoexplain.agent.store import Store
 
 
 class FeatureExamplesIn(BaseModel):
@@ -68,7 +72,7 @@ class FeatureExamplesOut(ToolOutput):
         return "\n".join([head, *lines])
 
 
-def feature_examples_spec(store: Any) -> ToolSpec:
+def feature_examples_spec(store: Store) -> ToolSpec:
     """The ``feature_examples`` tool bound to ``store``."""
 
     def fn(ctx: ToolContext, args: FeatureExamplesIn) -> FeatureExamplesOut:
@@ -76,15 +80,12 @@ def feature_examples_spec(store: Any) -> ToolSpec:
         if args.feature_index >= sae.d_sae:
             raise InputError(f"feature_index {args.feature_index} is out of range: {args.sae_id} has {sae.d_sae} "
                              "features")
-        feats = store.query("select density, max_act, n_tokens, is_dead, top_logits from features "
-                            "where sae_id = ? and feature_index = ?", [args.sae_id, args.feature_index])[1]
-        if not feats:
+        feat = queries.feature_summary(store, args.sae_id, args.feature_index)
+        if feat is None:
             raise InputError(f"feature {args.feature_index} of {args.sae_id} has not been harvested: run harvest "
                              "on a dataset first")
-        density, max_act, n_tokens, is_dead, top_logits = feats[0]
-        rows = store.query("select kind, quantile, max_act, tokens, acts, split from feature_examples "
-                           "where sae_id = ? and feature_index = ? order by kind = 'random', max_act desc, "
-                           "example_id", [args.sae_id, args.feature_index])[1]
+        density, max_act, n_tokens, is_dead, top_logits = feat
+        rows = queries.shown_examples(store, args.sae_id, args.feature_index)
         if rows and any(r[5] is None for r in rows):
             raise InputError(f"the examples of feature {args.feature_index} have no held-out split yet: the agent "
                              "splits them before explaining (this is a bug if you see it)")
@@ -106,7 +107,7 @@ def feature_examples_spec(store: Any) -> ToolSpec:
                                 "never shown. Association-level evidence.")
 
 
-def agent_registry(store: Any) -> Registry:
+def agent_registry(store: Store) -> Registry:
     """The built-in tools plus the agent's store readers."""
     reg = default_registry()
     reg.register(feature_examples_spec(store))

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from langgraph.graph import END, START, StateGraph
 
@@ -42,6 +42,7 @@ from autoexplain.agent.state import (
     Draft,
     ItemState,
     ItemStatus,
+    LLMMeter,
     ToolRequest,
     ToolResult,
     Usage,
@@ -51,32 +52,57 @@ from autoexplain.agent.state import (
 )
 from autoexplain.agent.toolrun import ToolRunner
 
+if TYPE_CHECKING:
+    from langgraph.checkpoint.base import BaseCheckpointSaver
+    from langgraph.graph.state import CompiledStateGraph
+
+    from autoexplain.agent.store import Store
+    from autoexplain.agent.store.outbox import Outbox
+    from autoexplain.agent.store.schema import ExplanationRow, HypothesisRow, WorkItemRow
+
+
+class Scorer(Protocol):
+    """Scores drafts on held-out data and stores every number (:mod:`autoexplain.agent.scoring`).
+
+    ``drafts``: state entries (a :class:`Draft` plus its ``explanation_id``). Returns, per draft in order,
+    ``{"correctness", "completeness", "succinctness"}`` (None: not computed)."""
+
+    def score(self, item: WorkItem, drafts: list[dict[str, Any]]) -> list[dict[str, float | None]]: ...
+
+
+class GraphStateError(RuntimeError):
+    """A router met a state no node produces: a bug in a node or a policy, never a reason to guess a route."""
+
+
+def _no_dead_feature(item: WorkItem) -> str | None:
+    return None
+
 
 @dataclass
 class AgentEnv:
-    """Everything the nodes need that is not state: the store, the tools, the policy, the scorer, budgets."""
+    """Everything the nodes need that is not state: the store, the tools, the policy, the scorer, budgets.
 
-    store: Any  # reads
-    out: Any  # agent.outbox.Outbox: every row a node writes
+    ``meter``: the run's LLM usage per item (the LLM client charges it, each node takes its item's share).
+    ``dead_text``: "dead feature: …" for a feature the harvest never saw fire (None otherwise): such a feature is
+    stored as dead by every policy, never labelled."""
+
+    store: Store  # reads
+    out: Outbox  # every row a node writes
     runner: ToolRunner
     policy: Policy
-    scorer: Any  # agent.scoring.Scorer
+    scorer: Scorer
     run_id: str
     budget: Budget = field(default_factory=Budget)
-    llm_meter: dict[str, Usage] = field(default_factory=dict)  # item_id -> LLM usage not yet counted
-    current_item: str | None = None  # the item being run (LLM calls are charged to it)
-    dead_text: Callable[[WorkItem], str | None] = lambda item: None  # "dead feature: …" for a dead feature
     run_budget: Budget | None = None  # for the whole run (this process)
+    meter: LLMMeter = field(default_factory=LLMMeter)
+    dead_text: Callable[[WorkItem], str | None] = _no_dead_feature
     run_usage: Usage = field(default_factory=Usage)
+    _outputs: dict[tuple[str, int], list[ToolResult]] = field(default_factory=dict)
 
     def run_limit(self) -> str | None:
         """Why the whole run must stop, or None."""
         reason = self.run_budget.exceeded(self.run_usage) if self.run_budget is not None else None
         return f"run {reason}" if reason else None
-    _outputs: dict[tuple[str, int], list[ToolResult]] = field(default_factory=dict)
-
-    def take_llm_usage(self, item_id: str) -> Usage:
-        return self.llm_meter.pop(item_id, Usage())
 
 
 def _item(state: ItemState) -> WorkItem:
@@ -92,14 +118,16 @@ def _apply(state: ItemState, step: PolicyStep, item: WorkItem, env: AgentEnv) ->
     out: dict[str, Any] = {}
     if step.hypotheses:
         hyps = dict(state.get("hypotheses") or {})
-        rows = []
+        rows: list[HypothesisRow] = []
         for h in step.hypotheses:
             old = hyps.get(h.hypothesis_id)
             hyps[h.hypothesis_id] = h.model_dump(mode="json")
-            rows.append({"hypothesis_id": h.hypothesis_id, "run_id": item.run_id, "item_id": item.item_id,
-                         "text": h.text, "status": h.status.value, "causal_level": h.causal_level.value,
-                         "evidence": h.evidence, "updated_at": now(),
-                         **({} if old else {"created_at": now()})})
+            row: HypothesisRow = {"hypothesis_id": h.hypothesis_id, "run_id": item.run_id, "item_id": item.item_id,
+                                  "text": h.text, "status": h.status.value, "causal_level": h.causal_level.value,
+                                  "evidence": h.evidence, "updated_at": now()}
+            if not old:
+                row["created_at"] = now()
+            rows.append(row)
         env.out.upsert("hypotheses", rows)
         out["hypotheses"] = hyps
     if step.notes:
@@ -111,7 +139,8 @@ def _apply(state: ItemState, step: PolicyStep, item: WorkItem, env: AgentEnv) ->
 
 def _store_drafts(env: AgentEnv, item: WorkItem, step: int, drafts: list[Draft]) -> list[dict[str, Any]]:
     """Write ``drafts`` as (not yet final) explanations; return them as state entries with their ids."""
-    out, rows = [], []
+    out: list[dict[str, Any]] = []
+    rows: list[ExplanationRow] = []
     for i, d in enumerate(drafts):
         eid = stable_id("expl", item.item_id, step, i, d.text)
         out.append({**d.model_dump(mode="json"), "explanation_id": eid})
@@ -125,7 +154,8 @@ def _store_drafts(env: AgentEnv, item: WorkItem, step: int, drafts: list[Draft])
     return out
 
 
-def build_graph(env: AgentEnv, checkpointer: Any = None) -> Any:
+def build_graph(env: AgentEnv, checkpointer: BaseCheckpointSaver[Any] | None = None
+                ) -> CompiledStateGraph[ItemState, None, ItemState, ItemState]:
     """The compiled graph; ``checkpointer`` (e.g. a SqliteSaver) makes every item resumable."""
 
     def metered(name: str, fn: Callable[[ItemState], dict[str, Any]]) -> Callable[[ItemState], dict[str, Any]]:
@@ -133,7 +163,7 @@ def build_graph(env: AgentEnv, checkpointer: Any = None) -> Any:
             item = _item(state)
             with Clock() as clock:
                 update = fn(state)
-            llm = env.take_llm_usage(item.item_id)
+            llm = env.meter.take(item.item_id)
             used = _usage(state).plus(steps=1, seconds=clock.seconds, llm_calls=llm.llm_calls,
                                       prompt_tokens=llm.prompt_tokens, completion_tokens=llm.completion_tokens)
             if name == "act":
@@ -233,41 +263,72 @@ def build_graph(env: AgentEnv, checkpointer: Any = None) -> Any:
         chosen = dead[0]["explanation_id"] if dead else (best["explanation_id"] if best else None)
         status = ItemStatus.BUDGET_LIMITED if stop else ItemStatus.DONE
         # every draft of the item: final or not, budget-limited or not, and its overall score
-        marks = {d["explanation_id"]: {} for d in dead}
-        marks.update({s["explanation_id"]: {"overall": s["overall"]} for s in scored})
-        env.out.upsert("explanations", [{"explanation_id": eid, "is_final": eid == chosen, "budget_limited": bool(stop),
-                                         **extra} for eid, extra in marks.items()])
-        env.out.upsert("work_items", [{
+        marks: dict[str, float | None] = {d["explanation_id"]: None for d in dead}  # dead drafts have no overall
+        marks.update({s["explanation_id"]: s["overall"] for s in scored})
+        marked: list[ExplanationRow] = []
+        for eid, overall_score in marks.items():
+            row: ExplanationRow = {"explanation_id": eid, "is_final": eid == chosen, "budget_limited": bool(stop)}
+            if overall_score is not None:
+                row["overall"] = overall_score
+            marked.append(row)
+        env.out.upsert("explanations", marked)
+        finished: WorkItemRow = {
             "item_id": item.item_id, "run_id": item.run_id, "kind": item.kind.value, "target": item.target,
             "status": status.value, "error": f"stopped by budget: {stop}" if stop else None,
-            "budget": {**_usage(state).model_dump(), "stopped_by": stop}, "finished_at": now()}])
+            "budget": {**_usage(state).model_dump(), "stopped_by": stop}, "finished_at": now()}
+        env.out.upsert("work_items", [finished])
         return {"outcome": {"explanation_id": chosen, "status": status.value, "stopped_by": stop,
                             "text": dead[0]["text"] if dead else (best["text"] if best else None),
                             "scores": best["scores"] if best and not dead else {},
                             "overall": best["overall"] if best and not dead else None}}
 
     # -- routing --------------------------------------------------------------------------------------------
+    # Each router names the states its node can leave behind and raises GraphStateError on any other: an
+    # impossible state is a bug to see, not an item to accept quietly.
+    def impossible(node: str, state: ItemState, why: str) -> GraphStateError:
+        item = state.get("item") or {}
+        return GraphStateError(f"after {node} of item {item.get('item_id', '?')} ({item.get('target', '?')}): {why}")
+
+    def dead_drafts(state: ItemState) -> list[dict[str, Any]]:
+        return [d for d in state.get("drafts") or [] if d.get("dead")]
+
     def after_plan(state: ItemState) -> str:
-        if state.get("stop") or any(d.get("dead") for d in state.get("drafts") or []):
+        pending = state.get("pending") or []
+        if state.get("stop") or dead_drafts(state):  # a budget, or a dead feature stored as such
+            if pending:
+                raise impossible("plan", state, f"{len(pending)} tool call(s) pending, but the item is ending "
+                                                f"({state.get('stop') or 'dead feature'})")
             return "accept"
-        return "act" if state.get("pending") else "propose"
+        return "act" if pending else "propose"
 
     def after_act(state: ItemState) -> str:
-        return "accept" if state.get("stop") else "observe"
+        if state.get("stop"):
+            return "accept"
+        if not state.get("results"):
+            raise impossible("act", state, "no tool call ran and no budget stopped the item")
+        return "observe"
 
     def after_observe(state: ItemState) -> str:
         return "accept" if state.get("stop") else "plan"
 
     def after_propose(state: ItemState) -> str:
         drafts = state.get("drafts") or []
-        if any(d.get("dead") for d in drafts):
+        dead = dead_drafts(state)
+        if dead:  # the policy found the feature dead: stored as such, never scored
+            if len(dead) != len(drafts):
+                raise impossible("propose", state, "a dead-feature draft among labels of a live feature")
             return "accept"
         return "score" if drafts else "decide"
 
     def after_decide(state: ItemState) -> str:
         if state.get("stop"):
             return "accept"
-        return "plan" if (state.get("notes") or {}).get("route") == "refine" else "accept"
+        route = (state.get("notes") or {}).get("route")
+        if route == "refine":
+            return "plan"
+        if route == "accept":
+            return "accept"
+        raise impossible("decide", state, f"route {route!r} is neither 'refine' nor 'accept'")
 
     g = StateGraph(ItemState)
     for name, fn in (("plan", plan), ("act", act), ("observe", observe), ("propose", propose), ("score", score),

@@ -25,22 +25,41 @@ Crash safety
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import hashlib
 import json
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from autoexplain.agent.state import Budget, ItemKind, ItemStatus, Usage, WorkItem, now, stable_id
+from autoexplain.agent.state import Budget, ItemKind, ItemStatus, LLMMeter, Usage, WorkItem, now, stable_id
+from autoexplain.agent.store import queries
 from autoexplain.agent.store.outbox import GroupCommit
 from autoexplain.tools.errors import InputError
 from autoexplain.tools.vocab import Ablation, Method
+
+if TYPE_CHECKING:
+    from langchain_core.runnables import RunnableConfig
+
+    from autoexplain.agent.graph import AgentEnv, Scorer
+    from autoexplain.agent.llm import LLMClient
+    from autoexplain.agent.store import Store
+    from autoexplain.agent.store.outbox import Outbox
+    from autoexplain.agent.store.schema import WorkItemRow
+    from autoexplain.evals.judges import Judge
+    from autoexplain.tools.data import TaskFile
+    from autoexplain.tools.models import LoadedModel
+    from autoexplain.tools.saes import LoadedSAE
+
+#: ``on_node(item_id, node)``: called after each graph node of an item, once its checkpoint is written
+NodeHook = Callable[[str, str], None]
 
 PolicyName = Literal["offline", "llm"]
 JudgeName = Literal["lexical", "embedding", "llm"]
@@ -175,14 +194,13 @@ def parse_features(spec: str, d_sae: int) -> list[int]:
 
 
 # ============================================================================================ preparation
-class Prepared(BaseModel):
+@dataclass
+class Prepared:
     """A validated plan, loaded: everything checked before the database is written."""
 
-    model_config = ConfigDict(arbitrary_types_allowed=True)
-
     plan: Plan
-    lm: Any
-    saes: dict[str, Any]  # spec -> LoadedSAE
+    lm: LoadedModel
+    saes: dict[str, LoadedSAE]  # spec -> SAE
     label_jobs: list[tuple[LabelEntry, str, list[int]]]  # (entry, dataset, features)
     circuit_jobs: list[tuple[CircuitEntry, str, str]]  # (entry, task name, task path)
     lexicon: dict[str, frozenset[str]] | None = None
@@ -191,12 +209,11 @@ class Prepared(BaseModel):
 def prepare(plan: Plan) -> Prepared:
     """Load the model and SAEs, resolve datasets and tasks, and validate every entry (no writes)."""
     from autoexplain.tools.data import load_task_file
-    from autoexplain.tools.models import load_model
-    from autoexplain.tools.saes import load_sae
+    from autoexplain.tools.loading import load_model, load_sae
 
-    for e in (p.circuit for p in plan.items if p.circuit):
-        if Path(e.task).is_file():
-            load_task_file(Path(e.task))  # a malformed task file fails before the model loads (or a toy builds)
+    for c in (p.circuit for p in plan.items if p.circuit):
+        if Path(c.task).is_file():
+            load_task_file(Path(c.task))  # a malformed task file fails before the model loads (or a toy builds)
     lm = load_model(plan.model, device=plan.device)
     toy = plan.model.startswith("toy:")
     built = None
@@ -204,7 +221,7 @@ def prepare(plan: Plan) -> Prepared:
         from autoexplain.tools.zoo import ensure_model
 
         built = ensure_model(plan.model.split(":", 1)[1])
-    saes: dict[str, Any] = {}
+    saes: dict[str, LoadedSAE] = {}
     label_jobs = []
     for e in (p.label for p in plan.items if p.label):
         if e.sae not in saes:
@@ -219,23 +236,25 @@ def prepare(plan: Plan) -> Prepared:
         next(iter(iter_texts(dataset)))  # an empty file or an unreachable hub dataset fails before any write
         label_jobs.append((e, dataset, parse_features(e.features, saes[e.sae].d_sae)))
     circuit_jobs = []
-    for e in (p.circuit for p in plan.items if p.circuit):
-        path = Path(e.task)
-        if not path.exists() and built is not None and re.fullmatch(r"[a-z_]+", e.task):
-            path = built.task_file(e.task)
+    for c in (p.circuit for p in plan.items if p.circuit):
+        path = Path(c.task)
+        if not path.exists() and built is not None and re.fullmatch(r"[a-z_]+", c.task):
+            path = built.task_file(c.task)
             if not path.exists():
-                raise InputError(f"toy task {e.task!r} does not exist: the toy tasks are "
+                raise InputError(f"toy task {c.task!r} does not exist: the toy tasks are "
                                  f"{', '.join(built.manifest['task_accuracy'])}")
         task = load_task_file(path)
-        _check_circuit_entry(lm, e, task, path)
-        circuit_jobs.append((e, task.name or path.stem, str(path)))
+        _check_circuit_entry(lm, c, task, path)
+        circuit_jobs.append((c, task.name or path.stem, str(path)))
     lexicon = None
-    if plan.lexicon or built is not None:
-        lexicon = load_lexicon(Path(plan.lexicon) if plan.lexicon else built.root / "corpus" / "categories.json")
+    if plan.lexicon:
+        lexicon = load_lexicon(Path(plan.lexicon))
+    elif built is not None:
+        lexicon = load_lexicon(built.root / "corpus" / "categories.json")
     return Prepared(plan=plan, lm=lm, saes=saes, label_jobs=label_jobs, circuit_jobs=circuit_jobs, lexicon=lexicon)
 
 
-def _check_circuit_entry(lm: Any, entry: CircuitEntry, task: Any, path: Path) -> None:
+def _check_circuit_entry(lm: LoadedModel, entry: CircuitEntry, task: TaskFile, path: Path) -> None:
     """The task tokenises for this model, its ablation moves the metric at all, and top_k fits the graph."""
     from autoexplain.tools.circuits import check_effect, default_metric
     from autoexplain.tools.data import tokenize_task
@@ -291,34 +310,30 @@ def checkpoint_path(db_path: Path) -> Path:
     return db_path.with_name(db_path.name + ".checkpoints.sqlite")
 
 
-def find_resumable(store: Any, kind: str, plan_hash: str) -> str | None:
-    rows = store.query("select run_id from runs where kind = ? and config->>'plan_hash' = ? and status <> 'done' "
-                       "order by started_at desc limit 1", [kind, plan_hash])[1]
-    return rows[0][0] if rows else None
+def find_resumable(store: Store, kind: str, plan_hash: str) -> str | None:
+    return queries.resumable_run(store, kind, plan_hash)
 
 
-class SimulatedCrash(KeyboardInterrupt):
-    """What ``stop_after_nodes`` raises (tests): it stands for a kill, so the run commits nothing on its way out."""
-
-
-def run_plan(store: Any, prep: Prepared, *, kind: str = "plan", resume: bool = False,
+def run_plan(store: Store, prep: Prepared, *, kind: str = "plan", resume: bool = False,
              run_id: str | None = None, report: Callable[[str, int, int], None] | None = None,
-             on_item: Callable[[ItemOutcome], None] | None = None, llm_client: Any = None,
-             stop_after_nodes: int | None = None, commit: GroupCommit | None = None) -> RunResult:
+             on_item: Callable[[ItemOutcome], None] | None = None, on_node: NodeHook | None = None,
+             commit: GroupCommit | None = None) -> RunResult:
     """Run (or resume) every item of ``prep``; return what each item ended with.
 
+    ``report(stage, done, total)``: progress of the harvest and of the items. ``on_item(outcome)``: after each item
+    (finished now or before). ``on_node(item_id, node)``: after each graph node, once its checkpoint is written (a
+    finer progress). What it raises counts as raised by that node: a ``KeyboardInterrupt`` stops the run as Ctrl-C
+    does (finished items are committed, the item resumes after that node); an ``Exception`` fails the item.
     ``commit``: when results are committed to DuckDB (default: the plan's ``commit``).
-    ``stop_after_nodes``: raise :class:`SimulatedCrash` after that many graph nodes (tests emulate a crash).
     """
     with store.hold():  # one open connection for the run's many small writes (let go for readers)
         return _run_plan(store, prep, kind=kind, resume=resume, run_id=run_id, report=report, on_item=on_item,
-                         llm_client=llm_client, stop_after_nodes=stop_after_nodes,
-                         commit=commit or prep.plan.commit)
+                         on_node=on_node, commit=commit or prep.plan.commit)
 
 
-def _run_plan(store: Any, prep: Prepared, *, kind: str, resume: bool, run_id: str | None,
+def _run_plan(store: Store, prep: Prepared, *, kind: str, resume: bool, run_id: str | None,
               report: Callable[[str, int, int], None] | None, on_item: Callable[[ItemOutcome], None] | None,
-              llm_client: Any, stop_after_nodes: int | None, commit: GroupCommit) -> RunResult:
+              on_node: NodeHook | None, commit: GroupCommit) -> RunResult:
     from autoexplain.agent.store.outbox import Outbox
 
     plan = prep.plan
@@ -330,12 +345,12 @@ def _run_plan(store: Any, prep: Prepared, *, kind: str, resume: bool, run_id: st
     store.start_run(run_id, kind, {"plan": plan.model_dump(mode="json"), "plan_hash": plan_hash},
                     policy=plan.policy)
     store.record_model_and_saes(prep.lm, list(prep.saes.values()))
-    report = report or (lambda *_: None)
+    report = report or _no_report
 
     harvest_s = _harvest_and_split(store, run_id, prep, report)
     items = _items(run_id, prep)
-    env = _env(store, Outbox(store, commit, keep_rejected=plan.judgements == "all"), run_id, prep, llm_client)
-    outcomes = _loop(store, env, items, checkpoint_path(store.path), report, on_item, stop_after_nodes)
+    env = _env(store, Outbox(store, commit, keep_rejected=plan.judgements == "all"), run_id, prep)
+    outcomes = _loop(store, env, items, checkpoint_path(store.path), report, on_item, on_node)
     seconds = time.monotonic() - t_start
     left = sum(o.status is ItemStatus.PENDING for o in outcomes)
     summary = {"items": len(outcomes), "by_status": _count(o.status.value for o in outcomes),
@@ -346,17 +361,22 @@ def _run_plan(store: Any, prep: Prepared, *, kind: str, resume: bool, run_id: st
     return RunResult(run_id=run_id, outcomes=outcomes, seconds=seconds, harvest_seconds=harvest_s)
 
 
-def _count(values: Any) -> dict[str, int]:
+def _no_report(stage: str, done: int, total: int) -> None:
+    pass
+
+
+def _count(values: Iterable[str]) -> dict[str, int]:
     out: dict[str, int] = {}
     for v in values:
         out[v] = out.get(v, 0) + 1
     return out
 
 
-def _harvest_and_split(store: Any, run_id: str, prep: Prepared, report: Callable[[str, int, int], None]) -> float:
+def _harvest_and_split(store: Store, run_id: str, prep: Prepared, report: Callable[[str, int, int], None]) -> float:
     """Harvest each SAE not harvested yet (resumable), and fix the held-out split of the features to label."""
     from autoexplain.agent.store.harvest import harvest_sink
-    from autoexplain.evals.features import examples_from_query, split_examples, split_rows
+    from autoexplain.agent.store.rows import split_rows
+    from autoexplain.evals.features import split_examples
     from autoexplain.tools.harvest import HarvestIn, harvest
     from autoexplain.tools.registry import ToolContext
 
@@ -365,33 +385,23 @@ def _harvest_and_split(store: Any, run_id: str, prep: Prepared, report: Callable
     for entry, dataset, features in prep.label_jobs:
         sae = prep.saes[entry.sae]
         if sae.sae_id not in done:
-            have = store.query("select count(*) from features where sae_id = ?", [sae.sae_id])[1][0][0]
-            if have < sae.d_sae:
-                stage = f"harvest {sae.spec}"
+            if queries.harvested_features(store, sae.sae_id) < sae.d_sae:
                 harvest(ToolContext(model=prep.lm, saes={sae.sae_id: sae}, sink=harvest_sink(store, run_id)),
                         HarvestIn(sae_id=sae.sae_id, dataset=dataset, n_tokens=entry.tokens,
                                   ctx=min(64, prep.lm.n_ctx)),
-                        progress=lambda d, t, stage=stage: report(stage, d, t))
+                        progress=functools.partial(report, f"harvest {sae.spec}"))
             done.add(sae.sae_id)
-        cols, rows = store.query(
-            "select feature_index, kind, example_id, quantile, split, tokens, acts, max_act, window_index "
-            "from feature_examples where sae_id = ? and split is null", [sae.sae_id])
-        by_f: dict[int, list[tuple[Any, ...]]] = {}
-        wanted = set(features)
-        for r in rows:
-            if r[0] in wanted:
-                by_f.setdefault(r[0], []).append(r[1:])
-        if by_f:
+        unsplit = queries.unsplit_examples(store, sae.sae_id, set(features))
+        if unsplit:
             split = []
-            for f, rs in by_f.items():
-                exs = examples_from_query(cols[1:], rs)
+            for f, exs in unsplit.items():
                 split += split_rows(split_examples(exs, sae.sae_id, f), sae.sae_id, f)
             store.upsert("feature_examples", split)
     return time.monotonic() - t0
 
 
 def _items(run_id: str, prep: Prepared) -> list[WorkItem]:
-    items = []
+    items: list[WorkItem] = []
     for entry, _, features in prep.label_jobs:
         sae = prep.saes[entry.sae]
         for f in features:
@@ -399,95 +409,85 @@ def _items(run_id: str, prep: Prepared) -> list[WorkItem]:
             items.append(WorkItem(item_id=stable_id("item", run_id, "feature", target), run_id=run_id,
                                   kind=ItemKind.FEATURE, target=target,
                                   params={"sae_id": sae.sae_id, "feature_index": f}))
-    for entry, name, path in prep.circuit_jobs:
-        items.append(WorkItem(item_id=stable_id("item", run_id, "circuit", name, entry.method.value), run_id=run_id,
+    for job, name, path in prep.circuit_jobs:
+        items.append(WorkItem(item_id=stable_id("item", run_id, "circuit", name, job.method.value), run_id=run_id,
                               kind=ItemKind.CIRCUIT, target=name,
-                              params={"task_file": path, "method": entry.method.value,
-                                      "ablation": entry.ablation.value, "top_k": entry.top_k,
-                                      "threshold": entry.threshold}))
+                              params={"task_file": path, "method": job.method.value,
+                                      "ablation": job.ablation.value, "top_k": job.top_k,
+                                      "threshold": job.threshold}))
     return items
 
 
-def _env(store: Any, out: Any, run_id: str, prep: Prepared, llm_client: Any) -> Any:
+def _env(store: Store, out: Outbox, run_id: str, prep: Prepared) -> AgentEnv:
+    """The run's agent environment: one LLM client (when the policy or the judge is llm), the tools, the judge
+    and scorers, the policy, and the budgets."""
+    from autoexplain.agent import llm_session
     from autoexplain.agent.agent_tools import agent_registry
     from autoexplain.agent.graph import AgentEnv
+    from autoexplain.agent.policies import PolicyDeps, make_policy
     from autoexplain.agent.scoring import CircuitScorer, FeatureScorer
     from autoexplain.agent.toolrun import ToolRunner
     from autoexplain.tools.registry import ToolContext
 
     plan = prep.plan
-    holder: dict[str, Any] = {}
-    if llm_client is None and (plan.policy == "llm" or plan.judge == "llm"):
-        from autoexplain.agent.llm_session import make_client
-
-        llm_client = make_client(plan.llm_model or "", store, run_id, holder)
+    meter = LLMMeter()
+    llm = None
+    if plan.policy == "llm" or plan.judge == "llm":  # one client: the judge's calls are logged and charged too
+        llm = llm_session.make_client(plan.llm_model or "", store, run_id, meter)
     ctx = ToolContext(model=prep.lm, saes={s.sae_id: s for s in prep.saes.values()}, sink=None)
-    runner = ToolRunner(store, out, agent_registry(store), ctx, run_id)
-    judge = _judge(plan, prep, llm_client)
+    registry = agent_registry(store)
+    runner = ToolRunner(store, out, registry, ctx, run_id)
+    judge = _judge(plan, prep, llm)
     embedder = None
     if plan.embedding or plan.judge == "embedding":
         from autoexplain.evals.judges import EmbeddingJudge
 
-        embedder = judge if plan.judge == "embedding" else EmbeddingJudge()
+        embedder = judge if isinstance(judge, EmbeddingJudge) else EmbeddingJudge()
     scorer = _ByKind(FeatureScorer(store, out, judge, embedder=embedder), CircuitScorer(store, out, prep.lm, run_id))
-    policy = _policy(plan, prep, llm_client)
-    if hasattr(policy, "bind_tools"):
-        policy.bind_tools(runner.registry)
-    env = AgentEnv(store=store, out=out, runner=runner, policy=policy, scorer=scorer,
-                   run_id=run_id, budget=plan.budget, run_budget=plan.run_budget)
-    holder["env"] = env
+    policy = make_policy(plan.policy, PolicyDeps(registry=registry, model_id=prep.lm.model_id,
+                                                 lexicon=prep.lexicon, llm=llm))
+    return AgentEnv(store=store, out=out, runner=runner, policy=policy, scorer=scorer, run_id=run_id,
+                    budget=plan.budget, run_budget=plan.run_budget, meter=meter, dead_text=_dead_features(store))
 
-    dead: dict[str, dict[int, int]] = {}  # sae_id -> dead feature -> tokens harvested (read once per SAE)
+
+def _dead_features(store: Store) -> Callable[[WorkItem], str | None]:
+    """``dead_text(item)``: "dead feature: …" for a feature item whose feature never fired in its harvest (the
+    store's ``features.is_dead``, read once per SAE), None for any other item."""
+    dead: dict[str, dict[int, int]] = {}  # sae_id -> dead feature -> tokens harvested
 
     def dead_text(item: WorkItem) -> str | None:
         if item.kind is not ItemKind.FEATURE:
             return None
         sae_id = item.params["sae_id"]
         if sae_id not in dead:
-            dead[sae_id] = dict(store.query("select feature_index, n_tokens from features where sae_id = ? "
-                                            "and is_dead", [sae_id])[1])
+            dead[sae_id] = queries.dead_features(store, sae_id)
         n_tokens = dead[sae_id].get(int(item.params["feature_index"]))
         return f"dead feature: never fired in {n_tokens} harvested tokens" if n_tokens is not None else None
 
-    env.dead_text = dead_text
-    return env
+    return dead_text
 
 
 class _ByKind:
-    def __init__(self, feature: Any, circuit: Any) -> None:
+    """A :class:`~autoexplain.agent.graph.Scorer` that hands each item to the scorer of its kind."""
+
+    def __init__(self, feature: Scorer, circuit: Scorer) -> None:
         self.feature, self.circuit = feature, circuit
 
     def score(self, item: WorkItem, drafts: list[dict[str, Any]]) -> list[dict[str, float | None]]:
         return (self.feature if item.kind is ItemKind.FEATURE else self.circuit).score(item, drafts)
 
 
-def _judge(plan: Plan, prep: Prepared, llm_client: Any) -> Any:
-    from autoexplain.evals.judges import EmbeddingJudge, LexicalJudge
+def _judge(plan: Plan, prep: Prepared, llm: LLMClient | None) -> Judge:
+    """The plan's judge (``judge:``, from the catalogue :data:`autoexplain.evals.judges.JUDGES`). An llm judge
+    talks through the run's one LLM client ``llm``, so its calls are logged (``llm_calls``, purpose ``judge``),
+    cached for resume and charged to the item being scored, and it never holds the API key."""
+    from autoexplain.evals.judges import make_judge
 
-    if plan.judge == "embedding":
-        return EmbeddingJudge()
-    if plan.judge == "llm":
-        from autoexplain.agent.llm import LLMConfig
-        from autoexplain.evals.judges import LLMJudge
-
-        cfg = LLMConfig.from_env(plan.llm_model or "")
-        return LLMJudge(cfg.model, base_url=cfg.base_url,
-                        api_key=cfg.api_key.get_secret_value() if cfg.api_key is not None else None)
-    return LexicalJudge(lexicon=prep.lexicon)
+    return make_judge(plan.judge, lexicon=prep.lexicon, llm_client=llm, model_name=plan.llm_model)
 
 
-def _policy(plan: Plan, prep: Prepared, llm_client: Any) -> Any:
-    if plan.policy == "llm":
-        from autoexplain.agent.policies.llm import LLMPolicy
-
-        return LLMPolicy(llm_client, model_id=prep.lm.model_id)
-    from autoexplain.agent.policies.offline import OfflinePolicy
-
-    return OfflinePolicy(lexicon=prep.lexicon)
-
-
-def _loop(store: Any, env: Any, items: list[WorkItem], ckpt: Path, report: Callable[[str, int, int], None],
-          on_item: Callable[[ItemOutcome], None] | None, stop_after_nodes: int | None) -> list[ItemOutcome]:
+def _loop(store: Store, env: AgentEnv, items: list[WorkItem], ckpt: Path, report: Callable[[str, int, int], None],
+          on_item: Callable[[ItemOutcome], None] | None, on_node: NodeHook | None) -> list[ItemOutcome]:
     """Run each unfinished item's graph; rows go through ``env.out`` (group commit, see :mod:`agent.outbox`)."""
     # the model, tokenizer and SAEs are loaded: move every object alive now out of the collector's sight. Full
     # collections then scan only what the items allocate (on the toy world they took ~10 % of the run time, and a
@@ -496,28 +496,30 @@ def _loop(store: Any, env: Any, items: list[WorkItem], ckpt: Path, report: Calla
     gc.collect()
     gc.freeze()
     try:
-        return _run_items(store, env, items, ckpt, report, on_item, stop_after_nodes)
+        return _run_items(store, env, items, ckpt, report, on_item, on_node)
     finally:
         gc.unfreeze()
 
 
-def _run_items(store: Any, env: Any, items: list[WorkItem], ckpt: Path, report: Callable[[str, int, int], None],
-               on_item: Callable[[ItemOutcome], None] | None, stop_after_nodes: int | None) -> list[ItemOutcome]:
+def _run_items(store: Store, env: AgentEnv, items: list[WorkItem], ckpt: Path,
+               report: Callable[[str, int, int], None], on_item: Callable[[ItemOutcome], None] | None,
+               on_node: NodeHook | None) -> list[ItemOutcome]:
     from langgraph.checkpoint.sqlite import SqliteSaver
 
     from autoexplain.agent.graph import build_graph, initial_state
 
     out = env.out
-    status = dict(store.query("select item_id, status from work_items where run_id = ?", [env.run_id])[1])
-    attempts = dict(store.query("select item_id, attempts from work_items where run_id = ?", [env.run_id])[1])
+    stored = queries.item_states(store, env.run_id)
+    status = {i: s.status for i, s in stored.items()}
+    attempts = {i: s.attempts for i, s in stored.items()}
     pending = [it for it in items if it.item_id not in status]
     if pending:  # at once: a query made mid-run sees every item of the run
-        store.upsert("work_items", [{"item_id": it.item_id, "run_id": it.run_id, "kind": it.kind.value,
-                                     "target": it.target, "status": ItemStatus.PENDING.value, "attempts": 0}
-                                    for it in pending])
+        rows: list[WorkItemRow] = [{"item_id": it.item_id, "run_id": it.run_id, "kind": it.kind.value,
+                                    "target": it.target, "status": ItemStatus.PENDING.value, "attempts": 0}
+                                   for it in pending]
+        store.upsert("work_items", rows)
     outcomes: list[ItemOutcome] = []
     finished = {ItemStatus.DONE.value, ItemStatus.BUDGET_LIMITED.value, ItemStatus.FAILED.value}
-    nodes = 0
     with SqliteSaver.from_conn_string(str(ckpt)) as saver:
         graph = build_graph(env, saver)
 
@@ -537,7 +539,7 @@ def _run_items(store: Any, env: Any, items: list[WorkItem], ckpt: Path, report: 
                     if on_item is not None:
                         on_item(outcomes[-1])
                     continue
-                cfg = {"configurable": {"thread_id": item.item_id}, "recursion_limit": 10_000}
+                cfg: RunnableConfig = {"configurable": {"thread_id": item.item_id}, "recursion_limit": 10_000}
                 snap = graph.get_state(cfg)
                 recovered = bool(snap.values and not snap.next and snap.values.get("outcome"))
                 limit = None if recovered else env.run_limit()
@@ -558,18 +560,19 @@ def _run_items(store: Any, env: Any, items: list[WorkItem], ckpt: Path, report: 
                     if snap.values:
                         replayed = out.get("work_items", (item.item_id,)) or {}
                         before = max(before, int(replayed.get("attempts") or 1))
-                    out.upsert("work_items", [{
+                    running: WorkItemRow = {
                         "item_id": item.item_id, "run_id": item.run_id, "kind": item.kind.value,
                         "target": item.target, "status": ItemStatus.RUNNING.value, "started_at": now(),
-                        "attempts": before + 1}])
-                env.current_item = item.item_id
+                        "attempts": before + 1}
+                    out.upsert("work_items", [running])
+                env.meter.current = item.item_id  # its LLM calls (policy and judge) are charged to it
                 inp = None if snap.values and snap.next else initial_state(item)
                 try:
                     if not recovered:  # (a recovered item finished before the crash: its rows are back, not redone)
-                        for _ in graph.stream(inp, cfg, durability="sync", stream_mode="updates"):
-                            nodes += 1
-                            if stop_after_nodes is not None and nodes >= stop_after_nodes:
-                                raise SimulatedCrash("stop_after_nodes")
+                        for update in graph.stream(inp, cfg, durability="sync", stream_mode="updates"):
+                            if on_node is not None:
+                                for node in update:
+                                    on_node(item.item_id, node)
                             if out.due():
                                 commit()
                     state = graph.get_state(cfg).values
@@ -582,10 +585,10 @@ def _run_items(store: Any, env: Any, items: list[WorkItem], ckpt: Path, report: 
                     raise
                 except Exception as exc:
                     err = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-                    out.upsert("work_items", [{"item_id": item.item_id, "run_id": item.run_id,
-                                               "kind": item.kind.value, "target": item.target,
-                                               "status": ItemStatus.FAILED.value, "error": err[:500],
-                                               "finished_at": now()}], step=False)
+                    failed: WorkItemRow = {"item_id": item.item_id, "run_id": item.run_id, "kind": item.kind.value,
+                                           "target": item.target, "status": ItemStatus.FAILED.value,
+                                           "error": err[:500], "finished_at": now()}
+                    out.upsert("work_items", [failed], step=False)
                     res = ItemOutcome(item_id=item.item_id, kind=item.kind, target=item.target,
                                       status=ItemStatus.FAILED, error=err[:500])
                 out.finished(item.item_id)
@@ -595,21 +598,18 @@ def _run_items(store: Any, env: Any, items: list[WorkItem], ckpt: Path, report: 
                 if out.due():
                     commit()
             commit()
-        except BaseException as exc:
-            if not isinstance(exc, SimulatedCrash):
-                # on the way out (Ctrl-C, a bug): commit what is finished; if that fails too the checkpoints still
-                # hold every row, and the original error is the one to see
-                with contextlib.suppress(Exception):
-                    commit()
+        except BaseException:
+            # on the way out (Ctrl-C, a bug): commit what is finished; if that fails too the checkpoints still
+            # hold every row, and the original error is the one to see
+            with contextlib.suppress(Exception):
+                commit()
             raise
         report("items", len(items), len(items))
     return outcomes
 
 
-def _stored_outcome(store: Any, item: WorkItem) -> ItemOutcome:
+def _stored_outcome(store: Store, item: WorkItem) -> ItemOutcome:
     """The outcome of an item finished in an earlier process (read back from the store)."""
-    st, err = store.query("select status, error from work_items where item_id = ?", [item.item_id])[1][0]
-    rows = store.query("select text, overall from explanations where item_id = ? and is_final", [item.item_id])[1]
-    return ItemOutcome(item_id=item.item_id, kind=item.kind, target=item.target, status=ItemStatus(st),
-                       text=rows[0][0] if rows else None, overall=rows[0][1] if rows else None, skipped=True,
-                       error=err)
+    got = queries.stored_outcome(store, item.item_id)
+    return ItemOutcome(item_id=item.item_id, kind=item.kind, target=item.target, status=ItemStatus(got.status),
+                       text=got.text, overall=got.overall, skipped=True, error=got.error)

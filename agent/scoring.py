@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from autoexplain.agent.state import WorkItem
+from autoexplain.agent.store import queries
 
 
 class FeatureScorer:
@@ -30,18 +31,17 @@ class FeatureScorer:
         self.n_activating, self.n_nonactivating = n_activating, n_nonactivating
 
     def score(self, item: WorkItem, drafts: list[dict[str, Any]]) -> list[dict[str, float | None]]:
-        from autoexplain.evals.features import examples_from_query, score_explanation
+        from autoexplain.agent.store.rows import feature_score_rows, judgement_set_rows
+        from autoexplain.evals.features import score_explanation
 
         sae_id, f = item.params["sae_id"], int(item.params["feature_index"])
-        examples = examples_from_query(*self.store.query(
-            "select kind, example_id, quantile, split, tokens, acts, max_act, window_index from feature_examples "
-            "where sae_id = ? and feature_index = ? order by kind, example_id", [sae_id, f]))
+        examples = queries.feature_examples(self.store, sae_id, f)
         out = []
         for d in drafts:
             res = score_explanation(d["text"], examples, self.judge, sae_id=sae_id, feature_index=f,
                                     explanation_id=d["explanation_id"], embedder=self.embedder,
                                     n_activating=self.n_activating, n_nonactivating=self.n_nonactivating)
-            self.out.upsert_many({"scores": res.score_rows(), "judgement_sets": res.judgement_set_rows(),
+            self.out.upsert_many({"scores": feature_score_rows(res), "judgement_sets": judgement_set_rows(res),
                                   "explanations": [{"explanation_id": d["explanation_id"], "judge": res.judge}]})
             out.append({"correctness": res.correctness, "completeness": res.completeness,
                         "succinctness": res.succinctness})
@@ -64,8 +64,7 @@ class CircuitScorer:
         if call is not None:
             key = call["cache_key"]
         else:
-            rows = self.store.query("select cache_key from tool_calls where call_id = ?", [call_id])[1]
-            key = rows[0][0] if rows else None
+            key = queries.tool_call_cache_key(self.store, call_id)
         output = cached_output(self.store, self.out, key) if key else None
         if output is None:
             raise RuntimeError(f"circuit scoring: no cached circuit_search output for call {call_id}")
@@ -73,12 +72,12 @@ class CircuitScorer:
 
     def score(self, item: WorkItem, drafts: list[dict[str, Any]]) -> list[dict[str, float | None]]:
         from autoexplain.agent.store.rows import circuit_id as make_circuit_id
-        from autoexplain.agent.store.rows import circuit_rows
+        from autoexplain.agent.store.rows import circuit_rows, circuit_score_rows
         from autoexplain.evals.circuits import score_circuit
         from autoexplain.tools.data import load_task_file, tokenize_task
         from autoexplain.tools.patching import PatchSetup
 
-        out = []
+        out: list[dict[str, float | None]] = []
         for d in drafts:
             search = self._search_output(d["evidence"][0])
             circ = search.circuit()
@@ -92,10 +91,7 @@ class CircuitScorer:
                 circ = circ.model_copy(update={"curve": res.curve.points})
             self.out.upsert_many(circuit_rows(circuit_id, self.run_id, self.lm.model_id, item.target, str(path),
                                               circ, item_id=item.item_id))
-            rows = res.score_rows(d["explanation_id"])
-            for r in rows:
-                r["details"] = {**r["details"], "circuit_id": circuit_id}
-            self.out.upsert("scores", rows)
+            self.out.upsert("scores", circuit_score_rows(res, d["explanation_id"], circuit_id))
             out.append({"correctness": res.correctness, "completeness": res.completeness,
                         "succinctness": res.succinctness})
         return out

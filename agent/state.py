@@ -86,6 +86,31 @@ class Usage(BaseModel):
         return self.model_copy(update={k: getattr(self, k) + v for k, v in delta.items()})
 
 
+class LLMMeter:
+    """The LLM usage of a run, charged to the work item being run.
+
+    One meter per run, shared by the runner, the LLM client's call log and the graph: the runner names the item it
+    runs (:attr:`current`); every LLM call the client makes meanwhile (the policy's and the judge's) is logged
+    against that item and its tokens are charged to it (:meth:`charge`); the graph node that made the calls takes
+    them into the item's budget when it ends (:meth:`take`). A plain object (not graph state): what it holds is
+    taken by the node that made the calls, before that node's checkpoint is written.
+    """
+
+    def __init__(self) -> None:
+        self.current: str | None = None  # the item being run (None: between items)
+        self._pending: dict[str, Usage] = {}  # item_id -> usage not yet taken into the item's budget
+
+    def charge(self, item_id: str, *, prompt_tokens: int, completion_tokens: int) -> None:
+        """Count one LLM call of ``item_id``."""
+        used = self._pending.get(item_id, Usage())
+        self._pending[item_id] = used.plus(llm_calls=1, prompt_tokens=prompt_tokens,
+                                           completion_tokens=completion_tokens)
+
+    def take(self, item_id: str) -> Usage:
+        """The usage charged to ``item_id`` since the last call (and forget it)."""
+        return self._pending.pop(item_id, Usage())
+
+
 class WorkItem(BaseModel):
     """One thing to explain: a feature ``sae_id#index`` or a task's circuit."""
 

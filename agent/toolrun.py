@@ -26,18 +26,23 @@ Call ids are derived from (item, step, position in the step), so a step re-run a
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from autoexplain.agent.state import ToolRequest, ToolResult, now, stable_id
 from autoexplain.agent.store.caches import cache_key, cached_output
 from autoexplain.tools.errors import InputError
-from autoexplain.tools.registry import Cost, Registry, ToolContext
+from autoexplain.tools.registry import Cost, Registry, ToolContext, ToolOutput
+
+if TYPE_CHECKING:
+    from autoexplain.agent.store import Store
+    from autoexplain.agent.store.outbox import Outbox
+    from autoexplain.agent.store.schema import ToolCacheRow, ToolCallRow
 
 
 class ToolRunner:
     """Runs :class:`ToolRequest`s against one model session, caching and logging each call in the store."""
 
-    def __init__(self, store: Any, out: Any, registry: Registry, ctx: ToolContext, run_id: str) -> None:
+    def __init__(self, store: Store, out: Outbox, registry: Registry, ctx: ToolContext, run_id: str) -> None:
         self.store, self.out, self.registry, self.ctx, self.run_id = store, out, registry, ctx, run_id
         self.executed = 0  # calls that really ran (not served from the cache), for tests and reports
 
@@ -47,7 +52,11 @@ class ToolRunner:
     def _one(self, item_id: str, step: int, index: int, req: ToolRequest) -> ToolResult:
         call_id = stable_id("call", item_id, step, index)
         t0 = time.monotonic()
-        key, output, error, cached, args_json = None, None, None, False, req.args
+        key: str | None = None
+        output: ToolOutput | None = None
+        error: str | None = None
+        cached = False
+        args_json: dict[str, Any] | str = req.args
         try:
             spec = self.registry.get(req.tool)
             parsed = self.registry.parse_args(req.tool, req.args)
@@ -64,12 +73,13 @@ class ToolRunner:
             error = exc.message
         duration = time.monotonic() - t0
         summary = output.summary() if output is not None else ""
-        row = {"call_id": call_id, "run_id": self.run_id, "item_id": item_id, "tool": req.tool,
-               "args": args_json if isinstance(args_json, dict) else {"raw": str(args_json)[:2000]},
-               "summary": summary, "error": error, "duration_s": duration, "cache_key": key,
-               "created_at": now()}
+        row: ToolCallRow = {"call_id": call_id, "run_id": self.run_id, "item_id": item_id, "tool": req.tool,
+                            "args": args_json if isinstance(args_json, dict) else {"raw": str(args_json)[:2000]},
+                            "summary": summary, "error": error, "duration_s": duration, "cache_key": key,
+                            "created_at": now()}
         if output is not None and key is not None and not cached:
-            entry = {"cache_key": key, "tool": req.tool, "output": output.model_dump_json(), "created_at": now()}
+            entry: ToolCacheRow = {"cache_key": key, "tool": req.tool, "output": output.model_dump_json(),
+                                   "created_at": now()}
             if duration >= self.out.policy.cache_now_s:
                 self.store.upsert("tool_cache", [entry])
             else:

@@ -217,7 +217,7 @@ def run_ours(lm, task, *, steps: int, threshold: float, methods, repeats: int) -
                  "m_clean": res.m_clean, "m_ablated": res.m_ablated}
         if name == "acdc":
             entry["tau"] = res.details["tau"]
-            entry["kept"] = [res.edges[i] for i in range(len(res.edges)) if res.scores[i] >= res.details["tau"]]
+            entry["kept"] = [str(res.edges[i]) for i in range(len(res.edges)) if res.scores[i] >= res.details["tau"]]
             entry["passes"] = res.details.get("passes")
         out[name] = entry
         print(f"  ours {name}: {min(times):.3f} s", flush=True)

@@ -136,8 +136,7 @@ def run_device(device: str, *, n_tokens: int = N_TOKENS, task_name: str = "induc
 
     # ---------------------------------------------------------------- 1. model + SAE (load checks every site)
     def load() -> dict[str, Any]:
-        from autoexplain.tools.models import load_model
-        from autoexplain.tools.saes import load_sae
+        from autoexplain.tools.loading import load_model, load_sae
 
         t0 = time.perf_counter()
         lm = load_model("toy:tiny", device=device)
@@ -158,6 +157,7 @@ def run_device(device: str, *, n_tokens: int = N_TOKENS, task_name: str = "induc
 
     # ---------------------------------------------------------------- 2. harvest (twice: cold, then warm)
     def harvest_once(tag: str) -> dict[str, Any]:
+        from autoexplain.agent.store.harvest import rows_sink
         from autoexplain.tools.harvest import HarvestIn, harvest
         from autoexplain.tools.registry import ToolContext
 
@@ -168,7 +168,7 @@ def run_device(device: str, *, n_tokens: int = N_TOKENS, task_name: str = "induc
             rows.setdefault(table, []).extend(r)
 
         with tempfile.TemporaryDirectory() as tmp:
-            res = harvest(ToolContext(model=lm, saes={sae.sae_id: sae}, sink=sink),
+            res = harvest(ToolContext(model=lm, saes={sae.sae_id: sae}, sink=rows_sink(sink)),
                           HarvestIn(sae_id=sae.sae_id, dataset=str(built.corpus), n_tokens=n_tokens,
                                     ctx=min(64, lm.n_ctx)), work_dir=Path(tmp) / "work")
         r = res.result
@@ -215,7 +215,7 @@ def run_device(device: str, *, n_tokens: int = N_TOKENS, task_name: str = "induc
         res: dict[str, Any] = {
             "task": task_name, "metric": setup.metric.value, "n_prompts": setup.n_prompts,
             "n_edges_total": setup.graph.n_edges, "m_clean": setup.m_clean, "m_ablated": setup.m_ablated,
-            "n_kept": circ.n_edges, "kept": circ.edges, "faithfulness": circ.faithfulness,
+            "n_kept": circ.n_edges, "kept": [str(e) for e in circ.edges], "faithfulness": circ.faithfulness,
             "curve": [[p.percent, p.n_edges, p.faithfulness] for p in circ.curve], "note": circ.note,
             "scores": circ.scores.scores, "search_seconds": round(circ.scores.seconds, 4),
             "setup_seconds": round(t_setup, 4), "find_circuit_seconds": round(t_find, 4),
@@ -313,7 +313,7 @@ def check_cuda_refusal() -> dict[str, Any]:
     import torch
 
     from autoexplain.tools.errors import InputError
-    from autoexplain.tools.models import load_model
+    from autoexplain.tools.loading import load_model
 
     if torch.cuda.is_available():
         return {"skipped": "CUDA is available"}

@@ -65,11 +65,12 @@ def _measure(model: str, sae: str, dataset: str, tokens: int, batch: int, ctx: i
     import torch
 
     from autoexplain.agent.store import Store
+    from autoexplain.agent.store.harvest import rows_sink
     from autoexplain.tools.data import iter_texts, iter_windows
     from autoexplain.tools.harvest import HarvestIn, harvest
-    from autoexplain.tools.models import load_model
+    from autoexplain.tools.loading import load_model, load_sae
     from autoexplain.tools.registry import ToolContext
-    from autoexplain.tools.saes import feature_activations, load_sae
+    from autoexplain.tools.saes import feature_activations
 
     lm = load_model(model)
     s = load_sae(sae, lm)
@@ -78,7 +79,7 @@ def _measure(model: str, sae: str, dataset: str, tokens: int, batch: int, ctx: i
     feature_activations(lm, s, wins[0].tokens)  # warm-up
     n_tok = sum(w.n_tokens for w in wins)
     rows: dict[str, list[dict[str, Any]]] = {}
-    ctx_ = ToolContext(model=lm, saes={s.sae_id: s}, sink=lambda table, r: rows.__setitem__(table, r))
+    ctx_ = ToolContext(model=lm, saes={s.sae_id: s}, sink=rows_sink(lambda table, r: rows.__setitem__(table, r)))
     bare_times: list[float] = []
     harvest_times: list[float] = []
     stream_times: list[float] = []
@@ -120,11 +121,11 @@ def _peak_rss(model: str, sae: str, dataset: str, tokens: int) -> dict[str, Any]
         "import tempfile, os, torch; from pathlib import Path\n"
         "torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS', '1')))\n"
         "def kb(field): return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(field))\n"
-        "from autoexplain.tools.models import load_model; from autoexplain.tools.saes import load_sae\n"
+        "from autoexplain.tools.loading import load_model, load_sae\n"
         "from autoexplain.tools.harvest import HarvestIn, harvest; from autoexplain.tools.registry import ToolContext\n"
         f"lm = load_model({model!r}); s = load_sae({sae!r}, lm)\n"
         "base = kb('VmHWM:')\n"
-        "ctx = ToolContext(model=lm, saes={s.sae_id: s}, sink=lambda t, r: None)\n"
+        "ctx = ToolContext(model=lm, saes={s.sae_id: s}, sink=lambda result: None)\n"
         f"out = harvest(ctx, HarvestIn(sae_id=s.sae_id, dataset={dataset!r}, n_tokens={tokens}),"
         " work_dir=Path(tempfile.mkdtemp()) / 'w')\n"
         "print(base, kb('VmHWM:'), out.n_tokens)\n")
@@ -139,8 +140,7 @@ def _delphi(venv: Path, model: str, sae: str, dataset: str, tokens: int, batch: 
     import torch
 
     from autoexplain.tools.data import iter_texts, iter_windows
-    from autoexplain.tools.models import load_model
-    from autoexplain.tools.saes import load_sae
+    from autoexplain.tools.loading import load_model, load_sae
 
     lm = load_model(model)
     s = load_sae(sae, lm)

@@ -69,8 +69,6 @@ The scores
 
 from __future__ import annotations
 
-import datetime as dt
-import hashlib
 import math
 import random
 import time
@@ -80,11 +78,12 @@ from typing import Any
 import torch
 from pydantic import BaseModel, Field
 
+from autoexplain.evals.scores import Score
 from autoexplain.tools.circuits import CURVE_PERCENTS, Circuit, CurvePoint, EdgeScores, effect_note
 from autoexplain.tools.circuits import faithfulness as _tool_faithfulness
 from autoexplain.tools.errors import InputError
 from autoexplain.tools.patching import PatchSetup, check_effect
-from autoexplain.tools.vocab import Ablation, Edge, Method, Metric, PatchType
+from autoexplain.tools.vocab import Ablation, Edge, Method, PatchMetric, PatchType
 
 #: Random knock-out subsets drawn by :func:`completeness` (on top of the deterministic ones).
 DEFAULT_N_SUBSETS = 20
@@ -409,7 +408,7 @@ def _truth(edges: Sequence[str], true_edges: Iterable[str | Edge]) -> set[str]:
 def edge_roc_auc(scores: EdgeScores, true_edges: Iterable[str | Edge]) -> float | None:
     """ROC AUC of |score| against membership in ``true_edges`` (every one must be an edge of the graph); None when
     the truth is empty or covers every edge."""
-    truth = _truth(scores.edges, true_edges)
+    truth = _truth([str(e) for e in scores.edges], true_edges)
     return rank_auc([abs(s) for s in scores.scores], [e in truth for e in scores.edges])
 
 
@@ -431,10 +430,10 @@ class CircuitScores(BaseModel):
 
     ablation: Ablation
     patch_type: PatchType = PatchType.EDGE
-    metric: Metric
+    metric: PatchMetric
     method: Method
     search_ablation: Ablation = Field(description="the ablation the circuit was found with")
-    search_metric: Metric = Field(description="the metric the circuit was found with")
+    search_metric: PatchMetric = Field(description="the metric the circuit was found with")
     n_edges: int
     n_edges_total: int
     n_prompts: int
@@ -475,10 +474,10 @@ class CircuitScores(BaseModel):
                          f"{_fmt(self.edge_recall)}, precision {_fmt(self.edge_precision)}")
         return "; ".join(parts) + ". Intervention-level evidence." + (f" {self.note}" if self.note else "")
 
-    def score_rows(self, explanation_id: str) -> list[dict[str, Any]]:
-        """Rows for table ``scores`` (one per metric; the ground-truth metrics only when a truth was given). Every
-        row's details carry the ablation, the patch type and the metric the value depends on."""
-        now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+    def scores(self) -> list[Score]:
+        """One :class:`~autoexplain.evals.scores.Score` per metric (the ground-truth metrics only when a truth was
+        given). Every score's details start with the ablation, the patch type and the patch metric the value
+        depends on, and the method, search settings and sizes."""
         common = {"ablation": self.ablation.value, "patch_type": self.patch_type.value, "metric": self.metric.value,
                   "method": self.method.value, "search_ablation": self.search_ablation.value,
                   "search_metric": self.search_metric.value, "n_edges": self.n_edges,
@@ -516,17 +515,11 @@ class CircuitScores(BaseModel):
             rows += [("edge_roc_auc", self.edge_roc_auc, self.n_edges_total, {**truth, "by": "|score|"}),
                      ("edge_recall", self.edge_recall, self.n_true, truth),
                      ("edge_precision", self.edge_precision, self.n_edges, truth)]
-        return [{"score_id": score_id(explanation_id, m), "explanation_id": explanation_id, "metric": m, "value": v,
-                 "n": n, "details": {**common, **extra}, "created_at": now} for m, v, n, extra in rows]
+        return [Score(metric=m, value=v, n=n, details={**common, **extra}) for m, v, n, extra in rows]
 
 
 def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
-
-
-def score_id(explanation_id: str, metric: str) -> str:
-    """Deterministic id of a ``scores`` row: 24 hex characters of sha256(explanation_id, metric)."""
-    return hashlib.sha256(f"{explanation_id}\x1f{metric}".encode()).hexdigest()[:24]
 
 
 def score_circuit(setup: PatchSetup, circuit: Circuit, *, true_edges: Iterable[str | Edge] | None = None,

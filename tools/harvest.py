@@ -23,7 +23,16 @@ All of this is association-level evidence (where the feature fires); interventio
 
 Crash safety: the state is checkpointed every ``checkpoint_every`` batches (atomically); a re-run with the same
 arguments resumes after the last checkpoint and gives exactly the result of an uninterrupted run (the random keys
-are seeded per batch, so they do not depend on where a run stopped).
+are seeded per batch, so they do not depend on where a run stopped). A ``progress`` callback may stop the pass by
+raising (a user's stop request, or a test emulating an interruption): the batches done so far are checkpointed
+first, so the re-run resumes right after them.
+
+Results
+-------
+The finished harvest is a :class:`HarvestResult`: per-feature :class:`FeatureStats` and per-example
+:class:`FeatureExample` values (plain dataclasses: hundreds of thousands of examples are built without per-row
+validation). It goes to ``ctx.sink`` (a :class:`HarvestSink`); tools know nothing of tables: the store turns the
+results into rows (:mod:`autoexplain.agent.store.harvest`).
 """
 
 from __future__ import annotations
@@ -35,8 +44,9 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -45,7 +55,12 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 from autoexplain.tools.cache import cache_root
 from autoexplain.tools.errors import InputError
 from autoexplain.tools.registry import Cost, ToolContext, ToolOutput, ToolSpec
-from autoexplain.tools.vocab import SiteKind
+from autoexplain.tools.vocab import FeatureRef, SiteKind
+
+if TYPE_CHECKING:
+    from autoexplain.tools.data import TokenWindows
+    from autoexplain.tools.models import LoadedModel
+    from autoexplain.tools.saes import LoadedSAE
 
 #: Histogram bin edges (activation values); counts has one more bin below the first edge and one above the last.
 HIST_EDGES: tuple[float, ...] = tuple(float(x) for x in np.logspace(-3, 3, 25))
@@ -236,9 +251,55 @@ def _update(state: _State, acts: torch.Tensor, mask: torch.Tensor, win_offset: i
 
 
 # ----------------------------------------------------------------------------- result
+#: A token and a logit effect (how much the decoder direction raises or lowers that token's logit).
+LogitEffect = tuple[str, float]
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureStats:
+    """One feature's statistics over the harvested tokens."""
+
+    feature: FeatureRef
+    density: float  # fraction of counted tokens where the feature fires
+    max_act: float
+    mean_act: float  # over firing tokens
+    n_tokens: int  # counted tokens (BOS and padding excluded)
+    hist_edges: tuple[float, ...]  # :data:`HIST_EDGES`
+    hist_counts: list[int]  # one bin below the first edge, one above the last
+    top_logits: list[LogitEffect] | None  # tokens the decoder direction promotes most (None: not a residual SAE)
+    bottom_logits: list[LogitEffect] | None  # ... and suppresses most
+
+    @property
+    def is_dead(self) -> bool:
+        return self.density == 0
+
+
+class ExampleKind(StrEnum):
+    """Why a context window was kept: among the ``top`` activations, a ``quantile`` sample, or a ``random``
+    window where the feature does not fire."""
+
+    TOP = "top"
+    QUANTILE = "quantile"
+    RANDOM = "random"
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureExample:
+    """A context window of one feature, cut around its maximum, with per-token activations."""
+
+    feature: FeatureRef
+    kind: ExampleKind
+    example_id: int  # rank within (feature, kind)
+    quantile: int | None  # activation bin of a quantile sample, weakest first
+    tokens: list[str]
+    acts: list[float]  # rounded to 4 decimals; all 0 for random windows
+    max_act: float
+    window_index: int  # which harvested window (global order of the pass)
+
+
 @dataclass
 class HarvestResult:
-    """The finished harvest: statistics as arrays plus the rows the store keeps."""
+    """The finished harvest: statistics as arrays, plus every feature's stats and examples for the store."""
 
     sae_id: str
     n_tokens: int
@@ -246,12 +307,18 @@ class HarvestResult:
     density: np.ndarray
     max_act: np.ndarray
     mean_act: np.ndarray
-    feature_rows: list[dict[str, Any]]
-    example_rows: list[dict[str, Any]]
+    features: list[FeatureStats]
+    examples: list[FeatureExample]
 
     @property
     def dead(self) -> list[int]:
         return [int(i) for i in np.flatnonzero(self.density == 0)]
+
+
+class HarvestSink(Protocol):
+    """Where a finished harvest goes (the store's writer: :func:`autoexplain.agent.store.harvest.harvest_sink`)."""
+
+    def __call__(self, result: HarvestResult, /) -> None: ...
 
 
 class _Windows:
@@ -279,10 +346,12 @@ class _Windows:
 
 
 def harvest(ctx: ToolContext, args: HarvestIn, *, progress: Callable[[int, int], None] | None = None,
-            work_dir: Path | None = None, stop_after_batches: int | None = None) -> HarvestOut:
-    """Run (or resume) the harvest described by ``args``; send rows to ``ctx.sink``; return the summary.
+            work_dir: Path | None = None) -> HarvestOut:
+    """Run (or resume) the harvest described by ``args``; send the result to ``ctx.sink``; return the summary.
 
-    ``stop_after_batches`` ends the pass early without finishing (tests use it to emulate an interrupted run).
+    ``progress(batches_done, total_batches)`` is called after every batch. It may stop the pass by raising (e.g.
+    ``KeyboardInterrupt``): the state is checkpointed first and the exception propagates; nothing is stored, and
+    a re-run with the same arguments resumes after that batch.
     """
     from autoexplain.tools.data import iter_texts, iter_windows
 
@@ -307,7 +376,6 @@ def harvest(ctx: ToolContext, args: HarvestIn, *, progress: Callable[[int, int],
     t0 = time.perf_counter()
     stream = _prefetch(iter_windows(iter_texts(args.dataset), lm.tokenizer, ctx=args.ctx, n_ctx=lm.n_ctx,
                                     batch_windows=args.batch_size, max_tokens=args.n_tokens))
-    done_now = 0
     for i, batch in enumerate(stream):
         if i < state.batches_done:
             continue  # finished before the interruption: tokenised again (cheap), not recomputed
@@ -318,23 +386,22 @@ def harvest(ctx: ToolContext, args: HarvestIn, *, progress: Callable[[int, int],
         state.windows_done += batch.n_windows
         state.n_tokens += int(mask.sum())  # the counted tokens: valid and not BOS
         state.batches_done = i + 1
-        done_now += 1
         if progress:
-            progress(state.batches_done, total_batches)
+            try:
+                progress(state.batches_done, total_batches)
+            except BaseException:  # a stop request: keep what is done, then stop
+                windows.sync()
+                _save_state(state_path, state, args)
+                raise
         if state.batches_done % args.checkpoint_every == 0:
             windows.sync()
             _save_state(state_path, state, args)
-        if stop_after_batches is not None and done_now >= stop_after_batches:
-            windows.sync()
-            _save_state(state_path, state, args)
-            raise KeyboardInterrupt(f"stopped after {done_now} batches (as asked)")
     windows.sync()
     _save_state(state_path, state, args)
     t_stream = time.perf_counter()
     result = _finish(state, lm, sae, args, windows)
     seconds = time.perf_counter() - t0
-    ctx.sink("features", result.feature_rows)
-    ctx.sink("feature_examples", result.example_rows)
+    ctx.sink(result)
     shutil.rmtree(work, ignore_errors=True)
     dens = result.density
     alive = dens[dens > 0]
@@ -349,7 +416,7 @@ def harvest(ctx: ToolContext, args: HarvestIn, *, progress: Callable[[int, int],
     return out
 
 
-def _prefetch(it: Iterator[Any], depth: int = 2) -> Iterator[Any]:
+def _prefetch(it: Iterator[TokenWindows], depth: int = 2) -> Iterator[TokenWindows]:
     """Run ``it`` (reading and tokenising) in a background thread, ``depth`` items ahead of the model.
 
     Order is preserved and an exception from the producer (e.g. an InputError on a bad row) is raised here.
@@ -389,7 +456,8 @@ def _prefetch(it: Iterator[Any], depth: int = 2) -> Iterator[Any]:
         stop.set()
 
 
-def _batch_acts(lm: Any, sae: Any, tokens: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch_acts(lm: LoadedModel, sae: LoadedSAE, tokens: torch.Tensor,
+                valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Feature activations [B, T, F] (CPU float32) and the mask of counted tokens: valid and not BOS."""
     from autoexplain.tools.saes import feature_activations
 
@@ -399,7 +467,7 @@ def _batch_acts(lm: Any, sae: Any, tokens: torch.Tensor, valid: torch.Tensor) ->
     return acts, mask
 
 
-def _work_dir(lm: Any, sae: Any, args: HarvestIn) -> Path:
+def _work_dir(lm: LoadedModel, sae: LoadedSAE, args: HarvestIn) -> Path:
     src = Path(args.dataset).expanduser()
     stamp = f"{src.stat().st_size}:{src.stat().st_mtime_ns}" if src.is_file() else ""
     key = json.dumps({"model": lm.model_id, "sae": sae.sae_id, "data": args.dataset, "stamp": stamp,
@@ -426,8 +494,13 @@ def _load_state(path: Path, args: HarvestIn) -> _State | None:
     return _State(**blob["state"])
 
 
-def _finish(state: _State, lm: Any, sae: Any, args: HarvestIn, windows: _Windows) -> HarvestResult:
-    """Turn the state into per-feature statistics and example rows."""
+#: An example chosen for a feature: (feature, kind, example_id, quantile, window, position of the max or -1,
+#: per-token activations of the window or None).
+_Pick = tuple[int, ExampleKind, int, int | None, int, int, torch.Tensor | None]
+
+
+def _finish(state: _State, lm: LoadedModel, sae: LoadedSAE, args: HarvestIn, windows: _Windows) -> HarvestResult:
+    """Turn the state into per-feature statistics and examples."""
     n_tok = max(state.n_tokens, 1)
     count = state.fire_count.numpy()
     density = count / n_tok
@@ -437,18 +510,15 @@ def _finish(state: _State, lm: Any, sae: Any, args: HarvestIn, windows: _Windows
     vocab = lm.token_strs(range(lm.model.cfg.d_vocab))
     hist = state.hist.numpy()
 
-    feature_rows = []
-    for f in range(sae.d_sae):
-        feature_rows.append({
-            "sae_id": sae.sae_id, "feature_index": f, "density": float(density[f]),
-            "max_act": float(max_act[f]), "mean_act": float(mean_act[f]), "n_tokens": int(state.n_tokens),
-            "is_dead": bool(count[f] == 0),
-            "histogram": {"edges": list(HIST_EDGES), "counts": hist[f].tolist()},
-            "top_logits": promote[f] if promote is not None else None,
-            "bottom_logits": suppress[f] if suppress is not None else None,
-        })
+    refs = [FeatureRef(sae_id=sae.sae_id, index=f) for f in range(sae.d_sae)]  # one per feature, shared
+    features = [
+        FeatureStats(feature=refs[f], density=float(density[f]), max_act=float(max_act[f]),
+                     mean_act=float(mean_act[f]), n_tokens=int(state.n_tokens), hist_edges=HIST_EDGES,
+                     hist_counts=hist[f].tolist(), top_logits=promote[f] if promote is not None else None,
+                     bottom_logits=suppress[f] if suppress is not None else None)
+        for f in range(sae.d_sae)]
 
-    picks: list[tuple[int, str, int, int | None, int, int, torch.Tensor | None]] = []
+    picks: list[_Pick] = []
     # the kept sets are unordered: rank top contexts by activation (ties: earlier window first)
     by_win = torch.argsort(state.top_win, dim=1, stable=True)
     top_order = by_win.gather(1, torch.argsort(-state.top_val.gather(1, by_win), dim=1, stable=True))
@@ -457,31 +527,28 @@ def _finish(state: _State, lm: Any, sae: Any, args: HarvestIn, windows: _Windows
     for f in range(sae.d_sae):
         for j, slot in enumerate(top_order[f].tolist()):
             if state.top_val[f, slot] > -torch.inf:
-                picks.append((f, "top", j, None, int(state.top_win[f, slot]), int(state.top_pos[f, slot]),
-                              state.top_acts[f, slot]))
+                picks.append((f, ExampleKind.TOP, j, None, int(state.top_win[f, slot]),
+                              int(state.top_pos[f, slot]), state.top_acts[f, slot]))
         picks.extend(_quantile_picks(state, f, args))
         silent = [int(w) for w, m in zip(pool_win.tolist(), pool_max[:, f].tolist(), strict=True)
                   if w >= 0 and m == 0.0][: args.n_random]
-        picks.extend((f, "random", j, None, w, -1, None) for j, w in enumerate(silent))
+        picks.extend((f, ExampleKind.RANDOM, j, None, w, -1, None) for j, w in enumerate(silent))
 
     win_ids = np.array(sorted({p[4] for p in picks}), dtype=np.int64)
     rows_by_win = dict(zip(win_ids.tolist(), windows.rows(win_ids), strict=True)) if win_ids.size else {}
-    example_rows = []
+    examples = []
     for f, kind, j, q, w, pos, acts in picks:
         toks = rows_by_win[w]
         lo, hi = (1, args.ctx) if pos < 0 else (max(1, pos - args.left), min(args.ctx, pos + args.right + 1))
         per_tok = [0.0] * (hi - lo) if acts is None else np.round(acts[lo:hi].double().numpy(), 4).tolist()
-        example_rows.append({
-            "sae_id": sae.sae_id, "feature_index": f, "kind": kind, "example_id": j, "quantile": q,
-            "tokens": [vocab[t] for t in toks[lo:hi].tolist()], "acts": per_tok,
-            "max_act": max(per_tok) if per_tok else 0.0, "window_index": w,
-        })
+        examples.append(FeatureExample(feature=refs[f], kind=kind, example_id=j, quantile=q,
+                                       tokens=[vocab[t] for t in toks[lo:hi].tolist()], acts=per_tok,
+                                       max_act=max(per_tok) if per_tok else 0.0, window_index=w))
     return HarvestResult(sae_id=sae.sae_id, n_tokens=state.n_tokens, n_windows=state.windows_done,
-                         density=density, max_act=max_act, mean_act=mean_act, feature_rows=feature_rows,
-                         example_rows=example_rows)
+                         density=density, max_act=max_act, mean_act=mean_act, features=features, examples=examples)
 
 
-def _quantile_picks(state: _State, f: int, args: HarvestIn) -> Iterator[tuple[Any, ...]]:
+def _quantile_picks(state: _State, f: int, args: HarvestIn) -> Iterator[_Pick]:
     """Split feature ``f``'s uniform sample of activating windows into activation quantiles; take a few of each."""
     ok = torch.isfinite(state.res_key[f])
     if not ok.any():
@@ -494,25 +561,27 @@ def _quantile_picks(state: _State, f: int, args: HarvestIn) -> Iterator[tuple[An
     for q in range(n_bins):  # equal-count bins by activation, weakest first
         members = order[q * len(order) // n_bins : (q + 1) * len(order) // n_bins]
         for m in sorted(members, key=keys.__getitem__)[: args.per_quantile]:
-            yield (f, "quantile", j, q, int(state.res_win[f, m]), int(state.res_pos[f, m]), state.res_acts[f, m])
+            yield (f, ExampleKind.QUANTILE, j, q, int(state.res_win[f, m]), int(state.res_pos[f, m]),
+                   state.res_acts[f, m])
             j += 1
 
 
-def _logit_effects(lm: Any, sae: Any, n: int) -> tuple[list[list[Any]] | None, list[list[Any]] | None]:
+def _logit_effects(lm: LoadedModel, sae: LoadedSAE,
+                   n: int) -> tuple[list[list[LogitEffect]] | None, list[list[LogitEffect]] | None]:
     """Per feature, the ``n`` tokens whose logits the decoder row raises (lowers) most: ``W_dec @ W_U``."""
     if sae.site.kind not in _RESIDUAL_WRITERS:
         return None, None
     vocab = lm.token_strs(range(lm.model.cfg.d_vocab))
     w_u = lm.model.W_U.detach()
-    promote: list[list[Any]] = []
-    suppress: list[list[Any]] = []
+    promote: list[list[LogitEffect]] = []
+    suppress: list[list[LogitEffect]] = []
     with torch.no_grad():
         for lo in range(0, sae.d_sae, 2048):
             eff = sae.sae.W_dec[lo : lo + 2048].to(w_u.dtype) @ w_u  # [chunk, vocab]
             top = torch.topk(eff, n, dim=1)
             bot = torch.topk(eff, n, dim=1, largest=False)
             for vals, ids in ((top.values, top.indices), (bot.values, bot.indices)):
-                rows = [[[vocab[i], round(v, 4)] for i, v in zip(r_i, r_v, strict=True)]
+                rows = [[(vocab[i], round(v, 4)) for i, v in zip(r_i, r_v, strict=True)]
                         for r_i, r_v in zip(ids.tolist(), vals.tolist(), strict=True)]
                 (promote if vals is top.values else suppress).extend(rows)
     return promote, suppress

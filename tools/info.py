@@ -9,6 +9,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from autoexplain.tools.registry import Cost, ToolContext, ToolOutput, ToolSpec
+from autoexplain.tools.vocab import Site
 
 
 class ModelInfoIn(BaseModel):
@@ -24,11 +25,11 @@ class ModelInfoOut(ToolOutput):
     d_vocab: int
     n_ctx: int
     attn_only: bool
-    sites: list[str] = Field(description="every site the tools can read or patch, checked to fire")
+    sites: list[Site] = Field(description="every site the tools can read or patch, checked to fire")
     saes: list[dict[str, object]]
 
     def summary_text(self) -> str:
-        kinds = sorted({s.split(".")[0] for s in self.sites})
+        kinds = sorted({s.kind.value for s in self.sites})
         saes = "; ".join(f"{s['sae_id']} at {s['site']} (d_sae {s['d_sae']})" for s in self.saes) or "none"
         return (f"model {self.model_id} ({self.architecture}): {self.n_layers} layers x {self.n_heads} heads, "
                 f"d_model {self.d_model}, vocab {self.d_vocab}, context {self.n_ctx}"
@@ -41,7 +42,7 @@ def model_info(ctx: ToolContext, args: ModelInfoIn) -> ModelInfoOut:
     d = lm.describe()
     return ModelInfoOut(model_id=lm.model_id, architecture=str(d["architecture"]), n_layers=lm.n_layers,
                         n_heads=lm.n_heads, d_model=lm.d_model, d_vocab=int(d["d_vocab"]), n_ctx=lm.n_ctx,
-                        attn_only=lm.attn_only, sites=[str(s) for s in lm.sites()],
+                        attn_only=lm.attn_only, sites=lm.sites(),
                         saes=[s.describe() for s in ctx.saes.values()])
 
 

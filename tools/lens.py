@@ -48,7 +48,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -56,6 +56,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from autoexplain.tools.errors import InputError
 from autoexplain.tools.registry import Cost, ToolContext, ToolOutput, ToolSpec, round_sig, short_repr
 from autoexplain.tools.vocab import Site, SiteKind
+
+if TYPE_CHECKING:
+    from autoexplain.tools.models import LoadedModel
 
 #: Rows (layer x position pairs) decoded through the unembedding at once: bounds memory at rows x d_vocab floats.
 _DECODE_CHUNK = 256
@@ -77,7 +80,7 @@ class _Batch:
         return [len(i) for i in self.ids]
 
 
-def _encode(lm: Any, texts: list[str], prepend_bos: bool) -> _Batch:
+def _encode(lm: LoadedModel, texts: list[str], prepend_bos: bool) -> _Batch:
     """Tokenise and right-pad ``texts``. Right padding never changes a causal model's outputs at real positions,
     and the explicit attention mask keeps TransformerLens from guessing padding from the token values."""
     tok = lm.tokenizer
@@ -103,7 +106,7 @@ def _encode(lm: Any, texts: list[str], prepend_bos: bool) -> _Batch:
     return _Batch(tokens=tokens.to(lm.device), mask=mask.to(lm.device), ids=ids)
 
 
-def _single_token(lm: Any, text: str, role: str) -> int:
+def _single_token(lm: LoadedModel, text: str, role: str) -> int:
     """The id of ``text`` if it is exactly one token; else an :class:`InputError` showing how it tokenises."""
     tok = lm.tokenizer
     ids = tok(text, add_special_tokens=False)["input_ids"]
@@ -126,11 +129,11 @@ def _resolve_position(position: int, length: int, index: int, text: str, prepend
     return resolved
 
 
-def _soft_cap(lm: Any) -> float:
+def _soft_cap(lm: LoadedModel) -> float:
     return float(getattr(lm.model.cfg, "output_logits_soft_cap", 0.0) or 0.0)
 
 
-def _unembed_normalised(lm: Any, resid: torch.Tensor) -> torch.Tensor:
+def _unembed_normalised(lm: LoadedModel, resid: torch.Tensor) -> torch.Tensor:
     """Logits the model would emit from residual ``resid`` [..., d_model]: ``ln_final`` (statistics of ``resid``
     itself), unembedding, and the logit soft-cap where the model has one. Returned as float32."""
     model = lm.model
@@ -169,7 +172,7 @@ class TargetRank(BaseModel):
 
 
 class LensLayer(BaseModel):
-    site: str = Field(description="residual site decoded: resid_pre.L, or resid_post of the last layer")
+    site: Site = Field(description="residual site decoded: resid_pre.L, or resid_post of the last layer")
     top: list[TokenProb]
     targets: list[TargetRank]
 
@@ -185,7 +188,7 @@ class LensReading(BaseModel):
 
 
 class LogitLensOut(ToolOutput):
-    sites: list[str]
+    sites: list[Site]
     targets: list[str]
     readings: list[LensReading]
 
@@ -225,7 +228,7 @@ def _sample_layers(layers: list[LensLayer], at_most: int) -> list[LensLayer]:
     return [layers[round(i * step)] for i in range(at_most)]
 
 
-def _lens_sites(lm: Any) -> list[Site]:
+def _lens_sites(lm: LoadedModel) -> list[Site]:
     """``resid_pre.L`` for every layer, then ``resid_post`` of the last layer: n_layers + 1 residual streams."""
     last = lm.n_layers - 1
     return [Site(kind=SiteKind.RESID_PRE, layer=L) for L in range(lm.n_layers)] + [
@@ -254,7 +257,7 @@ def _stats(logits: torch.Tensor, targets: list[int], k: int) -> _Stats:
                   target_probs=t_prob.tolist())
 
 
-def _decoded_stats(lm: Any, resid: torch.Tensor, targets: list[int], k: int) -> _Stats:
+def _decoded_stats(lm: LoadedModel, resid: torch.Tensor, targets: list[int], k: int) -> _Stats:
     """:func:`_stats` of the lens logits of ``resid`` [rows, d_model], decoded in chunks of rows."""
     parts = [_stats(_unembed_normalised(lm, resid[i : i + _DECODE_CHUNK]), targets, k)
              for i in range(0, resid.shape[0], _DECODE_CHUNK)]
@@ -285,11 +288,11 @@ def logit_lens(ctx: ToolContext, args: LogitLensIn) -> LogitLensOut:
     n_rows = len(rows)
     readings = []
     for r, (i, p) in enumerate(rows):
-        layers = [_lens_layer(str(site), lens, li * n_rows + r, targets, name) for li, site in enumerate(sites)]
+        layers = [_lens_layer(site, lens, li * n_rows + r, targets, name) for li, site in enumerate(sites)]
         readings.append(LensReading(text_index=i, text=args.texts[i], position=p, token=name(batch.ids[i][p]),
                                     layers=layers, prediction=_top(final, r, name),
                                     prediction_targets=_target_ranks(final, r, targets, name)))
-    return LogitLensOut(sites=[str(s) for s in sites], targets=list(args.targets), readings=readings)
+    return LogitLensOut(sites=list(sites), targets=list(args.targets), readings=readings)
 
 
 def _top(stats: _Stats, row: int, name: Callable[[int], str]) -> list[TokenProb]:
@@ -302,7 +305,7 @@ def _target_ranks(stats: _Stats, row: int, targets: list[int], name: Callable[[i
             for t, k, p in zip(targets, stats.target_ranks[row], stats.target_probs[row], strict=True)]
 
 
-def _lens_layer(site: str, stats: _Stats, row: int, targets: list[int], name: Callable[[int], str]) -> LensLayer:
+def _lens_layer(site: Site, stats: _Stats, row: int, targets: list[int], name: Callable[[int], str]) -> LensLayer:
     return LensLayer(site=site, top=_top(stats, row, name), targets=_target_ranks(stats, row, targets, name))
 
 
@@ -370,7 +373,7 @@ class _Decomposition:
     final_resid: torch.Tensor  # float64 [batch, d_model]: the real final residual stream (what the stack sums to)
 
 
-def _dla_sites(lm: Any) -> tuple[Site, list[Site], list[Site], Site]:
+def _dla_sites(lm: LoadedModel) -> tuple[Site, list[Site], list[Site], Site]:
     """embed site, per-layer head sites (head 0 stands for its layer's hook), MLP sites, final residual site."""
     heads = [Site(kind=SiteKind.HEAD_OUT, layer=L, head=0) for L in range(lm.n_layers)]
     mlps = [] if lm.attn_only else [Site(kind=SiteKind.MLP_OUT, layer=L) for L in range(lm.n_layers)]
@@ -378,7 +381,7 @@ def _dla_sites(lm: Any) -> tuple[Site, list[Site], list[Site], Site]:
             Site(kind=SiteKind.RESID_POST, layer=lm.n_layers - 1))
 
 
-def _decompose(lm: Any, batch: _Batch, positions: list[int]) -> _Decomposition:
+def _decompose(lm: LoadedModel, batch: _Batch, positions: list[int]) -> _Decomposition:
     """One forward pass with hooks that keep only each text's chosen position (no full-sequence cache)."""
     model = lm.model
     embed, heads, mlps, final = _dla_sites(lm)
@@ -413,7 +416,7 @@ def _decompose(lm: Any, batch: _Batch, positions: list[int]) -> _Decomposition:
                           logits=logits[bi, pi].float(), final_resid=grabbed[hook[final]])
 
 
-def _norm_parts(lm: Any) -> tuple[bool, torch.Tensor | None, torch.Tensor | None]:
+def _norm_parts(lm: LoadedModel) -> tuple[bool, torch.Tensor | None, torch.Tensor | None]:
     """(centres?, weight, bias) of the final normalisation: LayerNorm centres, RMSNorm does not; folded or
     missing norms have no weight/bias."""
     from transformer_lens.components import LayerNorm, LayerNormPre
@@ -429,7 +432,8 @@ def _f64(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach().to(torch.float64)
 
 
-def _attribute(lm: Any, dec: _Decomposition, target: int, baseline: int | None) -> tuple[torch.Tensor, list[str]]:
+def _attribute(lm: LoadedModel, dec: _Decomposition, target: int,
+               baseline: int | None) -> tuple[torch.Tensor, list[str]]:
     """Per-text entries [batch, entries] (components, then ln_final.bias, unembed.bias) and their names."""
     model = lm.model
     cols = [target] if baseline is None else [target, baseline]
@@ -450,7 +454,7 @@ def _attribute(lm: Any, dec: _Decomposition, target: int, baseline: int | None) 
     return torch.cat([entries, torch.stack(extra, dim=1)], dim=1), names
 
 
-def _real_totals(lm: Any, dec: _Decomposition, target: int, baseline: int | None) -> torch.Tensor:
+def _real_totals(lm: LoadedModel, dec: _Decomposition, target: int, baseline: int | None) -> torch.Tensor:
     """The real logit (difference) per text, float64. With a soft-cap, the pre-cap logit the entries add up to
     (recomputed from the real final residual: TransformerLens exposes no hook between unembedding and cap)."""
     if _soft_cap(lm) > 0:

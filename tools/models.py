@@ -15,7 +15,10 @@ Model specs
   plain transformers model's). TL's ``from_pretrained`` refuses local paths, hence the manual recipe.
 * a hub name TransformerLens knows (``gpt2``, ``EleutherAI/pythia-70m``): fetched where a hub is reachable;
   offline this fails with one line suggesting a local directory.
-* ``toy:NAME``: a model of the toy zoo (:mod:`autoexplain.tools.zoo`), built on first use.
+* ``toy:NAME``: a model of the toy zoo, built on first use. The zoo builds its models with this module, so this
+  module does not know the zoo: :func:`autoexplain.tools.loading.load_model` resolves ``toy:`` specs to a local
+  directory and loads that here. Callers that take a spec from a user load through
+  :mod:`autoexplain.tools.loading`.
 
 Caveat: optional hooks (per-head outputs, split q/k/v inputs, MLP input) cost memory and time, so they are off by
 default and switched on only inside :meth:`LoadedModel.sites_enabled` for the sites a tool asks for.
@@ -31,13 +34,16 @@ import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from autoexplain.tools.device import pick_device
 from autoexplain.tools.errors import InputError
 from autoexplain.tools.vocab import HEAD_KINDS, MLP_KINDS, Site, SiteKind
+
+if TYPE_CHECKING:
+    from sae_lens import HookedSAETransformer
 
 # ----------------------------------------------------------------------------- site <-> hook name (one place)
 _LAYER_HOOKS: dict[SiteKind, str] = {
@@ -93,7 +99,7 @@ class LoadedModel:
 
     spec: str
     model_id: str
-    model: Any  # sae_lens.HookedSAETransformer (a transformer_lens.HookedTransformer)
+    model: HookedSAETransformer  # a transformer_lens.HookedTransformer
     tokenizer: Any
     device: torch.device
     source_dir: Path | None = None
@@ -227,24 +233,25 @@ class LoadedModel:
 
 
 # ----------------------------------------------------------------------------- loading
+#: The prefix of toy-zoo specs (``toy:NAME``), resolved by :mod:`autoexplain.tools.loading`.
+TOY_PREFIX = "toy:"
+
+
 def load_model(spec: str, device: str | None = None, *, check: bool = True) -> LoadedModel:
-    """Load ``spec`` (local HF dir, hub name or ``toy:NAME``) onto CUDA when present, else CPU.
+    """Load ``spec`` (a local HF directory or a hub name) onto CUDA when present, else CPU; ``check``: check that
+    every site fires (:meth:`LoadedModel.check_sites`).
 
     Raises :class:`InputError` for anything the user can fix: a missing path, a directory that holds no model,
-    an architecture TransformerLens cannot convert, a hub name while offline.
+    an architecture TransformerLens cannot convert, a hub name while offline. ``toy:NAME`` specs are loaded by
+    :func:`autoexplain.tools.loading.load_model`.
     """
     dev = pick_device(device)
     spec = spec.strip()
     if not spec:
         raise InputError("empty model spec: pass a local model directory, a hub name or toy:NAME")
-    if spec.startswith("toy:"):
-        from autoexplain.tools.zoo import ensure_model
-
-        built = ensure_model(spec[4:])
-        lm = _load_local(built.model_dir, dev, spec=spec)
-        lm.model_id = f"{spec}@{built.fingerprint}"
-        lm.meta["toy"] = built.name
-        return _checked(lm, check)
+    if spec.startswith(TOY_PREFIX):
+        raise InputError(f"{spec!r} is a toy-zoo spec: load it with autoexplain.tools.loading.load_model, which "
+                         "builds the toy model on first use")
     path = Path(spec).expanduser()
     if path.exists():
         return _checked(_load_local(path, dev, spec=spec), check)

@@ -91,18 +91,21 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from autoexplain.tools.errors import InputError
-from autoexplain.tools.models import hook_name
+from autoexplain.tools.models import LoadedModel, hook_name
 from autoexplain.tools.registry import Cost, ToolContext, ToolOutput, ToolSpec
-from autoexplain.tools.vocab import HEAD_KINDS, Ablation, Direction, Edge, Metric, Node, PatchType, Site, SiteKind
+from autoexplain.tools.vocab import HEAD_KINDS, Ablation, Direction, Edge, Node, PatchMetric, PatchType, Site, SiteKind
+
+if TYPE_CHECKING:
+    from autoexplain.tools.data import TokenizedTask
 
 #: Rows (prompts x copies) one forward pass may hold on CUDA; bigger work is split. On CPU a batch twice as large
 #: costs more than twice as much once it leaves the caches (measured 1.5-4x per row), so CPU passes hold fewer.
@@ -187,7 +190,7 @@ class Graph:
         return name[:-2] if name[-2:] in (".q", ".k", ".v") else name
 
 
-def build_graph(lm: Any) -> Graph:
+def build_graph(lm: LoadedModel) -> Graph:
     """The graph of ``lm`` (a :class:`~autoexplain.tools.models.LoadedModel`); refuses models where per-head
     outputs do not add up to the residual stream."""
     cfg = lm.model.cfg
@@ -195,18 +198,21 @@ def build_graph(lm: Any) -> Graph:
     return _graph(int(cfg.n_layers), int(cfg.n_heads), not bool(cfg.attn_only), bool(cfg.parallel_attn_mlp))
 
 
-def graph_edges(lm: Any) -> list[Edge]:
+def graph_edges(lm: LoadedModel) -> list[Edge]:
     """Every edge of ``lm``'s graph, destinations in forward order, then sources in forward order."""
     return list(build_graph(lm).edges)
 
 
 def _check_supported(cfg: Any) -> None:
     arch = str(getattr(cfg, "original_architecture", "") or "")
+    post_norm: Collection[str] = ()
     try:
         from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
+
+        post_norm = POST_NORM_ARCHITECTURES
     except ImportError:  # pragma: no cover - older TransformerLens
-        POST_NORM_ARCHITECTURES = ()
-    if arch in POST_NORM_ARCHITECTURES or getattr(cfg, "use_normalization_before_and_after", False):
+        pass
+    if arch in post_norm or getattr(cfg, "use_normalization_before_and_after", False):
         raise InputError(f"edge and path patching need per-head outputs that add up to the residual stream; "
                          f"{arch or 'this model'} normalises attention output before the residual add: use node "
                          "patching (activation_patching) on this model")
@@ -251,12 +257,12 @@ def _graph(n_layers: int, n_heads: int, has_mlp: bool, parallel: bool) -> Graph:
     for gi, g in enumerate(dst_groups):
         for d in range(g.start, g.stop):
             dst = dests[d]
-            qkv = dst[-1] if g.kind in ("q", "k", "v") else None
-            dst_node = nodes.setdefault(dst[:-2] if qkv else dst, Node(name=dst[:-2] if qkv else dst))
+            head_input = dst[-1] if g.kind in ("q", "k", "v") else None
+            dst_node = nodes.setdefault(dst[:-2] if head_input else dst, Node(name=dst[:-2] if head_input else dst))
             for si in feeds[gi]:
                 sg = src_groups[si]
                 for s in range(sg.start, sg.stop):
-                    edges.append(Edge(src=nodes[sources[s]], dst=dst_node, qkv=qkv))
+                    edges.append(Edge(src=nodes[sources[s]], dst=dst_node, qkv=head_input))
                     e_src.append(s)
                     e_dst.append(d)
     names = tuple(str(e) for e in edges)
@@ -267,7 +273,7 @@ def _graph(n_layers: int, n_heads: int, has_mlp: bool, parallel: bool) -> Graph:
 
 
 # ============================================================================= metrics
-def metric_values(logits: torch.Tensor, metric: Metric, answers: torch.Tensor, wrong: torch.Tensor,
+def metric_values(logits: torch.Tensor, metric: PatchMetric, answers: torch.Tensor, wrong: torch.Tensor,
                   clean_logp: torch.Tensor | None = None) -> torch.Tensor:
     """Per-prompt metric from answer-position logits ``[n, vocab]``; ``answers``/``wrong`` are -1 padded ids.
 
@@ -275,12 +281,12 @@ def metric_values(logits: torch.Tensor, metric: Metric, answers: torch.Tensor, w
     answers. ``kl``: KL(clean || this run) in nats; needs ``clean_logp`` (the clean run's log-probabilities).
     """
     logits = logits.float()
-    if metric is Metric.KL:
+    if metric is PatchMetric.KL:
         assert clean_logp is not None
         logp = logits.log_softmax(-1)
         return (clean_logp.exp() * (clean_logp - logp)).sum(-1)
     a_ok = answers >= 0
-    if metric is Metric.ANSWER_PROB:
+    if metric is PatchMetric.ANSWER_PROB:
         probs = logits.softmax(-1).gather(-1, answers.clamp_min(0))
         return (probs * a_ok).sum(-1)
     w_ok = wrong >= 0
@@ -323,21 +329,22 @@ class PatchSetup:
     edge patched, m(∅) (for resample ablation: the corrupt run).
     """
 
-    def __init__(self, lm: Any, task: Any, *, ablation: Ablation | str = Ablation.RESAMPLE,
-                 metric: Metric | str = Metric.LOGIT_DIFF, position: int | None = None,
+    def __init__(self, lm: LoadedModel, task: TokenizedTask, *, ablation: Ablation | str = Ablation.RESAMPLE,
+                 metric: PatchMetric | str = PatchMetric.LOGIT_DIFF, position: int | None = None,
                  batch_size: int = 64) -> None:
         self.lm = lm
         self.model = lm.model
         self.task = task
         self.ablation = Ablation(ablation)
-        self.metric = Metric(metric)
+        self.metric = PatchMetric(metric)
         self.position = position
         self.graph = build_graph(lm)
         self.device = torch.device(lm.device)
         self.dtype = next(self.model.parameters()).dtype
         self.n_prompts = int(task.clean.shape[0])
-        if self.metric is Metric.LOGIT_DIFF:
-            no_wrong = (task.wrong < 0).all(-1) if task.wrong.shape[-1] else torch.ones(self.n_prompts, dtype=bool)
+        if self.metric is PatchMetric.LOGIT_DIFF:
+            no_wrong = ((task.wrong < 0).all(-1) if task.wrong.shape[-1]
+                        else torch.ones(self.n_prompts, dtype=torch.bool))
             if bool(no_wrong.any()):
                 i = int(no_wrong.nonzero()[0])
                 raise InputError(f"prompt {i} has no wrong_answers, so logit_diff is undefined: add wrong_answers "
@@ -399,7 +406,7 @@ class PatchSetup:
                  if keep_resid else [])
         return srcs, resid, final
 
-    def _mean(self, runs: list[tuple[list[torch.Tensor], Any, Any]], task: Any) -> list[torch.Tensor]:
+    def _mean(self, runs: list[tuple[list[torch.Tensor], Any, Any]], task: TokenizedTask) -> list[torch.Tensor]:
         """Per source group the mean over corrupt prompts at each position, padding excluded: [1, p, n, d]."""
         valid = (torch.arange(task.corrupt.shape[1])[None, :] < task.seq_lens[:, None]).float().to(self.device)
         count = valid.sum(0).clamp_min(1)[None, :, None, None]
@@ -462,7 +469,7 @@ class PatchSetup:
             return t if reps == 1 else t.repeat(reps, *([1] * (t.dim() - 1)))
 
         return metric_values(logits, self.metric, rep(chunk.answers), rep(chunk.wrong),
-                             rep(chunk.clean_logp) if self.metric is Metric.KL else None)
+                             rep(chunk.clean_logp) if self.metric is PatchMetric.KL else None)
 
     def evaluate(self, mask: torch.Tensor | None, *, start_layer: int = 0) -> float:
         """The metric with edges patched by ``mask`` (CPU ``[n_sources, n_dests]``, 1 = patched; None = none).
@@ -750,7 +757,7 @@ def _check_path(g: Graph, path: Sequence[int]) -> None:
                          f"{g.node_of_dest(g.edge_dst[path[-1]])}->logits")
 
 
-def _metric_positions(task: Any, position: int | None) -> torch.Tensor:
+def _metric_positions(task: TokenizedTask, position: int | None) -> torch.Tensor:
     """Where the metric is read, per prompt: the answer position, or ``position`` (negative counts from each
     prompt's end)."""
     if position is None:
@@ -765,15 +772,15 @@ def _metric_positions(task: Any, position: int | None) -> torch.Tensor:
     return pos
 
 
-def _attention_mask(task: Any, rows: slice) -> torch.Tensor:
+def _attention_mask(task: TokenizedTask, rows: slice) -> torch.Tensor:
     lens = task.seq_lens[rows]
     return (torch.arange(task.clean.shape[1])[None, :] < lens[:, None]).long()
 
 
-def default_metric_for(task: Any) -> Metric:
+def default_metric_for(task: TokenizedTask) -> PatchMetric:
     """``logit_diff`` when every prompt has wrong answers, else ``answer_prob``."""
     has_wrong = task.wrong.shape[-1] > 0 and bool((task.wrong >= 0).any(-1).all())
-    return Metric.LOGIT_DIFF if has_wrong else Metric.ANSWER_PROB
+    return PatchMetric.LOGIT_DIFF if has_wrong else PatchMetric.ANSWER_PROB
 
 
 # ============================================================================= node (activation) patching
@@ -784,7 +791,7 @@ NODE_KINDS: tuple[SiteKind, ...] = (SiteKind.RESID_PRE, SiteKind.RESID_MID, Site
 
 
 class NodeEffect(BaseModel):
-    site: str = Field(description="the patched site, e.g. head_out.1.2 or resid_pre.1")
+    site: Site = Field(description="the patched site, e.g. head_out.1.2 or resid_pre.1")
     position: int | None = Field(description="the patched position (padded index); None = every position")
     value: float = Field(description="the metric with this site patched")
     effect: float = Field(description="(value - base) / (other - base): 1 = this patch alone moves the metric all "
@@ -798,7 +805,7 @@ class NodePatching:
     kind: SiteKind
     direction: Direction
     ablation: Ablation
-    metric: Metric
+    metric: PatchMetric
     effects: list[NodeEffect]
     base: float  # the metric of the run patched into (clean for noising, corrupt for denoising)
     other: float  # the metric the patches move toward (everything ablated for noising, clean for denoising)
@@ -857,7 +864,7 @@ def patch_nodes(setup: PatchSetup, kind: SiteKind | str, *, direction: Direction
     span = other - base
     if abs(span) <= 1e-12:
         check_effect(setup)  # raises: effects would be 0/0, not 0
-    effects = [NodeEffect(site=str(s), position=p, value=float(v) / setup.n_prompts,
+    effects = [NodeEffect(site=s, position=p, value=float(v) / setup.n_prompts,
                           effect=(float(v) / setup.n_prompts - base) / span)
                for (s, p), v in zip(exps, totals.tolist(), strict=True)]
     return NodePatching(kind=kind, direction=direction, ablation=setup.ablation, metric=setup.metric,
@@ -961,7 +968,7 @@ class TaskArgs(BaseModel):
         return self
 
 
-def load_task_for(lm: Any, args: TaskArgs) -> Any:
+def load_task_for(lm: LoadedModel, args: TaskArgs) -> TokenizedTask:
     """The :class:`~autoexplain.tools.data.TokenizedTask` of a tool call's task file or inline prompts."""
     from pydantic import ValidationError
 
@@ -1005,7 +1012,7 @@ class ActivationPatchingIn(TaskArgs):
                                                                         "run: necessity) or denoising (clean values "
                                                                         "into the corrupt run: sufficiency)")
     ablation: Ablation = Field(default=Ablation.RESAMPLE, description="resample (default), mean or zero")
-    metric: Metric | None = Field(default=None, description="logit_diff (default), answer_prob or kl")
+    metric: PatchMetric | None = Field(default=None, description="logit_diff (default), answer_prob or kl")
     per_position: bool | None = Field(default=None, description="patch each position separately (default: yes "
                                                                 "for residual kinds, no otherwise)")
     layers: list[int] | None = Field(default=None, description="only these layers (default all)")
@@ -1016,7 +1023,7 @@ class ActivationPatchingOut(ToolOutput):
     kind: SiteKind
     direction: Direction
     ablation: Ablation
-    metric: Metric
+    metric: PatchMetric
     patch_type: PatchType = PatchType.NODE
     base: float = Field(description="metric of the unpatched run (clean for noising, corrupt for denoising)")
     other: float = Field(description="what the patches move toward (all ablated for noising, clean for denoising)")
@@ -1046,15 +1053,15 @@ def activation_patching(ctx: ToolContext, args: ActivationPatchingIn) -> Activat
 
 # ============================================================================= tool: edge_patching
 class EdgePatchingIn(TaskArgs):
-    edges: list[str] | None = Field(default=None, min_length=1, max_length=100_000,
+    edges: list[Edge] | None = Field(default=None, min_length=1, max_length=100_000,
                                     description="edges to patch together (edge patching), e.g. ['a0.3->a1.2.k', "
                                                 "'a1.2->logits']")
-    paths: list[list[str]] | None = Field(default=None, min_length=1, max_length=64,
+    paths: list[list[Edge]] | None = Field(default=None, min_length=1, max_length=64,
                                           description="paths to patch (treeified path patching): each a chain of "
                                                       "edges ending at logits, e.g. [['a0.0->a1.1.k', "
                                                       "'a1.1->logits']]")
     ablation: Ablation = Field(default=Ablation.RESAMPLE, description="resample (default), mean or zero")
-    metric: Metric | None = Field(default=None, description="logit_diff (default), answer_prob or kl")
+    metric: PatchMetric | None = Field(default=None, description="logit_diff (default), answer_prob or kl")
 
     @model_validator(mode="after")
     def _edges_or_paths(self) -> EdgePatchingIn:
@@ -1066,7 +1073,7 @@ class EdgePatchingIn(TaskArgs):
 class EdgePatchingOut(ToolOutput):
     patch_type: PatchType
     ablation: Ablation
-    metric: Metric
+    metric: PatchMetric
     n_patched: int = Field(description="edges (or paths) patched")
     value: float = Field(description="the metric with them patched")
     m_clean: float = Field(description="m(M): nothing patched")

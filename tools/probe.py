@@ -26,7 +26,7 @@ near ``_ELEMENT_BUDGET`` elements, and every chunk is reduced to per-text number
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import torch
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
@@ -35,6 +35,9 @@ from autoexplain.tools.errors import InputError
 from autoexplain.tools.registry import Cost, ToolContext, ToolOutput, ToolSpec, round_sig, short_repr
 from autoexplain.tools.saes import LoadedSAE
 from autoexplain.tools.saes import feature_activations as _encode_at_site
+
+if TYPE_CHECKING:
+    from autoexplain.tools.models import LoadedModel
 
 #: Largest ``batch * pos * width`` tensor (logits or SAE latents) one chunk may create (float32: 256 MiB).
 _ELEMENT_BUDGET = 1 << 26
@@ -64,7 +67,7 @@ def _no_duplicates(features: list[int]) -> list[int]:
 Features = Annotated[list[Feature], AfterValidator(_no_duplicates)]
 
 
-def _tokenize(lm: Any, texts: Sequence[str], prepend_bos: bool) -> list[torch.Tensor]:
+def _tokenize(lm: LoadedModel, texts: Sequence[str], prepend_bos: bool) -> list[torch.Tensor]:
     """One 1-D token tensor per text, at its real length; a text longer than the model's context is refused (the
     model's ``to_tokens`` would cut it silently)."""
     seqs = [lm.to_tokens(t, prepend_bos=prepend_bos, truncate=False)[0] for t in texts]
@@ -77,7 +80,7 @@ def _tokenize(lm: Any, texts: Sequence[str], prepend_bos: bool) -> list[torch.Te
     return seqs
 
 
-def _batches(lm: Any, seqs: list[torch.Tensor], width: int) -> Iterator[tuple[list[int], torch.Tensor]]:
+def _batches(lm: LoadedModel, seqs: list[torch.Tensor], width: int) -> Iterator[tuple[list[int], torch.Tensor]]:
     """Consecutive chunks ``(indices, right-padded tokens)`` with ``rows * max_len * width`` near the budget.
 
     The pad id is only filler: callers know each text's real length from ``seqs`` and never read past it.
@@ -137,7 +140,7 @@ def _clamp(feature: int, value: float) -> Edit:
     return edit
 
 
-def _spliced_logits(lm: Any, sae: LoadedSAE, tokens: torch.Tensor, edit: Edit | None) -> torch.Tensor:
+def _spliced_logits(lm: LoadedModel, sae: LoadedSAE, tokens: torch.Tensor, edit: Edit | None) -> torch.Tensor:
     """Logits of the model with ``sae`` spliced in with its error term, the latent passed through ``edit``.
 
     ``edit=None`` is the baseline: the clean model up to float rounding. The hook sits on the SAE's own
@@ -179,7 +182,7 @@ class InterventionEffect(BaseModel):
     fell: list[TokenShift]
 
 
-def _shifts(lm: Any, before: torch.Tensor, after: torch.Tensor,
+def _shifts(lm: LoadedModel, before: torch.Tensor, after: torch.Tensor,
             top_k: int) -> tuple[list[TokenShift], list[TokenShift]]:
     """The ``top_k`` tokens whose probability rose most and fell most (strict changes only)."""
     delta = after - before
@@ -200,7 +203,7 @@ def _mean_nll(logp: torch.Tensor, seq: torch.Tensor) -> float | None:
     return None if n < 2 else -logp[: n - 1].gather(-1, seq[1:, None]).mean().item()
 
 
-def _effects(lm: Any, texts: Sequence[str], seqs: Sequence[torch.Tensor], clean: torch.Tensor,
+def _effects(lm: LoadedModel, texts: Sequence[str], seqs: Sequence[torch.Tensor], clean: torch.Tensor,
              edited: torch.Tensor, top_k: int, focus: Literal["max_kl", "mean"]) -> list[InterventionEffect]:
     """Per text: KL per position, next-token loss clean vs edited, and the most moved tokens.
 
@@ -331,7 +334,7 @@ def feature_activations(ctx: ToolContext, args: FeatureActivationsIn) -> Feature
     return FeatureActivationsOut(sae_id=sae.sae_id, items=items)
 
 
-def _text_activations(lm: Any, text: str, seq: torch.Tensor, acts: torch.Tensor,
+def _text_activations(lm: LoadedModel, text: str, seq: torch.Tensor, acts: torch.Tensor,
                       features: Sequence[int]) -> TextActivations:
     tokens = lm.token_strs(seq.tolist())
     traces = []

@@ -11,11 +11,16 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
 
 from autoexplain.tools.errors import InputError
+
+if TYPE_CHECKING:
+    from autoexplain.tools.harvest import HarvestSink
+    from autoexplain.tools.models import LoadedModel
+    from autoexplain.tools.saes import LoadedSAE
 
 #: Hard cap on what a summary may hand the LLM, whatever a tool writes.
 SUMMARY_MAX_CHARS = 2000
@@ -58,16 +63,17 @@ class ToolOutput(BaseModel):
 class ToolContext:
     """What tools run against: the loaded model and SAEs (by ``sae_id``), and where their records go.
 
-    ``sink(table, rows)`` receives the rows a tool produces for the results database (e.g. harvest's
-    ``features`` and ``feature_examples``). Tools know nothing of DuckDB: the agent or CLI passes the store's
-    upsert here. Without a sink, a tool that must persist refuses to run rather than silently keeping nothing.
+    ``sink`` receives the results a tool produces for the results database (harvest's
+    :class:`~autoexplain.tools.harvest.HarvestResult`). Tools know nothing of DuckDB: the agent or CLI passes the
+    store's writer here (:func:`autoexplain.agent.store.harvest.harvest_sink`). Without a sink, a tool that must
+    persist refuses to run rather than silently keeping nothing.
     """
 
-    model: Any  # tools.models.LoadedModel
-    saes: dict[str, Any] = field(default_factory=dict)  # sae_id -> tools.saes.LoadedSAE
-    sink: Callable[[str, list[dict[str, Any]]], Any] | None = None
+    model: LoadedModel
+    saes: dict[str, LoadedSAE] = field(default_factory=dict)  # by sae_id
+    sink: HarvestSink | None = None
 
-    def sae(self, sae_id: str) -> Any:
+    def sae(self, sae_id: str) -> LoadedSAE:
         """The loaded SAE ``sae_id``, or an :class:`InputError` listing the loaded ones."""
         if sae_id in self.saes:
             return self.saes[sae_id]

@@ -4,7 +4,8 @@ Specs
 -----
 * a directory written by sae-lens (``cfg.json`` + ``sae_weights.safetensors``): any architecture sae-lens
   knows (standard, TopK, JumpReLU, gated …); ``SAE.load_from_disk`` dispatches on the saved config;
-* ``toy:MODEL/NAME``: an SAE of the toy zoo, e.g. ``toy:small/res0``;
+* ``toy:MODEL/NAME``: an SAE of the toy zoo, e.g. ``toy:small/res0``, resolved to its directory by
+  :func:`autoexplain.tools.loading.load_sae` (this module does not know the zoo);
 * ``RELEASE/SAE_ID``: a sae-lens pretrained release (``gpt2-small-res-jb/blocks.8.hook_resid_pre``), fetched
   where a hub is reachable.
 
@@ -22,13 +23,16 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from autoexplain.tools.errors import InputError
-from autoexplain.tools.models import LoadedModel, _hub_unreachable, _quiet, site_from_hook_name
+from autoexplain.tools.models import TOY_PREFIX, LoadedModel, _hub_unreachable, _quiet, site_from_hook_name
 from autoexplain.tools.vocab import Site
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
 
 WEIGHTS_FILE = "sae_weights.safetensors"
 
@@ -37,7 +41,7 @@ WEIGHTS_FILE = "sae_weights.safetensors"
 class LoadedSAE:
     spec: str
     sae_id: str
-    sae: Any  # sae_lens.SAE
+    sae: SAE[Any]
     site: Site
     hook_name: str
     source_dir: Path | None = None
@@ -60,21 +64,24 @@ class LoadedSAE:
 
 
 def load_sae(spec: str, lm: LoadedModel) -> LoadedSAE:
-    """Load the SAE ``spec`` onto the model's device and check that it fits ``lm`` (see module doc)."""
+    """Load the SAE ``spec`` (a directory or RELEASE/SAE_ID) onto the model's device and check that it fits ``lm``
+    (see module doc). ``toy:MODEL/NAME`` specs are loaded by :func:`autoexplain.tools.loading.load_sae`."""
     spec = spec.strip()
     if not spec:
         raise InputError("empty SAE spec: pass an sae-lens directory, toy:MODEL/NAME or RELEASE/SAE_ID")
-    if spec.startswith("toy:"):
-        from autoexplain.tools.zoo import ensure_model
+    if spec.startswith(TOY_PREFIX):
+        raise InputError(f"{spec!r} is a toy-zoo spec: load it with autoexplain.tools.loading.load_sae")
+    if Path(spec).expanduser().exists():
+        return load_sae_dir(Path(spec).expanduser(), lm, spec=spec)
+    loaded = _from_release(spec, lm)
+    _check_fits(loaded, lm)
+    return loaded
 
-        model_name, _, sae_name = spec[4:].partition("/")
-        if not sae_name:
-            raise InputError(f"toy SAE spec {spec!r} needs a name: write toy:MODEL/NAME, e.g. toy:small/res0")
-        loaded = _from_dir(ensure_model(model_name).sae_dir(sae_name), lm, spec)
-    elif Path(spec).expanduser().exists():
-        loaded = _from_dir(Path(spec).expanduser(), lm, spec)
-    else:
-        loaded = _from_release(spec, lm)
+
+def load_sae_dir(path: Path, lm: LoadedModel, *, spec: str | None = None) -> LoadedSAE:
+    """Load the sae-lens directory ``path`` (recorded as ``spec``, default the path) and check that it fits
+    ``lm``."""
+    loaded = _from_dir(path, lm, str(path) if spec is None else spec)
     _check_fits(loaded, lm)
     return loaded
 

@@ -25,16 +25,87 @@ Sites (where a tool reads or writes activations), zero-based layer ``L`` and hea
 Graph nodes: ``embed``, ``a{L}.{H}`` (attention head), ``m{L}`` (MLP), ``logits`` (the unembedding input).
 Edges: ``src->dst`` and, when ``dst`` is a head, the input it feeds: ``embed->a1.2.q``, ``a0.3->a1.2.k``,
 ``a1.2->logits``, ``m0->m1``.
+Features: ``sae_id#index``.
+
+Typed values, string forms at the edges
+---------------------------------------
+:class:`Site`, :class:`Node`, :class:`Edge` and :class:`FeatureRef` are small frozen value types; code passes them
+around, never their strings. Where data is serialised (JSON tool outputs and arguments, DuckDB rows, prompts),
+pydantic writes each as its string form and reads it back from that form (see :class:`Term`), so a field typed
+``list[Edge]`` dumps to the same JSON as the ``list[str]`` it replaced and has the same JSON schema. A value also
+compares and hashes equal to its string form, so tables keyed by the stored strings find typed values.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from enum import StrEnum
+from functools import cached_property
+from typing import Any, ClassVar, Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import GetCoreSchemaHandler
+from pydantic_core import core_schema
 
 from autoexplain.tools.errors import InputError
+
+
+class Term:
+    """Base of the vocabulary's value types: typed in Python, a string wherever pydantic serialises.
+
+    A subclass defines ``_format`` (its string form, also ``str(value)``) and :meth:`parse` (the inverse, raising
+    :class:`InputError`).
+    As a pydantic field it validates from an instance or its string form (a malformed string is a validation
+    error carrying the parse message), serialises to the string form in both Python and JSON dumps, and has
+    the JSON schema ``{"type": "string"}``. Equality and hashing go through the string form, which therefore
+    must identify the value; an instance equals its string too.
+    """
+
+    __slots__ = ()
+    #: What a value is called in messages, and an example of its string form.
+    noun: ClassVar[str] = "value"
+    example: ClassVar[str] = ""
+
+    @classmethod
+    def parse(cls, text: str) -> Self:  # pragma: no cover - every subclass overrides
+        raise NotImplementedError
+
+    @cached_property
+    def text(self) -> str:
+        """The string form (computed once)."""
+        return self._format()
+
+    def _format(self) -> str:  # pragma: no cover - every subclass overrides
+        raise NotImplementedError
+
+    def __str__(self) -> str:
+        return self.text
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, str):
+            return self.text == other
+        if type(other) is type(self):
+            return self.text == other.text
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self.text)
+
+    @classmethod
+    def coerce(cls, value: object) -> Self:
+        """``value`` as this type: an instance as is, a string parsed (:class:`InputError` if malformed)."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            return cls.parse(value)
+        raise ValueError(f"expected a {cls.noun} (a string such as {cls.example!r}), got {type(value).__name__}")
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+        return core_schema.no_info_plain_validator_function(
+            cls.coerce, json_schema_input_schema=core_schema.str_schema(),
+            serialization=core_schema.plain_serializer_function_ser_schema(
+                str, return_schema=core_schema.str_schema()))
 
 
 class SiteKind(StrEnum):
@@ -59,23 +130,26 @@ HEAD_KINDS: frozenset[SiteKind] = frozenset({SiteKind.HEAD_OUT, SiteKind.Q_IN, S
 MLP_KINDS: frozenset[SiteKind] = frozenset({SiteKind.MLP_IN, SiteKind.MLP_OUT, SiteKind.MLP_POST, SiteKind.RESID_MID})
 
 
-class Site(BaseModel):
+@dataclass(frozen=True, eq=False)
+class Site(Term):
     """A place in the model where activations are read or written: a kind, a layer and (for per-head kinds) a head."""
 
-    model_config = ConfigDict(frozen=True)
+    noun: ClassVar[str] = "site"
+    example: ClassVar[str] = "head_out.1.2"
 
     kind: SiteKind
-    layer: int = Field(ge=0)
-    head: int | None = Field(default=None, ge=0)
+    layer: int
+    head: int | None = None
 
-    @model_validator(mode="after")
-    def _head_matches_kind(self) -> Site:
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", SiteKind(self.kind))
+        if self.layer < 0 or (self.head is not None and self.head < 0):
+            raise ValueError(f"site layer and head must be >= 0, got layer {self.layer}, head {self.head}")
         if (self.kind in HEAD_KINDS) != (self.head is not None):
             need = "needs a head index" if self.kind in HEAD_KINDS else "takes no head index"
             raise ValueError(f"site kind {self.kind.value!r} {need}")
-        return self
 
-    def __str__(self) -> str:
+    def _format(self) -> str:
         return f"{self.kind.value}.{self.layer}" + ("" if self.head is None else f".{self.head}")
 
     @classmethod
@@ -126,7 +200,9 @@ class PatchType(StrEnum):
     PATH = "path"
 
 
-class Metric(StrEnum):
+#: Named PatchMetric, not Metric: score names ("correctness", …) are metrics of explanations, this is a patching
+#: measurement.
+class PatchMetric(StrEnum):
     """What is measured at the answer position; ``kl`` is a divergence (0 = the clean run), the others grow with
     the clean behaviour."""
 
@@ -156,18 +232,26 @@ _NODE_RE = re.compile(r"^(embed|logits|a(\d+)\.(\d+)|m(\d+))$")
 _EDGE_RE = re.compile(r"^(?P<src>[^-]+)->(?P<dst>[a-z0-9.]+?)(?:\.(?P<qkv>[qkv]))?$")
 
 
-class Node(BaseModel):
+@dataclass(frozen=True, eq=False)
+class Node(Term):
     """A node of the computational graph: ``embed``, ``a{L}.{H}``, ``m{L}`` or ``logits``."""
 
-    model_config = ConfigDict(frozen=True)
+    noun: ClassVar[str] = "node"
+    example: ClassVar[str] = "a1.2"
 
     name: str
 
-    @model_validator(mode="after")
-    def _valid(self) -> Node:
-        if not _NODE_RE.match(self.name):
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _NODE_RE.match(self.name):
             raise ValueError(f"unknown node {self.name!r}: use embed, aL.H, mL or logits")
-        return self
+
+    @classmethod
+    def parse(cls, text: str) -> Node:
+        """Parse ``'a1.2'``; raise :class:`InputError` on anything else."""
+        try:
+            return cls(name=text.strip())
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
 
     @property
     def layer(self) -> int | None:
@@ -185,28 +269,28 @@ class Node(BaseModel):
     def is_head(self) -> bool:
         return self.name.startswith("a")
 
-    def __str__(self) -> str:
+    def _format(self) -> str:
         return self.name
 
 
-class Edge(BaseModel):
+@dataclass(frozen=True, eq=False)
+class Edge(Term):
     """A directed edge ``src->dst`` of the graph; ``qkv`` names the head input it feeds when ``dst`` is a head."""
 
-    model_config = ConfigDict(frozen=True)
+    noun: ClassVar[str] = "edge"
+    example: ClassVar[str] = "a0.3->a1.2.k"
 
     src: Node
     dst: Node
     qkv: str | None = None
 
-    @model_validator(mode="after")
-    def _valid(self) -> Edge:
+    def __post_init__(self) -> None:
         if self.dst.is_head != (self.qkv in ("q", "k", "v")):
             raise ValueError(f"edge into {self.dst} must {'name q, k or v' if self.dst.is_head else 'not name q/k/v'}")
         if self.src.name == "logits" or self.dst.name == "embed":
             raise ValueError("edges leave embed/heads/MLPs and enter heads/MLPs/logits")
-        return self
 
-    def __str__(self) -> str:
+    def _format(self) -> str:
         return f"{self.src}->{self.dst}" + (f".{self.qkv}" if self.qkv else "")
 
     @classmethod
@@ -222,13 +306,30 @@ class Edge(BaseModel):
                              "m1->logits") from None
 
 
-class FeatureRef(BaseModel):
+@dataclass(frozen=True, eq=False)
+class FeatureRef(Term):
     """One SAE feature: a stable ``sae_id`` (content hash of the weights) and the feature index."""
 
-    model_config = ConfigDict(frozen=True)
+    noun: ClassVar[str] = "feature"
+    example: ClassVar[str] = "sae-0123456789abcdef#12"
 
     sae_id: str
-    index: int = Field(ge=0)
+    index: int
 
-    def __str__(self) -> str:
+    def __post_init__(self) -> None:
+        if self.index < 0:
+            raise ValueError(f"feature index must be >= 0, got {self.index}")
+
+    def _format(self) -> str:
         return f"{self.sae_id}#{self.index}"
+
+    @classmethod
+    def parse(cls, text: str) -> FeatureRef:
+        """Parse ``'SAE_ID#INDEX'``; raise :class:`InputError` on anything else."""
+        sae_id, sep, index = text.strip().rpartition("#")
+        try:
+            if not sep or not index.isdigit():
+                raise ValueError("expected SAE_ID#INDEX")
+            return cls(sae_id=sae_id, index=int(index))
+        except ValueError as exc:
+            raise InputError(f"malformed feature {text!r} ({exc}): write SAE_ID#INDEX, e.g. {cls.example}") from None

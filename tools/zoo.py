@@ -33,13 +33,17 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from autoexplain.tools.cache import cache_root
 from autoexplain.tools.errors import InputError
+from autoexplain.tools.models import LoadedModel, hook_name, load_model
+
+if TYPE_CHECKING:
+    from autoexplain.tools.data import TokenizedTask
 
 ZOO_FORMAT = 2  # bump when the build recipe changes: the fingerprint changes and everything rebuilds
 TASKS_FORMAT = 3  # bump when only the task files change: they are regenerated in place (seconds, no retraining)
@@ -316,8 +320,6 @@ def build(spec: ZooSpec, root: Path, *, progress: Progress | None = None) -> dic
     final_loss = _train_model(spec, tok, tmp / "model", report)
     timings["train_model_s"] = time.perf_counter() - t
 
-    from autoexplain.tools.models import load_model
-
     lm = load_model(str(tmp / "model"), device="cpu")
     accuracy = _write_tasks(spec, tmp, lm)
 
@@ -341,7 +343,7 @@ def build(spec: ZooSpec, root: Path, *, progress: Progress | None = None) -> dic
     return manifest
 
 
-def _write_tasks(spec: ZooSpec, root: Path, lm: Any) -> dict[str, float]:
+def _write_tasks(spec: ZooSpec, root: Path, lm: LoadedModel) -> dict[str, float]:
     """Write the task files into ``root/tasks`` (replacing any) and return the model's top-1 accuracy on each."""
     from autoexplain.tools.data import load_task_file, tokenize_task
 
@@ -360,8 +362,6 @@ def _write_tasks(spec: ZooSpec, root: Path, lm: Any) -> dict[str, float]:
 
 def _refresh_tasks(spec: ZooSpec, root: Path) -> None:
     """Bring an existing build's task files up to :data:`TASKS_FORMAT` without retraining anything."""
-    from autoexplain.tools.models import load_model
-
     manifest = json.loads((root / "manifest.json").read_text())
     manifest["task_accuracy"] = _write_tasks(spec, root, load_model(str(root / "model"), device="cpu"))
     manifest["tasks_format"] = TASKS_FORMAT
@@ -373,7 +373,7 @@ def _refresh_tasks(spec: ZooSpec, root: Path) -> None:
 def _train_tokenizer(corpus: list[str], out: Path) -> Any:
     """Byte-level BPE (GPT-2 style) trained until every corpus word is one token (with its leading space)."""
     from tokenizers import ByteLevelBPETokenizer
-    from transformers import GPT2TokenizerFast
+    from transformers import GPT2TokenizerFast  # type: ignore[attr-defined]  # lazily exported: stubs miss it
 
     bpe = ByteLevelBPETokenizer()
     # every category word appears in the training text, so even a small corpus yields one token per word
@@ -399,7 +399,8 @@ def _train_model(spec: ZooSpec, tok: Any, out: Path, report: Progress) -> float:
     from autoexplain.tools.data import tokenize_windows
 
     torch.manual_seed(spec.seed)
-    cfg = GPT2Config(vocab_size=len(tok), n_positions=spec.n_ctx, n_ctx=spec.n_ctx, n_embd=spec.d_model,
+    # n_ctx: accepted and saved at runtime (TransformerLens reads it), though the typed signature omits it
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=spec.n_ctx, n_ctx=spec.n_ctx, n_embd=spec.d_model,  # type: ignore[call-arg]
                      n_layer=spec.n_layers, n_head=spec.n_heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     model = GPT2LMHeadModel(cfg)
@@ -431,7 +432,7 @@ def _train_model(spec: ZooSpec, tok: Any, out: Path, report: Progress) -> float:
     return round(loss_ema, 4)
 
 
-def task_accuracy(lm: Any, task: Any) -> float:
+def task_accuracy(lm: LoadedModel, task: TokenizedTask) -> float:
     """Top-1 accuracy: the share of prompts whose most likely next token is one of the prompt's answers."""
     with torch.no_grad():
         logits = lm.model(task.clean.to(lm.device))
@@ -441,7 +442,7 @@ def task_accuracy(lm: Any, task: Any) -> float:
     return round(float(hits.float().mean()), 4)
 
 
-def _train_sae(lm: Any, corpus: list[str], sae_spec: SAESpec, out: Path, spec: ZooSpec,
+def _train_sae(lm: LoadedModel, corpus: list[str], sae_spec: SAESpec, out: Path, spec: ZooSpec,
                report: Progress) -> dict[str, Any]:
     """Train a TopK SAE with sae-lens' SAETrainer on activations of ``sae_spec.site`` over the corpus."""
     from sae_lens import LoggingConfig, TopKTrainingSAE, TopKTrainingSAEConfig
@@ -449,7 +450,6 @@ def _train_sae(lm: Any, corpus: list[str], sae_spec: SAESpec, out: Path, spec: Z
     from sae_lens.training.sae_trainer import SAETrainer
 
     from autoexplain.tools.data import tokenize_windows
-    from autoexplain.tools.models import hook_name
     from autoexplain.tools.vocab import Site
 
     site = Site.parse(sae_spec.site)

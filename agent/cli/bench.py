@@ -13,11 +13,15 @@ labels as a normal ``bench`` run with work items, explanations, scores and judge
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from autoexplain.agent.cli.common import build_zoo, console, open_store
+
+if TYPE_CHECKING:
+    from autoexplain.agent.store import Store
+    from autoexplain.tools.zoo import BuiltZoo
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks with known answers.")
 
@@ -46,11 +50,11 @@ def truth(db: Annotated[Path | None, typer.Option("--db", help="DuckDB file (def
     con.print(f"database: {store.path.resolve()}  (runs {circuits[1]}, {run_id})")
 
 
-def _circuits(store: Any, methods: list[str]) -> tuple[list[Any], str]:
+def _circuits(store: Store, methods: list[str]) -> tuple[list[Any], str]:
     import uuid
 
     from autoexplain.agent.state import now, stable_id
-    from autoexplain.agent.store.rows import circuit_id, circuit_rows
+    from autoexplain.agent.store.rows import circuit_id, circuit_rows, circuit_score_rows
     from autoexplain.evals.truth.suite import circuit_cases
 
     run_id = f"bench-{uuid.uuid4().hex[:10]}"
@@ -66,12 +70,12 @@ def _circuits(store: Any, methods: list[str]) -> tuple[list[Any], str]:
             "text": f"{case.method} circuit of {case.n_edges} edges (planted: {case.n_true})", "author": "bench",
             "causal_level": "intervention", "evidence": {"circuit_id": cid}, "is_final": True,
             "created_at": now()}])
-        store.upsert("scores", sc.score_rows(eid))
+        store.upsert("scores", circuit_score_rows(sc, eid))
     store.finish_run(run_id, "done", {"cases": [c.model_dump() for c, *_ in rows]})
     return [c for c, *_ in rows], run_id
 
 
-def _features(store: Any, built: Any) -> tuple[list[Any], str]:
+def _features(store: Store, built: BuiltZoo) -> tuple[list[Any], str]:
     from autoexplain.agent.runner import Plan, prepare, run_plan
     from autoexplain.evals.truth.planted_features import (
         PLANTED_DEAD,

@@ -9,13 +9,17 @@ ablation changes the metric at all) before the database is opened: a bad call wr
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from autoexplain.agent.cli.common import console, execute, plan_from
 from autoexplain.tools.errors import InputError
 from autoexplain.tools.vocab import Ablation, Method
+
+if TYPE_CHECKING:
+    from autoexplain.agent.store import Store
+    from autoexplain.tools.circuits import Circuit
 
 #: Rows of the circuit table printed; every edge is stored in circuit_edges anyway.
 _SHOWN = 40
@@ -67,20 +71,24 @@ def circuit(
         _show(circ, o.target)
         con.print(f"[bold]explanation[/bold] ({o.status.value}): {o.text}")
         con.print("scores: " + ", ".join(f"{k} {v:.3f}" for k, v in o.scores.items() if v is not None))
-        cid = store.query("select circuit_id from circuits where item_id = ?", [o.item_id])[1]
-        con.print(f"database: {store.path.resolve()}  (run {res.run_id}, circuit {cid[0][0] if cid else '-'})")
+        from autoexplain.agent.store import queries
+
+        cid = queries.circuit_of_item(store, o.item_id)
+        con.print(f"database: {store.path.resolve()}  (run {res.run_id}, circuit {cid or '-'})")
 
 
-def _found_circuit(store: Any, item_id: str) -> Any:
+def _found_circuit(store: Store, item_id: str) -> Circuit:
     """The Circuit an item's circuit_search call found (from the tool cache)."""
+    from autoexplain.agent.store import queries
     from autoexplain.tools.circuits import CircuitSearchOut
 
-    rows = store.query("select c.output from tool_calls t join tool_cache c using (cache_key) where t.item_id = ? "
-                       "and t.tool = 'circuit_search' order by t.created_at desc limit 1", [item_id])[1]
-    return CircuitSearchOut.model_validate_json(rows[0][0]).circuit()
+    found = queries.circuit_search_output(store, item_id)
+    if found is None:
+        raise InputError(f"no circuit_search result stored for item {item_id}")
+    return CircuitSearchOut.model_validate_json(found).circuit()
 
 
-def _show(circ: Any, task_name: str) -> None:
+def _show(circ: Circuit, task_name: str) -> None:
     from rich.table import Table
 
 
@@ -98,7 +106,7 @@ def _show(circ: Any, task_name: str) -> None:
     ranks = circ.ranks()
     kept = circ.kept_by_rank()
     for i in kept[:_SHOWN]:
-        table.add_row(str(ranks[i]), s.edges[i], f"{s.scores[i]:+.4g}")
+        table.add_row(str(ranks[i]), str(s.edges[i]), f"{s.scores[i]:+.4g}")
     con.print(table)
     if len(kept) > _SHOWN:
         con.print(f"(+{len(kept) - _SHOWN} more circuit edges; all {len(s.edges)} scored edges are in circuit_edges)")

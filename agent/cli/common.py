@@ -11,6 +11,7 @@ import io
 import json
 import sys
 import uuid
+from collections.abc import Iterator
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -20,7 +21,11 @@ import typer
 from autoexplain.tools.errors import InputError
 
 if TYPE_CHECKING:
-    pass
+    from autoexplain.agent.runner import ItemOutcome, Plan, Prepared, RunResult
+    from autoexplain.agent.store import Store
+    from autoexplain.tools.models import LoadedModel
+    from autoexplain.tools.saes import LoadedSAE
+    from autoexplain.tools.zoo import BuiltZoo
 
 DbOpt = Annotated[Path | None, typer.Option("--db", help="DuckDB file (default: $AUTOEXPLAIN_DB or "
                                                          "./autoexplain.duckdb)")]
@@ -111,14 +116,14 @@ def progress() -> Any:
 
 
 
-def build_zoo(name: str) -> Any:
+def build_zoo(name: str) -> BuiltZoo:
     from autoexplain.tools.zoo import ensure_model
 
     with progress() as report:
         return ensure_model(name, progress=report)
 
 
-def show_zoo(built: Any) -> None:
+def show_zoo(built: BuiltZoo) -> None:
     from rich.table import Table
 
     m = built.manifest
@@ -144,17 +149,16 @@ def show_zoo(built: Any) -> None:
               f"SAEs {tm['train_saes_s']:.0f} s)")
 
 
-def open_store(db: Path | None) -> Any:
+def open_store(db: Path | None) -> Store:
     from autoexplain.agent.store import Store
 
     return Store(db)
 
 
-def record_zoo(store: Any, built: Any, *, kind: str) -> tuple[str, Any, list[Any]]:
+def record_zoo(store: Store, built: BuiltZoo, *, kind: str) -> tuple[str, LoadedModel, list[LoadedSAE]]:
     """Start a run; load the built model and SAEs through the public loaders (proving they load) and record
     them. Returns the run id (still running), the model and the SAEs."""
-    from autoexplain.tools.models import load_model
-    from autoexplain.tools.saes import load_sae
+    from autoexplain.tools.loading import load_model, load_sae
 
     run_id = f"{kind}-{uuid.uuid4().hex[:10]}"
     spec = f"toy:{built.name}"
@@ -168,7 +172,7 @@ def record_zoo(store: Any, built: Any, *, kind: str) -> tuple[str, Any, list[Any
 
 
 @contextlib.contextmanager
-def run_guard(store: Any, run_id: str) -> Any:
+def run_guard(store: Store, run_id: str) -> Iterator[None]:
     """Mark the run interrupted (Ctrl-C) or failed (any error) instead of leaving it 'running'."""
     try:
         yield
@@ -207,7 +211,7 @@ def fail(message: str) -> None:
 
 
 # ----------------------------------------------------------------------------- running a plan
-def plan_from(data: dict[str, Any]) -> Any:
+def plan_from(data: dict[str, Any]) -> Plan:
     from pydantic import ValidationError
 
     from autoexplain.agent.runner import Plan, validation_message
@@ -218,7 +222,8 @@ def plan_from(data: dict[str, Any]) -> Any:
         raise InputError(validation_message(exc, "arguments", as_flags=True)) from None
 
 
-def execute(plan: Any, db: Path | None, *, kind: str, resume: bool = False) -> Any:
+def execute(plan: Plan, db: Path | None, *, kind: str,
+            resume: bool = False) -> tuple[RunResult, Store, Prepared]:
     """Validate, open the store, run with a live display, print the summary; return the RunResult."""
     from autoexplain.agent.runner import prepare, run_plan
 
@@ -231,7 +236,7 @@ def execute(plan: Any, db: Path | None, *, kind: str, resume: bool = False) -> A
     store = open_store(db)
     con = console(stderr=True)
 
-    def on_item(o: Any) -> None:
+    def on_item(o: ItemOutcome) -> None:
         sc = "  ".join(f"{k[:4]} {v:.2f}" for k, v in o.scores.items() if v is not None)
         tag = "(resumed: already done)" if o.skipped else ""
         text = (o.text or o.error or "")[:90]
@@ -244,21 +249,14 @@ def execute(plan: Any, db: Path | None, *, kind: str, resume: bool = False) -> A
     return res, store, prep
 
 
-def show_summary(res: Any, store: Any) -> None:
+def show_summary(res: RunResult, store: Store) -> None:
     from rich.table import Table
 
-
+    from autoexplain.agent.store import queries
     con = console()
     t = Table("kind", "items", "done", "budget-limited", "failed", "dead", "mean correctness", "mean completeness",
               "mean succinctness")
-    rows = store.query(
-        "select w.kind, count(*), count(*) filter (where w.status = 'done'), "
-        "count(*) filter (where w.status = 'budget_limited'), count(*) filter (where w.status = 'failed'), "
-        "count(*) filter (where e.text like 'dead feature%'), avg(b.correctness), avg(b.completeness), "
-        "avg(b.succinctness) from work_items w "
-        "left join explanations e on e.item_id = w.item_id and e.is_final "
-        "left join best_explanations b on b.explanation_id = e.explanation_id "
-        "where w.run_id = ? group by w.kind order by w.kind", [res.run_id])[1]
+    rows = queries.run_summary(store, res.run_id)
     for r in rows:
         t.add_row(*(str(x) for x in r[:6]), *("-" if x is None else f"{x:.3f}" for x in r[6:]))
     con.print(t)

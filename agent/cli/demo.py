@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from autoexplain.agent.store import Store
 
 from autoexplain.agent.cli.common import DbOpt, build_zoo, console, execute, plan_from, show_summary, show_zoo
 
@@ -40,14 +43,13 @@ def demo(db: DbOpt = None) -> None:
         con.print(f'  autoexplain sql "{q}"{flag}')
 
 
-def _show_labels(store: Any, run_id: str) -> None:
+def _show_labels(store: Store, run_id: str) -> None:
     from rich.table import Table
 
+    from autoexplain.agent.store import queries
+
     t = Table("target", "explanation", "correct.", "complete.", "succinct.", "level")
-    rows = store.query(
-        "select e.target, e.text, b.correctness, b.completeness, b.succinctness, e.causal_level "
-        "from explanations e join work_items w using (item_id) left join best_explanations b using (explanation_id) "
-        "where w.run_id = ? and e.is_final order by w.kind desc, b.correctness desc nulls last", [run_id])[1]
+    rows = queries.final_labels(store, run_id)
     for target, text, c, m, s, level in rows:
         t.add_row(target, text[:110] + ("…" if len(text) > 110 else ""),
                   *("-" if v is None else f"{v:.2f}" for v in (c, m, s)), level)

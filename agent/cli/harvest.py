@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from autoexplain.agent.cli.common import DbOpt, console, dataset_probe, open_store, progress, run_guard, validated
 from autoexplain.tools.errors import InputError
+
+if TYPE_CHECKING:
+    from autoexplain.agent.store import Store
+    from autoexplain.tools.harvest import HarvestIn, HarvestOut
+    from autoexplain.tools.models import LoadedModel
+    from autoexplain.tools.saes import LoadedSAE
 
 if TYPE_CHECKING:
     pass
@@ -31,8 +37,7 @@ def check(model: Annotated[str, typer.Option("--model", "-m", help="local HF dir
     dataset is tokenised into windows; the task file is validated and the model's top-1 accuracy on it shown.
     """
     from autoexplain.tools.data import load_task_file, load_texts, tokenize_task, tokenize_windows
-    from autoexplain.tools.models import load_model
-    from autoexplain.tools.saes import load_sae
+    from autoexplain.tools.loading import load_model, load_sae
     from autoexplain.tools.zoo import task_accuracy
 
     con = console()
@@ -75,8 +80,7 @@ def harvest_cmd(
     Interrupted runs resume: run the same command again and finished batches are not recomputed.
     """
     from autoexplain.tools.harvest import HarvestIn
-    from autoexplain.tools.models import load_model
-    from autoexplain.tools.saes import load_sae
+    from autoexplain.tools.loading import load_model, load_sae
 
     lm = load_model(model, device=device)
     s = load_sae(sae, lm)
@@ -97,7 +101,7 @@ def harvest_cmd(
     con.print(f"database: {store.path.resolve()}  (run {run_id})")
 
 
-def harvest_into(store: Any, run_id: str, lm: Any, sae: Any, args: Any) -> Any:
+def harvest_into(store: Store, run_id: str, lm: LoadedModel, sae: LoadedSAE, args: HarvestIn) -> HarvestOut:
     """Run a harvest with a progress bar, its rows going to ``store`` tagged with ``run_id``."""
     from autoexplain.agent.store.harvest import harvest_sink
     from autoexplain.tools.harvest import harvest

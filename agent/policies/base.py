@@ -10,12 +10,16 @@ policy only decides, at four points of each round:
 
 Each returns a :class:`PolicyStep`; the graph applies it. Policies keep anything they need between calls in
 ``notes`` (plain JSON in the graph state), so a resumed item continues with what the policy had learnt.
+
+:class:`Policy` is a protocol: anything with these four methods (and a ``name``) drives the graph. A policy gets
+what it needs (the tools to offer, an LLM client, a lexicon) through its constructor; the catalogue
+:data:`autoexplain.agent.policies.POLICIES` builds each one from the run's
+:class:`~autoexplain.agent.policies.PolicyDeps`.
 """
 
 from __future__ import annotations
 
-import abc
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import BaseModel, Field
 
@@ -42,20 +46,18 @@ class PolicyStep(BaseModel):
     route: Route | None = None
 
 
-class Policy(abc.ABC):
-    """Decides; never writes to the store and never touches the model except through tool requests."""
+class Policy(Protocol):
+    """Decides; never writes to the store and never touches the model except through tool requests.
 
-    name: str = "policy"
-    llm_model: str | None = None
+    ``name`` is stored as each explanation's ``author``; ``llm_model`` (the model behind it, if any) with it."""
 
-    @abc.abstractmethod
+    name: str
+    llm_model: str | None
+
     def plan(self, state: ItemState, item: WorkItem) -> PolicyStep: ...
 
-    @abc.abstractmethod
     def observe(self, state: ItemState, item: WorkItem, results: list[ToolResult]) -> PolicyStep: ...
 
-    @abc.abstractmethod
     def propose(self, state: ItemState, item: WorkItem) -> PolicyStep: ...
 
-    @abc.abstractmethod
     def decide(self, state: ItemState, item: WorkItem) -> PolicyStep: ...

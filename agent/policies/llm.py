@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
 
@@ -36,6 +36,10 @@ from autoexplain.agent.state import (
     stable_id,
 )
 from autoexplain.tools.vocab import CausalLevel
+
+if TYPE_CHECKING:
+    from autoexplain.agent.llm import LLMClient
+    from autoexplain.tools.registry import Registry
 
 
 def prompt(name: str) -> str:
@@ -57,23 +61,26 @@ class Proposal(BaseModel):
     hypotheses: list[ProposedHypothesis] = Field(default_factory=list)
 
 
+def offered_tools(registry: Registry) -> list[dict[str, Any]]:
+    """The tool schemas the model is offered: every registered tool except dataset-wide passes (harvests are the
+    runner's job, never the model's)."""
+    from autoexplain.tools.registry import Cost
+
+    return [t.openai_schema() for t in registry if t.cost is not Cost.DATASET]
+
+
 class LLMPolicy(Policy):
-    """See the module docstring. ``client``: an :class:`autoexplain.agent.llm.LLMClient`."""
+    """See the module docstring. ``client``: the run's LLM client; ``tools``: the schemas offered to the model
+    (:func:`offered_tools` of the run's registry)."""
 
     name = "llm"
 
-    def __init__(self, client: Any, *, tools: list[dict[str, Any]] | None = None, accept_at: float = 0.8,
+    def __init__(self, client: LLMClient, *, tools: list[dict[str, Any]], accept_at: float = 0.8,
                  max_rounds: int = 3, model_id: str = "?") -> None:
         self.client, self.model_id = client, model_id
-        self.llm_model = client.config.model
-        self.tools = tools  # set by the graph's runner from the registry when None
+        self.llm_model: str | None = client.config.model
+        self.tools = tools
         self.accept_at, self.max_rounds = accept_at, max_rounds
-
-    def bind_tools(self, registry: Any) -> None:
-        """Offer every registered tool except dataset-wide passes (harvests are the runner's job)."""
-        from autoexplain.tools.registry import Cost
-
-        self.tools = [t.openai_schema() for t in registry if t.cost is not Cost.DATASET]
 
     # ----------------------------------------------------------------------------------------------- helpers
     def _start(self, item: WorkItem, model_id: str) -> list[dict[str, Any]]:
@@ -88,8 +95,6 @@ class LLMPolicy(Policy):
     # ----------------------------------------------------------------------------------------------- decisions
     def plan(self, state: ItemState, item: WorkItem) -> PolicyStep:
         messages = list(state.get("messages") or []) or self._start(item, self.model_id)
-        if self.tools is None:
-            raise RuntimeError("LLMPolicy.bind_tools(registry) was not called: the model would be offered no tools")
         turn = self.client.chat_tools(messages, self.tools, purpose="plan")
         messages.append(turn.as_message())
         requests = [ToolRequest(tool=c.name, args=c.arguments, request_id=c.id) for c in turn.tool_calls]

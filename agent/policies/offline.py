@@ -119,6 +119,7 @@ class OfflinePolicy(Policy):
     """Deterministic rules (see the module docstring). ``lexicon``: category name → member words."""
 
     name = "offline"
+    llm_model: str | None = None
 
     def __init__(self, lexicon: Mapping[str, frozenset[str] | set[str] | tuple[str, ...]] | None = None) -> None:
         if lexicon is None:
@@ -340,12 +341,12 @@ class OfflinePolicy(Policy):
                            status=status, causal_level=CausalLevel.INTERVENTION, evidence=[results[0].call_id])
             return PolicyStep(hypotheses=[h], notes={
                 "circuit_call": results[0].call_id, "faithfulness": f, "n_edges": out.n_edges,
-                "n_edges_total": out.n_edges_total, "edges": [[e.edge, e.score] for e in out.edges[:40]],
+                "n_edges_total": out.n_edges_total, "edges": [[str(e.edge), e.score] for e in out.edges[:40]],
                 "ablation": out.ablation.value, "metric": out.metric.value, "method": out.method.value})
         effects: dict[str, float] = {}
         for r in results:
             for e in r.output.effects:
-                node = _node_of_site(e.site)
+                node = _node_of_site(str(e.site))
                 if node is not None:
                     effects[node] = round(e.effect, 4)
         return PolicyStep(notes={"node_effects": effects, "patch_calls": [r.call_id for r in results]})

@@ -16,6 +16,7 @@ import json
 import uuid
 from typing import TYPE_CHECKING, Any
 
+from autoexplain.agent.store import queries
 from autoexplain.agent.store.rows import utc_now
 from autoexplain.agent.store.schema import LLMCallRow
 
@@ -31,8 +32,8 @@ class StoreCache:
         self.store = store
 
     def get(self, key: str) -> dict[str, Any] | None:
-        rows = self.store.query("select response from llm_cache where request_hash = ?", [key])[1]
-        return json.loads(rows[0][0]) if rows else None
+        found = queries.llm_cache_response(self.store, key)
+        return json.loads(found) if found is not None else None
 
     def put(self, key: str, value: dict[str, Any]) -> None:
         self.store.upsert("llm_cache", [{"request_hash": key, "response": json.dumps(value), "created_at": utc_now()}])
@@ -59,5 +60,4 @@ def cached_output(store: Store, out: Outbox, key: str) -> str | None:
     row = out.get("tool_cache", (key,))
     if row is not None:
         return str(row["output"])
-    hit = store.query("select output from tool_cache where cache_key = ?", [key])[1]
-    return hit[0][0] if hit else None
+    return queries.tool_cache_output(store, key)

@@ -29,15 +29,14 @@ applies the missing ones in order inside one transaction. A database written by 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import random
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from operator import itemgetter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
 import orjson
@@ -45,7 +44,12 @@ import orjson
 from autoexplain.agent.store import schema
 from autoexplain.agent.store.migrations import MIGRATIONS
 from autoexplain.agent.store.rows import utc_now
+from autoexplain.agent.store.schema import ModelRow, Row, RunRow, SaeRow
 from autoexplain.tools.errors import InputError
+
+if TYPE_CHECKING:
+    from autoexplain.tools.models import LoadedModel
+    from autoexplain.tools.saes import LoadedSAE
 
 DEFAULT_DB_ENV = "AUTOEXPLAIN_DB"
 DEFAULT_DB_NAME = "autoexplain.duckdb"
@@ -57,7 +61,7 @@ def table_key(table: str) -> tuple[str, ...]:
 
 
 def merge_rows(into: dict[tuple[Any, ...], dict[str, Any]], table: str,
-               rows: Sequence[dict[str, Any]]) -> dict[tuple[Any, ...], dict[str, Any]]:
+               rows: Sequence[Row]) -> dict[tuple[Any, ...], dict[str, Any]]:
     """Merge ``rows`` into ``into`` (primary key -> row) column by column, later values winning — the same rule
     an upsert applies to a stored row. Every row is checked for its key before any is merged; returns ``into``."""
     key = table_key(table)
@@ -66,7 +70,7 @@ def merge_rows(into: dict[tuple[Any, ...], dict[str, Any]], table: str,
             raise ValueError(f"row for {table} lacks its key {key}: {sorted(r)}")
     for r in rows:
         k = tuple(r[c] for c in key)
-        into[k] = {**into[k], **r} if k in into else r
+        into[k] = {**into[k], **r} if k in into else (r if isinstance(r, dict) else dict(r))
     return into
 
 
@@ -134,10 +138,10 @@ def _readers_dir(path: Path) -> Path:
 def announce_reader(path: Path) -> Iterator[None]:
     """Tell a writer holding ``path`` (see :meth:`Store.hold`) that a reader waits: it lets go of the file."""
     d = _readers_dir(path)
-    f = d / f"{os.getpid()}-{random.getrandbits(48):012x}"
+    f: Path | None = d / f"{os.getpid()}-{random.getrandbits(48):012x}"
     try:
         d.mkdir(exist_ok=True)
-        f.touch()
+        f.touch()  # type: ignore[union-attr]  # just assigned
     except OSError:  # a read-only folder: the writer will let go when idle anyway
         f = None
     try:
@@ -288,10 +292,12 @@ class Store:
                             [mig.version, mig.description])
 
     def schema_version(self) -> int:
-        return int(self.query("select max(version) from schema_migrations")[1][0][0])
+        from autoexplain.agent.store import queries
+
+        return queries.schema_version(self)
 
     # -- generic writes ----------------------------------------------------------------------------------
-    def upsert(self, table: str, rows: Sequence[dict[str, Any]], *,
+    def upsert(self, table: str, rows: Sequence[Row], *,
                con: duckdb.DuckDBPyConnection | None = None) -> int:
         """Insert or replace ``rows`` (dicts keyed by column name) in one Arrow bulk insert; return the count.
 
@@ -311,7 +317,7 @@ class Store:
             self._insert_groups(con, table, groups)
         return len(latest)
 
-    def upsert_many(self, tables: dict[str, Sequence[dict[str, Any]]]) -> int:
+    def upsert_many(self, tables: Mapping[str, Sequence[Row]]) -> int:
         """:meth:`upsert` the rows of several tables in one transaction (all or nothing); return the row count."""
         with self.transaction() as con:
             return sum(self.upsert(table, rows, con=con) for table, rows in tables.items() if rows)
@@ -346,35 +352,34 @@ class Store:
                     self._last_use = time.monotonic()
         return run_query(self.path, sql, params, timeout_s=self.timeout_s)
 
-    def record_model_and_saes(self, lm: Any, saes: Sequence[Any],
-                              extra: dict[str, dict[str, Any]] | None = None) -> None:
+    def record_model_and_saes(self, lm: LoadedModel, saes: Sequence[LoadedSAE],
+                              extra: Mapping[str, Mapping[str, Any]] | None = None) -> None:
         """Upsert the model and SAEs a run used (``extra``: more info per SAE spec, e.g. training quality)."""
         extra = extra or {}
-        with self.transaction() as con:
-            self.upsert("models", [{"model_id": lm.model_id, "spec": lm.spec, "info": lm.describe()}], con=con)
-            if saes:
-                self.upsert("saes", [{"sae_id": s.sae_id, "spec": s.spec, "model_id": lm.model_id,
-                                      "hook_name": s.hook_name, "site": str(s.site), "d_in": s.d_in,
-                                      "d_sae": s.d_sae, "architecture": s.architecture,
-                                      "info": {**s.describe(), **extra.get(s.spec, {})}} for s in saes], con=con)
+        model: ModelRow = {"model_id": lm.model_id, "spec": lm.spec, "info": lm.describe()}
+        rows: list[SaeRow] = [{"sae_id": s.sae_id, "spec": s.spec, "model_id": lm.model_id, "hook_name": s.hook_name,
+                               "site": str(s.site), "d_in": s.d_in, "d_sae": s.d_sae, "architecture": s.architecture,
+                               "info": {**s.describe(), **extra.get(s.spec, {})}} for s in saes]
+        self.upsert_many({"models": [model], "saes": rows})
 
     # -- runs -----------------------------------------------------------------------------------------
-    def start_run(self, run_id: str, kind: str, config: dict[str, Any], *, policy: str | None = None) -> None:
+    def start_run(self, run_id: str, kind: str, config: Mapping[str, Any], *, policy: str | None = None) -> None:
         import platform
         from importlib.metadata import version
 
-        if self.query("select 1 from runs where run_id = ?", [run_id])[1]:  # resumed: keeps its start and config
-            self.upsert("runs", [{"run_id": run_id, "status": "running", "finished_at": None}])
-            return
-        self.upsert("runs", [{
-            "run_id": run_id, "kind": kind, "status": "running", "policy": policy, "config": config,
-            "started_at": utc_now(), "host": platform.node(), "version": version("autoexplain"),
-        }])
+        from autoexplain.agent.store import queries
 
-    def finish_run(self, run_id: str, status: str, summary: dict[str, Any]) -> None:
-        with self.transaction() as con:
-            con.execute("update runs set status = ?, summary = ?, finished_at = ? where run_id = ?",
-                        [status, json.dumps(summary), utc_now(), run_id])
+        if queries.run_exists(self, run_id):  # resumed: keeps its start and config
+            resumed: RunRow = {"run_id": run_id, "status": "running", "finished_at": None}
+            self.upsert("runs", [resumed])
+            return
+        row: RunRow = {"run_id": run_id, "kind": kind, "status": "running", "policy": policy, "config": dict(config),
+                       "started_at": utc_now(), "host": platform.node(), "version": version("autoexplain")}
+        self.upsert("runs", [row])
+
+    def finish_run(self, run_id: str, status: str, summary: Mapping[str, Any]) -> None:
+        row: RunRow = {"run_id": run_id, "status": status, "summary": dict(summary), "finished_at": utc_now()}
+        self.upsert("runs", [row])
 
 
 def run_query(path: Path, sql: str, params: Sequence[Any] | None = None, *,

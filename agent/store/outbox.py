@@ -37,12 +37,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from autoexplain.agent.store import Store, merge_rows, readers_waiting
+from autoexplain.agent.store.schema import Row
 
 
 class GroupCommit(BaseModel):
@@ -88,7 +89,7 @@ class Outbox:
             self._buckets.setdefault(item_id, {})
             self._step = []
 
-    def upsert(self, table: str, rows: Sequence[dict[str, Any]], *, step: bool = True) -> int:
+    def upsert(self, table: str, rows: Sequence[Row], *, step: bool = True) -> int:
         """Hold ``rows`` for ``table`` (merged with waiting rows of the same key); return how many.
 
         ``step=False``: rows that need not travel with the current node's checkpoint (the runner's own bookkeeping,
@@ -101,7 +102,7 @@ class Outbox:
                 self._step.append({"table": table, "rows": rows})
         return len(rows)
 
-    def upsert_many(self, tables: dict[str, Sequence[dict[str, Any]]]) -> None:
+    def upsert_many(self, tables: Mapping[str, Sequence[Row]]) -> None:
         for table, rows in tables.items():
             self.upsert(table, rows)
 

@@ -10,12 +10,22 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
-from autoexplain.agent.store.schema import CircuitEdgeRow, CircuitRow
+from autoexplain.agent.store.schema import (
+    CircuitEdgeRow,
+    CircuitRow,
+    FeatureExampleRow,
+    JudgementSetRow,
+    ScoreRow,
+)
 from autoexplain.tools.vocab import Edge
 
 if TYPE_CHECKING:
+    from autoexplain.evals.circuits import CircuitScores
+    from autoexplain.evals.features import Example, ExampleJudgement, FeatureScores
+    from autoexplain.evals.scores import Score
     from autoexplain.tools.circuits import Circuit
 
 
@@ -55,3 +65,94 @@ def circuit_rows(circuit_id: str, run_id: str, model_id: str, task_name: str, ta
         edges.append({"circuit_id": circuit_id, "edge": str(name), "src": str(edge.src), "dst": str(edge.dst),
                       "score": s.scores[i], "in_circuit": circ.in_circuit[i], "rank": ranks[i]})
     return {"circuits": [row], "circuit_edges": edges}
+
+
+# ============================================================================= scores
+def score_id(explanation_id: str, metric: str, *qualifiers: str) -> str:
+    """Deterministic id of a ``scores`` row: 24 hex characters of sha256 of the explanation, the metric and the
+    qualifiers (a feature score adds its judge), joined by ``\\x1f``. Scoring again replaces the row."""
+    return hashlib.sha256("\x1f".join((explanation_id, metric, *qualifiers)).encode()).hexdigest()[:24]
+
+
+def score_rows(explanation_id: str, scores: Sequence[Score], *, qualifiers: Sequence[str] = (),
+               details: Mapping[str, Any] | None = None) -> list[ScoreRow]:
+    """One ``scores`` row per :class:`~autoexplain.evals.scores.Score` of ``explanation_id``; ``qualifiers`` go
+    into the ids, ``details`` are appended to every score's details."""
+    now = utc_now()
+    extra = dict(details or {})
+    return [{"score_id": score_id(explanation_id, s.metric, *qualifiers), "explanation_id": explanation_id,
+             "metric": s.metric, "value": s.value, "n": s.n, "details": {**s.details, **extra}, "created_at": now}
+            for s in scores]
+
+
+def feature_score_rows(result: FeatureScores) -> list[ScoreRow]:
+    """The ``scores`` rows of a scored feature explanation: the three scores and every scorer's raw metric, ids
+    qualified by the judge (the same explanation scored by two judges keeps both sets)."""
+    return score_rows(result.explanation_id, result.scores(), qualifiers=(result.judge,))
+
+
+def circuit_score_rows(result: CircuitScores, explanation_id: str, circuit_id: str | None = None) -> list[ScoreRow]:
+    """The ``scores`` rows of a scored circuit explanation; each row's details carry the ablation, the patch type
+    and the patch metric, and ``circuit_id`` when given (the ``circuits`` row the scores belong to)."""
+    return score_rows(explanation_id, result.scores(),
+                      details={"circuit_id": circuit_id} if circuit_id is not None else None)
+
+
+# ============================================================================= judgements
+#: judgement_sets list columns, from the per-example fields
+_SET_LISTS = (("judgement_ids", "judgement_id"), ("example_kinds", "example_kind"), ("example_ids", "example_id"),
+              ("splits", "split"), ("truths", "truth"), ("predictions", "prediction"), ("oks", "ok"),
+              ("errors", "error"), ("raws", "raw"))
+
+
+def judgement_sets(judgements: Sequence[ExampleJudgement], *, explanation_id: str, sae_id: str,
+                   feature_index: int, created_at: dt.datetime) -> list[JudgementSetRow]:
+    """Per-example judgements grouped into ``judgement_sets`` rows: one per (scorer, judge), in order of first
+    appearance, the per-example values as parallel lists. A set is written whole: writing one replaces the
+    stored set (the view ``judgements`` unnests them again)."""
+    sets: dict[tuple[str, str], dict[str, list[Any]]] = {}
+    for j in judgements:
+        lists = sets.setdefault((j.scorer, j.judge), {col: [] for col, _ in _SET_LISTS})
+        for col, field in _SET_LISTS:
+            lists[col].append(getattr(j, field))
+    rows: list[JudgementSetRow] = []
+    for (scorer, judge), lists in sets.items():
+        rows.append({"explanation_id": explanation_id, "scorer": scorer, "judge": judge, "sae_id": sae_id,
+                     "feature_index": feature_index, "created_at": created_at,
+                     "judgement_ids": lists["judgement_ids"], "example_kinds": lists["example_kinds"],
+                     "example_ids": lists["example_ids"], "splits": lists["splits"], "truths": lists["truths"],
+                     "predictions": lists["predictions"], "oks": lists["oks"], "errors": lists["errors"],
+                     "raws": lists["raws"]})
+    return rows
+
+
+def judgement_set_rows(result: FeatureScores) -> list[JudgementSetRow]:
+    """The ``judgement_sets`` rows of a scored feature explanation (every per-example judge decision)."""
+    return judgement_sets(result.judgements, explanation_id=result.explanation_id, sae_id=result.sae_id,
+                          feature_index=result.feature_index, created_at=result.scored_at)
+
+
+# ============================================================================= the held-out split
+def split_rows(examples: Sequence[Example], sae_id: str, feature_index: int) -> list[FeatureExampleRow]:
+    """Partial ``feature_examples`` rows (key + ``split``) for ``Store.upsert``: only ``split`` is replaced."""
+    return [{"sae_id": sae_id, "feature_index": feature_index, "kind": e.kind, "example_id": e.example_id,
+             "split": e.split} for e in examples]
+
+
+def with_split(example_rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Harvested ``feature_examples`` rows with ``split`` filled in by
+    :func:`~autoexplain.evals.features.split_examples`, feature by feature (rows whose feature already has a split
+    are left alone): the held-out split is fixed once, when the examples are written."""
+    from autoexplain.evals.features import SPLITS, Example, split_examples
+
+    by_feature: dict[tuple[str, int], list[int]] = {}
+    for i, r in enumerate(example_rows):
+        by_feature.setdefault((r["sae_id"], int(r["feature_index"])), []).append(i)
+    out = [dict(r) for r in example_rows]
+    for (sae_id, f), idx in by_feature.items():
+        if any(out[i].get("split") in SPLITS for i in idx):
+            continue
+        split = split_examples([Example.from_row(out[i]) for i in idx], sae_id, f)
+        for i, e in zip(idx, split, strict=True):
+            out[i]["split"] = e.split
+    return out

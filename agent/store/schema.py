@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
 from typing import Annotated, Any, TypedDict, Union
@@ -52,6 +53,8 @@ class Doc:
 
 
 Json = Any  #: the Python side of a JSON column: dicts, lists, numbers, strings or None
+#: A row as writers hand it over: one of the declarations below (or a plain dict naming some of its columns).
+Row = Mapping[str, Any]
 
 
 # ----------------------------------------------------------------------------- the tables

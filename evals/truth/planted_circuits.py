@@ -26,8 +26,15 @@ read changing tokens and write into a junk subspace; distractor MLPs fire on tok
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from sae_lens import HookedSAETransformer
+
+    from autoexplain.tools.data import TokenizedTask
+    from autoexplain.tools.models import LoadedModel
 
 V = 24  # vocabulary: 0 = BOS
 N_CTX = 16
@@ -38,8 +45,8 @@ N_JUNK = 8
 @dataclass
 class PlantedCircuit:
     name: str
-    lm: object  # LoadedModel
-    task: object  # TokenizedTask
+    lm: LoadedModel
+    task: TokenizedTask
     planted: frozenset[str]  # the true circuit's edges
     constant_head: str | None = None  # a head identical on clean and corrupt but large
 
@@ -62,7 +69,7 @@ class _Layout:
         return s.start + i
 
 
-def _model(d_model: int, n_mlp: int):
+def _model(d_model: int, n_mlp: int) -> HookedSAETransformer:
     import warnings
 
     from sae_lens import HookedSAETransformer
@@ -81,22 +88,31 @@ def _model(d_model: int, n_mlp: int):
     return model
 
 
-def _loaded(name: str, model) -> object:
+def _loaded(name: str, model: HookedSAETransformer) -> LoadedModel:
     from autoexplain.tools.models import LoadedModel
 
     return LoadedModel(spec=f"planted:{name}", model_id=f"planted-{name}", model=model, tokenizer=None,
                        device=torch.device("cpu"))
 
 
-def _task(clean: list[list[int]], corrupt: list[list[int]], answers: list[int], wrong: list[int]):
-    from autoexplain.tools.data import TokenizedTask
+def _task(clean: list[list[int]], corrupt: list[list[int]], answers: list[int], wrong: list[int]) -> TokenizedTask:
+    """Token-id prompts as a task. The planted models have no tokenizer: the task's ``prompts`` spell each
+    prompt's token ids (``"<3> <7> …"``) so that it reads as a task file; nothing computes from them."""
+    from autoexplain.tools.data import TaskFile, TaskPrompt, TokenizedTask
+
+    def spell(ids: list[int]) -> str:
+        return " ".join(f"<{i}>" for i in ids)
+
+    prompts = TaskFile(prompts=[TaskPrompt(clean=spell(c), corrupt=spell(k), answers=[spell([a])],
+                                           wrong_answers=[spell([w])])
+                                for c, k, a, w in zip(clean, corrupt, answers, wrong, strict=True)])
 
     width = max(len(c) for c in clean)
     pad = lambda rows: torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.long)  # noqa: E731
     lens = torch.tensor([len(c) for c in clean], dtype=torch.long)
     return TokenizedTask(clean=pad(clean), corrupt=pad(corrupt), answer_pos=lens - 1,
                          answers=torch.tensor(answers)[:, None], wrong=torch.tensor(wrong)[:, None], seq_lens=lens,
-                         prompts=None)
+                         prompts=prompts)
 
 
 # ============================================================================= 1. induction

@@ -68,6 +68,7 @@ class World:
 def world(tiny_zoo, one_thread, tmp_path_factory) -> World:
     from autoexplain.agent.runner import Plan, prepare
     from autoexplain.agent.store import Store
+    from autoexplain.agent.store.harvest import rows_sink
     from autoexplain.tools.harvest import HarvestIn, harvest
     from autoexplain.tools.registry import ToolContext
 
@@ -83,7 +84,7 @@ def world(tiny_zoo, one_thread, tmp_path_factory) -> World:
     res0, mlp1 = prep.saes["toy:tiny/res0"], prep.saes["toy:tiny/mlp1"]
     for sae, data, n in ((res0, tiny_zoo.corpus, 5000), (mlp1, injection_data, 3000)):
         ctx = ToolContext(model=prep.lm, saes={sae.sae_id: sae},
-                          sink=lambda t, rows: store.upsert(t, [{**r, "run_id": "preharvest"} for r in rows]))
+                          sink=rows_sink(store.upsert, run_id="preharvest"))
         harvest(ctx, HarvestIn(sae_id=sae.sae_id, dataset=str(data), n_tokens=n, ctx=prep.lm.n_ctx, batch_size=64))
     dead = dict(store.query("select feature_index, is_dead from features where sae_id = ?", [res0.sae_id])[1])
     rows = store.query("select feature_index, tokens from feature_examples where sae_id = ? and kind = 'top'",
@@ -103,9 +104,10 @@ def label(sae: str, features: list[int], **kw: Any) -> dict[str, Any]:
 def run_llm(world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, responder: Callable[..., Reply],
             items: list[dict[str, Any]], *, budget: dict[str, Any] | None = None, server: dict[str, Any] | None = None,
             before: Callable[[Any], None] | None = None, via_cli: bool = False,
-            run_id: str | None = None) -> tuple[Any, Any, FakeOpenAI]:
-    """One ``run_plan`` with the llm policy against the scripted server; returns (store, result, server).
-    ``via_cli``: run it as ``autoexplain run PLAN --db DB`` in this process instead (result: None)."""
+            run_id: str | None = None, policy: str = "llm", judge: str | None = None) -> tuple[Any, Any, FakeOpenAI]:
+    """One ``run_plan`` with the llm policy (or ``policy``) against the scripted server; returns (store, result,
+    server). ``judge``: the plan's judge (default lexical). ``via_cli``: run it as ``autoexplain run PLAN --db DB``
+    in this process instead (result: None)."""
     from autoexplain.agent import llm_session as llm_store
     from autoexplain.agent.runner import Plan, prepare, run_plan
     from autoexplain.agent.store import Store
@@ -115,8 +117,8 @@ def run_llm(world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, respo
     store = Store(db)
     real = llm_store.make_client
     monkeypatch.setattr(llm_store, "make_client", lambda *a, **kw: real(*a, **{**FAST, **kw}))
-    plan = Plan(model="toy:tiny", policy="llm", llm_model="fake", items=items,
-                **({"budget": budget} if budget else {}))
+    plan = Plan(model="toy:tiny", policy=policy, llm_model="fake", items=items,
+                **({"budget": budget} if budget else {}), **({"judge": judge} if judge else {}))
     with FakeOpenAI(responder, **(server or {})) as srv:
         monkeypatch.setenv("OPENAI_BASE_URL", srv.base_url)
         monkeypatch.setenv("OPENAI_API_KEY", KEY)
@@ -244,6 +246,32 @@ class Researcher:
             return tool_calls(call("model_info", {}))
         return tool_calls(call("circuit_search", {"task_file": task_file, "method": "eap", "top_k": 8,
                                                   "curve": False}))
+
+
+class Judging:
+    """The scripted model as the ``llm`` judge too: a judge request (a system prompt, then ``Explanation: …``) gets
+    a structured answer — a text fires where it holds the token the explanation quotes (``the token 'x'``) —
+    and every other request goes to ``base``. ``judged``: the judge requests answered."""
+
+    LISTED = re.compile(r"^\d+\. (\".*\")$", re.M)  # detection / fuzzing: one JSON string per text
+    TOKEN = re.compile(r"^(\d+)\.\d+ (\".*\")$", re.M)  # simulation: <text>.<position> "token"
+
+    def __init__(self, base: Callable[..., Reply]) -> None:
+        self.base, self.judged = base, 0
+
+    def __call__(self, body: dict[str, Any], n: int) -> Reply:
+        user = next(m["content"] for m in body["messages"] if m["role"] == "user")
+        if not user.startswith("Explanation: "):
+            return self.base(body, n)
+        self.judged += 1
+        quoted = re.search(r"'(.+?)'", user.splitlines()[0])
+        word = quoted.group(1).strip() if quoted else "\0"
+        if '"activations"' in user:  # simulation: 10 on the quoted token, 0 elsewhere
+            texts: dict[int, list[int]] = {}
+            for i, tok in self.TOKEN.findall(user):
+                texts.setdefault(int(i), []).append(10 if json.loads(tok).strip() == word else 0)
+            return structured({"activations": [texts[i] for i in sorted(texts)]})
+        return structured({"answers": [word in json.loads(t) for t in self.LISTED.findall(user)]})
 
 
 class FirstFaults:
@@ -387,6 +415,48 @@ def test_circuit_item_through_the_llm_policy(world, tmp_path, monkeypatch) -> No
     metrics = {m for (m,) in q(store, "select metric from scores where explanation_id = ?", [final[0][0]])}
     assert {"correctness", "completeness", "succinctness"} <= metrics
     assert q(store, "select count(*) from circuit_edges where circuit_id = ? and in_circuit", [circ[0][0]]) == [(8,)]
+
+
+@pytest.mark.parametrize("policy", ["llm", "offline"])
+def test_the_llm_judge_goes_through_the_runs_client(world, tmp_path, monkeypatch, policy) -> None:
+    """``judge: llm``: the judge's calls go through the run's one LLM client (made for the judge alone when the
+    policy is offline): logged in ``llm_calls`` with purpose ``judge`` against the item scored, charged to that
+    item's budget, cached in ``llm_cache``; the API key reaches no table."""
+    feats = world.alive[:2] if policy == "llm" else world.alive[:1]
+    responder = Judging(Researcher())
+    store, res, srv = run_llm(world, tmp_path, monkeypatch, responder, [label("toy:tiny/res0", feats)],
+                              policy=policy, judge="llm", server={"api_key": KEY})
+    assert {o.status.value for o in res.outcomes} == {"done"}, res.outcomes
+    items = {o.item_id for o in res.outcomes}
+    assert responder.judged > 0
+    assert all(r.headers.get("authorization") == f"Bearer {KEY}" for r in srv.requests)  # the key was used
+    llm = q(store, "select item_id, purpose, ok, cached, prompt_tokens, request_hash from llm_calls where run_id = ?",
+            [res.run_id])
+    # every request the server saw is logged once; a repeated request (a draft judged again: the same explanation
+    # and texts) was answered from llm_cache and logged as cached
+    sent = [r for r in llm if not r[3]]
+    assert len(sent) == len(srv.bodies) and all(r[2] for r in llm)
+    judge_calls = [r for r in llm if r[1] == "judge"]
+    assert len([r for r in judge_calls if not r[3]]) == responder.judged
+    assert {r[0] for r in judge_calls} == items, "each judge call is logged against the item whose draft it scored"
+    assert {r[1] for r in llm} == ({"plan", "explain", "judge"} if policy == "llm" else {"judge"})
+    # the item's budget counts every call it sent, the judge's included (a cache hit costs nothing)
+    per_item = q(store, "select l.item_id, count(*), sum(l.prompt_tokens), any_value(w.budget->>'prompt_tokens')::int, "
+                        "any_value(w.budget->>'llm_calls')::int from llm_calls l join work_items w using (item_id) "
+                        "where l.run_id = ? and not l.cached group by all", [res.run_id])
+    assert {r[0] for r in per_item} == items
+    for _item, n, prompt, charged, charged_calls in per_item:
+        assert (prompt, n) == (charged, charged_calls), "the item's budget must count exactly its logged calls"
+    # cached for resume, and the judge named in its judgements
+    assert {r[5] for r in judge_calls} <= {h for (h,) in q(store, "select request_hash from llm_cache")}
+    assert {j for (j,) in q(store, "select distinct judge from judgement_sets")} == {"llm:fake"}
+    # the key is nowhere in the database
+    from autoexplain.agent.store import TABLES
+
+    for t in TABLES:
+        assert KEY_START not in json.dumps(q(store, f"select * from {t}"), default=str), f"the API key is in {t}"
+    db_bytes = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("run.duckdb"))
+    assert KEY_START.encode() not in db_bytes
 
 
 # ============================================================================================ 2. faults

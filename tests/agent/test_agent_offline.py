@@ -60,6 +60,7 @@ def harvested_template() -> tuple[Path, dict[str, dict[str, list[int]]]]:
     if not meta.exists():
         from autoexplain.agent.runner import Plan, prepare
         from autoexplain.agent.store import Store
+        from autoexplain.agent.store.harvest import rows_sink
         from autoexplain.tools.harvest import HarvestIn, harvest
         from autoexplain.tools.registry import ToolContext
 
@@ -77,7 +78,7 @@ def harvested_template() -> tuple[Path, dict[str, dict[str, list[int]]]]:
                 store.upsert(table, [{**r, "run_id": "harvest-template"} for r in rows])
 
             # the runner would harvest with HarvestIn's default ctx (64), longer than toy:tiny's context (48)
-            harvest(ToolContext(model=prep.lm, saes={sae.sae_id: sae}, sink=sink),
+            harvest(ToolContext(model=prep.lm, saes={sae.sae_id: sae}, sink=rows_sink(sink)),
                     HarvestIn(sae_id=sae.sae_id, dataset=dataset, n_tokens=40_000, ctx=min(64, prep.lm.n_ctx)))
         store.finish_run("harvest-template", "done", {})
         feats = {}
@@ -300,6 +301,59 @@ def test_best_explanations_view_one_row_per_target(labelled: dict[str, Any]) -> 
     finals = dict(rows(db, "select target, explanation_id from explanations where run_id = ? and is_final",
                        [run_id]))
     assert {v[0]: v[1] for v in view} == finals and all(v[2] for v in view)
+
+
+# ============================================================================= routing
+class _ConfusedPolicy:
+    """A policy that proposes a dead-feature draft next to a live label: a state no router may guess a way out of."""
+
+    name, llm_model = "confused", None
+
+    def plan(self, state: Any, item: Any) -> Any:
+        from autoexplain.agent.policies.base import PolicyStep
+
+        return PolicyStep()  # no tool calls: ready to propose
+
+    def observe(self, state: Any, item: Any, results: Any) -> Any:
+        raise AssertionError("no tool call was made")
+
+    def propose(self, state: Any, item: Any) -> Any:
+        from autoexplain.agent.policies.base import PolicyStep
+        from autoexplain.agent.state import Draft
+
+        return PolicyStep(drafts=[Draft(text="dead feature: never fired", dead=True), Draft(text="fires on cats")])
+
+    def decide(self, state: Any, item: Any) -> Any:
+        raise AssertionError("a dead draft never reaches decide")
+
+
+def test_a_router_raises_on_an_impossible_state(tmp_path: Path) -> None:
+    from autoexplain.agent.graph import AgentEnv, GraphStateError, build_graph, initial_state
+    from autoexplain.agent.state import ItemKind, WorkItem
+    from autoexplain.agent.store import Store
+    from autoexplain.agent.store.outbox import Outbox
+
+    store = Store(tmp_path / "graph.duckdb")
+    out = Outbox(store)
+    item = WorkItem(item_id="item-1", run_id="run-1", kind=ItemKind.FEATURE, target="sae-x#0",
+                    params={"sae_id": "sae-x", "feature_index": 0})
+    out.begin(item.item_id)
+    # no tool runs and nothing is scored on this path: the runner and scorer are never touched
+    env = AgentEnv(store=store, out=out, runner=None, policy=_ConfusedPolicy(), scorer=None,  # type: ignore[arg-type]
+                   run_id=item.run_id)
+    with pytest.raises(GraphStateError, match=r"after propose of item item-1 \(sae-x#0\): a dead-feature draft"):
+        build_graph(env).invoke(initial_state(item))
+
+
+def test_a_plan_names_exactly_the_policies_and_judges_of_the_catalogues() -> None:
+    from typing import get_args
+
+    from autoexplain.agent.policies import POLICIES
+    from autoexplain.agent.runner import JudgeName, PolicyName
+    from autoexplain.evals.judges import JUDGES
+
+    assert set(get_args(PolicyName)) == set(POLICIES)
+    assert set(get_args(JudgeName)) == set(JUDGES)
 
 
 # ============================================================================= budgets

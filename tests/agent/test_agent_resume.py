@@ -24,7 +24,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 
@@ -111,6 +111,51 @@ class Spy:
         return sum(1 for _, fwd, cached in self.calls if fwd and not cached)
 
 
+class SimulatedCrash(KeyboardInterrupt):
+    """An emulated ``kill -9`` (in process), raised where the process dies. A KeyboardInterrupt, so the runner does
+    not take it for an item's failure; :class:`Kill` makes sure it also commits nothing on its way out."""
+
+
+class ProcessGone(RuntimeError):
+    """What a group commit meets once the run was killed (the runner's commit on its way out swallows it)."""
+
+
+class Kill:
+    """Emulates ``kill -9`` inside one ``run_plan`` call: :meth:`now` raises :class:`SimulatedCrash`, and from then
+    on the run's outbox commits nothing (a killed process never reaches the commit the runner makes on its way out
+    after a Ctrl-C), so the checkpoints and the earlier commits are all a resume finds. ``mp``: a monkeypatch
+    context that lasts exactly that call."""
+
+    def __init__(self, mp: pytest.MonkeyPatch) -> None:
+        from autoexplain.agent.store.outbox import Outbox
+
+        self.dead = False
+        orig_flush = Outbox.flush
+        kill = self
+
+        def flush(out: Any) -> list[str]:
+            if kill.dead:
+                raise ProcessGone("the process was killed: it commits nothing more")
+            return orig_flush(out)
+
+        mp.setattr(Outbox, "flush", flush)
+
+    def now(self, why: str) -> NoReturn:
+        self.dead = True
+        raise SimulatedCrash(why)
+
+    def after_nodes(self, n: int) -> Callable[[str, str], None]:
+        """A ``run_plan(on_node=...)`` hook that kills the run after its ``n``-th graph node (over all items)."""
+        nodes = [0]
+
+        def on_node(item_id: str, node: str) -> None:
+            nodes[0] += 1
+            if nodes[0] >= n:
+                self.now(f"emulated crash after node {n} ({node} of {item_id})")
+
+        return on_node
+
+
 # ============================================================================= fixtures
 @pytest.fixture(scope="module")
 def kit(tiny_zoo, one_thread) -> dict[str, Any]:
@@ -158,8 +203,8 @@ def test_emulated_crashes_then_resume_match_an_uninterrupted_run(kit: dict[str, 
     # nodes per call before the emulated crash: land in different items and at different nodes (a feature item
     # takes 6 to 15 nodes); each resumed call counts from zero again
     for n in (2, 5, 9, 14, 4):
-        with pytest.raises(KeyboardInterrupt):
-            run_plan(store, kit["prep"], resume=run_id is not None, stop_after_nodes=n, commit=every2)
+        with pytest.MonkeyPatch.context() as mp, pytest.raises(SimulatedCrash):
+            run_plan(store, kit["prep"], resume=run_id is not None, on_node=Kill(mp).after_nodes(n), commit=every2)
         runs = plan_runs(store.path)
         run_id = run_id or runs[0][0]
         assert runs == [(run_id, "running")], "a crashed run stays unfinished, and resume continued it"
@@ -199,7 +244,7 @@ def test_crashes_inside_nodes_then_resume_match_an_uninterrupted_run(kit: dict[s
     """Crashes in the middle of a node, right after one of its writes (the node runs again on resume and must
     write the same rows, not new ones), and inside a group commit's transaction (rolled back: the rows come back
     from the checkpoints)."""
-    from autoexplain.agent.runner import SimulatedCrash, run_plan
+    from autoexplain.agent.runner import run_plan
     from autoexplain.agent.store import Store
     from autoexplain.agent.store.outbox import GroupCommit, Outbox
 
@@ -215,30 +260,32 @@ def test_crashes_inside_nodes_then_resume_match_an_uninterrupted_run(kit: dict[s
     for n in (9, 14, 11, 17, 8, 13, 19, 10, 15, 12, 1000):
         count = [0]
         in_commit = n % 3 == 0 and n < 1000
-
-        def add(self: Any, table: str, data: Any, *, step: bool = True, n: int = n, count: list = count,
-                in_commit: bool = in_commit) -> int:
-            out = orig_add(self, table, data, step=step)
-            if step and not in_commit:  # a node's write (not the runner's own bookkeeping)
-                count[0] += 1
-                if count[0] >= n:
-                    hit.append(table)
-                    raise SimulatedCrash(f"emulated crash after node write {n}")
-            return out
-
-        def upsert(self: Any, table: str, data: Any, *, con: Any = None, in_commit: bool = in_commit) -> int:
-            out = orig_upsert(self, table, data, con=con)
-            if in_commit and con is not None and table == "explanations":  # mid-transaction: rolled back
-                hit.append("group commit")
-                raise SimulatedCrash("emulated crash inside a commit")
-            return out
-
         with pytest.MonkeyPatch.context() as mp:
+            kill = Kill(mp)
+
+            def add(self: Any, table: str, data: Any, *, step: bool = True, n: int = n, count: list = count,
+                    in_commit: bool = in_commit, kill: Kill = kill) -> int:
+                out = orig_add(self, table, data, step=step)
+                if step and not in_commit:  # a node's write (not the runner's own bookkeeping)
+                    count[0] += 1
+                    if count[0] >= n:
+                        hit.append(table)
+                        kill.now(f"emulated crash after node write {n}")
+                return out
+
+            def upsert(self: Any, table: str, data: Any, *, con: Any = None, in_commit: bool = in_commit,
+                       kill: Kill = kill) -> int:
+                out = orig_upsert(self, table, data, con=con)
+                if in_commit and con is not None and table == "explanations":  # mid-transaction: rolled back
+                    hit.append("group commit")
+                    kill.now("emulated crash inside a commit")
+                return out
+
             mp.setattr(Outbox, "upsert", add)
             mp.setattr(Store, "upsert", upsert)
             try:
                 res = run_plan(store, kit["prep"], resume=run_id is not None, commit=commit)
-            except KeyboardInterrupt:
+            except SimulatedCrash:
                 pass
         run_id = run_id or plan_runs(store.path)[0][0]
         if res is not None:
@@ -413,10 +460,10 @@ def test_resume_continues_the_newest_unfinished_run_of_the_same_plan(kit: dict[s
 
     store = Store(copy_db(kit["template"], tmp_path / "r.duckdb"))
     prep = small()
-    with pytest.raises(KeyboardInterrupt):
-        run_plan(store, prep, stop_after_nodes=3)
-    with pytest.raises(KeyboardInterrupt):
-        run_plan(store, prep, stop_after_nodes=3)  # no --resume: a second run of the same plan
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(SimulatedCrash):
+        run_plan(store, prep, on_node=Kill(mp).after_nodes(3))
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(SimulatedCrash):
+        run_plan(store, prep, on_node=Kill(mp).after_nodes(3))  # no --resume: a second run of the same plan
     (a, sa), (b, sb) = plan_runs(store.path)
     assert a != b and sa == sb == "running"
     res = run_plan(store, prep, resume=True)
@@ -438,8 +485,8 @@ def test_a_changed_plan_starts_a_new_run(kit: dict[str, Any], small: Any, tmp_pa
     from autoexplain.agent.store import Store
 
     store = Store(copy_db(kit["template"], tmp_path / "r.duckdb"))
-    with pytest.raises(KeyboardInterrupt):
-        run_plan(store, small(), stop_after_nodes=4)
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(SimulatedCrash):
+        run_plan(store, small(), on_node=Kill(mp).after_nodes(4))
     (a, _), = plan_runs(store.path)
     changed = small(budget={"steps": 30})
     res = run_plan(store, changed, resume=True)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
+from autoexplain.agent.store.rows import circuit_score_rows, score_id
 from autoexplain.evals.circuits import (
     CircuitScores,
     circuit_nodes,
@@ -25,7 +26,6 @@ from autoexplain.evals.circuits import (
     rank_auc,
     recall,
     score_circuit,
-    score_id,
 )
 from autoexplain.evals.truth.planted_circuits import PlantedCircuit, induction, suppression
 from autoexplain.tools.circuits import Circuit, EdgeScores, faithfulness_curve, find_circuit, score_edges
@@ -214,7 +214,8 @@ def test_recall_precision_and_unknown_truth(planted) -> None:
 def test_score_rows_carry_the_setup_and_have_stable_ids(planted, tmp_path) -> None:
     p, setup, scores = planted["suppression"]
     res = score_circuit(setup, _circuit(scores, set(p.planted)), true_edges=p.planted)
-    rows = res.score_rows("xc1")
+    rows = circuit_score_rows(res, "xc1")
+    assert [s.metric for s in res.scores()] == [r["metric"] for r in rows]  # the domain scores, bound to xc1
     assert {r["metric"] for r in rows} == METRICS and len(rows) == len(METRICS)
     for r in rows:
         d = r["details"]
@@ -224,19 +225,22 @@ def test_score_rows_carry_the_setup_and_have_stable_ids(planted, tmp_path) -> No
         json.dumps(d)
     by = {r["metric"]: r for r in rows}
     assert by["completeness"]["value"] == res.completeness and by["cpr"]["details"]["percents"][0] == 0.1
-    assert [r["score_id"] for r in res.score_rows("xc1")] == [r["score_id"] for r in rows]  # deterministic
-    assert not {r["score_id"] for r in res.score_rows("xc2")} & {r["score_id"] for r in rows}
+    assert [r["score_id"] for r in circuit_score_rows(res, "xc1")] == [r["score_id"] for r in rows]  # deterministic
+    assert not {r["score_id"] for r in circuit_score_rows(res, "xc2")} & {r["score_id"] for r in rows}
+    tagged = circuit_score_rows(res, "xc1", "circ-1")  # the circuits row the scores belong to: same ids
+    assert [r["score_id"] for r in tagged] == [r["score_id"] for r in rows]
+    assert all(r["details"] == {**o["details"], "circuit_id": "circ-1"} for r, o in zip(tagged, rows, strict=True))
     assert len({r["score_id"] for r in rows}) == len(rows)
     bare = score_circuit(setup, _circuit(scores, set(p.planted)), percents=None)
-    assert {r["metric"] for r in bare.score_rows("xc1")} == METRICS - {"cpr", "cmd", "edge_roc_auc", "edge_recall",
-                                                                        "edge_precision"}
+    assert {r["metric"] for r in circuit_score_rows(bare, "xc1")} == METRICS - {
+        "cpr", "cmd", "edge_roc_auc", "edge_recall", "edge_precision"}
     assert "Intervention-level" in res.summary() and len(res.summary()) < 1000
     assert CircuitScores.model_validate_json(res.model_dump_json()) == res
     from autoexplain.agent.store import Store
 
     store = Store(tmp_path / "scores.duckdb")
     store.upsert("scores", rows)
-    store.upsert("scores", res.score_rows("xc1"))  # idempotent on the same ids
+    store.upsert("scores", circuit_score_rows(res, "xc1"))  # idempotent on the same ids
     _, got = store.query("select count(*), count(distinct details->>'ablation') from scores")
     assert got == [(len(METRICS), 1)]
 
@@ -252,7 +256,7 @@ def test_a_circuit_from_another_graph_is_refused(planted) -> None:
 
 def test_scores_a_found_circuit_on_the_tiny_toy_world(tiny_zoo) -> None:
     from autoexplain.tools.data import load_task_file, tokenize_task
-    from autoexplain.tools.models import load_model
+    from autoexplain.tools.loading import load_model
 
     lm = load_model("toy:tiny", device="cpu")
     task = tokenize_task(load_task_file(tiny_zoo.task_file("induction")), lm.tokenizer, n_ctx=lm.n_ctx)

@@ -17,27 +17,43 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from autoexplain.agent import store as store_mod
+from autoexplain.agent.llm import LLMClient, LLMConfig
 from autoexplain.agent.store import MIGRATIONS, Store
+from autoexplain.agent.store import db as store_mod
+from autoexplain.agent.store.harvest import rows_sink
+from autoexplain.agent.store.rows import (
+    feature_score_rows,
+    judgement_set_rows,
+    judgement_sets,
+    score_id,
+    split_rows,
+    utc_now,
+)
 from autoexplain.evals.features import (
+    SCORERS,
     SPLITS,
     Example,
+    ExampleJudgement,
+    ScorerOutcome,
+    ScoringContext,
     examples_from_query,
     explanation_size,
     pearson,
     score_explanation,
     split_examples,
-    split_rows,
     succinctness,
 )
 from autoexplain.evals.judges import (
+    JUDGES,
     EmbeddingJudge,
     Judgement,
     LexicalJudge,
     LLMJudge,
     Simulation,
     lexical_terms,
+    make_judge,
 )
+from autoexplain.evals.scores import Score
 from autoexplain.evals.truth.planted_features import (
     DEFAULT_VOCAB,
     PLANTED_DESCRIPTIONS,
@@ -48,6 +64,7 @@ from autoexplain.evals.truth.planted_features import (
     vocab_for,
     write_corpus,
 )
+from autoexplain.tools.errors import InputError
 from autoexplain.tools.harvest import HarvestIn, harvest
 from autoexplain.tools.models import load_model
 from autoexplain.tools.registry import ToolContext
@@ -67,7 +84,7 @@ def harvested(planted, one_thread, tmp_path_factory: pytest.TempPathFactory):
     lm = load_model(str(planted.model_dir), device="cpu")
     sae = load_sae(str(planted.sae_dir), lm)
     store = Store(root / "scores.duckdb")
-    ctx = ToolContext(model=lm, saes={sae.sae_id: sae}, sink=store.upsert)
+    ctx = ToolContext(model=lm, saes={sae.sae_id: sae}, sink=rows_sink(store.upsert))
     harvest(ctx, HarvestIn(sae_id=sae.sae_id, dataset=str(corpus), n_tokens=8000, ctx=16, batch_size=16, top_k=20,
                            reservoir=100, n_quantiles=4, per_quantile=10, n_random=40, random_pool=256, left=6,
                            right=3), work_dir=root / "work")
@@ -90,7 +107,7 @@ def _score(harvested, text: str, f: int, judge=None, **kw):
 def test_harvested_rows_get_the_same_split_as_the_stored_one(harvested, planted) -> None:
     """``with_split`` (what a harvest's sink applies as it writes) matches ``split_examples`` feature by feature,
     and leaves rows whose feature already has a split alone."""
-    from autoexplain.evals.features import with_split
+    from autoexplain.agent.store.rows import with_split
 
     store, _ = harvested
     cols, rows = store.query(f"select feature_index, sae_id, {EXAMPLE_COLS} from feature_examples "
@@ -142,12 +159,12 @@ def test_judgements_use_only_score_examples_and_are_stored(harvested) -> None:
     store, _ = harvested
     res = _score(harvested, TRUE[0], 0)
     rows = res.judgements
-    assert rows and {r["scorer"] for r in rows} == {"detection", "fuzzing", "simulation"}
-    assert all(r["split"] == "score" for r in rows)
+    assert rows and {r.scorer for r in rows} == {"detection", "fuzzing", "simulation"}
+    assert all(r.split == "score" for r in rows)
     explain = {(e.kind, e.example_id) for e in _examples(store, 0) if e.split == "explain"}
-    assert not explain & {(r["example_kind"], r["example_id"]) for r in rows}
-    store.upsert("judgement_sets", res.judgement_set_rows())
-    store.upsert("scores", [{**r, "explanation_id": res.explanation_id} for r in res.score_rows()])
+    assert not explain & {(r.example_kind, r.example_id) for r in rows}
+    store.upsert("judgement_sets", judgement_set_rows(res))
+    store.upsert("scores", feature_score_rows(res))
     # in SQL: every judged example is a score-side example, no judged window was on the explain side
     bad = store.query("""select count(*) from judgements j join feature_examples x
         on x.sae_id = j.sae_id and x.feature_index = j.feature_index and x.kind = j.example_kind
@@ -173,10 +190,10 @@ def test_judgements_use_only_score_examples_and_are_stored(harvested) -> None:
     assert store.query("select count(*) from judgement_sets")[1][0][0] == 3
     got = store.query("select judgement_id, example_kind, example_id, truth, prediction, ok, raw from judgements")[1]
     assert sorted((g[0], g[1], g[2], g[3], g[4], g[5], json.loads(g[6])) for g in got) == sorted(
-        (r["judgement_id"], r["example_kind"], r["example_id"], r["truth"], r["prediction"], r["ok"], r["raw"])
+        (r.judgement_id, r.example_kind, r.example_id, r.truth, r.prediction, r.ok, r.raw)
         for r in rows)
     # re-scoring rewrites the same sets (idempotent ids)
-    store.upsert("judgement_sets", _score(harvested, TRUE[0], 0).judgement_set_rows())
+    store.upsert("judgement_sets", judgement_set_rows(_score(harvested, TRUE[0], 0)))
     assert store.query("select count(*) from judgements")[1][0][0] == len(rows)
 
 
@@ -276,30 +293,30 @@ def test_simulation_correlation_on_planted_features(harvested, f: int) -> None:
 def test_simulation_rows_and_metric(harvested) -> None:
     store, _ = harvested
     res = _score(harvested, TRUE[0], 0)
-    rows = [r for r in res.judgements if r["scorer"] == "simulation"]
-    det = [r for r in res.judgements if r["scorer"] == "detection"]
+    rows = [r for r in res.judgements if r.scorer == "simulation"]
+    det = [r for r in res.judgements if r.scorer == "detection"]
     # the same contexts as detection, score side only, truth = the context activates
-    assert {(r["example_kind"], r["example_id"], r["truth"]) for r in rows} == {
-        (r["example_kind"], r["example_id"], r["truth"]) for r in det}
-    assert len(rows) == res.n_simulation and all(r["ok"] and r["split"] == "score" for r in rows)
+    assert {(r.example_kind, r.example_id, r.truth) for r in rows} == {
+        (r.example_kind, r.example_id, r.truth) for r in det}
+    assert len(rows) == res.n_simulation and all(r.ok and r.split == "score" for r in rows)
     # "fires somewhere" agrees with the lexical judge's detection answer, and every activating context is found
-    answer = {(r["example_kind"], r["example_id"]): r["prediction"] for r in det}
-    assert all(r["prediction"] == answer[(r["example_kind"], r["example_id"])] for r in rows)
-    assert all(r["prediction"] for r in rows if r["truth"])
+    answer = {(r.example_kind, r.example_id): r.prediction for r in det}
+    assert all(r.prediction == answer[(r.example_kind, r.example_id)] for r in rows)
+    assert all(r.prediction for r in rows if r.truth)
     # r recomputed from the stored per-token predictions and the examples' activations (normalised to 0–10)
     acts = {(e.kind, e.example_id): e.acts for e in _examples(store, 0)}
-    top = max(max(acts[(r["example_kind"], r["example_id"])]) for r in rows)
-    pred = [v for r in rows for v in r["raw"]["values"]]
-    truth = [10 * a / top for r in rows for a in acts[(r["example_kind"], r["example_id"])]]
+    top = max(max(acts[(r.example_kind, r.example_id)]) for r in rows)
+    pred = [v for r in rows for v in r.raw["values"]]
+    truth = [10 * a / top for r in rows for a in acts[(r.example_kind, r.example_id)]]
     assert len(pred) == res.n_simulation_tokens
     assert pearson(pred, truth) == pytest.approx(res.simulation_correlation)
     # per-context r is stored where defined (activating contexts), absent where the truth is flat (negatives)
-    assert all(("correlation" in r["raw"]) == r["truth"] for r in rows)
+    assert all(("correlation" in r.raw) == r.truth for r in rows)
     # the lexical judge cannot grade: ' owl' (2.5) and ' cat' (1) both get 10, so r < 1 on the graded feature 0
     assert res.simulation_correlation < 0.999
     # correctness stays the detection balanced accuracy; the simulation r is its own metric
     assert res.correctness == res.detection_balanced_accuracy
-    (row,) = [r for r in res.score_rows() if r["metric"] == "simulation"]
+    (row,) = [r for r in feature_score_rows(res) if r["metric"] == "simulation"]
     assert row["value"] == res.simulation_correlation and row["n"] == res.n_simulation
 
 
@@ -334,8 +351,8 @@ def test_embedding_judge_simulation(harvested) -> None:
     true = _score(harvested, "animals", 0, judge)
     print("embedding", true.simulation_correlation)
     assert true.simulation_correlation > 0.3
-    assert all(r["raw"]["threshold_from"] == "calibrated on explain split" for r in true.judgements
-               if r["scorer"] == "simulation")
+    assert all(r.raw["threshold_from"] == "calibrated on explain split" for r in true.judgements
+               if r.scorer == "simulation")
     for text in ("colours", "numbers", "punctuation"):
         other = _score(harvested, text, 0, judge).simulation_correlation
         print("  embedding false", text, other)
@@ -355,9 +372,9 @@ def test_embedding_judge_on_planted_features(harvested) -> None:
     judge = EmbeddingJudge()
     true = _score(harvested, "animals", 0, judge)
     assert true.embedding_auc > 0.9 and true.correctness > 0.8
-    assert {r["scorer"] for r in true.judgements} == {"detection", "fuzzing", "embedding", "simulation"}
-    assert all(r["raw"]["threshold_from"] == "calibrated on explain split" for r in true.judgements
-               if r["scorer"] == "detection")
+    assert {r.scorer for r in true.judgements} == {"detection", "fuzzing", "embedding", "simulation"}
+    assert all(r.raw["threshold_from"] == "calibrated on explain split" for r in true.judgements
+               if r.scorer == "detection")
     for text in ("colours", "people's names", "numbers", "any word"):
         other = _score(harvested, text, 0, judge)
         assert true.correctness > other.correctness + 0.15, (text, other.correctness)
@@ -458,13 +475,21 @@ def fake_llm():
     server.server_close()
 
 
+def _llm_judge(base_url: str, on_call=None) -> LLMJudge:
+    """An LLM judge on the agent's client pointed at the scripted server; no retries and no repair rounds, so each
+    judge call is exactly one request (the script answers call by call)."""
+    cfg = LLMConfig(model="fake-model", base_url=base_url, api_key="sk-fake", timeout_s=10, max_retries=0,
+                    max_repairs=0)
+    return LLMJudge(LLMClient(cfg, on_call=on_call), "fake-model")
+
+
 def test_llm_judge_garbage_becomes_failure_rows(harvested, fake_llm: str) -> None:
-    judge = LLMJudge("fake-model", base_url=fake_llm, api_key="sk-fake", timeout_s=10, max_retries=0)
+    judge = _llm_judge(fake_llm)
     res = _score(harvested, "animals", 0, judge, n_activating=15, n_nonactivating=15)
     rows = res.judgements
     assert judge.calls == len(_Script.calls) > 3
-    failed = [r for r in rows if not r["ok"]]
-    good = [r for r in rows if r["ok"]]
+    failed = [r for r in rows if not r.ok]
+    good = [r for r in rows if r.ok]
     # two calls in three fail (garbage, wrong count): every context of those calls is a failure row — except a
     # simulation reply whose first list alone has the wrong length: that context alone fails ...
     calls = list(zip(_Script.calls, _Script.kinds, strict=True))
@@ -472,29 +497,30 @@ def test_llm_judge_garbage_becomes_failure_rows(harvested, fake_llm: str) -> Non
     expected = sum(1 if (i % 3 == 2 and k == "simulation") else c for i, (c, k) in enumerate(calls) if i % 3)
     assert len(failed) == expected and expected > 0
     # ... with no prediction (never a default 'no') and the error kept
-    assert all(r["prediction"] is None and r["error"] for r in failed)
-    assert any("ValidationError" in r["error"] for r in failed)
-    assert any("expected" in r["error"] and "answers" in r["error"] for r in failed)
-    sim_failed = [r for r in failed if r["scorer"] == "simulation"]
-    assert any("ValidationError" in r["error"] for r in sim_failed)
-    assert any(r["error"].startswith("expected") and "values for text 1" in r["error"]
+    assert all(r.prediction is None and r.error for r in failed)
+    # (the client's LLMBadOutput names the schema the reply failed to validate against, and why)
+    assert any("no valid JudgeReply" in r.error and "Invalid JSON" in r.error for r in failed)
+    assert any("expected" in r.error and "answers" in r.error for r in failed)
+    sim_failed = [r for r in failed if r.scorer == "simulation"]
+    assert any("no valid SimulationReply" in r.error and "Invalid JSON" in r.error for r in sim_failed)
+    assert any(r.error.startswith("expected") and "values for text 1" in r.error
                for r in sim_failed)
-    assert all("values" not in r["raw"] for r in sim_failed)  # a failure predicts nothing, not zeros
-    assert all(isinstance(r["prediction"], bool) for r in good) and good
+    assert all("values" not in r.raw for r in sim_failed)  # a failure predicts nothing, not zeros
+    assert all(isinstance(r.prediction, bool) for r in good) and good
     assert res.n_failures == len(failed) and 0 < res.failure_rate < 1
     # metrics come from the successful rows only: the scripted judge is right whenever it answers
     assert res.correctness == pytest.approx(1.0)
     assert res.n_detection == 30 == res.n_simulation
     # simulation: r over the successfully simulated contexts only; the script simulates like the lexical judge
-    sim_ok = [r for r in good if r["scorer"] == "simulation"]
-    assert sim_ok and all(len(r["raw"]["values"]) > 0 for r in sim_ok)
+    sim_ok = [r for r in good if r.scorer == "simulation"]
+    assert sim_ok and all(len(r.raw["values"]) > 0 for r in sim_ok)
     assert res.simulation_correlation > 0.8
-    assert res.n_simulation_tokens == sum(len(r["raw"]["values"]) for r in sim_ok)
+    assert res.n_simulation_tokens == sum(len(r.raw["values"]) for r in sim_ok)
 
 
 def test_llm_simulation_replies(fake_llm: str) -> None:
     """Out-of-range values, wrong outer counts and refusals of a simulation reply are failures of every context."""
-    judge = LLMJudge("fake-model", base_url=fake_llm, api_key="sk-fake", timeout_s=10, max_retries=0)
+    judge = _llm_judge(fake_llm)
     contexts = [["The", " cat", " sat"], [" red", " owl"]]
     _Script.replies = [json.dumps({"activations": [[0, 7, 0], [0, 10]]}),
                        json.dumps({"activations": [[0, 11, 0], [0, 10]]}),  # 11 is off the scale
@@ -516,18 +542,89 @@ def test_llm_simulation_replies(fake_llm: str) -> None:
 
 def test_llm_judge_all_failures_gives_no_score(harvested) -> None:
     class Broken:
-        class chat:
-            class completions:
-                @staticmethod
-                def parse(**kw):
-                    raise ConnectionError("endpoint down")
+        def structured(self, messages, schema, *, purpose):
+            raise ConnectionError("endpoint down")
 
-    judge = LLMJudge("m", client=Broken())
+    judge = LLMJudge(Broken(), "m")
     res = _score(harvested, "animals", 0, judge, n_activating=5, n_nonactivating=5)
     assert res.correctness is None and res.completeness is None and res.failure_rate == 1.0
     assert res.simulation_correlation is None and res.n_simulation_tokens == 0
-    assert all(r["prediction"] is None and "endpoint down" in r["error"] for r in res.judgements)
+    assert all(r.prediction is None and "endpoint down" in r.error for r in res.judgements)
     assert Judgement.failure("x").ok is False
+
+
+def test_llm_judge_calls_go_through_the_client_as_judge_calls(fake_llm: str) -> None:
+    """The judge never builds its own endpoint client: every call is the client's (logged with purpose 'judge');
+    a client that returns the bare reply works too; a configuration error stops the run, never a failure row."""
+    records: list[dict] = []
+    judge = _llm_judge(fake_llm, on_call=records.append)
+    assert judge.name == "llm:fake-model"
+    out = judge.judge_detection("animals", [[" the", " cat"], [" red"]])
+    assert [j.prediction for j in out] == [True, False]
+    assert [r["purpose"] for r in records] == ["judge"] and records[0]["ok"]
+
+    class Bare:
+        def structured(self, messages, schema, *, purpose):
+            assert purpose == "judge" and messages[0]["role"] == "system"
+            return schema(answers=[True, False])
+
+    assert [j.prediction for j in LLMJudge(Bare(), "m").judge_detection("x", [["a"], ["b"]])] == [True, False]
+
+    class Misconfigured:
+        def structured(self, messages, schema, *, purpose):
+            raise InputError("the LLM endpoint rejected the API key")
+
+    with pytest.raises(InputError, match="API key"):
+        LLMJudge(Misconfigured(), "m").judge_detection("x", [["a"]])
+
+
+def test_judges_are_one_catalogue_entry_each(fake_llm: str) -> None:
+    assert set(JUDGES) == {"lexical", "embedding", "llm"}
+    assert make_judge("lexical").name == "lexical"
+    assert make_judge("lexical", lexicon={"animal": frozenset({"cat"})}).name.startswith("lexical:")
+    assert isinstance(make_judge("embedding"), EmbeddingJudge)
+    client = LLMClient(LLMConfig(model="fake-model", base_url=fake_llm, api_key="sk-fake", max_retries=0))
+    judge = make_judge("llm", llm_client=client, model_name="fake-model")
+    assert isinstance(judge, LLMJudge) and judge.name == "llm:fake-model" and judge.client is client
+    with pytest.raises(InputError, match="needs an LLM client"):
+        make_judge("llm", model_name="fake-model")
+    with pytest.raises(InputError, match="unknown judge 'oracle'.*lexical, embedding, llm"):
+        make_judge("oracle")
+
+
+def test_a_new_scorer_is_one_catalogue_entry(harvested) -> None:
+    """A scorer added to the catalogue is run after the others (their results unchanged), and its metric and
+    judgements are stored like theirs."""
+
+    def constant(ctx: ScoringContext) -> ScorerOutcome:
+        e = ctx.positives[0]
+        return ScorerOutcome(metrics=[Score(metric="constant", value=0.5, n=1, details={"why": "test"})],
+                             judgements=[ctx.judged("constant", "none", e, True, Judgement(prediction=True))])
+
+    base = _score(harvested, TRUE[0], 0)
+    res = _score(harvested, TRUE[0], 0, scorers={**SCORERS, "constant": constant})
+    assert res.model_dump(exclude={"metrics", "judgements", "scored_at", "n_failures", "failure_rate"}) == \
+        base.model_dump(exclude={"metrics", "judgements", "scored_at", "n_failures", "failure_rate"})
+    rows = {r["metric"]: r for r in feature_score_rows(res)}
+    assert rows["constant"]["value"] == 0.5 and rows["constant"]["details"] == {
+        "judge": "lexical", "sae_id": harvested[1], "feature_index": 0, "split": "score", "n_failures": 0,
+        "why": "test"}
+    assert {r["metric"] for r in feature_score_rows(base)} == set(rows) - {"constant"}
+    sets = {(r["scorer"], r["judge"]): r for r in judgement_set_rows(res)}
+    assert sets["constant", "none"]["judgement_ids"] == [res.judgements[-1].judgement_id]
+
+
+def test_feature_score_rows_have_stable_ids_and_the_judge_in_details(harvested) -> None:
+    res = _score(harvested, TRUE[0], 0)
+    rows = feature_score_rows(res)
+    assert [r["metric"] for r in rows] == ["correctness", "completeness", "succinctness", "detection",
+                                           "quantile_recall", "fuzzing", "embedding_auc", "simulation"]
+    for r in rows:
+        assert r["score_id"] == score_id(res.explanation_id, r["metric"], "lexical")
+        assert list(r["details"])[:5] == ["judge", "sae_id", "feature_index", "split", "n_failures"]
+    again = feature_score_rows(_score(harvested, TRUE[0], 0))
+    assert [r["score_id"] for r in again] == [r["score_id"] for r in rows]
+    assert [(r["value"], r["n"], r["details"]) for r in again] == [(r["value"], r["n"], r["details"]) for r in rows]
 
 
 # ============================================================================= store migration
@@ -546,12 +643,10 @@ def test_v1_database_is_migrated_to_the_current_schema(tmp_path: Path, monkeypat
     new = Store(path)
     assert new.schema_version() == MIGRATIONS[-1].version >= 2  # v2 (judgements) and any later migration
     assert new.query("select count(*) from feature_examples")[1] == [(1,)]  # nothing lost
-    from autoexplain.evals.features import judgement_sets
-
-    new.upsert("judgement_sets", judgement_sets([{
-        "judgement_id": "j", "explanation_id": "x", "sae_id": "s", "feature_index": 0, "scorer": "detection",
-        "judge": "lexical", "example_kind": "top", "example_id": 0, "split": "score", "truth": True,
-        "prediction": None, "ok": False, "error": "bad", "raw": {"reply": "??"}, "created_at": store_mod._now()}]))
+    new.upsert("judgement_sets", judgement_sets([ExampleJudgement(
+        judgement_id="j", scorer="detection", judge="lexical", example_kind="top", example_id=0, split="score",
+        truth=True, prediction=None, ok=False, error="bad", raw={"reply": "??"})], explanation_id="x", sae_id="s",
+        feature_index=0, created_at=utc_now()))
     assert new.query("select ok, prediction, raw->>'reply' from judgements")[1] == [(False, None, "??")]
 
 
@@ -561,15 +656,16 @@ def test_v3_judgements_move_into_sets_and_read_back_unchanged(tmp_path: Path,
     path = tmp_path / "v3.duckdb"
     monkeypatch.setattr(store_mod, "MIGRATIONS", MIGRATIONS[:3])
     old = Store(path)
-    now = store_mod._now()
+    now = utc_now()
     rows = [{"judgement_id": f"j{i}", "explanation_id": f"x{i % 2}", "sae_id": "s", "feature_index": 3,
              "scorer": "detection" if i < 4 else "fuzzing", "judge": "lexical", "example_kind": "top",
              "example_id": i, "split": "score", "truth": i % 3 == 0, "prediction": None if i == 5 else i % 2 == 0,
              "ok": i != 5, "error": "bad reply" if i == 5 else None, "raw": {"i": i}, "created_at": now}
             for i in range(7)]
-    with old.transaction() as con:  # (v3 wrote judgements row by row)
-        Store._insert_groups(con, "judgements", {tuple(sorted(rows[0])): [{**r, "raw": json.dumps(r["raw"])}
-                                                                           for r in rows]})
+    names = list(rows[0])
+    with old.transaction() as con:  # (v3 wrote judgements row by row; the declared tables no longer include it)
+        con.executemany(f"insert into judgements ({', '.join(names)}) values ({', '.join('?' * len(names))})",
+                        [[json.dumps(r[k]) if k == "raw" else r[k] for k in names] for r in rows])
     cols = ("judgement_id, explanation_id, sae_id, feature_index, scorer, judge, example_kind, example_id, split, "
             "truth, prediction, ok, error, json(raw)::varchar, created_at")  # (json(): minified)
     before = sorted(old.query(f"select {cols} from judgements")[1])

@@ -31,6 +31,7 @@ from autoexplain.tools.circuits import (
 from autoexplain.tools.errors import InputError
 from autoexplain.tools.patching import PatchSetup
 from autoexplain.tools.registry import SUMMARY_MAX_CHARS, ToolContext, default_registry
+from autoexplain.tools.vocab import Edge
 
 from cli_support import CLI, assert_input_error, cli_env, run_cli
 
@@ -161,6 +162,13 @@ def test_catalogue_and_tool(tiny_model) -> None:
     out = reg.call(ctx, "circuit_search", {"prompts": prompts, "steps": 3})  # no wrong answers everywhere
     assert out.metric.value == "answer_prob" and len(out.summary()) <= SUMMARY_MAX_CHARS
     assert "faithfulness" in out.summary() and len(out.curve) == len(CURVE_PERCENTS)
+    # typed edges in Python, the edge strings in JSON (the tool cache), and back
+    assert isinstance(out.edges[0].edge, Edge) and out.all_scores is not None
+    dumped = json.loads(out.model_dump_json())
+    assert dumped["edges"][0]["edge"] == str(out.edges[0].edge)
+    assert dumped["all_scores"]["edges"] == [str(e) for e in out.all_scores.edges]
+    again = type(out).model_validate_json(out.model_dump_json())
+    assert again == out and isinstance(again.all_scores.edges[0], Edge)
     with pytest.raises(InputError, match="top_k or threshold, not both"):
         reg.call(ctx, "circuit_search", {"prompts": prompts, "top_k": 3, "threshold": 0.1})
 

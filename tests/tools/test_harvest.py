@@ -8,11 +8,13 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from autoexplain.agent.store import Store
+from autoexplain.agent.store.harvest import rows_sink
 from autoexplain.tools.errors import InputError
 from autoexplain.tools.harvest import HarvestIn, harvest
 from autoexplain.tools.models import load_model
@@ -46,7 +48,7 @@ def planted_ctx(planted):
 def _run(planted_ctx, db: Path, corpus: Path, **kw) -> tuple[Store, object]:
     lm, sae = planted_ctx
     store = Store(db)
-    ctx = ToolContext(model=lm, saes={sae.sae_id: sae}, sink=store.upsert)
+    ctx = ToolContext(model=lm, saes={sae.sae_id: sae}, sink=rows_sink(store.upsert))
     args = HarvestIn(sae_id=sae.sae_id, dataset=str(corpus), n_tokens=3000, ctx=16, batch_size=8, top_k=5,
                      reservoir=20, n_quantiles=4, per_quantile=2, n_random=5, random_pool=32, **kw)
     return store, harvest(ctx, args, work_dir=db.parent / "work")
@@ -104,6 +106,16 @@ def test_planted_features_known_answers(planted, planted_ctx, corpus, tmp_path) 
     assert "dead" in out.summary() and len(out.summary()) < 2000
 
 
+def _stop_after(n: int) -> Callable[[int, int], None]:
+    """A progress callback that interrupts the pass once ``n`` batches are done (as a user's Ctrl-C would)."""
+
+    def progress(done: int, total: int) -> None:
+        if done >= n:
+            raise KeyboardInterrupt(f"stopped after {done} of {total} batches")
+
+    return progress
+
+
 def test_interrupted_harvest_resumes_to_the_same_result(planted_ctx, corpus, tmp_path) -> None:
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
@@ -111,11 +123,11 @@ def test_interrupted_harvest_resumes_to_the_same_result(planted_ctx, corpus, tmp
     with pytest.raises(KeyboardInterrupt):
         lm, sae = planted_ctx
         store = Store(tmp_path / "b" / "h.duckdb")
-        ctx = ToolContext(model=lm, saes={sae.sae_id: sae}, sink=store.upsert)
+        ctx = ToolContext(model=lm, saes={sae.sae_id: sae}, sink=rows_sink(store.upsert))
         args = HarvestIn(sae_id=sae.sae_id, dataset=str(corpus), n_tokens=3000, ctx=16, batch_size=8, top_k=5,
                          reservoir=20, n_quantiles=4, per_quantile=2, n_random=5, random_pool=32,
                          checkpoint_every=2)
-        harvest(ctx, args, work_dir=tmp_path / "b" / "work", stop_after_batches=7)
+        harvest(ctx, args, work_dir=tmp_path / "b" / "work", progress=_stop_after(7))
     assert store.query("select count(*) from features")[1][0][0] == 0  # nothing stored from a partial run
     store_b, out = _run(planted_ctx, tmp_path / "b" / "h.duckdb", corpus, checkpoint_every=2)
     assert out.resumed_from_batch == 7
@@ -125,7 +137,7 @@ def test_interrupted_harvest_resumes_to_the_same_result(planted_ctx, corpus, tmp
 
 def test_bad_harvest_arguments(planted_ctx, corpus) -> None:
     lm, sae = planted_ctx
-    ctx = ToolContext(model=lm, saes={sae.sae_id: sae}, sink=lambda t, r: None)
+    ctx = ToolContext(model=lm, saes={sae.sae_id: sae}, sink=lambda result: None)
     reg = default_registry()
     with pytest.raises(InputError, match="unknown sae_id"):
         reg.call(ctx, "harvest", {"sae_id": "nope", "dataset": str(corpus)})

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from autoexplain.tools import loading
 from autoexplain.tools.errors import InputError
 from autoexplain.tools.models import hook_name, load_model, site_from_hook_name
 from autoexplain.tools.vocab import HEAD_KINDS, Site, SiteKind
@@ -125,7 +126,24 @@ def test_bad_model_paths(tmp_path: Path, tiny_gpt2_dir: Path) -> None:
     with pytest.raises(InputError, match="is a file"):
         load_model(str(tmp_path / "file.txt"))
     with pytest.raises(InputError, match="unknown toy model"):
-        load_model("toy:nosuch")
+        loading.load_model("toy:nosuch")
+    with pytest.raises(InputError, match="toy-zoo spec: load it with autoexplain.tools.loading"):
+        load_model("toy:tiny")
+
+
+def test_models_and_saes_do_not_know_the_zoo() -> None:
+    """The zoo builds models with tools.models; toy specs are resolved in tools.loading, so nothing in models or
+    saes imports the zoo (no import cycle, not even a lazy one)."""
+    import ast
+
+    import autoexplain.tools.models
+    import autoexplain.tools.saes
+
+    for mod in (autoexplain.tools.models, autoexplain.tools.saes):
+        tree = ast.parse(Path(mod.__file__ or "").read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert not {m for m in imported if m and m.endswith("zoo")}, mod.__name__
 
 
 def test_hub_name_offline_fails_fast(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,7 +14,7 @@ from autoexplain.tools.errors import InputError
 from autoexplain.tools.models import hook_name
 from autoexplain.tools.patching import (
     Direction,
-    Metric,
+    PatchMetric,
     PatchSetup,
     build_graph,
     graph_edges,
@@ -197,8 +197,8 @@ def test_empty_and_full_edge_sets_give_clean_and_corrupt_runs(arch, tiny_model, 
     with torch.no_grad():
         clean = lm.model(task.clean)[torch.arange(5), task.answer_pos]
         corrupt = lm.model(task.corrupt)[torch.arange(5), task.answer_pos]
-    expected_clean = metric_values(clean, Metric.LOGIT_DIFF, task.answers, task.wrong).mean().item()
-    expected_corrupt = metric_values(corrupt, Metric.LOGIT_DIFF, task.answers, task.wrong).mean().item()
+    expected_clean = metric_values(clean, PatchMetric.LOGIT_DIFF, task.answers, task.wrong).mean().item()
+    expected_corrupt = metric_values(corrupt, PatchMetric.LOGIT_DIFF, task.answers, task.wrong).mean().item()
     assert setup.evaluate(g.mask([])) == pytest.approx(expected_clean, abs=1e-5)
     assert setup.m_clean == pytest.approx(expected_clean, abs=1e-5)
     # every edge patched through the single forward pass: the corrupt run
@@ -258,7 +258,7 @@ def test_eap_equals_explicit_gradients_and_finite_differences(tiny_model) -> Non
         final = lm.model.run_with_hooks(task.clean, fwd_hooks=[(hook_name(dg.site), keep) for dg in g.dst_groups],
                                         stop_at_layer=lm.n_layers)
         logits = setup._unembed(final[torch.arange(5), task.answer_pos])
-        metric_values(logits, Metric.LOGIT_DIFF, task.answers, task.wrong).mean().backward()
+        metric_values(logits, PatchMetric.LOGIT_DIFF, task.answers, task.wrong).mean().backward()
     lm.model.zero_grad(set_to_none=True)
     ref = torch.zeros(g.n_edges)
     for i, e in enumerate(graph_edges(lm)):
@@ -378,7 +378,7 @@ def test_node_patching_matches_transformer_lens(tiny_model) -> None:
 
     def metric(logits: torch.Tensor) -> torch.Tensor:
         at = logits[torch.arange(4), task.answer_pos]
-        return metric_values(at, Metric.LOGIT_DIFF, task.answers, task.wrong).mean()
+        return metric_values(at, PatchMetric.LOGIT_DIFF, task.answers, task.wrong).mean()
 
     with torch.no_grad():
         _, clean_cache = lm.model.run_with_cache(task.clean)
@@ -422,7 +422,7 @@ def test_node_patching_ablations_and_direction_rules(tiny_model) -> None:
 
     with torch.no_grad():
         logits = tiny_model.model.run_with_hooks(task.clean, fwd_hooks=[(site, z)])[torch.arange(5), task.answer_pos]
-    expected = metric_values(logits, Metric.LOGIT_DIFF, task.answers, task.wrong).mean().item()
+    expected = metric_values(logits, PatchMetric.LOGIT_DIFF, task.answers, task.wrong).mean().item()
     (pos2,) = [e for e in res.effects if e.position == 2]
     assert pos2.value == pytest.approx(expected, abs=1e-4)
     with pytest.raises(InputError, match="denoising .* needs resample"):
@@ -436,12 +436,12 @@ def test_metrics_with_padded_answer_lists() -> None:
     logits = torch.tensor([[0.0, 1.0, 2.0, 3.0], [1.0, 0.0, 0.0, 0.0]])
     answers = torch.tensor([[3, 2], [0, -1]])
     wrong = torch.tensor([[0, -1], [1, 2]])
-    ld = metric_values(logits, Metric.LOGIT_DIFF, answers, wrong)
+    ld = metric_values(logits, PatchMetric.LOGIT_DIFF, answers, wrong)
     assert ld.tolist() == pytest.approx([2.5 - 0.0, 1.0 - 0.0])
     p = logits.softmax(-1)
-    assert metric_values(logits, Metric.ANSWER_PROB, answers, wrong).tolist() == pytest.approx(
+    assert metric_values(logits, PatchMetric.ANSWER_PROB, answers, wrong).tolist() == pytest.approx(
         [float(p[0, 3] + p[0, 2]), float(p[1, 0])])
-    kl = metric_values(logits, Metric.KL, answers, wrong, clean_logp=logits.log_softmax(-1))
+    kl = metric_values(logits, PatchMetric.KL, answers, wrong, clean_logp=logits.log_softmax(-1))
     assert kl.abs().max() <= 1e-7
 
 
@@ -454,7 +454,7 @@ def test_variable_lengths_positions_and_ablation_values(tiny_model) -> None:
         n = int(task.seq_lens[i])
         with torch.no_grad():
             logit = tiny_model.model(task.clean[i:i + 1, :n])[0, n - 1]
-        alone.append(metric_values(logit[None], Metric.LOGIT_DIFF, task.answers[i:i + 1], task.wrong[i:i + 1]))
+        alone.append(metric_values(logit[None], PatchMetric.LOGIT_DIFF, task.answers[i:i + 1], task.wrong[i:i + 1]))
     assert setup.m_clean == pytest.approx(float(torch.cat(alone).mean()), abs=1e-5)
     # a fixed position, counted from each prompt's end
     assert torch.equal(PatchSetup(tiny_model, task, position=-2).chunks[0].pos, task.seq_lens - 2)
@@ -490,6 +490,7 @@ def test_patching_tools(tiny_model) -> None:
     assert "intervention" in out.summary().lower()
     res = reg.call(ctx, "activation_patching", {"prompts": prompts, "kind": "resid_pre", "layers": [1]})
     assert {e.site for e in res.effects} == {"resid_pre.1"} and len(res.effects) == 6  # BOS + 5 tokens
+    assert res.effects[0].site == Site.parse("resid_pre.1") and res.model_dump()["effects"][0]["site"] == "resid_pre.1"
     edges = reg.call(ctx, "edge_patching", {"prompts": prompts, "edges": ["a0.1->a1.2.k", "a1.2->logits"]})
     assert edges.patch_type.value == "edge" and edges.n_patched == 2
     paths = reg.call(ctx, "edge_patching", {"prompts": prompts, "paths": [["a0.1->a1.2.k", "a1.2->logits"]]})

@@ -11,8 +11,7 @@ import torch
 
 from autoexplain.tools import zoo
 from autoexplain.tools.data import load_task_file, load_texts, tokenize_task
-from autoexplain.tools.models import load_model
-from autoexplain.tools.saes import load_sae
+from autoexplain.tools.loading import load_model, load_sae
 
 MICRO = zoo.ZooSpec(name="micro", d_model=32, n_ctx=32, train_steps=12, batch_size=8, corpus_docs=200,
                     task_prompts=8, saes=(zoo.SAESpec(name="res0", site="resid_post.0", d_sae=32, k=2,
