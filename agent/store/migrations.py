@@ -3,8 +3,9 @@
 ``MIGRATIONS`` is an append-only list. ``schema_migrations`` records which ran; opening a database for writing
 applies the missing ones in order inside one transaction (:meth:`autoexplain.agent.store.db.Store`). A database
 written by a newer autoexplain is refused. The statements of a migration that has shipped never change: a change
-of schema is a new migration (derive a new table's DDL with :func:`autoexplain.agent.store.schema.create_table`)
-plus the matching edit of its declaration in :mod:`autoexplain.agent.store.schema` (a test checks the two agree).
+of schema is a new migration (a new table's DDL is what :func:`autoexplain.agent.store.schema.create_table`
+prints, pasted as text) plus the matching edit of its declaration in :mod:`autoexplain.agent.store.schema` (a
+test checks the two agree).
 """
 
 from __future__ import annotations

@@ -8,7 +8,9 @@ are ``total=False`` because an upsert may name only some columns (a status chang
 
 Migrations (:mod:`autoexplain.agent.store.migrations`) are the history that brings an older file to this shape; a
 test checks that a database migrated from version 1 has exactly the columns, types, NOT NULLs and defaults
-declared here. A new table is one declaration here plus one migration ``create_table(...)`` that derives its DDL.
+declared here. A new table is one declaration here plus one migration holding the DDL the declaration derives,
+*as text* (print it with :func:`create_table` and paste it): a shipped migration never changes, while a
+declaration does whenever a later migration alters its table.
 
 Python types map to DuckDB types: ``str`` varchar, ``int`` integer (``BIGINT`` marker: bigint), ``float`` double,
 ``bool`` boolean, ``datetime`` timestamp, ``list[str|int|bool]`` varchar[] / integer[] / boolean[], and any type
@@ -409,5 +411,6 @@ def table(name: str) -> Table:
 
 
 def create_table(name: str) -> str:
-    """The DDL of a declared table, for a migration that adds it."""
+    """The DDL of a declared table as it is declared now: to paste into a new migration (never call it from one —
+    a migration's statements are frozen history) and for the test that migrations reach the declarations."""
     return table(name).ddl()
