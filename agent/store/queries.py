@@ -45,7 +45,8 @@ def final_labels(store: Store, run_id: str) -> list[FinalLabel]:
     rows = store.query(
         "select e.target, e.text, b.correctness, b.completeness, b.succinctness, e.causal_level "
         "from explanations e join work_items w using (item_id) left join best_explanations b using (explanation_id) "
-        "where w.run_id = ? and e.is_final order by w.kind desc, b.correctness desc nulls last", [run_id])[1]
+        "where w.run_id = ? and e.is_final order by w.kind desc, b.correctness desc nulls last, e.target",
+        [run_id])[1]
     return [FinalLabel(*r) for r in rows]
 
 
