@@ -50,7 +50,9 @@ from autoexplain.agent.state import (
     now,
     stable_id,
 )
+from autoexplain.agent.store.rows import explanation_row
 from autoexplain.agent.toolrun import ToolRunner
+from autoexplain.tools.vocab import Explanation
 
 if TYPE_CHECKING:
     from langgraph.checkpoint.base import BaseCheckpointSaver
@@ -144,11 +146,10 @@ def _store_drafts(env: AgentEnv, item: WorkItem, step: int, drafts: list[Draft])
     for i, d in enumerate(drafts):
         eid = stable_id("expl", item.item_id, step, i, d.text)
         out.append({**d.model_dump(mode="json"), "explanation_id": eid})
-        rows.append({"explanation_id": eid, "run_id": item.run_id, "item_id": item.item_id, "target": item.target,
-                     "text": d.text, "author": env.policy.name, "llm_model": env.policy.llm_model,
-                     "causal_level": d.causal_level.value,
-                     "evidence": {"calls": d.evidence, "hypothesis": d.hypothesis_id, "dead": d.dead},
-                     "is_final": False, "budget_limited": False, "created_at": now()})
+        expl = Explanation(target=item.target, text=d.text, author=env.policy.name, llm_model=env.policy.llm_model,
+                           causal_level=d.causal_level, evidence=tuple(d.evidence))
+        rows.append(explanation_row(eid, item.run_id, item.item_id, expl, hypothesis_id=d.hypothesis_id,
+                                    dead=d.dead))
     if rows:
         env.out.upsert("explanations", rows)
     return out

@@ -458,10 +458,10 @@ def _dead_features(store: Store) -> Callable[[WorkItem], str | None]:
     def dead_text(item: WorkItem) -> str | None:
         if item.kind is not ItemKind.FEATURE:
             return None
-        sae_id = item.params["sae_id"]
+        sae_id = item.feature.sae_id
         if sae_id not in dead:
             dead[sae_id] = queries.dead_features(store, sae_id)
-        n_tokens = dead[sae_id].get(int(item.params["feature_index"]))
+        n_tokens = dead[sae_id].get(item.feature.index)
         return f"dead feature: never fired in {n_tokens} harvested tokens" if n_tokens is not None else None
 
     return dead_text

@@ -34,7 +34,7 @@ class FeatureScorer:
         from autoexplain.agent.store.rows import feature_score_rows, judgement_set_rows
         from autoexplain.evals.features import score_explanation
 
-        sae_id, f = item.params["sae_id"], int(item.params["feature_index"])
+        sae_id, f = item.feature.sae_id, item.feature.index
         examples = queries.feature_examples(self.store, sae_id, f)
         out = []
         for d in drafts:

@@ -21,7 +21,7 @@ from typing import Any, Literal, TypedDict
 
 from pydantic import BaseModel, Field
 
-from autoexplain.tools.vocab import CausalLevel
+from autoexplain.tools.vocab import CausalLevel, FeatureRef
 
 
 class ItemKind(StrEnum):
@@ -119,6 +119,13 @@ class WorkItem(BaseModel):
     kind: ItemKind
     target: str = Field(description="'sae_id#index' for a feature, the task name for a circuit")
     params: dict[str, Any] = Field(default_factory=dict, description="sae_id, feature_index / task_file, method …")
+
+    @property
+    def feature(self) -> FeatureRef:
+        """The feature a feature item explains (``ValueError`` for a circuit item)."""
+        if self.kind is not ItemKind.FEATURE:
+            raise ValueError(f"work item {self.item_id} explains a {self.kind.value}, not a feature")
+        return FeatureRef(sae_id=self.params["sae_id"], index=int(self.params["feature_index"]))
 
 
 class ToolRequest(BaseModel):

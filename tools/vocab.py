@@ -44,7 +44,7 @@ from enum import StrEnum
 from functools import cached_property
 from typing import Any, ClassVar, Self
 
-from pydantic import GetCoreSchemaHandler
+from pydantic import BaseModel, ConfigDict, Field, GetCoreSchemaHandler
 from pydantic_core import core_schema
 
 from autoexplain.tools.errors import InputError
@@ -183,6 +183,21 @@ class CausalLevel(StrEnum):
     ASSOCIATION = "association"
     INTERVENTION = "intervention"
     COUNTERFACTUAL = "counterfactual"
+
+
+class Explanation(BaseModel):
+    """What someone claims happens: the text, who wrote it (a policy, and the LLM behind it if any), the evidence it
+    rests on (tool call ids) and the causal level that evidence supports. Its numbers are
+    :class:`autoexplain.evals.scores.Score`s, stored against it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    target: str = Field(description="what is explained: a feature 'sae_id#index' or a task name")
+    text: str = Field(min_length=1)
+    author: str = Field(description="who wrote it: a policy name (offline, llm)")
+    llm_model: str | None = None
+    causal_level: CausalLevel = CausalLevel.ASSOCIATION
+    evidence: tuple[str, ...] = Field(default=(), description="tool call ids")
 
 
 # ----------------------------------------------------------------------------------------------- interventions

@@ -155,7 +155,7 @@ class OfflinePolicy(Policy):
     # ------------------------------------------------------------------------------------------------ features
     def _feature_plan(self, state: ItemState, item: WorkItem) -> PolicyStep:
         notes = state.get("notes") or {}
-        sae_id, f = item.params["sae_id"], int(item.params["feature_index"])
+        sae_id, f = item.feature.sae_id, item.feature.index
         if "ranked" not in notes and not notes.get("dead"):
             return PolicyStep(requests=[ToolRequest(tool="feature_examples",
                                                     args={"sae_id": sae_id, "feature_index": f, "n": 40})])

@@ -16,11 +16,12 @@ from typing import TYPE_CHECKING, Any
 from autoexplain.agent.store.schema import (
     CircuitEdgeRow,
     CircuitRow,
+    ExplanationRow,
     FeatureExampleRow,
     JudgementSetRow,
     ScoreRow,
 )
-from autoexplain.tools.vocab import Edge
+from autoexplain.tools.vocab import Edge, Explanation
 
 if TYPE_CHECKING:
     from autoexplain.evals.circuits import CircuitScores
@@ -32,6 +33,16 @@ if TYPE_CHECKING:
 def utc_now() -> dt.datetime:
     """The current UTC time without a zone (DuckDB ``timestamp``)."""
     return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+def explanation_row(explanation_id: str, run_id: str, item_id: str, expl: Explanation, *,
+                    hypothesis_id: str | None = None, dead: bool = False) -> ExplanationRow:
+    """A draft explanation's ``explanations`` row (not final; the agent marks its choice when it accepts)."""
+    return {"explanation_id": explanation_id, "run_id": run_id, "item_id": item_id, "target": expl.target,
+            "text": expl.text, "author": expl.author, "llm_model": expl.llm_model,
+            "causal_level": expl.causal_level.value,
+            "evidence": {"calls": list(expl.evidence), "hypothesis": hypothesis_id, "dead": dead},
+            "is_final": False, "budget_limited": False, "created_at": utc_now()}
 
 
 def circuit_id(model_id: str, fingerprint: str, method: str, top_k: int | None, threshold: float | None) -> str:
