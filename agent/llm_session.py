@@ -2,9 +2,10 @@
 token usage charged to the item being run (its budget).
 
 A run makes one client (:func:`make_client`) and hands it to whatever talks to the model: the ``llm`` policy and
-the ``llm`` judge alike, so the judge's calls are logged, cached for resume and counted like the policy's. The API
-key stays inside the client (:class:`~autoexplain.agent.llm.LLMConfig` keeps it as a secret and the records it
-reports are redacted); nothing here sees it.
+the ``llm`` judge alike, so the judge's calls are logged, cached for resume and counted like the policy's, and
+what the client learns about the endpoint (the structured-output and tool-calling modes it accepts) holds for
+both. The API key stays inside the client (:class:`~autoexplain.agent.llm.LLMConfig` keeps it as a secret and
+the records it reports are redacted); nothing here sees it.
 """
 
 from __future__ import annotations

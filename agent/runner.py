@@ -32,13 +32,14 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from autoexplain.agent.llm import LLMSettings
 from autoexplain.agent.state import Budget, ItemKind, ItemStatus, LLMMeter, Usage, WorkItem, now, stable_id
 from autoexplain.agent.store import queries
 from autoexplain.agent.store.outbox import GroupCommit
@@ -55,6 +56,7 @@ if TYPE_CHECKING:
     from autoexplain.agent.store.schema import WorkItemRow
     from autoexplain.evals.judges import Judge
     from autoexplain.tools.data import TaskFile
+    from autoexplain.tools.harvest import HarvestIn, HarvestWork
     from autoexplain.tools.models import LoadedModel
     from autoexplain.tools.saes import LoadedSAE
 
@@ -113,6 +115,8 @@ class Plan(BaseModel):
     model: str = Field(description="local HF dir, hub name or toy:NAME")
     policy: PolicyName = "offline"
     llm_model: str | None = Field(default=None, description="model name at the OpenAI-compatible endpoint")
+    llm: LLMSettings = Field(default_factory=LLMSettings,
+                             description="LLM call settings: max_tokens, timeout_s, retries, modes (policy and judge)")
     judge: JudgeName = "lexical"
     embedding: bool = Field(default=False, description="also score with MiniLM embeddings (needs [judges])")
     lexicon: str | None = Field(default=None, description="JSON file: category -> member words")
@@ -134,7 +138,9 @@ class Plan(BaseModel):
         return self
 
     def content_hash(self) -> str:
-        return hashlib.sha256(self.model_dump_json(exclude={"commit"}).encode()).hexdigest()[:16]
+        # LLM settings count when given (a plan written before they existed keeps its identity)
+        skip = {"commit"} | ({"llm"} if self.llm == LLMSettings() else set())
+        return hashlib.sha256(self.model_dump_json(exclude=skip).encode()).hexdigest()[:16]
 
 
 def load_plan(path: Path) -> Plan:
@@ -304,6 +310,7 @@ class RunResult(BaseModel):
     outcomes: list[ItemOutcome]
     seconds: float
     harvest_seconds: float = 0.0
+    harvest_notes: list[str] = Field(default_factory=list)  # warnings about the harvests' inputs (also stored)
 
 
 def checkpoint_path(db_path: Path) -> Path:
@@ -312,6 +319,39 @@ def checkpoint_path(db_path: Path) -> Path:
 
 def find_resumable(store: Store, kind: str, plan_hash: str) -> str | None:
     return queries.resumable_run(store, kind, plan_hash)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A termination signal (SIGTERM, SIGHUP) received while a run was going: stops it as Ctrl-C does."""
+
+
+@contextlib.contextmanager
+def _marks_interrupted(store: Store, run_id: str) -> Iterator[None]:
+    """For the block: SIGTERM and SIGHUP raise :class:`Interrupted` (in the main thread; elsewhere signals are not
+    ours to take), and a run stopped by Ctrl-C or such a signal is marked ``interrupted`` in ``runs`` (it stays
+    resumable) instead of staying ``running``. The previous handlers come back afterwards."""
+    import signal
+    import threading
+
+    previous: dict[int, Any] = {}
+
+    def stop(signum: int, frame: Any) -> None:
+        raise Interrupted(f"stopped by {signal.Signals(signum).name}")
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+            if sig is not None:
+                previous[sig] = signal.signal(sig, stop)
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        if queries.run_exists(store, run_id):
+            with contextlib.suppress(Exception):  # the original interruption is the one to see
+                store.finish_run(run_id, "interrupted", {"stopped_by": str(exc) or "KeyboardInterrupt"})
+        raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def run_plan(store: Store, prep: Prepared, *, kind: str = "plan", resume: bool = False,
@@ -326,14 +366,22 @@ def run_plan(store: Store, prep: Prepared, *, kind: str = "plan", resume: bool =
     does (finished items are committed, the item resumes after that node); an ``Exception`` fails the item.
     ``commit``: when results are committed to DuckDB (default: the plan's ``commit``).
     """
-    with store.hold():  # one open connection for the run's many small writes (let go for readers)
+    # one open connection for the run's many small writes (let go for readers)
+    with store.hold(), contextlib.ExitStack() as owned:
+        if run_id is None and resume:
+            run_id = find_resumable(store, kind, prep.plan.content_hash())
+        run_id = run_id or f"{kind}-{uuid.uuid4().hex[:10]}"
+        owned.enter_context(store.run_lock(run_id))  # one writer per run: a second --resume is refused (exit 2)
+        owned.enter_context(_marks_interrupted(store, run_id))  # Ctrl-C or SIGTERM: the run reads 'interrupted'
+        harvests = _own_harvests(store, prep, owned)  # before anything is written: reuse checked, folders owned
         return _run_plan(store, prep, kind=kind, resume=resume, run_id=run_id, report=report, on_item=on_item,
-                         on_node=on_node, commit=commit or prep.plan.commit)
+                         on_node=on_node, commit=commit or prep.plan.commit, harvests=harvests)
 
 
 def _run_plan(store: Store, prep: Prepared, *, kind: str, resume: bool, run_id: str | None,
               report: Callable[[str, int, int], None] | None, on_item: Callable[[ItemOutcome], None] | None,
-              on_node: NodeHook | None, commit: GroupCommit) -> RunResult:
+              on_node: NodeHook | None, commit: GroupCommit,
+              harvests: dict[str, HarvestWork | str | None]) -> RunResult:
     from autoexplain.agent.store.outbox import Outbox
 
     plan = prep.plan
@@ -347,7 +395,7 @@ def _run_plan(store: Store, prep: Prepared, *, kind: str, resume: bool, run_id: 
     store.record_model_and_saes(prep.lm, list(prep.saes.values()))
     report = report or _no_report
 
-    harvest_s = _harvest_and_split(store, run_id, prep, report)
+    harvest_s = _harvest_and_split(store, run_id, prep, report, harvests)
     items = _items(run_id, prep)
     env = _env(store, Outbox(store, commit, keep_rejected=plan.judgements == "all"), run_id, prep)
     outcomes = _loop(store, env, items, checkpoint_path(store.path), report, on_item, on_node)
@@ -355,10 +403,12 @@ def _run_plan(store: Store, prep: Prepared, *, kind: str, resume: bool, run_id: 
     left = sum(o.status is ItemStatus.PENDING for o in outcomes)
     summary = {"items": len(outcomes), "by_status": _count(o.status.value for o in outcomes),
                "seconds": round(seconds, 2), "harvest_seconds": round(harvest_s, 2),
-               "group_commits": env.out.commits, **({"stopped_by": env.run_limit()} if left else {})}
+               "group_commits": env.out.commits, **({"stopped_by": env.run_limit()} if left else {}),
+               **({"harvest_notes": notes} if (notes := _harvest_notes(store, run_id, harvests)) else {})}
     # a run budget that left items unstarted: the run stays resumable (--resume starts them, with a new budget)
     store.finish_run(run_id, "budget_limited" if left else "done", summary)
-    return RunResult(run_id=run_id, outcomes=outcomes, seconds=seconds, harvest_seconds=harvest_s)
+    return RunResult(run_id=run_id, outcomes=outcomes, seconds=seconds, harvest_seconds=harvest_s,
+                     harvest_notes=notes)
 
 
 def _no_report(stage: str, done: int, total: int) -> None:
@@ -372,12 +422,52 @@ def _count(values: Iterable[str]) -> dict[str, int]:
     return out
 
 
-def _harvest_and_split(store: Store, run_id: str, prep: Prepared, report: Callable[[str, int, int], None]) -> float:
-    """Harvest each SAE not harvested yet (resumable), and fix the held-out split of the features to label."""
+def _harvest_args(prep: Prepared, entry: LabelEntry, dataset: str) -> HarvestIn:
+    from autoexplain.tools.harvest import HarvestIn
+
+    sae = prep.saes[entry.sae]
+    return HarvestIn(sae_id=sae.sae_id, dataset=dataset, n_tokens=entry.tokens, ctx=min(64, prep.lm.n_ctx))
+
+
+def _own_harvests(store: Store, prep: Prepared, owned: contextlib.ExitStack) -> dict[str, HarvestWork | str | None]:
+    """Per SAE to label: the work folder of the harvest it needs, owned by this process until ``owned`` closes
+    (another process harvesting the same inputs: refused), or what stored harvest is reused (``"reuse"``, or a note
+    when its inputs are unknown). Stored rows from other inputs are refused; a dataset the harvest will read is
+    read and tokenised once here, so a broken line fails before anything is written. Writes nothing."""
+    from autoexplain.agent.store.harvest import reuse_decision
+    from autoexplain.tools.data import available_tokens
+    from autoexplain.tools.harvest import harvest_identity, harvest_work
+
+    out: dict[str, HarvestWork | str | None] = {}
+    for entry, dataset, _ in prep.label_jobs:
+        sae = prep.saes[entry.sae]
+        if sae.sae_id in out:
+            continue
+        args = _harvest_args(prep, entry, dataset)
+        reuse = reuse_decision(store, harvest_identity(prep.lm.model_id, sae.sae_id, args), sae_spec=entry.sae,
+                               d_sae=sae.d_sae)
+        if reuse is not None:
+            out[sae.sae_id] = reuse
+            continue
+        available_tokens(dataset, prep.lm.tokenizer, ctx=args.ctx, n_ctx=prep.lm.n_ctx, max_tokens=args.n_tokens)
+        out[sae.sae_id] = owned.enter_context(harvest_work(prep.lm.model_id, sae.sae_id, args))
+    return out
+
+
+def _harvest_notes(store: Store, run_id: str, harvests: dict[str, HarvestWork | str | None]) -> list[str]:
+    """Warnings about the harvests a run made or reused (a dataset far smaller than asked; unknown inputs)."""
+    reused = [h for h in harvests.values() if isinstance(h, str) and h != "reuse"]
+    return [*queries.harvest_notes(store, run_id), *reused]
+
+
+def _harvest_and_split(store: Store, run_id: str, prep: Prepared, report: Callable[[str, int, int], None],
+                       harvests: dict[str, HarvestWork | str | None]) -> float:
+    """Harvest each SAE that needs it (into the work folder :func:`_own_harvests` owns; resumable), and fix the
+    held-out split of the features to label."""
     from autoexplain.agent.store.harvest import harvest_sink
     from autoexplain.agent.store.rows import split_rows
     from autoexplain.evals.features import split_examples
-    from autoexplain.tools.harvest import HarvestIn, harvest
+    from autoexplain.tools.harvest import HarvestWork, harvest
     from autoexplain.tools.registry import ToolContext
 
     t0 = time.monotonic()
@@ -385,10 +475,10 @@ def _harvest_and_split(store: Store, run_id: str, prep: Prepared, report: Callab
     for entry, dataset, features in prep.label_jobs:
         sae = prep.saes[entry.sae]
         if sae.sae_id not in done:
-            if queries.harvested_features(store, sae.sae_id) < sae.d_sae:
+            work = harvests.get(sae.sae_id)
+            if isinstance(work, HarvestWork):
                 harvest(ToolContext(model=prep.lm, saes={sae.sae_id: sae}, sink=harvest_sink(store, run_id)),
-                        HarvestIn(sae_id=sae.sae_id, dataset=dataset, n_tokens=entry.tokens,
-                                  ctx=min(64, prep.lm.n_ctx)),
+                        _harvest_args(prep, entry, dataset), work=work,
                         progress=functools.partial(report, f"harvest {sae.spec}"))
             done.add(sae.sae_id)
         unsplit = queries.unsplit_examples(store, sae.sae_id, set(features))
@@ -433,7 +523,7 @@ def _env(store: Store, out: Outbox, run_id: str, prep: Prepared) -> AgentEnv:
     meter = LLMMeter()
     llm = None
     if plan.policy == "llm" or plan.judge == "llm":  # one client: the judge's calls are logged and charged too
-        llm = llm_session.make_client(plan.llm_model or "", store, run_id, meter)
+        llm = llm_session.make_client(plan.llm_model or "", store, run_id, meter, **plan.llm.overrides())
     ctx = ToolContext(model=prep.lm, saes={s.sae_id: s for s in prep.saes.values()}, sink=None)
     registry = agent_registry(store)
     runner = ToolRunner(store, out, registry, ctx, run_id)
@@ -523,8 +613,10 @@ def _run_items(store: Store, env: AgentEnv, items: list[WorkItem], ckpt: Path,
     with SqliteSaver.from_conn_string(str(ckpt)) as saver:
         graph = build_graph(env, saver)
 
-        def commit() -> None:
-            for item_id in out.flush():  # committed: the item's checkpoints are no longer needed
+        def commit(*, final: bool = False) -> None:
+            # mid-run, a file another process keeps locked defers the commit (rows kept, tried again later: never
+            # charged to the item running); the last commit raises, and the checkpoints keep the rows for --resume
+            for item_id in out.flush() if final else out.try_flush():  # committed: checkpoints no longer needed
                 saver.delete_thread(item_id)
 
         # threads of items committed just before a crash (the commit landed, the pruning did not)
@@ -567,6 +659,7 @@ def _run_items(store: Store, env: AgentEnv, items: list[WorkItem], ckpt: Path,
                     out.upsert("work_items", [running])
                 env.meter.current = item.item_id  # its LLM calls (policy and judge) are charged to it
                 inp = None if snap.values and snap.next else initial_state(item)
+                t_item, used_before = time.monotonic(), Usage.model_validate((snap.values or {}).get("usage") or {})
                 try:
                     if not recovered:  # (a recovered item finished before the crash: its rows are back, not redone)
                         for update in graph.stream(inp, cfg, durability="sync", stream_mode="updates"):
@@ -584,28 +677,55 @@ def _run_items(store: Store, env: AgentEnv, items: list[WorkItem], ckpt: Path,
                 except KeyboardInterrupt:
                     raise
                 except Exception as exc:
+                    step, used = _failed_step(graph, cfg, env, item, used_before, time.monotonic() - t_item)
                     err = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                    err = f"{step} failed: {err}" if step else err
                     failed: WorkItemRow = {"item_id": item.item_id, "run_id": item.run_id, "kind": item.kind.value,
                                            "target": item.target, "status": ItemStatus.FAILED.value,
-                                           "error": err[:500], "finished_at": now()}
+                                           "error": err[:500], "finished_at": now(),
+                                           "budget": {**used.model_dump(), "stopped_by": None}}
                     out.upsert("work_items", [failed], step=False)
                     res = ItemOutcome(item_id=item.item_id, kind=item.kind, target=item.target,
-                                      status=ItemStatus.FAILED, error=err[:500])
+                                      status=ItemStatus.FAILED, error=err[:500], usage=used)
                 out.finished(item.item_id)
                 outcomes.append(res)
                 if on_item is not None:
                     on_item(res)
                 if out.due():
                     commit()
-            commit()
+            commit(final=True)
         except BaseException:
             # on the way out (Ctrl-C, a bug): commit what is finished; if that fails too the checkpoints still
             # hold every row, and the original error is the one to see
             with contextlib.suppress(Exception):
-                commit()
+                commit(final=True)
             raise
         report("items", len(items), len(items))
     return outcomes
+
+
+#: What each graph node does, for the error of an item that failed in it.
+_STEPS = {"plan": "plan (the LLM's tool-calling turn)", "act": "act (the tool calls)", "observe": "observe",
+          "propose": "propose (the LLM's explain call)", "score": "score (scoring the drafts; the judge)",
+          "decide": "decide", "accept": "accept"}
+
+
+def _failed_step(graph: Any, cfg: RunnableConfig, env: AgentEnv, item: WorkItem, before: Usage,
+                 seconds: float) -> tuple[str | None, Usage]:
+    """(the step an item failed in, what it used, the failed step included): the node the last checkpoint says
+    was next, and the usage of the last checkpoint plus the LLM calls the failed node made (the meter still holds
+    them) and this attempt's wall time — a failed item's usage is what it spent, not zero."""
+    try:
+        snap = graph.get_state(cfg)
+        node = next(iter(snap.next), None) if snap.next else None
+        used = Usage.model_validate((snap.values or {}).get("usage") or {})
+    except Exception:  # the checkpointer itself failed: the usage of what we know
+        node, used = None, before
+    llm = env.meter.take(item.item_id)
+    used = used.plus(steps=1 if node else 0, llm_calls=llm.llm_calls, prompt_tokens=llm.prompt_tokens,
+                     completion_tokens=llm.completion_tokens)
+    used = used.model_copy(update={"seconds": round(before.seconds + seconds, 3)})
+    return (_STEPS.get(node, node) if node else None), used
 
 
 def _stored_outcome(store: Store, item: WorkItem) -> ItemOutcome:

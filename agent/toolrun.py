@@ -17,7 +17,9 @@ makes it run twice.
 
 Errors
 ------
-Bad arguments, unknown tools and tool refusals (:class:`InputError`) become the call's ``error``: a line the
+Dataset-wide tools (``harvest``) are not the agent's: the LLM is never offered them, and a call that names one
+anyway is refused here like an unknown tool (the run harvests before its items start). Bad arguments, unknown
+tools and tool refusals (:class:`InputError`) become the call's ``error``: a line the
 policy (or the LLM) can act on. They are logged like any call. Other exceptions are bugs and propagate.
 
 Call ids are derived from (item, step, position in the step), so a step re-run after a crash rewrites its rows.
@@ -59,6 +61,10 @@ class ToolRunner:
         args_json: dict[str, Any] | str = req.args
         try:
             spec = self.registry.get(req.tool)
+            if spec.cost is Cost.DATASET:  # never offered to the agent (see agent.policies.llm): refused, not run
+                raise InputError(f"tool {req.tool!r} is not available to the agent: it passes over a whole dataset, "
+                                 "which the run does before its items start; use feature_examples for harvested "
+                                 "results")
             parsed = self.registry.parse_args(req.tool, req.args)
             args_json = parsed.model_dump(mode="json")
             if spec.cost is not Cost.CHEAP:

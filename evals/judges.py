@@ -287,7 +287,10 @@ class LexicalJudge(Judge):
         if self.lexicon is not None:
             import hashlib
 
-            digest = hashlib.sha256(repr(self.lexicon).encode()).hexdigest()[:8]
+            # sorted: a frozenset's repr follows the per-process string hash, so the name (part of every score's
+            # id) must not depend on it, or a resumed item's scores would get new ids and duplicate the old ones
+            canonical = [(k, sorted(v)) for k, v in self.lexicon]  # (already sorted by category)
+            digest = hashlib.sha256(repr(canonical).encode()).hexdigest()[:8]
             self.name = f"lexical:{digest}"
 
     def _terms(self, explanation: str) -> tuple[frozenset[str], bool, bool]:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -248,6 +249,164 @@ def fault_injector(base_responder: Responder, rate: float, seed: int = 0, kinds:
     return FaultInjector(base_responder, rate, seed, kinds, **kwargs)
 
 
+# ============================================================================= server profiles
+@dataclass(frozen=True)
+class ServerProfile:
+    """How a real OpenAI-compatible server treats the parts of a request that differ between servers. Each field
+    reproduces documented behaviour (sources in :data:`PROFILES`' comments):
+
+    * ``json_schema``: ``response_format: {"type": "json_schema"}`` is ``"ok"``, or rejected with 400 / 500;
+    * ``tool_choice_default``: what a request with ``tools`` and no ``tool_choice`` means (``"auto"`` / ``"none"``:
+      tools are not shown to the model, so it answers in text);
+    * ``native_tools``: ``"ok"``; ``"reject"``: any request with ``tools`` gets a 400 (a model without tool
+      support); ``"no_auto"``: ``tool_choice: "auto"`` (explicit or by default) gets a 400 (no tool parser);
+    * ``null_content``: ``"ok"`` or ``"reject"`` (500) for an assistant message whose ``content`` is null;
+    * ``caps``: the token-cap parameters it honours; a request with none of them runs away (``runaway_s``: the
+      reply is delayed that long, as a weak model generating until its context is full);
+    * ``error_shape``: ``"openai"`` (``{"error": {...}}``) or ``"vllm"`` (``{"object": "error", "message", ...}``).
+    """
+
+    name: str
+    json_schema: str = "ok"
+    tool_choice_default: str = "auto"
+    native_tools: str = "ok"
+    null_content: str = "ok"
+    caps: frozenset[str] = frozenset({"max_tokens", "max_completion_tokens"})
+    runaway_s: float = 0.0
+    error_shape: str = "openai"
+
+
+#: The profiles, by name. Sources for each quirk:
+#: * openai — the reference behaviour (platform.openai.com docs: tool_choice defaults to "auto" when tools are
+#:   present; strict json_schema supported; content may be null next to tool_calls).
+#: * vllm — vLLM's OpenAI server (protocol.py: a request with tools and no tool_choice gets "auto"; json_schema
+#:   served by guided decoding; errors as ``{"object": "error", ...}``); ``vllm-no-tool-parser`` is the same
+#:   server started without ``--enable-auto-tool-choice``: '"auto" tool choice requires
+#:   --enable-auto-tool-choice and --tool-call-parser to be set' (HTTP 400; vllm-project/vllm#9986).
+#: * llama-cpp — llama-cpp-python 0.3.36 ``python -m llama_cpp.server`` (read in its source:
+#:   llama_types.ChatCompletionRequestResponseFormat is ``type: Literal["text", "json_object"]`` plus a ``schema``
+#:   extension; server/errors.py RouteErrorHandler turns every exception, request validation included, into a
+#:   500 ``internal_server_error`` whose message is the error text; the assistant message's ``content`` is
+#:   ``NotRequired[str]``, so null is a validation error → 500; llama_chat_format.chatml_function_calling treats
+#:   ``tool_choice`` None like "none"; server/types.py has ``max_tokens`` but no ``max_completion_tokens``,
+#:   which pydantic ignores).
+#: * ollama — Ollama's OpenAI compatibility (docs.ollama.com/api/openai-compatibility: response_format,
+#:   max_tokens and tools supported, tool_choice listed late and ignored by older servers: the model decides,
+#:   i.e. "auto"); ``ollama-no-tools`` is a model whose template has no tools: HTTP 400 "registry.ollama.ai/
+#:   library/<model> does not support tools" (ollama/ollama#6027, #14795).
+PROFILES: dict[str, ServerProfile] = {p.name: p for p in (
+    ServerProfile("openai"),
+    ServerProfile("vllm", error_shape="vllm"),
+    ServerProfile("vllm-no-tool-parser", native_tools="no_auto", error_shape="vllm"),
+    ServerProfile("llama-cpp", json_schema="reject_500", tool_choice_default="none", null_content="reject",
+                  caps=frozenset({"max_tokens"}), runaway_s=3.0),
+    ServerProfile("ollama", caps=frozenset({"max_tokens"})),
+    ServerProfile("ollama-no-tools", native_tools="reject", caps=frozenset({"max_tokens"})),
+)}
+
+
+def _profile_error(profile: ServerProfile, status: int, message: str, type_: str) -> Reply:
+    if profile.error_shape == "vllm":
+        body = {"object": "error", "message": message, "type": type_, "param": None, "code": status}
+        return Reply(kind="http_error", status=status, body=body)
+    return api_error(status, message, type=type_)
+
+
+def profile_rejection(profile: ServerProfile, body: dict[str, Any]) -> Reply | None:
+    """The error ``profile``'s server answers ``body`` with, or None when it accepts the request."""
+    for m in body.get("messages") or []:
+        if m.get("role") == "assistant" and "content" in m and m["content"] is None and profile.null_content != "ok":
+            return _profile_error(profile, 500, "[{'type': 'string_type', 'loc': ('body', 'messages', 'assistant', "
+                                                "'content'), 'msg': 'Input should be a valid string', 'input': None}]",
+                                  "internal_server_error")
+    fmt = (body.get("response_format") or {}).get("type")
+    if fmt == "json_schema" and profile.json_schema != "ok":
+        status = 500 if profile.json_schema == "reject_500" else 400
+        return _profile_error(profile, status, "[{'type': 'literal_error', 'loc': ('body', 'response_format', "
+                                               "'type'), 'msg': \"Input should be 'text' or 'json_object'\", "
+                                               "'input': 'json_schema'}]", "internal_server_error")
+    if body.get("tools"):
+        if profile.native_tools == "reject":
+            return _profile_error(profile, 400, f"registry.ollama.ai/library/{body.get('model')} does not support "
+                                                "tools", "api_error")
+        choice = body.get("tool_choice", profile.tool_choice_default)
+        if profile.native_tools == "no_auto" and choice == "auto":
+            return _profile_error(profile, 400, '"auto" tool choice requires --enable-auto-tool-choice and '
+                                                "--tool-call-parser to be set", "BadRequestError")
+    return None
+
+
+def profile_reply(profile: ServerProfile, body: dict[str, Any], reply: Reply) -> Reply:
+    """``reply`` as ``profile``'s server would deliver it: no tool calls when the tools were not shown to the model
+    (``tool_choice`` none, or missing where that means none), delayed when no honoured token cap was sent."""
+    if reply.kind != "completion":
+        return reply
+    shown = bool(body.get("tools")) and body.get("tool_choice", profile.tool_choice_default) != "none"
+    if reply.tool_calls and not shown:
+        names = ", ".join(tc.name for tc in reply.tool_calls)
+        reply = replace(reply, tool_calls=(), finish_reason="stop",
+                        content=reply.content or f"I would like to use {names} but I cannot call tools.")
+    if not profile.caps & set(body):
+        reply = replace(reply, delay_s=reply.delay_s + profile.runaway_s)
+    return reply
+
+
+class JsonToolsModel:
+    """A scripted model that also follows the JSON tool-calling prompt (``agent.llm`` ``json_tools_history``), as a
+    model served without native tool calling would: a request whose ``response_format`` schema has a
+    ``tool_calls`` property is turned back into the native conversation for ``base`` (assistant JSON turns →
+    tool_calls, "Result of tool call …" user messages → tool messages, no response_format), and ``base``'s
+    reply is written as the JSON turn. Other requests go to ``base`` unchanged."""
+
+    RESULT = re.compile(r"^Result of tool call (\S+) \((.*?)\):\n", re.S)
+
+    def __init__(self, base: Responder) -> None:
+        self.base, self.json_turns = base, 0
+
+    @staticmethod
+    def is_json_tools(body: dict[str, Any]) -> bool:
+        first = (body.get("messages") or [{}])[0]
+        return first.get("role") == "system" and "To call tools, reply" in (first.get("content") or "")
+
+    def __call__(self, body: dict[str, Any], n: int) -> Reply:
+        if not self.is_json_tools(body):
+            return self.base(body, n)
+        self.json_turns += 1
+        native: list[dict[str, Any]] = []
+        for i, m in enumerate(body["messages"]):
+            hit = self.RESULT.match(m.get("content") or "") if m.get("role") == "user" else None
+            if hit:
+                native.append({"role": "tool", "tool_call_id": hit.group(1), "content": m["content"][hit.end():]})
+                continue
+            if m.get("role") == "assistant":
+                try:
+                    turn = json.loads(m.get("content") or "")
+                except ValueError:
+                    turn = None
+                if isinstance(turn, dict) and turn.get("tool_calls"):
+                    ids = [self.RESULT.match(x.get("content") or "") for x in body["messages"][i + 1:]]
+                    ids = [h.group(1) for h in ids if h]
+                    native.append({"role": "assistant", "content": turn.get("content") or "", "tool_calls": [
+                        {"id": ids[k] if k < len(ids) else f"call_{k}", "type": "function",
+                         "function": {"name": c["name"], "arguments": json.dumps(c.get("arguments") or {})}}
+                        for k, c in enumerate(turn["tool_calls"])]})
+                    continue
+            native.append(m)
+        reply = self.base({**{k: v for k, v in body.items() if k != "response_format"}, "messages": native,
+                           "tools": [{"type": "function", "function": {"name": "?"}}]}, n)
+        if reply.kind != "completion":
+            return reply
+        calls = [{"name": tc.name, "arguments": _loads_or_raw(tc.arguments)} for tc in reply.tool_calls]
+        return text(json.dumps({"tool_calls": calls, "content": reply.content or ""}), usage=reply.usage)
+
+
+def _loads_or_raw(arguments: str) -> Any:
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        return arguments
+
+
 # ============================================================================= server
 @dataclass
 class Received:
@@ -285,13 +444,19 @@ class FakeOpenAI:
     ``responder``: the script (default: every request gets ``text("ok")``). ``reject_strict``: answer 400 (the real
     API's message) to any request whose ``response_format.type`` is ``json_schema``, without calling the responder;
     ``reject_json_object`` likewise for ``json_object``. ``api_key``: when set, a request with another bearer key
-    gets a 401 whose message quotes the key it sent (to test that clients redact it). ``requests`` lists every
+    gets a 401 whose message quotes the key it sent (to test that clients redact it): whole (``key_echo="full"``),
+    masked like OpenAI's ``sk-proj-abcd****…wxyz`` (``"masked"``) or cut ``sk-test-SECRETMA…ER-123``
+    (``"ellipsis"``). ``profile``: a :class:`ServerProfile` or its name in :data:`PROFILES` (a real server's
+    quirks, applied around the responder). ``requests`` lists every
     request received (see :class:`Received`); ``n_responder_calls`` counts the ones the responder answered.
     """
 
     def __init__(self, responder: Responder | None = None, *, reject_strict: bool = False,
-                 reject_json_object: bool = False, api_key: str | None = None) -> None:
+                 reject_json_object: bool = False, api_key: str | None = None, key_echo: str = "full",
+                 profile: ServerProfile | str | None = None) -> None:
         self.responder: Responder = responder or (lambda body, n: text("ok"))
+        self.key_echo = key_echo
+        self.profile = PROFILES[profile] if isinstance(profile, str) else profile
         self.reject_strict, self.reject_json_object, self.api_key = reject_strict, reject_json_object, api_key
         self.requests: list[Received] = []
         self.n_responder_calls = 0
@@ -344,7 +509,8 @@ class FakeOpenAI:
         with self._lock:
             n = self.n_responder_calls
             self.n_responder_calls += 1
-            return self.responder(body, n), n
+            reply = self.responder(body, n)
+            return (reply if self.profile is None else profile_reply(self.profile, body, reply)), n
 
     def _server_reply(self, path: str, body: Any, headers: dict[str, str]) -> Reply | None:
         with self._lock:
@@ -352,7 +518,9 @@ class FakeOpenAI:
             if self.api_key is not None:
                 sent = headers.get("authorization", "").removeprefix("Bearer ").strip()
                 if sent != self.api_key:
-                    return api_error(401, f"Incorrect API key provided: {sent}. You can find your API key at "
+                    shown = {"full": sent, "masked": sent[:8] + "*" * max(0, len(sent) - 12) + sent[-4:],
+                             "ellipsis": sent[:16] + "…" + sent[-6:]}[self.key_echo]
+                    return api_error(401, f"Incorrect API key provided: {shown}. You can find your API key at "
                                           "https://platform.openai.com/account/api-keys.", code="invalid_api_key")
             if not path.endswith("/chat/completions"):
                 return api_error(404, f"Invalid URL (POST {path})")
@@ -363,7 +531,7 @@ class FakeOpenAI:
                 return api_error(400, STRICT_REJECTION, param="response_format")
             if self.reject_json_object and fmt == "json_object":
                 return api_error(400, JSON_MODE_REJECTION, param="response_format")
-            return None
+            return None if self.profile is None else profile_rejection(self.profile, body)
 
     def wait(self, seconds: float) -> bool:
         """Sleep up to ``seconds``; True if the server is stopping (then the reply is not sent)."""

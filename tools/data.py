@@ -203,14 +203,32 @@ def _parquet_rows(path: Path, column: str) -> Iterator[tuple[str, Any]]:
             row += 1
 
 
+def dataset_identity(spec: str) -> dict[str, Any]:
+    """What names the content of dataset ``spec``, for deciding whether stored results came from it.
+
+    A local file: its resolved path, size and modification time (a file edited or replaced since gets another
+    identity; hashing the content would read gigabytes). A hub dataset: its name and revision (``NAME@REVISION``
+    pins one; without it the revision is ``None``, i.e. whatever the default branch holds).
+    """
+    spec = spec.strip()
+    path = Path(spec).expanduser()
+    if path.is_file():
+        st = path.stat()
+        return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    name, _, revision = spec.partition("@")
+    return {"hub": name, "revision": revision or None}
+
+
 def _hub_rows(name: str, column: str, *, streaming: bool) -> Iterator[tuple[str, Any]]:
-    """Rows of a hub dataset's train split. Offline, ``datasets`` fails at once with ``ConnectionError``."""
+    """Rows of a hub dataset's train split (``NAME@REVISION`` pins a revision). Offline, ``datasets`` fails at
+    once with ``ConnectionError``."""
     import datasets
     from datasets.exceptions import DatasetsError
 
     hint = f"pass a local {_FORMATS} file instead"
+    name, _, revision = name.partition("@")
     try:
-        ds = datasets.load_dataset(name, split="train", streaming=streaming)
+        ds = datasets.load_dataset(name, split="train", streaming=streaming, revision=revision or None)
     except ConnectionError as exc:
         reason = "offline mode is on" if "offline" in str(exc).lower() else _first_sentence(exc)
         raise InputError(f"dataset {name!r} is not a local file and the Hugging Face hub could not be reached "
@@ -338,6 +356,21 @@ def iter_windows(texts: Iterable[str], tokenizer: Any, *, ctx: int, n_ctx: int, 
     if not emitted:
         detail = f"max_tokens={max_tokens} leaves no room for text" if need == 0 else "the texts tokenise to nothing"
         raise InputError(f"no tokens to pack into windows: {detail}; pass longer texts or a larger max_tokens")
+
+
+def available_tokens(spec: str, tokenizer: Any, *, ctx: int, n_ctx: int, max_tokens: int,
+                     batch_windows: int = 256) -> int | None:
+    """Read and tokenise a local dataset up to ``max_tokens`` exactly as a harvest will, without a model; return the
+    tokens its windows hold (BOS included; at most about ``max_tokens``).
+
+    Every row the harvest will read is validated here, so a broken line fails before anything is written; a
+    result far below ``max_tokens`` says the dataset is too small for the request. ``None`` for a hub dataset
+    (streamed, not read twice).
+    """
+    if not Path(spec.strip()).expanduser().is_file():
+        return None
+    return sum(w.n_tokens for w in iter_windows(iter_texts(spec), tokenizer, ctx=ctx, n_ctx=n_ctx,
+                                                batch_windows=batch_windows, max_tokens=max_tokens))
 
 
 def _check_window_args(ctx: int, n_ctx: int, max_tokens: int | None) -> None:

@@ -21,6 +21,17 @@ features fire for no reason about text. Logit effects ignore the final LayerNorm
 SAE's site: they describe the decoder direction's direct path to the logits, not the feature's full effect.
 All of this is association-level evidence (where the feature fires); interventions live in ``probe``.
 
+Work folder
+-----------
+The pass keeps its windows and checkpoints in ``<cache>/harvest/<key>/``, ``key`` a hash of everything that
+determines its content: the model and SAE (content hashes), the dataset's identity
+(:func:`~autoexplain.tools.data.dataset_identity`: path, size and modification time, or hub name and revision), and
+every argument but ``checkpoint_every`` — the same as the harvest's id (:func:`harvest_identity`). One process owns
+a folder at a time (:func:`harvest_work`: an ``flock`` on ``<key>.lock`` the operating system releases when the
+process dies); a second process with the same inputs is refused with one line (exit code 2) instead of sharing the
+files. A crashed harvest's folder is resumed by the same command; folders no command can resume (their dataset
+changed since) and folders untouched for :data:`STALE_WORK_DAYS` days are removed when a harvest starts.
+
 Crash safety: the state is checkpointed every ``checkpoint_every`` batches (atomically); a re-run with the same
 arguments resumes after the last checkpoint and gives exactly the result of an uninterrupted run (the random keys
 are seeded per batch, so they do not depend on where a run stopped). A ``progress`` callback may stop the pass by
@@ -37,6 +48,7 @@ results into rows (:mod:`autoexplain.agent.store.harvest`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -54,6 +66,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from autoexplain.tools.cache import cache_root
 from autoexplain.tools.errors import InputError
+from autoexplain.tools.locks import exclusive, is_locked
 from autoexplain.tools.registry import Cost, ToolContext, ToolOutput, ToolSpec
 from autoexplain.tools.vocab import FeatureRef, SiteKind
 
@@ -67,6 +80,10 @@ HIST_EDGES: tuple[float, ...] = tuple(float(x) for x in np.logspace(-3, 3, 25))
 _RESIDUAL_WRITERS = {SiteKind.RESID_PRE, SiteKind.RESID_MID, SiteKind.RESID_POST, SiteKind.ATTN_OUT,
                      SiteKind.MLP_OUT}
 STATE_VERSION = 1
+#: Unlocked work folders older than this are removed when a harvest starts (crashed harvests never resumed).
+STALE_WORK_DAYS = 7.0
+#: A harvest whose dataset gives less than this fraction of the tokens asked for carries a note saying so.
+SHORT_DATASET_FRACTION = 0.5
 
 
 class HarvestIn(BaseModel):
@@ -104,6 +121,8 @@ class HarvestOut(ToolOutput):
     finish_seconds: float = Field(description="once per SAE: logit effects (W_dec @ W_U) and example assembly")
     density_quantiles: dict[str, float]
     densest: list[tuple[int, float]]
+    harvest_id: str = Field("", description="which harvest the stored rows come from (features.harvest_id)")
+    note: str | None = Field(None, description="a warning about the inputs, e.g. a dataset far smaller than asked")
     _result: HarvestResult | None = PrivateAttr(default=None)
 
     @property
@@ -117,7 +136,8 @@ class HarvestOut(ToolOutput):
         return (f"harvested {self.n_features} features of {self.sae_id} over {self.n_tokens:,} tokens "
                 f"({self.n_windows:,} windows) in {self.seconds:.1f} s; {self.n_dead} dead (never fired). "
                 f"Firing density quantiles: {dq}. Densest: {dense}. Top contexts, quantile samples and "
-                f"non-activating contexts are stored per feature (tables features, feature_examples).")
+                f"non-activating contexts are stored per feature (tables features, feature_examples)."
+                + (f" WARNING: {self.note}" if self.note else ""))
 
 
 # ----------------------------------------------------------------------------- running state
@@ -309,6 +329,9 @@ class HarvestResult:
     mean_act: np.ndarray
     features: list[FeatureStats]
     examples: list[FeatureExample]
+    harvest_id: str = ""  # see :func:`harvest_identity`
+    inputs: dict[str, Any] | None = None  # what reuse compares (:func:`harvest_identity`)
+    note: str | None = None  # a warning about the inputs (a dataset far smaller than asked)
 
     @property
     def dead(self) -> list[int]:
@@ -345,27 +368,130 @@ class _Windows:
         return np.asarray(mm[idx])
 
 
+@dataclass(frozen=True)
+class HarvestIdentity:
+    """What a harvest's result depends on. ``harvest_id`` hashes all of it (and names its work folder);
+    ``inputs`` is what decides whether stored rows may be reused for a new request: model, SAE, dataset identity,
+    token budget and window length (the sampling settings change which examples are drawn, not what they are of)."""
+
+    harvest_id: str
+    inputs: dict[str, Any]
+    full: dict[str, Any]
+
+
+def harvest_identity(model_id: str, sae_id: str, args: HarvestIn) -> HarvestIdentity:
+    """The identity of harvesting ``args`` with model ``model_id`` and SAE ``sae_id`` (reads the dataset's
+    metadata, not its content: see :func:`~autoexplain.tools.data.dataset_identity`)."""
+    from autoexplain.tools.data import dataset_identity
+
+    inputs = {"model": model_id, "sae": sae_id, "dataset": dataset_identity(args.dataset),
+              "n_tokens": args.n_tokens, "ctx": args.ctx}
+    full = {**inputs, "args": args.model_dump(exclude={"checkpoint_every", "sae_id", "dataset"}),
+            "version": STATE_VERSION}
+    digest = hashlib.sha256(json.dumps(full, sort_keys=True).encode()).hexdigest()[:16]
+    return HarvestIdentity(harvest_id=f"harvest-{digest}", inputs=inputs, full=full)
+
+
+@dataclass(frozen=True)
+class HarvestWork:
+    """A work folder owned by this process for as long as :func:`harvest_work` holds it."""
+
+    path: Path
+    identity: HarvestIdentity
+
+
+def _harvest_root() -> Path:
+    return cache_root() / "harvest"
+
+
+@contextlib.contextmanager
+def harvest_work(model_id: str, sae_id: str, args: HarvestIn, *, root: Path | None = None) -> Iterator[HarvestWork]:
+    """Own the work folder of this harvest for the block (see the module doc): lock it, or raise
+    :class:`~autoexplain.tools.locks.LockBusy` (one line, exit code 2) when another live process harvests the same
+    inputs. Take it before anything is written, so a refused command writes nothing. Also removes the folders of
+    crashed harvests that can never be resumed (:func:`prune_work`)."""
+    identity = harvest_identity(model_id, sae_id, args)
+    base = root or _harvest_root()
+    key = identity.harvest_id.removeprefix("harvest-")
+    with exclusive(base / f"{key}.lock", f"harvesting {sae_id} from {args.dataset}",
+                   f"another process is harvesting the same SAE, dataset and arguments right now (its work folder "
+                   f"{str(base / key)!r} is in use): wait for it to finish, then run this again"):
+        prune_work(base, keep=key)
+        work = base / key
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "identity.json").write_text(json.dumps(identity.full, sort_keys=True))
+        yield HarvestWork(path=work, identity=identity)
+
+
+def prune_work(base: Path, *, keep: str = "") -> list[Path]:
+    """Remove work folders no process owns that no command can resume: their dataset file changed or vanished
+    since, or they were untouched for :data:`STALE_WORK_DAYS` days. Returns what was removed."""
+    from autoexplain.tools.data import dataset_identity
+
+    removed: list[Path] = []
+    try:
+        folders = [p for p in base.iterdir() if p.is_dir() and p.name != keep]
+    except OSError:
+        return removed
+    now = time.time()
+    for folder in folders:
+        lock = base / f"{folder.name}.lock"
+        if is_locked(lock):
+            continue
+        try:
+            ident = json.loads((folder / "identity.json").read_text())
+            data = ident["dataset"]
+            gone = "path" in data and dataset_identity(data["path"]) != data
+        except (OSError, ValueError, KeyError, TypeError):
+            gone = False
+        try:
+            old = now - folder.stat().st_mtime > STALE_WORK_DAYS * 86400
+        except OSError:
+            continue
+        if gone or old:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
 def harvest(ctx: ToolContext, args: HarvestIn, *, progress: Callable[[int, int], None] | None = None,
-            work_dir: Path | None = None) -> HarvestOut:
+            work_dir: Path | None = None, work: HarvestWork | None = None) -> HarvestOut:
     """Run (or resume) the harvest described by ``args``; send the result to ``ctx.sink``; return the summary.
 
     ``progress(batches_done, total_batches)`` is called after every batch. It may stop the pass by raising (e.g.
     ``KeyboardInterrupt``): the state is checkpointed first and the exception propagates; nothing is stored, and
     a re-run with the same arguments resumes after that batch.
-    """
-    from autoexplain.tools.data import iter_texts, iter_windows
 
+    ``work``: a work folder the caller already owns (:func:`harvest_work`); otherwise it is taken here, in the
+    cache, or under ``work_dir`` (tests) — refused if another process owns it.
+    """
     lm, sae = ctx.model, ctx.sae(args.sae_id)
     if ctx.sink is None:
         raise InputError("harvest needs somewhere to store its results: pass a database (--db)")
-    if args.ctx > lm.n_ctx:
-        raise InputError(f"ctx {args.ctx} exceeds the model's context of {lm.n_ctx} tokens: pass --ctx {lm.n_ctx} "
+    check_args(args, lm.n_ctx)
+    if work is not None:
+        return _harvest(ctx, args, work, progress)
+    with harvest_work(lm.model_id, sae.sae_id, args, root=work_dir) as own:
+        return _harvest(ctx, args, own, progress)
+
+
+def check_args(args: HarvestIn, n_ctx: int) -> None:
+    """Refuse arguments that cannot work with a model of context ``n_ctx`` (before anything is written)."""
+    if args.ctx > n_ctx:
+        raise InputError(f"ctx {args.ctx} exceeds the model's context of {n_ctx} tokens: pass --ctx {n_ctx} "
                          "or less")
     if args.n_quantiles * args.per_quantile > args.reservoir:
         raise InputError(f"n_quantiles x per_quantile = {args.n_quantiles * args.per_quantile} exceeds reservoir "
                          f"{args.reservoir}: raise reservoir or sample fewer per quantile")
-    work = work_dir or _work_dir(lm, sae, args)
-    work.mkdir(parents=True, exist_ok=True)
+
+
+def _harvest(ctx: ToolContext, args: HarvestIn, owned: HarvestWork,
+             progress: Callable[[int, int], None] | None) -> HarvestOut:
+    from autoexplain.tools.data import iter_texts, iter_windows
+
+    assert ctx.sink is not None
+    lm, sae = ctx.model, ctx.sae(args.sae_id)
+    work = owned.path
     windows = _Windows(work / "windows.i32", args.ctx)
     state_path = work / "state.pt"
     n_features = sae.d_sae
@@ -400,6 +526,10 @@ def harvest(ctx: ToolContext, args: HarvestIn, *, progress: Callable[[int, int],
     _save_state(state_path, state, args)
     t_stream = time.perf_counter()
     result = _finish(state, lm, sae, args, windows)
+    result.harvest_id, result.inputs = owned.identity.harvest_id, owned.identity.inputs
+    if state.n_tokens < SHORT_DATASET_FRACTION * args.n_tokens:
+        result.note = (f"dataset {args.dataset!r} gave only {state.n_tokens:,} of the {args.n_tokens:,} tokens "
+                       "asked for: its statistics and examples rest on that little text")
     seconds = time.perf_counter() - t0
     ctx.sink(result)
     shutil.rmtree(work, ignore_errors=True)
@@ -411,7 +541,8 @@ def harvest(ctx: ToolContext, args: HarvestIn, *, progress: Callable[[int, int],
                      n_features=n_features, n_dead=len(result.dead), resumed_from_batch=resumed_from,
                      seconds=round(seconds, 2), stream_seconds=round(t_stream - t0, 2),
                      finish_seconds=round(seconds - (t_stream - t0), 2), density_quantiles=qs,
-                     densest=[(int(i), float(dens[i])) for i in order])
+                     densest=[(int(i), float(dens[i])) for i in order], harvest_id=result.harvest_id,
+                     note=result.note)
     out._result = result
     return out
 
@@ -465,14 +596,6 @@ def _batch_acts(lm: LoadedModel, sae: LoadedSAE, tokens: torch.Tensor,
     mask = valid.clone()
     mask[:, 0] = False  # BOS (windows always start with it here)
     return acts, mask
-
-
-def _work_dir(lm: LoadedModel, sae: LoadedSAE, args: HarvestIn) -> Path:
-    src = Path(args.dataset).expanduser()
-    stamp = f"{src.stat().st_size}:{src.stat().st_mtime_ns}" if src.is_file() else ""
-    key = json.dumps({"model": lm.model_id, "sae": sae.sae_id, "data": args.dataset, "stamp": stamp,
-                      "args": args.model_dump(exclude={"checkpoint_every"})}, sort_keys=True)
-    return cache_root() / "harvest" / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def _save_state(path: Path, state: _State, args: HarvestIn) -> None:

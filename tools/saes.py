@@ -11,6 +11,9 @@ Specs
 
 Checks on load (sae-lens itself silently skips an SAE whose hook is missing and never compares widths):
 the SAE names a hook, the hook is a site of this model, it fires, and the activation there has width ``d_in``.
+The weights themselves are checked too: every parameter finite (no NaN or Inf: an all-NaN SAE would otherwise
+load and report every feature dead) and the encoder and decoder shaped ``[d_in, d_sae]`` / ``[d_sae, d_in]`` as the
+config says; a corrupt or truncated weights file is refused rather than raising from deep inside safetensors.
 Each failure is one :class:`InputError` line.
 
 The ``sae_id`` is a content hash of the config and weights, so the same SAE gets the same id wherever its files
@@ -98,8 +101,10 @@ def _from_dir(path: Path, lm: LoadedModel, spec: str) -> LoadedSAE:
     with _quiet():
         try:
             sae = SAE.load_from_disk(str(path), device=str(lm.device))
-        except (ValueError, KeyError, TypeError, OSError) as exc:
-            raise InputError(f"sae-lens cannot load {str(path)!r}: {str(exc).splitlines()[0][:160]}") from None
+        except Exception as exc:  # a corrupt or truncated file raises whatever its parser raises
+            first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+            raise InputError(f"sae-lens cannot load {str(path)!r} (is {WEIGHTS_FILE} complete and cfg.json valid? "
+                             f"{type(exc).__name__}: {first})") from None
     # weights alone are not identity: a TopK and a ReLU SAE can share weights and still fire differently
     digest = hashlib.sha256(json.dumps(json.loads((path / "cfg.json").read_text()), sort_keys=True).encode())
     with open(weights, "rb") as fh:
@@ -144,7 +149,25 @@ def _wrap(sae: Any, spec: str, sae_id: str, source: Path | None) -> LoadedSAE:
     except InputError as exc:
         raise InputError(f"SAE {spec!r}: {exc}") from None
     sae.eval()
+    check_weights(sae, spec)
     return LoadedSAE(spec=spec, sae_id=sae_id, sae=sae, site=site, hook_name=hook, source_dir=source)
+
+
+def check_weights(sae: Any, spec: str) -> None:
+    """Every parameter of ``sae`` is finite, and ``W_enc``/``W_dec``/``b_enc``/``b_dec`` have the shapes its config
+    (``d_in``, ``d_sae``) says; else one :class:`InputError` line."""
+    d_in, d_sae = int(sae.cfg.d_in), int(sae.cfg.d_sae)
+    expected = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,)}
+    with torch.no_grad():
+        for name, param in sae.named_parameters():
+            want = expected.get(name)
+            if want is not None and tuple(param.shape) != want:
+                raise InputError(f"SAE {spec!r}: {name} has shape {list(param.shape)} but cfg.json says d_in {d_in}, "
+                                 f"d_sae {d_sae} (expected {list(want)}): the weights do not match the config")
+            if param.is_floating_point() and not bool(torch.isfinite(param).all()):
+                bad = int((~torch.isfinite(param)).sum())
+                raise InputError(f"SAE {spec!r}: {name} holds {bad:,} NaN or infinite values of {param.numel():,}: "
+                                 "the weights are broken (a diverged training run?); retrain or re-export the SAE")
 
 
 def _check_fits(loaded: LoadedSAE, lm: LoadedModel) -> None:

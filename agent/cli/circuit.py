@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from autoexplain.agent.cli.common import console, execute, plan_from
+from autoexplain.agent.cli.common import LLMMaxTokensOpt, LLMTimeoutOpt, console, execute, llm_settings, plan_from
 from autoexplain.tools.errors import InputError
 from autoexplain.tools.vocab import Ablation, Method
 
@@ -41,6 +41,7 @@ def circuit(
         policy: Annotated[str, typer.Option("--policy", help="offline (default) or llm")] = "offline",
         llm_model: Annotated[str | None, typer.Option("--llm-model", help="model at the OpenAI-compatible "
                                                                           "endpoint (policy llm)")] = None,
+        llm_max_tokens: LLMMaxTokensOpt = None, llm_timeout: LLMTimeoutOpt = None,
 ) -> None:
     """Find the edges that carry a task's behaviour with the agent, explain and score the circuit, store it.
 
@@ -59,14 +60,15 @@ def circuit(
 
 
     plan = plan_from({"name": "circuit", "model": model, "policy": policy, "llm_model": llm_model, "device": device,
+                  "llm": llm_settings(llm_max_tokens, llm_timeout),
                   "items": [{"circuit": {"task": str(task), "method": method.value, "ablation": ablation.value,
                                          "top_k": top_k, "threshold": threshold}}]})
     res, store, _ = execute(plan, db, kind="circuit")
 
     con = console()
     for o in res.outcomes:
-        if o.error:
-            raise InputError(f"circuit search for {o.target} failed: {o.error}")
+        if o.error:  # the error names the step that failed (circuit search, the LLM's explain call, scoring …)
+            raise InputError(f"circuit item {o.target} failed: {o.error}")
         circ = _found_circuit(store, o.item_id)
         _show(circ, o.target)
         con.print(f"[bold]explanation[/bold] ({o.status.value}): {o.text}")

@@ -39,6 +39,10 @@ JudgeOpt = Annotated[str, typer.Option("--judge", help="who scores labels: lexic
 StepsOpt = Annotated[int, typer.Option("--max-steps", help="graph steps per item before it ends with the best "
                                                            "explanation so far")]
 TokensOpt = Annotated[int, typer.Option("--max-tokens", help="LLM tokens per item")]
+LLMMaxTokensOpt = Annotated[int | None, typer.Option("--llm-max-tokens", help="completion tokens per LLM call "
+                                                                             "(sent as max_tokens; default 1024)")]
+LLMTimeoutOpt = Annotated[float | None, typer.Option("--llm-timeout", help="seconds per LLM HTTP attempt "
+                                                                           "(default: 20 + 0.1 per max token)")]
 SecondsOpt = Annotated[float, typer.Option("--max-seconds", help="wall seconds per item")]
 DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N (default: cuda if present)")]
 
@@ -211,6 +215,11 @@ def fail(message: str) -> None:
 
 
 # ----------------------------------------------------------------------------- running a plan
+def llm_settings(max_tokens: int | None, timeout_s: float | None) -> dict[str, Any]:
+    """The plan's ``llm:`` from ``--llm-max-tokens`` / ``--llm-timeout`` (only what was given)."""
+    return {k: v for k, v in (("max_tokens", max_tokens), ("timeout_s", timeout_s)) if v is not None}
+
+
 def plan_from(data: dict[str, Any]) -> Plan:
     from pydantic import ValidationError
 
@@ -262,3 +271,5 @@ def show_summary(res: RunResult, store: Store) -> None:
     con.print(t)
     con.print(f"run {res.run_id}: {len(res.outcomes)} items in {res.seconds:.1f} s "
               f"(harvest {res.harvest_seconds:.1f} s)")
+    for note in res.harvest_notes:  # also in the run's summary and the harvests table
+        con.print(f"WARNING: {note}")

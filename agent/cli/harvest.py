@@ -13,7 +13,7 @@ from autoexplain.tools.errors import InputError
 
 if TYPE_CHECKING:
     from autoexplain.agent.store import Store
-    from autoexplain.tools.harvest import HarvestIn, HarvestOut
+    from autoexplain.tools.harvest import HarvestIn, HarvestOut, HarvestWork
     from autoexplain.tools.models import LoadedModel
     from autoexplain.tools.saes import LoadedSAE
 
@@ -68,7 +68,8 @@ def harvest_cmd(
         sae: Annotated[str, typer.Option("--sae", "-s", help="sae-lens dir, toy:MODEL/NAME or RELEASE/ID")],
         dataset: Annotated[str, typer.Option("--dataset", "-d", help=".txt/.jsonl/.parquet or hub name")],
         tokens: Annotated[int, typer.Option("--tokens", "-n", help="tokens to stream through")] = 200_000,
-        ctx: Annotated[int, typer.Option(help="window length (BOS first)")] = 64,
+        ctx: Annotated[int | None, typer.Option(help="window length (BOS first; default 64, at most the model's "
+                                                     "context)")] = None,
         batch_size: Annotated[int, typer.Option(help="windows per forward pass")] = 32,
         top_k: Annotated[int, typer.Option(help="top contexts kept per feature")] = 20,
         checkpoint_every: Annotated[int, typer.Option(help="batches between checkpoints")] = 20,
@@ -77,23 +78,32 @@ def harvest_cmd(
 ) -> None:
     """Stream a dataset through model + SAE once; store every feature's statistics and examples.
 
-    Interrupted runs resume: run the same command again and finished batches are not recomputed.
+    Interrupted runs resume: run the same command again and finished batches are not recomputed. The SAE's stored
+    rows from an earlier harvest (another dataset or token budget) are replaced; later ``label`` and ``run`` reuse
+    this harvest when they ask for the same dataset, tokens and window. Two processes harvesting the same inputs at
+    once: the second is refused (exit code 2) — it does not wait.
     """
-    from autoexplain.tools.harvest import HarvestIn
+    from autoexplain.tools.data import available_tokens
+    from autoexplain.tools.harvest import HarvestIn, check_args, harvest_work
     from autoexplain.tools.loading import load_model, load_sae
 
     lm = load_model(model, device=device)
     s = load_sae(sae, lm)
-    args = validated(HarvestIn, sae_id=s.sae_id, dataset=dataset, n_tokens=tokens, ctx=ctx,
-                      batch_size=batch_size, top_k=top_k, checkpoint_every=checkpoint_every)
+    args = validated(HarvestIn, sae_id=s.sae_id, dataset=dataset, n_tokens=tokens,
+                     ctx=min(64, lm.n_ctx) if ctx is None else ctx, batch_size=batch_size, top_k=top_k,
+                     checkpoint_every=checkpoint_every)
+    check_args(args, lm.n_ctx)  # --ctx beyond the model's context fails before the database is opened
     next(iter(dataset_probe(dataset)))  # a missing or empty dataset fails before anything is written
-    store = open_store(db)
-    run_id = f"harvest-{uuid.uuid4().hex[:10]}"
-    store.start_run(run_id, "harvest", {"model": model, "sae": sae, **args.model_dump()})
-    store.record_model_and_saes(lm, [s])
-    with run_guard(store, run_id):
-        out = harvest_into(store, run_id, lm, s, args)
-        store.finish_run(run_id, "done", out.model_dump())
+    # every line the pass will read is parsed and tokenised now: a broken one fails before anything is written
+    available_tokens(dataset, lm.tokenizer, ctx=args.ctx, n_ctx=lm.n_ctx, max_tokens=args.n_tokens)
+    with harvest_work(lm.model_id, s.sae_id, args) as work:  # another process on the same inputs: refused
+        store = open_store(db)
+        run_id = f"harvest-{uuid.uuid4().hex[:10]}"
+        store.start_run(run_id, "harvest", {"model": model, "sae": sae, **args.model_dump()})
+        store.record_model_and_saes(lm, [s])
+        with run_guard(store, run_id):
+            out = harvest_into(store, run_id, lm, s, args, work)
+            store.finish_run(run_id, "done", out.model_dump())
     con = console()
     con.print(out.summary())
     if out.resumed_from_batch:
@@ -101,8 +111,10 @@ def harvest_cmd(
     con.print(f"database: {store.path.resolve()}  (run {run_id})")
 
 
-def harvest_into(store: Store, run_id: str, lm: LoadedModel, sae: LoadedSAE, args: HarvestIn) -> HarvestOut:
-    """Run a harvest with a progress bar, its rows going to ``store`` tagged with ``run_id``."""
+def harvest_into(store: Store, run_id: str, lm: LoadedModel, sae: LoadedSAE, args: HarvestIn,
+                 work: HarvestWork | None = None) -> HarvestOut:
+    """Run a harvest with a progress bar, its rows going to ``store`` tagged with ``run_id`` (``work``: a work
+    folder the caller owns, see :func:`autoexplain.tools.harvest.harvest_work`)."""
     from autoexplain.agent.store.harvest import harvest_sink
     from autoexplain.tools.harvest import harvest
     from autoexplain.tools.registry import ToolContext
@@ -110,6 +122,6 @@ def harvest_into(store: Store, run_id: str, lm: LoadedModel, sae: LoadedSAE, arg
     with progress() as report:
         stage = f"harvest {sae.spec} ({sae.sae_id})"
         return harvest(ToolContext(model=lm, saes={sae.sae_id: sae}, sink=harvest_sink(store, run_id)), args,
-                       progress=lambda done, total: report(stage, done, total))
+                       progress=lambda done, total: report(stage, done, total), work=work)
 
 

@@ -15,13 +15,16 @@ import typer
 from autoexplain.agent.cli.common import (
     DbOpt,
     JudgeOpt,
+    LLMMaxTokensOpt,
     LLMModelOpt,
+    LLMTimeoutOpt,
     PolicyOpt,
     SecondsOpt,
     StepsOpt,
     TokensOpt,
     console,
     execute,
+    llm_settings,
     plan_from,
     show_summary,
 )
@@ -37,6 +40,7 @@ def label(
         tokens: Annotated[int, typer.Option("--tokens", "-n", help="tokens to harvest if not harvested yet")]
         = 60_000,
         policy: PolicyOpt = "offline", llm_model: LLMModelOpt = None, judge: JudgeOpt = "lexical",
+        llm_max_tokens: LLMMaxTokensOpt = None, llm_timeout: LLMTimeoutOpt = None,
         embedding: Annotated[bool, typer.Option(help="also score with MiniLM embeddings (needs [judges])")] = False,
         judgements: Annotated[str, typer.Option("--judgements", help="per-example judge decisions to keep: final "
                                                                      "(the chosen label's) or all (every scored "
@@ -51,6 +55,7 @@ def label(
     plan = plan_from({"name": "label", "model": model, "policy": policy, "llm_model": llm_model, "judge": judge,
                   "embedding": embedding, "device": device, "judgements": judgements,
                   "budget": {"steps": max_steps, "llm_tokens": max_tokens, "seconds": max_seconds},
+                  "llm": llm_settings(llm_max_tokens, llm_timeout),
                   "items": [{"label": {"sae": sae, "dataset": dataset, "features": features, "tokens": tokens}}]})
     res, store, _ = execute(plan, db, kind="label", resume=resume)
     show_summary(res, store)
@@ -61,11 +66,16 @@ def label(
 def run(plan_file: Annotated[Path, typer.Argument(help="YAML or JSON plan (see README)")],
         resume: Annotated[bool, typer.Option(help="continue the newest unfinished run of this plan: finished "
                                                   "items are kept, the interrupted one resumes")] = False,
-        db: DbOpt = None) -> None:
-    """Run a plan of many items (overnight batches); crash-safe and resumable with --resume."""
+        db: DbOpt = None, llm_max_tokens: LLMMaxTokensOpt = None, llm_timeout: LLMTimeoutOpt = None) -> None:
+    """Run a plan of many items (overnight batches); crash-safe and resumable with --resume. ``--llm-max-tokens``
+    and ``--llm-timeout`` override the plan's ``llm:`` settings (a changed max_tokens is a different plan)."""
     from autoexplain.agent.runner import load_plan
 
-    res, store, _ = execute(load_plan(plan_file), db, kind="plan", resume=resume)
+    plan = load_plan(plan_file)
+    if llm_max_tokens is not None or llm_timeout is not None:
+        plan = plan_from({**plan.model_dump(mode="json"),
+                          "llm": {**plan.llm.overrides(), **llm_settings(llm_max_tokens, llm_timeout)}})
+    res, store, _ = execute(plan, db, kind="plan", resume=resume)
     show_summary(res, store)
 
     console().print(f"database: {store.path.resolve()}  (run {res.run_id})")

@@ -1,11 +1,13 @@
 """The LLM policy: an OpenAI-compatible model drives the same graph as the offline policy.
 
-* ``plan``: one assistant turn with native tool calling over the registry's schemas. Tool calls become requests
+* ``plan``: one assistant turn with tool calling over the registry's schemas (native; on a server without it, the
+  client asks for the calls as schema-constrained JSON — the policy sees the same turn). Tool calls become requests
   (arguments passed through raw: the registry validates them, and a bad call comes back as an error message the
   model can act on). A turn without tool calls means "ready to explain".
 * ``observe``: each result goes back as a ``tool`` message: the call id (for evidence), then the tool's bounded
   summary, or its error. Outputs are framed as data; they cannot add tools or reach anything but the registry.
-* ``propose``: a structured :class:`Proposal` (pydantic; strict JSON schema, JSON-mode fallback) — one to three
+* ``propose``: a structured :class:`Proposal` (pydantic; strict JSON schema, stepping down to JSON mode with the
+  schema, plain JSON mode, the schema in the prompt, as the server allows) — one to three
   explanations, the hypotheses with status, causal level and evidence call ids.
 * ``decide``: accept when the best explanation's correctness reaches ``accept_at``; otherwise the scores go back to
   the model and it refines (another round), until ``max_rounds`` or a budget ends the item with the best so far.

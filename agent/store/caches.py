@@ -46,7 +46,8 @@ def llm_call_row(run_id: str, item_id: str | None, default_model: str, rec: dict
             "attempt": int(rec.get("attempt") or 0), "ok": bool(rec.get("ok")), "cached": bool(rec.get("cached")),
             "prompt_tokens": rec.get("prompt_tokens"), "completion_tokens": rec.get("completion_tokens"),
             "duration_s": rec.get("duration_s"), "finish_reason": rec.get("finish_reason"),
-            "error": rec.get("error"), "request_hash": rec.get("request_hash"), "created_at": utc_now()}
+            "error": rec.get("error"), "request_hash": rec.get("request_hash"), "created_at": utc_now(),
+            "mode": rec.get("mode"), "status_code": rec.get("status_code"), "retry_in_s": rec.get("retry_in_s")}
 
 
 def cache_key(model_id: str, sae_ids: list[str], tool: str, args: dict[str, Any]) -> str:

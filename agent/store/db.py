@@ -14,6 +14,11 @@ length of one query. Either side that meets the other's lock waits and retries w
 (:func:`connect`), so a query made mid-run answers within a write's length and sees every committed row. (The
 agent's rows reach the store in groups: :mod:`autoexplain.agent.store.outbox`.)
 
+A writer waits for an announced reader as long as it lives (a slow query pauses a run, it never fails it); the
+announcement is a file under ``flock``, so a killed reader stops counting at once. One process writes a run at a time
+(:meth:`Store.run_lock`). A file DuckDB cannot use (truncated, not DuckDB, in a read-only folder, under a file) is
+one :class:`InputError` line, never a traceback.
+
 Idempotence
 -----------
 Every table has a natural primary key and every write is an upsert (``INSERT OR REPLACE … BY NAME``), so an item
@@ -31,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -104,7 +110,13 @@ def connect(path: Path, *, read_only: bool, timeout_s: float = 30.0,
 
 def open_connection(path: Path, *, read_only: bool, timeout_s: float = 30.0,
                     external_access: bool = True) -> duckdb.DuckDBPyConnection:
-    """:func:`connect` without the context manager: the caller closes the connection."""
+    """:func:`connect` without the context manager: the caller closes the connection.
+
+    A writer waits for readers that announced themselves (:func:`announce_reader`) as long as they live, however
+    long their query takes: a slow ``autoexplain sql`` pauses a run, it never fails it. ``timeout_s`` bounds the
+    wait for anything else holding the file (another writer, a reader that could not announce itself); then
+    :class:`StoreBusy` says which process holds it.
+    """
     deadline = time.monotonic() + timeout_s
     delay = 0.005
     while True:
@@ -112,56 +124,105 @@ def open_connection(path: Path, *, read_only: bool, timeout_s: float = 30.0,
             return duckdb.connect(str(path), read_only=read_only,
                                   config={} if external_access else {"enable_external_access": False})
         except duckdb.IOException as exc:
-            if "not a valid duckdb database" in str(exc).lower():
+            text = str(exc)
+            if "not a valid duckdb database" in text.lower():
                 raise InputError(f"--db {str(path)!r} exists but is not a DuckDB database: pass a new file "
                                  "name or an autoexplain database (the file was left untouched)") from None
             if not _is_lock_error(exc):
-                raise
+                raise InputError(_unusable_db(path, text)) from None
+            if not read_only and readers_waiting(path):
+                deadline = max(deadline, time.monotonic() + timeout_s)  # an announced reader: wait for it
             if time.monotonic() > deadline:
-                raise InputError(f"database {str(path)!r} stayed locked by another process for {timeout_s:.0f} s "
-                                 f"({str(exc).split('Conflicting lock is held in')[-1].strip()[:80]}); "
-                                 "try again when it finishes") from None
+                raise StoreBusy(f"database {str(path)!r} stayed locked by another process for {timeout_s:.0f} s "
+                                f"({_lock_holder(text)}); try again when it finishes") from None
             time.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 0.2)
 
 
+class StoreBusy(InputError):
+    """Another process kept the database file locked longer than the store's timeout."""
+
+
+def _lock_holder(message: str) -> str:
+    """Who holds the file, from DuckDB's lock error (``… Conflicting lock is held in /usr/bin/python (PID 12)``),
+    as whole words: never a cut-off fragment of the message."""
+    m = re.search(r"held in (\S+) \(PID (\d+)\)", message)
+    if m:
+        return f"process {m.group(2)}, {Path(m.group(1)).name}"
+    m = re.search(r"PID (\d+)", message)
+    return f"process {m.group(1)}" if m else "another process"
+
+
+def _unusable_db(path: Path, message: str) -> str:
+    """One line for a database file DuckDB cannot open for a reason other than a lock."""
+    low = message.lower()
+    where = f"--db {str(path)!r}"
+    if "not a directory" in low:
+        return f"{where}: a part of the path above the file is a file, not a folder: pass a path in a folder"
+    if "read-only file system" in low or "permission denied" in low:
+        why = "read-only file system" if "read-only" in low else "permission denied"
+        return f"{where} cannot be written here ({why}): pass a path in a folder you can write"
+    if "could not read enough bytes" in low or "truncated" in low or "corrupt" in low or "checksum" in low:
+        return (f"{where} is damaged (truncated or corrupt: DuckDB cannot read it): restore it from a copy or "
+                "pass a new file name (the file was left untouched)")
+    first = message.strip().splitlines()[0] if message.strip() else type(message).__name__
+    return f"{where} cannot be opened: {first}"
+
+
 # ----------------------------------------------------------------------------- readers waiting
-#: A reader's request is ignored once this old (a reader killed mid-wait leaves its file behind).
-READER_STALE_S = 60.0
-
-
 def _readers_dir(path: Path) -> Path:
     return path.with_name(path.name + ".readers")
 
 
 @contextlib.contextmanager
 def announce_reader(path: Path) -> Iterator[None]:
-    """Tell a writer holding ``path`` (see :meth:`Store.hold`) that a reader waits: it lets go of the file."""
+    """Tell a writer holding ``path`` (see :meth:`Store.hold`) that a reader waits: it lets go of the file.
+
+    The announcement is a file in ``<db>.readers/`` that this process holds an ``flock`` on for the block: the
+    operating system drops the lock when the process dies (``kill -9`` included), and :func:`readers_waiting`
+    counts only locked files (removing the others), so a killed reader never keeps a writer waiting.
+    """
+    from autoexplain.tools.locks import release, try_acquire
+
     d = _readers_dir(path)
-    f: Path | None = d / f"{os.getpid()}-{random.getrandbits(48):012x}"
+    name = f"{os.getpid()}-{random.getrandbits(48):012x}"
+    held: tuple[Path, int] | None = None
     try:
         d.mkdir(exist_ok=True)
-        f.touch()  # type: ignore[union-attr]  # just assigned
+        tmp = d / f".{name}"  # locked before it gets the name writers look at: never seen unlocked while alive
+        fd = try_acquire(tmp, "autoexplain sql reading")
+        if fd is not None:
+            os.rename(tmp, d / name)
+            held = (d / name, fd)
     except OSError:  # a read-only folder: the writer will let go when idle anyway
-        f = None
+        held = None
     try:
         yield
     finally:
-        if f is not None:
-            with contextlib.suppress(OSError):
-                f.unlink()
+        if held is not None:
+            release(*held)
             with contextlib.suppress(OSError):  # leave no folder behind (fails while other readers wait)
                 d.rmdir()
 
 
 def readers_waiting(path: Path) -> bool:
+    """Whether a live reader has announced itself for ``path``; files left by dead readers are removed."""
+    from autoexplain.tools.locks import is_locked
+
     d = _readers_dir(path)
+    live = False
     try:
-        now = time.time()
         with os.scandir(d) as it:
-            return any(now - e.stat().st_mtime < READER_STALE_S for e in it)
+            entries = [e.path for e in it if not e.name.startswith(".")]
     except OSError:
         return False
+    for entry in entries:
+        if is_locked(Path(entry)):
+            live = True
+        else:  # its process died: the announcement cannot outlive it
+            with contextlib.suppress(OSError):
+                os.unlink(entry)
+    return live
 
 
 @contextlib.contextmanager
@@ -203,12 +264,40 @@ class Store:
         if not self.path.parent.exists():
             raise InputError(f"--db {str(self.path)!r}: folder {str(self.path.parent)!r} does not exist; create it "
                              "or pass a path in an existing folder")
-        self._migrate()
+        if not self.path.parent.is_dir():
+            raise InputError(f"--db {str(self.path)!r}: {str(self.path.parent)!r} is a file, not a folder: pass a "
+                             "path in a folder")
+        if not self.path.exists() and not os.access(self.path.parent, os.W_OK):
+            raise InputError(f"--db {str(self.path)!r} cannot be created: folder {str(self.path.parent)!r} is not "
+                             "writable (read-only file system?): pass a path in a folder you can write")
+        try:
+            self._migrate()
+        except duckdb.IOException as exc:  # a truncated file DuckDB opened but cannot read
+            raise InputError(_unusable_db(self.path, str(exc))) from None
 
     # -- connections ------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A read-write connection inside one transaction; committed on success, rolled back on error."""
+        """A read-write connection inside one transaction; committed on success, rolled back on error. A file
+        found damaged while reading it (DuckDB reads a truncated block only when a statement needs it) is one
+        :class:`InputError` line, never a traceback."""
+        with self._damage_is_input_error():
+            with self._transaction() as con:
+                yield con
+
+    @contextlib.contextmanager
+    def _damage_is_input_error(self) -> Iterator[None]:
+        try:
+            yield
+        except duckdb.IOException as exc:
+            if "could not read enough bytes" not in str(exc).lower():
+                raise
+            raise InputError(f"--db {str(self.path)!r} is damaged (truncated or corrupt: DuckDB could not read a "
+                             "block it needs); the transaction was rolled back, nothing was added: restore the file "
+                             "from a copy or pass a new file name") from None
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
         if self._holding:
             with self._lock:
                 try:
@@ -342,7 +431,7 @@ class Store:
     def query(self, sql: str, params: Sequence[Any] | None = None) -> tuple[list[str], list[tuple[Any, ...]]]:
         """Run one read-only query; return (column names, rows)."""
         if self._holding:
-            with self._lock:
+            with self._lock, self._damage_is_input_error():
                 try:
                     cur = self._held_connection().execute(sql, list(params) if params else None)
                     if cur is None or cur.description is None:
@@ -381,6 +470,21 @@ class Store:
         row: RunRow = {"run_id": run_id, "status": status, "summary": dict(summary), "finished_at": utc_now()}
         self.upsert("runs", [row])
 
+    @contextlib.contextmanager
+    def run_lock(self, run_id: str) -> Iterator[None]:
+        """One writer per run: hold ``<db>.locks/<run_id>.lock`` for the block (an ``flock`` the operating system
+        releases when the process dies, so a killed run leaves no stale lock). A second process writing the same
+        run (two ``--resume`` at once) gets one :class:`~autoexplain.tools.locks.LockBusy` line instead."""
+        from autoexplain.tools.locks import exclusive
+
+        lock = self.path.with_name(self.path.name + ".locks") / f"{run_id}.lock"
+        with exclusive(lock, f"writing run {run_id}",
+                       f"run {run_id} in {str(self.path)!r} is being written by another process: wait for it to "
+                       "finish (or stop it) before resuming it"):
+            yield
+        with contextlib.suppress(OSError):  # leave no folder behind (fails while other runs hold theirs)
+            lock.parent.rmdir()
+
 
 def run_query(path: Path, sql: str, params: Sequence[Any] | None = None, *,
               timeout_s: float = 30.0) -> tuple[list[str], list[tuple[Any, ...]]]:
@@ -390,11 +494,22 @@ def run_query(path: Path, sql: str, params: Sequence[Any] | None = None, *,
                          "or pass --db PATH")
     with announce_reader(path), connect(path, read_only=True, timeout_s=timeout_s, external_access=False) as con:
         try:
+            n_statements = len(con.extract_statements(sql))
+            if n_statements > 1:  # DuckDB would run them all and show only the last result
+                raise InputError(f"query failed: it holds {n_statements} SQL statements; autoexplain sql runs one "
+                                 "at a time: pass each statement on its own")
             cur = con.execute(sql, list(params) if params else None)
         except duckdb.Error as exc:
             msg = str(exc).strip().splitlines()[0]
+            if "could not read enough bytes" in msg.lower():  # a truncated file: DuckDB finds out mid-query
+                raise InputError(_unusable_db(path, msg)) from None
             if "read-only" in msg.lower():
                 msg = "autoexplain sql is read-only: only SELECT-style queries are allowed"
+            elif "disabled by config" in msg.lower() and "directory" in msg.lower() and "extensions" in msg.lower():
+                # duckdb_extensions() lists DuckDB's extension folder: a file-system read DuckDB refuses once
+                # external access is off (checked with DuckDB 1.x), whatever the query
+                msg = ("this function reads DuckDB's extension folder, and autoexplain sql turns off every file "
+                       "access outside the database (DuckDB cannot allow it read-only): run it in duckdb itself")
             elif "disabled by config" in msg.lower():
                 msg = "autoexplain sql cannot touch other files: use --format csv|json to export results"
             raise InputError(f"query failed: {msg}") from None

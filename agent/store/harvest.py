@@ -5,6 +5,14 @@ values: :class:`~autoexplain.tools.harvest.FeatureStats`, :class:`~autoexplain.t
 a sink; this module is the one place that turns them into rows. The run's sink, :func:`harvest_sink`, tags every
 row with the run and gives each example its held-out split as it is written
 (:func:`autoexplain.agent.store.rows.with_split`), so labelling never rewrites them.
+
+Which harvest
+-------------
+Every row records its ``harvest_id``, and the ``harvests`` table what each harvest was run on (model, SAE, dataset
+identity, token budget, window length) and any note (a dataset far smaller than asked). An SAE holds the rows of
+one harvest at a time: storing a new one replaces the old one's rows in the same transaction (its ``harvests`` row
+stays, as history), so rows of two harvests never mix. :func:`reuse_decision` is how a run decides whether the
+stored rows fit what it asks for.
 """
 
 from __future__ import annotations
@@ -12,10 +20,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from autoexplain.tools.errors import InputError
+
 if TYPE_CHECKING:
     from autoexplain.agent.store.db import Store
-    from autoexplain.agent.store.schema import FeatureExampleRow, FeatureRow
-    from autoexplain.tools.harvest import FeatureExample, FeatureStats, HarvestResult, HarvestSink
+    from autoexplain.agent.store.schema import FeatureExampleRow, FeatureRow, HarvestRow
+    from autoexplain.tools.harvest import FeatureExample, FeatureStats, HarvestIdentity, HarvestResult, HarvestSink
 
 #: Writes rows to a table: ``Store.upsert`` or anything shaped like it.
 TableWriter = Callable[[str, list[dict[str, Any]]], object]
@@ -62,7 +72,71 @@ def rows_sink(write: TableWriter, *, run_id: str | None = None, split: bool = Fa
     return sink
 
 
+def harvest_row(result: HarvestResult, run_id: str | None) -> HarvestRow:
+    """The ``harvests`` row of a finished harvest."""
+    from autoexplain.agent.store.rows import utc_now
+
+    inputs = dict(result.inputs or {})
+    data = inputs.get("dataset") or {}
+    return {"harvest_id": result.harvest_id, "sae_id": result.sae_id, "model_id": inputs.get("model"),
+            "dataset": data.get("path") or data.get("hub"), "inputs": inputs, "n_tokens": result.n_tokens,
+            "n_windows": result.n_windows, "note": result.note, "run_id": run_id, "created_at": utc_now()}
+
+
 def harvest_sink(store: Store, run_id: str) -> HarvestSink:
-    """Where a run's harvest goes: the store, every row tagged with ``run_id``, every example with its held-out
-    split (:func:`autoexplain.agent.store.rows.with_split`)."""
-    return rows_sink(store.upsert, run_id=run_id, split=True)
+    """Where a run's harvest goes: the store, in one transaction — its ``harvests`` row, then its features and
+    examples (every row tagged with ``run_id`` and the harvest, every example with its held-out split:
+    :func:`autoexplain.agent.store.rows.with_split`), replacing the rows an earlier harvest of the SAE left."""
+
+    def sink(result: HarvestResult) -> None:
+        with store.transaction() as con:
+            for table in ("feature_examples", "features"):
+                con.execute(f"delete from {table} where sae_id = ? and harvest_id is distinct from ?",
+                            [result.sae_id, result.harvest_id])
+            if result.harvest_id:
+                store.upsert("harvests", [harvest_row(result, run_id)], con=con)
+            tag = {"run_id": run_id, "harvest_id": result.harvest_id or None}
+
+            def write(table: str, rows: list[dict[str, Any]]) -> None:
+                store.upsert(table, [{**r, **tag} for r in rows], con=con)
+
+            rows_sink(write, split=True)(result)
+
+    return sink
+
+
+def reuse_decision(store: Store, identity: HarvestIdentity, *, sae_spec: str, d_sae: int) -> str | None:
+    """Whether a run may reuse the stored harvest of ``identity``'s SAE: ``"reuse"`` when the stored rows come from
+    a harvest with the same inputs (model, SAE, dataset identity, token budget, window length), ``None`` when the
+    SAE has no complete harvest yet (harvest it). Stored rows from other inputs are refused with one line that says
+    how to choose, never silently reused.
+
+    Rows whose harvest is not recorded (written by an autoexplain before schema version 6, or straight through
+    :func:`rows_sink`) have unknown inputs: they are reused, and the answer is a note saying so (the runner stores
+    it in the run's summary and the CLI prints it), so the reuse is visible rather than silent.
+    """
+    from autoexplain.agent.store import queries
+
+    sae_id = identity.inputs["sae"]
+    stored = queries.stored_harvest(store, sae_id)
+    if stored is None or stored.n_features < d_sae:
+        return None
+    if stored.inputs == identity.inputs:
+        return "reuse"
+    asked = identity.inputs
+    if stored.inputs is None:
+        return (f"SAE {sae_spec}: reused stored features whose harvest inputs were not recorded (an older "
+                "autoexplain); their dataset and token budget are unknown: run autoexplain harvest to replace them")
+    else:
+        data = stored.inputs.get("dataset") or {}
+        changed = " (the file changed since)" if data.get("path") and data.get("path") == \
+            (asked["dataset"] or {}).get("path") else ""
+        what = (f"from {data.get('path') or data.get('hub')!r}{changed} with {stored.inputs.get('n_tokens'):,} "
+                f"tokens asked and ctx {stored.inputs.get('ctx')}")
+    data = asked["dataset"]
+    raise InputError(
+        f"SAE {sae_spec} is already harvested in this database {what}, but this run asks for "
+        f"{data.get('path') or data.get('hub')!r} with {asked['n_tokens']:,} tokens and ctx {asked['ctx']}: to "
+        f"label from the new data, first run autoexplain harvest --sae {sae_spec} --dataset ... --tokens "
+        f"{asked['n_tokens']} --ctx {asked['ctx']} on this database (it replaces the stored harvest), or pass "
+        "another --db; to reuse the stored harvest, ask for its dataset and tokens")

@@ -294,9 +294,39 @@ _V4 = (
     _JUDGEMENTS_VIEW,
 )
 
+# which harvest each feature row comes from, and what each harvest was run on (reuse checks its inputs); version 5
+# is llm_calls' columns
+_V6 = (
+    """create table harvests (
+    harvest_id varchar not null primary key,  -- hash of model, SAE, dataset identity and every argument
+    sae_id varchar not null,
+    model_id varchar,
+    dataset varchar,  -- the dataset's path or hub name
+    inputs json not null,  -- model, sae, dataset identity, n_tokens asked, ctx: what reuse compares
+    n_tokens bigint,  -- tokens harvested (BOS and padding excluded)
+    n_windows bigint,
+    note varchar,  -- a warning about the inputs, e.g. a dataset far smaller than asked
+    run_id varchar,
+    created_at timestamp not null
+)""",
+    """alter table features add column harvest_id varchar""",
+    """alter table feature_examples add column harvest_id varchar""",
+)
+
+# llm_calls: the request's shape (structured-output / tool-calling mode), the HTTP status and the retry wait of
+# each attempt (the client recorded them; the store dropped them)
+_V5 = (
+    """alter table llm_calls add column mode varchar""",
+    """alter table llm_calls add column status_code integer""",
+    """alter table llm_calls add column retry_in_s double""",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (Migration(1, "initial schema", _V1),
                                      Migration(2, "judgements: one row per per-example judge decision", _V2),
                                      Migration(3, "agent: tool cache, LLM calls and cache, overall scores, "
                                                   "best_explanations per judge", _V3),
                                      Migration(4, "judgements stored a set at a time (judgement_sets); "
-                                                  "judgements becomes a view", _V4))
+                                                  "judgements becomes a view", _V4),
+                                     Migration(5, "llm_calls: mode, HTTP status and retry wait per attempt", _V5),
+                                     Migration(6, "harvests: what each harvest was run on; features and "
+                                                  "feature_examples record their harvest_id", _V6))

@@ -31,6 +31,14 @@ Written at once, not grouped: LLM calls and responses (``llm_calls``, ``llm_cach
 than a commit, and its record must survive a crash inside the node that made it), and the result of any tool call
 that took longer than ``GroupCommit.cache_now_s`` to compute (a long forward pass or circuit search is never
 computed twice, even when the crash comes later in the same step).
+
+A file another process keeps locked
+-----------------------------------
+A writer waits for announced readers however long their query runs (:func:`autoexplain.agent.store.db.open_connection`).
+Should the file still stay locked past the store's timeout (a process that did not announce itself), a group commit
+made mid-run (:meth:`Outbox.try_flush`) keeps its rows and is tried again a few seconds later: no item is charged
+with it and the run goes on. Only the run's last commit (:meth:`Outbox.flush`) raises, and then the checkpoints still
+hold every row for ``--resume``.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from autoexplain.agent.store import Store, merge_rows, readers_waiting
+from autoexplain.agent.store.db import StoreBusy
 from autoexplain.agent.store.schema import Row
 
 
@@ -77,6 +86,8 @@ class Outbox:
         self._since: float | None = None  # when the oldest finished bucket finished
         self._lock = threading.RLock()
         self.commits = 0  # group commits made (reports, tests)
+        self.deferred = 0  # group commits put off because another process kept the file locked
+        self._retry_at = 0.0  # after a deferred commit: not due again before this (monotonic seconds)
 
     # -- writing ---------------------------------------------------------------------------------------
     def begin(self, item_id: str | None) -> None:
@@ -138,7 +149,7 @@ class Outbox:
     def due(self) -> bool:
         """Whether a group commit is due: enough finished items, the oldest one old enough, or a reader waiting."""
         with self._lock:
-            if not self._done:
+            if not self._done or time.monotonic() < self._retry_at:
                 return False
             if len(self._done) >= self.policy.items:
                 return True
@@ -168,6 +179,21 @@ class Outbox:
             self._done.clear()
             self._since = None
         return [i for i in ids if i is not None]
+
+    #: Seconds a deferred group commit waits before it is tried again.
+    RETRY_S = 5.0
+
+    def try_flush(self) -> list[str]:
+        """:meth:`flush`, except that a file another process keeps locked past the store's timeout
+        (:class:`~autoexplain.agent.store.db.StoreBusy`) defers the commit: the rows stay waiting (and in the
+        checkpoints), :meth:`due` says so again after :data:`RETRY_S`, and ``[]`` is returned."""
+        try:
+            return self.flush()
+        except StoreBusy:
+            with self._lock:
+                self.deferred += 1
+                self._retry_at = time.monotonic() + self.RETRY_S
+            return []
 
     def _rows_to_commit(self, bucket: dict[str, dict[tuple[Any, ...], dict[str, Any]]]
                         ) -> dict[str, list[dict[str, Any]]]:

@@ -8,7 +8,8 @@ these work mid-run; rows still waiting in an outbox are the outbox's to answer (
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+import json
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     from autoexplain.agent.store.db import Store
@@ -51,14 +52,16 @@ def final_labels(store: Store, run_id: str) -> list[FinalLabel]:
 
 
 def run_summary(store: Store, run_id: str) -> list[KindSummary]:
-    """One :class:`KindSummary` per item kind of ``run_id`` (dead: final labels saying the feature is dead)."""
+    """One :class:`KindSummary` per item kind of ``run_id`` (dead: feature items whose stored ``features.is_dead``
+    is true — never what a label says, which an LLM may word any way)."""
     rows = store.query(
         "select w.kind, count(*), count(*) filter (where w.status = 'done'), "
         "count(*) filter (where w.status = 'budget_limited'), count(*) filter (where w.status = 'failed'), "
-        "count(*) filter (where e.text like 'dead feature%'), avg(b.correctness), avg(b.completeness), "
+        "count(*) filter (where f.is_dead), avg(b.correctness), avg(b.completeness), "
         "avg(b.succinctness) from work_items w "
         "left join explanations e on e.item_id = w.item_id and e.is_final "
         "left join best_explanations b on b.explanation_id = e.explanation_id "
+        "left join features f on w.kind = 'feature' and w.target = f.sae_id || '#' || f.feature_index "
         "where w.run_id = ? group by w.kind order by w.kind", [run_id])[1]
     return [KindSummary(*r) for r in rows]
 
@@ -161,6 +164,33 @@ class ShownExampleRow(NamedTuple):
 def harvested_features(store: Store, sae_id: str) -> int:
     """How many features of ``sae_id`` have stored statistics."""
     return int(store.query("select count(*) from features where sae_id = ?", [sae_id])[1][0][0])
+
+
+class StoredHarvest(NamedTuple):
+    """The harvest an SAE's stored ``features`` rows come from: its id and inputs (None when not recorded or when
+    rows of several harvests are mixed) and how many features it covers."""
+
+    harvest_id: str | None
+    inputs: dict[str, Any] | None
+    n_features: int
+
+
+def stored_harvest(store: Store, sae_id: str) -> StoredHarvest | None:
+    """Which harvest the stored features of ``sae_id`` come from, or None when none are stored."""
+    rows = store.query("select f.harvest_id, count(*), any_value(h.inputs) from features f left join harvests h "
+                       "using (harvest_id) where f.sae_id = ? group by f.harvest_id", [sae_id])[1]
+    if not rows:
+        return None
+    n = sum(int(r[1]) for r in rows)
+    if len(rows) > 1 or rows[0][2] is None:
+        return StoredHarvest(harvest_id=None, inputs=None, n_features=n)
+    return StoredHarvest(harvest_id=str(rows[0][0]), inputs=json.loads(rows[0][2]), n_features=n)
+
+
+def harvest_notes(store: Store, run_id: str) -> list[str]:
+    """The notes (warnings about their inputs) of the harvests run ``run_id`` made."""
+    return [str(r[0]) for r in store.query("select note from harvests where run_id = ? and note is not null "
+                                           "order by created_at", [run_id])[1]]
 
 
 def dead_features(store: Store, sae_id: str) -> dict[int, int]:

@@ -141,6 +141,7 @@ class FeatureRow(TypedDict, total=False):
     top_logits: Annotated[Json, JSON, Doc("tokens the feature's decoder direction promotes most")]
     bottom_logits: Annotated[Json, JSON]
     run_id: str | None
+    harvest_id: Annotated[str | None, Doc("the harvest these statistics come from (harvests)")]
 
 
 class FeatureExampleRow(TypedDict, total=False):
@@ -157,6 +158,7 @@ class FeatureExampleRow(TypedDict, total=False):
     max_act: float | None
     window_index: Annotated[int | None, BIGINT]
     run_id: str | None
+    harvest_id: Annotated[str | None, Doc("the harvest this example comes from (harvests)")]
 
 
 class HypothesisRow(TypedDict, total=False):
@@ -285,6 +287,9 @@ class LLMCallRow(TypedDict, total=False):
     error: Annotated[str | None, Doc("never holds an API key")]
     request_hash: str | None
     created_at: Annotated[dt.datetime, NOT_NULL]
+    mode: Annotated[str | None, Doc("tools | tools-json | strict | json | json_bare | plain (the request's shape)")]
+    status_code: Annotated[int | None, Doc("HTTP status (200, 429, 500 ...); null: no response (timeout, network)")]
+    retry_in_s: Annotated[float | None, Doc("seconds waited before the next attempt; null: none followed")]
 
 
 class LLMCacheRow(TypedDict, total=False):
@@ -295,13 +300,30 @@ class LLMCacheRow(TypedDict, total=False):
     created_at: Annotated[dt.datetime, NOT_NULL]
 
 
+class HarvestRow(TypedDict, total=False):
+    """``harvests``: one harvest of an SAE over a dataset: what it was run on, so later runs reuse its rows only
+    for the same inputs (the latest harvest of an SAE is the one its ``features`` rows hold)."""
+
+    harvest_id: Annotated[str, KEY, Doc("hash of model, SAE, dataset identity and every argument")]
+    sae_id: Annotated[str, NOT_NULL]
+    model_id: str | None
+    dataset: Annotated[str | None, Doc("the dataset's path or hub name")]
+    inputs: Annotated[Json, JSON, NOT_NULL, Doc("model, sae, dataset identity, n_tokens asked, ctx: what reuse "
+                                                "compares")]
+    n_tokens: Annotated[int | None, BIGINT, Doc("tokens harvested (BOS and padding excluded)")]
+    n_windows: Annotated[int | None, BIGINT]
+    note: Annotated[str | None, Doc("a warning about the inputs, e.g. a dataset far smaller than asked")]
+    run_id: str | None
+    created_at: Annotated[dt.datetime, NOT_NULL]
+
+
 #: Every table and its row declaration, in creation order.
 DECLARATIONS: dict[str, type] = {
     "runs": RunRow, "work_items": WorkItemRow, "tool_calls": ToolCallRow, "models": ModelRow, "saes": SaeRow,
     "features": FeatureRow, "feature_examples": FeatureExampleRow, "hypotheses": HypothesisRow,
     "explanations": ExplanationRow, "scores": ScoreRow, "circuits": CircuitRow, "circuit_edges": CircuitEdgeRow,
     "judgement_sets": JudgementSetRow, "tool_cache": ToolCacheRow, "llm_calls": LLMCallRow,
-    "llm_cache": LLMCacheRow,
+    "llm_cache": LLMCacheRow, "harvests": HarvestRow,
 }
 #: Views over the tables: read them like tables, never write them.
 VIEWS = ("judgements", "best_explanations")

@@ -122,8 +122,9 @@ class ProcessGone(RuntimeError):
 
 class Kill:
     """Emulates ``kill -9`` inside one ``run_plan`` call: :meth:`now` raises :class:`SimulatedCrash`, and from then
-    on the run's outbox commits nothing (a killed process never reaches the commit the runner makes on its way out
-    after a Ctrl-C), so the checkpoints and the earlier commits are all a resume finds. ``mp``: a monkeypatch
+    on the run's outbox commits nothing and the run is not marked (a killed process never reaches the commit and
+    the ``interrupted`` mark the runner makes on its way out after a Ctrl-C), so the checkpoints and the earlier
+    commits are all a resume finds. ``mp``: a monkeypatch
     context that lasts exactly that call."""
 
     def __init__(self, mp: pytest.MonkeyPatch) -> None:
@@ -139,6 +140,16 @@ class Kill:
             return orig_flush(out)
 
         mp.setattr(Outbox, "flush", flush)
+        from autoexplain.agent.store import Store
+
+        orig_finish = Store.finish_run
+
+        def finish_run(store: Any, *args: Any, **kwargs: Any) -> None:
+            if kill.dead:  # a killed process never marks its run (Ctrl-C does: the run reads 'interrupted')
+                raise ProcessGone("the process was killed: it marks nothing")
+            orig_finish(store, *args, **kwargs)
+
+        mp.setattr(Store, "finish_run", finish_run)
 
     def now(self, why: str) -> NoReturn:
         self.dead = True

@@ -141,7 +141,7 @@ def test_strict_rejection_falls_back_to_json_mode_and_remembers(records) -> None
         llm.structured(list(USER), FeatureLabel, purpose="label")  # remembered: no strict attempt
     assert [b["response_format"]["type"] for b in srv.bodies] == ["json_schema", "json_object", "json_object"]
     assert [(r["mode"], r["ok"], r["status_code"]) for r in records] == [
-        ("strict", False, 400), ("json", True, None), ("json", True, None)]
+        ("strict", False, 400), ("json", True, 200), ("json", True, 200)]  # the HTTP status of every attempt
 
 
 def test_json_mode_rejection_falls_back_to_plain() -> None:
@@ -221,7 +221,7 @@ def test_500_then_success(records) -> None:
     with FakeOpenAI(sequence(server_error(500), text("ok"))) as srv, client(srv, records) as llm:
         assert llm.chat_tools(list(USER), [], purpose="p").content == "ok"
     assert [(r["ok"], r["status_code"], r["error_type"]) for r in records] == [
-        (False, 500, "InternalServerError"), (True, None, None)]
+        (False, 500, "InternalServerError"), (True, 200, None)]
     assert records[0]["request_hash"] == records[1]["request_hash"]
 
 
@@ -371,3 +371,143 @@ def test_a_corrupt_cache_entry_is_a_miss() -> None:
         cache.put(key, {"junk": True})
         turn = llm.chat_tools(list(USER), [], purpose="p")
     assert not turn.cached and len(srv.requests) == 2 and cache.get(key)["choices"]
+
+
+# ============================================================================= real servers' quirks (issue 18)
+def test_llama_cpp_json_schema_500_steps_down_to_json_object_with_schema_without_retrying(records) -> None:
+    """llama-cpp-python answers ``json_schema`` with HTTP 500 naming response_format: a step down (to its
+    ``{"type": "json_object", "schema": …}`` extension), not five retries and LLMUnavailable."""
+    with FakeOpenAI(lambda body, n: structured(LABEL), profile="llama-cpp") as srv, client(srv, records) as llm:
+        obj, _ = llm.structured(list(USER), FeatureLabel, purpose="label")
+        llm.structured(list(USER), FeatureLabel, purpose="label")  # remembered
+    assert obj == FeatureLabel(**LABEL) and llm.structured_mode == "json"
+    fmts = [b["response_format"] for b in srv.bodies]
+    assert [f["type"] for f in fmts] == ["json_schema", "json_object", "json_object"]
+    assert fmts[1]["schema"] == FeatureLabel.model_json_schema()  # the schema travels: the server's grammar
+    assert [(r["mode"], r["ok"], r["status_code"], r["retry_in_s"]) for r in records] == [
+        ("strict", False, 500, None), ("json", True, 200, None), ("json", True, 200, None)]
+    assert llm.profile.steps and "response_format" in llm.profile.steps[0]
+    assert all(b["max_tokens"] == 1024 for b in srv.bodies)  # always a cap (llama.cpp ignores the other name)
+
+
+def test_json_object_rejection_skips_the_json_mode_rungs() -> None:
+    with FakeOpenAI(lambda body, n: structured(LABEL), reject_strict=True, reject_json_object=True) as srv, \
+            client(srv) as llm:
+        llm.structured(list(USER), FeatureLabel, purpose="label")
+    assert [(b.get("response_format") or {}).get("type") for b in srv.bodies] == ["json_schema", "json_object", None]
+    assert llm.structured_mode == "plain"
+
+
+def test_tool_choice_auto_is_sent_and_tool_turns_carry_empty_content(records) -> None:
+    """llama-cpp-python treats a missing tool_choice as "none" (no tool is ever called) and answers 500 to an
+    assistant message with ``content: null``: we send "auto" and ""."""
+    script = sequence(tool_calls(call("ablate_feature", {"feature_id": 3, "layer": 0})), text("done"), text("done"))
+    tools = [ABLATE.openai_schema()]
+    with FakeOpenAI(script, profile="llama-cpp") as srv, client(srv, records) as llm:
+        turn = llm.chat_tools(list(USER), tools, purpose="plan")
+        assert [t.name for t in turn.tool_calls] == ["ablate_feature"]  # the server showed the tools
+        msg = turn.as_message()
+        assert msg["content"] == "" and msg["tool_calls"]
+        history = [*USER, msg, {"role": "tool", "tool_call_id": turn.tool_calls[0].id, "content": "ok"}]
+        assert llm.chat_tools(history, tools, purpose="plan").content == "done"
+        # a history checkpointed with null content (an older version) is sent with "" too
+        old = [*USER, {**msg, "content": None}, history[-1]]
+        assert llm.chat_tools(old, tools, purpose="plan").content == "done"
+    assert all(b["tool_choice"] == "auto" for b in srv.bodies)
+    assert srv.bodies[1]["messages"][2]["content"] == "" and srv.bodies[2]["messages"][2]["content"] == ""
+    assert all(r["ok"] for r in records)
+
+
+def test_max_tokens_is_always_sent_and_the_timeout_fits_it() -> None:
+    assert LLMConfig(model="m", api_key=KEY).timeout == pytest.approx(20 + 102.4)
+    assert LLMConfig(model="m", api_key=KEY, max_tokens=100).timeout == pytest.approx(30.0)
+    assert LLMConfig(model="m", api_key=KEY, max_tokens=100, timeout_s=7).timeout == 7
+    with FakeOpenAI() as srv, client(srv, max_tokens=64) as llm:
+        llm.chat_tools(list(USER), [], purpose="p")
+    assert srv.bodies[0]["max_tokens"] == 64 and "max_completion_tokens" not in srv.bodies[0]
+
+
+def test_timeouts_are_retried_at_most_once(records) -> None:
+    """A timed-out request keeps the server busy: retrying it again and again queues generation after generation.
+    Timeouts get ``max_timeout_retries`` (1) retries, whatever ``max_retries`` allows."""
+    slow = delay(2.0, text("late"))
+    with (
+        FakeOpenAI(sequence(slow, slow, text("ok"))) as srv,
+        client(srv, records, timeout_s=0.4, max_retries=4) as llm,
+        pytest.raises(LLMUnavailable, match="timeouts are retried at most") as err,
+    ):
+        llm.chat_tools(list(USER), [], purpose="p")
+    assert len(srv.requests) == 2 and err.value.attempts == 2
+    assert [(r["error_type"], r["status_code"]) for r in records] == [("APITimeoutError", None)] * 2
+    assert records[0]["retry_in_s"] is not None and records[1]["retry_in_s"] is None
+
+
+@pytest.mark.parametrize("profile", ["ollama-no-tools", "vllm-no-tool-parser"])
+def test_a_server_without_native_tools_gets_tool_calls_as_json(records, profile) -> None:
+    """Ollama with a model without tools ("… does not support tools") and vLLM without a tool parser ('"auto"
+    tool choice requires …') refuse native tool calling: the turn is asked for as schema-constrained JSON, and
+    the endpoint is remembered as such."""
+    from fake_openai import JsonToolsModel
+
+    model = JsonToolsModel(sequence(tool_calls(call("ablate_feature", {"feature_id": 3, "layer": 0})),
+                                    text("Feature 3 matters.")))
+    tools = [ABLATE.openai_schema()]
+    with FakeOpenAI(model, profile=profile) as srv, client(srv, records) as llm:
+        turn = llm.chat_tools(list(USER), tools, purpose="plan")
+        assert llm.tools_mode == "json" and turn.finish_reason == "tool_calls"
+        assert [(t.name, json.loads(t.arguments)) for t in turn.tool_calls] == [
+            ("ablate_feature", {"feature_id": 3, "layer": 0})]
+        history = [*USER, turn.as_message(),
+                   {"role": "tool", "tool_call_id": turn.tool_calls[0].id, "content": "ablated: logit -2.1"}]
+        final = llm.chat_tools(history, tools, purpose="plan")
+    assert final.content == "Feature 3 matters." and final.tool_calls == []
+    assert model.json_turns == 2
+    assert [(r["mode"], r["ok"], r["status_code"]) for r in records] == [
+        ("tools", False, 400), ("tools-json", True, 200), ("tools-json", True, 200)]
+    sent = srv.bodies[1]
+    assert "tools" not in sent and sent["response_format"]["type"] == "json_object"
+    assert sent["response_format"]["schema"]["properties"]["tool_calls"]["items"]["anyOf"][0]["properties"][
+        "name"] == {"type": "string", "enum": ["ablate_feature"]}
+    last = srv.bodies[2]["messages"]
+    assert [m["role"] for m in last] == ["system", "user", "assistant", "user"]  # plain turns, no tool role
+    assert "Result of tool call" in last[3]["content"] and "ablated" in last[3]["content"]
+
+
+def test_clients_sharing_adaptations_share_what_was_learned() -> None:
+    from autoexplain.agent.llm import Adaptations
+
+    shared = Adaptations()
+    with FakeOpenAI(lambda body, n: structured(LABEL), profile="llama-cpp") as srv:
+        cfg = LLMConfig(model="fake-model", base_url=srv.base_url, api_key=KEY, timeout_s=5)
+        with LLMClient(cfg, adaptations=shared) as policy, LLMClient(cfg, adaptations=shared) as judge:
+            policy.structured(list(USER), FeatureLabel, purpose="explain")
+            judge.structured(list(USER), FeatureLabel, purpose="judge")
+    assert [b["response_format"]["type"] for b in srv.bodies] == ["json_schema", "json_object", "json_object"]
+
+
+@pytest.mark.parametrize("echo", ["masked", "ellipsis"])
+def test_a_masked_echo_of_the_key_is_redacted(records, echo) -> None:
+    """OpenAI's 401 quotes the key masked ("sk-test-****…cdef"); other servers cut it ("sk-test-SECRET-0…abcdef").
+    No fragment of the key may be stored or printed."""
+    with (
+        FakeOpenAI(api_key="sk-the-right-key", key_echo=echo) as srv,
+        client(srv, records) as llm,
+        pytest.raises(LLMConfigError, match="OPENAI_API_KEY") as err,
+    ):
+        llm.chat_tools(list(USER), [], purpose="p")
+    assert srv.requests[0].headers["authorization"] == f"Bearer {KEY}"
+    shown = str(err.value) + json.dumps(records)
+    assert "Incorrect API key provided: [REDACTED]" in shown
+    for fragment in (KEY[:8], KEY[-4:], KEY[:16], KEY[-6:]):
+        assert fragment not in shown, fragment
+
+
+def test_redact_removes_fragments_of_a_key() -> None:
+    key = "sk-test-SECRETMASTER-123"
+    cases = {"Incorrect API key provided: sk-test-SECRETMA…ER-123. See": "Incorrect API key provided: [REDACTED] See",
+             "key sk-test-****************-123 bad": "key [REDACTED] bad",
+             "middle SECRETMASTER here": "middle [REDACTED] here",
+             "prefix 'sk-test-SEC'": "prefix '[REDACTED]'",
+             "plain words -123 and sk- stay": "plain words -123 and sk- stay"}
+    for text_, want in cases.items():
+        assert redact(text_, [key]) == want

@@ -762,3 +762,18 @@ def test_plant_features_on_a_toy_zoo_model(tiny_zoo, tmp_path: Path) -> None:
     assert fired[3] == 0.0  # dead
     with pytest.raises(ValueError, match="exactly one token"):
         plant_features(tiny_zoo.model_dir, tmp_path / "bad", {0: (" hippopotamus",)}, ())
+
+
+def test_a_custom_lexicon_names_the_judge_the_same_in_every_process() -> None:
+    """Issue 19 (soak): the name hashed ``repr`` of frozensets, whose order follows the per-process string hash;
+    a resumed item's scores then got new ids (the judge is part of them) and duplicated the old ones."""
+    import os
+    import subprocess
+    import sys
+
+    words = "{'cat', 'dog', 'owl', 'fox', 'cow', 'bee', 'ant', 'elk', 'yak', 'emu'}"
+    code = ("from autoexplain.evals.judges import make_judge; "
+            f"print(make_judge('lexical', lexicon={{'animal': frozenset({words})}}).name)")
+    names = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout.strip() for seed in range(8)}
+    assert len(names) == 1 and next(iter(names)).startswith("lexical:"), names

@@ -187,3 +187,140 @@ def test_kill_9_then_resume_equals_uninterrupted(planted, planted_ctx, tmp_path)
     for q in ("select * exclude (run_id) from features order by all",
               "select * exclude (run_id) from feature_examples order by all"):
         assert killed.query(q)[1] == ref.query(q)[1]
+
+
+# ============================================================================= issue 19: work folders, reuse, notes
+def _args(sae, corpus: Path, **kw) -> HarvestIn:
+    base = dict(sae_id=sae.sae_id, dataset=str(corpus), n_tokens=3000, ctx=16, batch_size=8, top_k=5, reservoir=20,
+                n_quantiles=4, per_quantile=2, n_random=5, random_pool=32)
+    return HarvestIn(**{**base, **kw})
+
+
+def test_a_work_folder_has_one_owner(planted_ctx, corpus, tmp_path) -> None:
+    """Issue 19 (1): two harvests of the same inputs shared one work folder with no lock (wrong contexts stored,
+    the other crashed). The folder is keyed by every input and owned by one holder; the second is refused."""
+    from autoexplain.tools.harvest import harvest_work
+    from autoexplain.tools.locks import LockBusy
+
+    lm, sae = planted_ctx
+    store = Store(tmp_path / "h.duckdb")
+    ctx = ToolContext(model=lm, saes={sae.sae_id: sae}, sink=rows_sink(store.upsert))
+    with harvest_work(lm.model_id, sae.sae_id, _args(sae, corpus), root=tmp_path / "work") as owned:
+        with pytest.raises(LockBusy, match="another process is harvesting the same SAE, dataset and arguments"):
+            harvest(ctx, _args(sae, corpus), work_dir=tmp_path / "work")
+        # other inputs (a token budget, a changed dataset) are another folder, harvested side by side
+        other = harvest(ctx, _args(sae, corpus, n_tokens=2000), work_dir=tmp_path / "work")
+        assert other.harvest_id != owned.identity.harvest_id
+    assert store.query("select count(*) from features")[1] == [(sae.d_sae,)]
+
+
+def test_two_harvest_processes_of_the_same_inputs(planted, planted_ctx, tmp_path) -> None:
+    """Issue 19 (1), end to end: two ``autoexplain harvest`` of the same inputs at once (into two databases, as in
+    the report). The second is refused with one line and exit code 2, writing nothing; the first stores exactly
+    what a harvest alone stores."""
+    corpus = tmp_path / "big.txt"
+    corpus.write_text("\n".join(SENTENCES[(i * 7) % len(SENTENCES)] for i in range(3000)) + "\n")
+    cache = tmp_path / "cache"
+    env = {**os.environ, "AUTOEXPLAIN_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+
+    def cmd(db: str) -> list[str]:
+        return [sys.executable, "-m", "autoexplain.agent.cli", "harvest", "--model", str(planted.model_dir),
+                "--sae", str(planted.sae_dir), "--dataset", str(corpus), "--tokens", "30000", "--ctx", "16",
+                "--batch-size", "8", "--top-k", "5", "--checkpoint-every", "2", "--db", str(tmp_path / db),
+                "--device", "cpu"]
+
+    first = subprocess.Popen(cmd("a.duckdb"), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and first.poll() is None and not list(cache.glob("harvest/*/state.pt")):
+            time.sleep(0.01)
+        assert first.poll() is None, f"the first harvest ended too soon: {first.stderr.read().decode()[-500:]}"
+        second = subprocess.run(cmd("b.duckdb"), env=env, capture_output=True, text=True, timeout=300)
+        assert first.wait(timeout=300) == 0, first.stderr.read().decode()[-800:]
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert second.returncode == 2, second.stderr[-800:]
+    lines = [ln for ln in second.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "another process is harvesting the same SAE" in lines[0], lines
+    assert not (tmp_path / "b.duckdb").exists()  # refused before the database was opened
+    assert not list(cache.glob("harvest/*"))  # the work folder and its lock are gone
+    from autoexplain.agent.store.harvest import harvest_sink
+
+    lm, sae = planted_ctx
+    ref = Store(tmp_path / "ref.duckdb")
+    harvest(ToolContext(model=lm, saes={sae.sae_id: sae}, sink=harvest_sink(ref, "ref")),
+            HarvestIn(sae_id=sae.sae_id, dataset=str(corpus), n_tokens=30000, ctx=16, batch_size=8, top_k=5),
+            work_dir=tmp_path / "refwork")
+    got = Store(tmp_path / "a.duckdb")
+    for q in ("select * exclude (run_id) from features order by all",
+              "select * exclude (run_id) from feature_examples order by all"):
+        assert got.query(q)[1] == ref.query(q)[1]
+
+
+def test_stored_harvest_is_reused_only_for_the_same_inputs(planted_ctx, corpus, tmp_path) -> None:
+    """Issue 19 (3): once an SAE had feature rows they were reused whatever dataset and token budget were asked
+    for. Rows now record their harvest, reuse needs the same model, SAE, dataset identity, tokens and ctx, and a
+    new harvest of the SAE replaces the old one's rows (both harvests stay in ``harvests``)."""
+    from autoexplain.agent.store.harvest import harvest_sink, reuse_decision
+    from autoexplain.tools.harvest import harvest_identity
+
+    lm, sae = planted_ctx
+    short = tmp_path / "short.txt"
+    short.write_text("cat\n")
+    store = Store(tmp_path / "h.duckdb")
+    ctx = ToolContext(model=lm, saes={sae.sae_id: sae}, sink=harvest_sink(store, "r1"))
+
+    def decide(data: Path, **kw) -> str | None:
+        return reuse_decision(store, harvest_identity(lm.model_id, sae.sae_id, _args(sae, data, **kw)),
+                              sae_spec="my-sae", d_sae=sae.d_sae)
+
+    assert decide(short) is None  # nothing stored: harvest
+    out = harvest(ctx, _args(sae, short), work_dir=tmp_path / "work")
+    assert out.note and "gave only" in out.note and "WARNING" in out.summary_text()  # (5): not silent
+    assert store.query("select note from harvests")[1] == [(out.note,)]  # and stored
+    assert decide(short) == "reuse"
+    for kw, data in (({}, corpus), ({"n_tokens": 999}, short), ({"ctx": 12}, short)):
+        with pytest.raises(InputError, match=r"SAE my-sae is already harvested in this database from .*short\.txt"
+                                             r".* autoexplain harvest --sae my-sae") as e:
+            decide(data, **kw)
+        assert "\n" not in str(e.value)
+    short.write_text("cat dog\n")  # the same path, other content
+    with pytest.raises(InputError, match="the file changed since"):
+        decide(short)
+    # harvesting the real corpus replaces the rows: nothing of the short harvest is left in features/examples
+    out2 = harvest(ctx, _args(sae, corpus), work_dir=tmp_path / "work")
+    assert out2.note is None and out2.harvest_id != out.harvest_id
+    assert store.query("select distinct harvest_id from features")[1] == [(out2.harvest_id,)]
+    assert store.query("select distinct harvest_id from feature_examples")[1] == [(out2.harvest_id,)]
+    assert store.query("select count(*) from harvests")[1] == [(2,)]
+    assert decide(corpus) == "reuse"
+    # rows whose harvest is not recorded (older files, rows_sink): reused, with a note that says so
+    legacy = Store(tmp_path / "legacy.duckdb")
+    harvest(ToolContext(model=lm, saes={sae.sae_id: sae}, sink=rows_sink(legacy.upsert)), _args(sae, corpus),
+            work_dir=tmp_path / "work")
+    note = reuse_decision(legacy, harvest_identity(lm.model_id, sae.sae_id, _args(sae, corpus)), sae_spec="s",
+                          d_sae=sae.d_sae)
+    assert note is not None and "were not recorded" in note
+
+
+def test_crashed_harvest_folders_do_not_pile_up(planted_ctx, corpus, tmp_path) -> None:
+    """Issue 19 (9): a crashed harvest's folder stayed in the cache for ever. Folders no command can resume (the
+    dataset changed) or untouched for a week are removed when a harvest starts; an owned folder never is."""
+    from autoexplain.tools.harvest import STALE_WORK_DAYS, harvest_work, prune_work
+
+    lm, sae = planted_ctx
+    data = tmp_path / "d.txt"
+    data.write_text(corpus.read_text())
+    root = tmp_path / "work"
+    with harvest_work(lm.model_id, sae.sae_id, _args(sae, data), root=root) as crashed:
+        (crashed.path / "state.pt").write_bytes(b"x")
+    with harvest_work(lm.model_id, sae.sae_id, _args(sae, corpus, n_tokens=100), root=root) as old:
+        pass
+    os.utime(old.path, (time.time() - (STALE_WORK_DAYS + 1) * 86400,) * 2)
+    with harvest_work(lm.model_id, sae.sae_id, _args(sae, corpus), root=root) as owned:
+        assert prune_work(root) == []  # the dataset is unchanged and the folder is fresh; the owned one is kept
+        assert crashed.path.exists() and owned.path.exists() and not old.path.exists()
+        data.write_text("other text\n")
+        assert prune_work(root) == [crashed.path]  # can never resume: its dataset changed
+    assert owned.path.exists()

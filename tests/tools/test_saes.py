@@ -88,3 +88,40 @@ def test_bad_sae_specs(tmp_path: Path, tiny_model, monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(InputError, match="hub is unavailable"):
         load_sae("gpt2-small-res-jb/blocks.8.hook_resid_pre", tiny_model)
+
+
+def _rewrite_weights(path: Path, change) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path / "sae_weights.safetensors"))
+    change(tensors)
+    save_file(tensors, str(path / "sae_weights.safetensors"))
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_non_finite_weights_are_refused_at_load(bad: str, tmp_path: Path, tiny_model) -> None:
+    """Issue 19 (5): an all-NaN SAE loaded fine and reported every feature dead."""
+    path = _save(tmp_path, bad, "standard", 32, "blocks.0.hook_resid_post")
+    _rewrite_weights(path, lambda t: t["W_enc"].fill_(float(bad)))
+    with pytest.raises(InputError, match=r"W_enc holds 2,048 NaN or infinite values") as e:
+        load_sae(str(path), tiny_model)
+    assert "\n" not in str(e.value)
+
+
+def test_weights_shaped_unlike_the_config_are_refused(tmp_path: Path, tiny_model) -> None:
+    path = _save(tmp_path, "shape", "standard", 32, "blocks.0.hook_resid_post")
+    _rewrite_weights(path, lambda t: t.update(b_enc=torch.zeros(65)))
+    with pytest.raises(InputError, match=r"(b_enc|sae-lens cannot load).*(shape|size)"):
+        load_sae(str(path), tiny_model)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_corrupt_weights_file_is_one_line(damage: str, tmp_path: Path, tiny_model) -> None:
+    """Issue 19 (5): a truncated or corrupt sae_weights.safetensors raised a traceback."""
+    path = _save(tmp_path, damage, "standard", 32, "blocks.0.hook_resid_post")
+    weights = path / "sae_weights.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\x00garbage" * 100)
+    with pytest.raises(InputError, match="sae-lens cannot load") as e:
+        load_sae(str(path), tiny_model)
+    assert "\n" not in str(e.value)

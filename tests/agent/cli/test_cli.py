@@ -250,3 +250,30 @@ def test_zoo_path_prints_the_built_folder(tiny_zoo, tmp_path: Path) -> None:
     assert p.returncode == 0, p.stderr
     assert Path(p.stdout.strip()) == tiny_zoo.root and (tiny_zoo.root / "corpus" / "train.txt").is_file()
     assert_input_error(run_cli(["zoo", "path", "--name", "nosuch"], tmp_path), "nosuch")
+
+
+# ==================================================================== issue 19: harvest writes nothing when refused
+def _harvest_args(tiny_gpt2_dir: Path, tmp_path: Path, dataset: Path, *extra: str) -> list[str]:
+    sae = save_sae(tmp_path / "sae", D_MODEL, "blocks.0.hook_resid_post")
+    return ["harvest", "--model", str(tiny_gpt2_dir), "--sae", str(sae), "--dataset", str(dataset),
+            "--tokens", "500", "--db", str(tmp_path / "h.duckdb"), "--device", "cpu", *extra]
+
+
+def test_harvest_ctx_beyond_the_model_writes_nothing(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
+    """Issue 19 (6): ``harvest --ctx`` beyond the model's context exited 2 but left a database with a failed run
+    and model/SAE rows. It is refused before the database is opened (the default is capped to the context)."""
+    data = tmp_path / "t.txt"
+    data.write_text("\n".join(OK_TEXTS * 20) + "\n")
+    res = run_cli(_harvest_args(tiny_gpt2_dir, tmp_path, data, "--ctx", "100000"), tmp_path)
+    assert_input_error(res, "ctx 100000 exceeds the model's context of 32")
+    assert not (tmp_path / "h.duckdb").exists()
+
+
+def test_harvest_jsonl_broken_on_line_two_writes_nothing(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
+    """Issue 19 (6): a ``.jsonl`` with a broken second line exited 2 but left a run ``running``. Every line the
+    pass will read is parsed before anything is written."""
+    data = tmp_path / "t.jsonl"
+    data.write_text(json.dumps({"text": "the cat sat on the mat"}) + "\n{broken\n")
+    res = run_cli(_harvest_args(tiny_gpt2_dir, tmp_path, data, "--ctx", "16"), tmp_path)
+    assert_input_error(res, "line 2 is not valid JSON")
+    assert not (tmp_path / "h.duckdb").exists()

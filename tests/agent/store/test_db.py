@@ -371,3 +371,177 @@ def test_rows_repeating_a_key_in_one_upsert_merge_column_by_column(tmp_path: Pat
     with pytest.raises(ValueError, match="lacks its key"):
         store.upsert("runs", [_run("r2"), {"status": "done"}])
     assert store.query("select count(*) from runs")[1] == [(1,)]  # nothing of a refused call is written
+
+
+# ============================================================================= issue 19: locks, readers, bad files
+_READER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from autoexplain.agent.store.db import announce_reader
+    with announce_reader(Path(sys.argv[1])):
+        Path(sys.argv[2]).write_text("announced")
+        time.sleep(600)
+""")
+
+
+def test_a_killed_reader_leaves_no_announcement(tmp_path: Path) -> None:
+    """Issue 19 (7): a reader killed with SIGKILL left its file in ``<db>.readers/``, and writers waited on it for
+    60 s at every store access. Its announcement is an OS-released lock: dead at once, and cleared."""
+    db = tmp_path / "r.duckdb"
+    Store(db)
+    flag = tmp_path / "flag"
+    proc = subprocess.Popen([sys.executable, "-c", _READER, str(db), str(flag)])
+    try:
+        deadline = time.monotonic() + 60
+        while not flag.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the reader never announced itself"
+            time.sleep(0.05)
+        assert store_mod.readers_waiting(db)  # alive: a writer lets go for it
+        proc.kill()
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not store_mod.readers_waiting(db)  # at once, not 60 s later
+    assert list((db.with_name(db.name + ".readers")).iterdir()) == []  # and its file is gone
+
+
+def test_run_lock_admits_one_writer_per_run(tmp_path: Path) -> None:
+    """Issue 19 (4): one writer per run; the lock is the OS's, so a dead holder leaves no stale lock."""
+    from autoexplain.tools.locks import LockBusy
+
+    store = Store(tmp_path / "l.duckdb")
+    with store.run_lock("plan-1"):
+        with pytest.raises(LockBusy, match=r"run plan-1 .* is being written by another process.*pid \d+") as e:
+            with Store(store.path).run_lock("plan-1"):
+                pass
+        assert "\n" not in str(e.value)
+        with store.run_lock("plan-2"):  # another run of the same file is another lock
+            pass
+    with store.run_lock("plan-1"):  # released: free again
+        pass
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+        import sys, time
+        from pathlib import Path
+        from autoexplain.agent.store import Store
+        with Store(Path(sys.argv[1])).run_lock("plan-1"):
+            Path(sys.argv[2]).write_text("held")
+            time.sleep(600)
+    """), str(store.path), str(tmp_path / "held")])
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "held").exists():
+            assert holder.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        with pytest.raises(LockBusy), store.run_lock("plan-1"):
+            pass
+        holder.kill()  # kill -9: the OS releases its lock
+        holder.wait(timeout=30)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+    with store.run_lock("plan-1"):
+        pass
+
+
+def test_unusable_db_paths_are_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 19 (5): a truncated DuckDB file, ``--db some_file/db.duckdb`` and a read-only folder raised
+    tracebacks; each is one InputError line now, and nothing is written."""
+    good = tmp_path / "good.duckdb"
+    Store(good).upsert("runs", [_run(f"r{i}", config={"pad": "x" * 2000}) for i in range(300)])
+    data = good.read_bytes()
+    for n in (100, 5000, len(data) // 2):
+        bad = tmp_path / f"trunc{n}.duckdb"
+        bad.write_bytes(data[:n])
+        # cut in its header: refused on opening; cut later: DuckDB opens it and finds out on the first missing block
+        opens = [lambda p: Store(p), lambda p: run_query(p, "select 1")] if n < 10_000 else []
+        for open_it in (*opens, lambda p: run_query(p, "select count(*), max(config::varchar) from runs")):
+            with pytest.raises(InputError, match="is damaged|not a DuckDB database") as e:
+                open_it(bad)
+            assert "\n" not in str(e.value)
+        assert bad.read_bytes() == data[:n]
+    some_file = tmp_path / "some_file"
+    some_file.write_text("x")
+    with pytest.raises(InputError, match="is a file, not a folder"):
+        Store(some_file / "db.duckdb")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(store_mod.os, "access", lambda p, mode: False if Path(p) == ro else real_access(p, mode))
+    with pytest.raises(InputError, match="not writable"):
+        Store(ro / "db.duckdb")
+    assert list(ro.iterdir()) == []
+
+    def read_only_fs(path: str, **kw: object) -> None:
+        raise duckdb.IOException(f'IO Error: Cannot open file "{path}": Read-only file system')
+
+    monkeypatch.setattr(store_mod.duckdb, "connect", read_only_fs)
+    with pytest.raises(InputError, match=r"cannot be written here \(read-only file system\)") as e:
+        Store(tmp_path / "elsewhere.duckdb")
+    assert "Traceback" not in str(e.value) and "\n" not in str(e.value)
+
+
+def test_lock_timeout_message_names_the_holder_in_whole_words() -> None:
+    """Issue 19 (2): the message ended in a cut-off DuckDB fragment."""
+    msg = ('IO Error: Could not set lock on file "/x/db.duckdb": Conflicting lock is held in '
+           '/root/.venv/bin/python3.12 (PID 4242) by user root. See also https://duckdb.org/docs/stable/connect/'
+           'concurrency')
+    assert store_mod._lock_holder(msg) == "process 4242, python3.12"
+    assert store_mod._lock_holder("IO Error: lock") == "another process"
+
+
+def test_sql_with_several_statements_says_so(tmp_path: Path) -> None:
+    """Issue 19 (9): DuckDB runs every statement and returns the last result: the first ones vanished silently."""
+    db = tmp_path / "s.duckdb"
+    Store(db).upsert("runs", [_run("r1")])
+    assert run_query(db, "select count(*) from runs;")[1] == [(1,)]  # one statement and a semicolon: fine
+    with pytest.raises(InputError, match="holds 2 SQL statements"):
+        run_query(db, "select count(*) from runs; select 42")
+
+
+def test_duckdb_extensions_refusal_says_why(tmp_path: Path) -> None:
+    """Issue 19 (9): ``duckdb_extensions()`` was refused as "cannot touch other files". Checked: DuckDB itself
+    refuses it once external access is off (it lists the extension folder), and allowing that folder would let
+    ``COPY … TO`` write there, so it stays refused — with a message that says which function and why. Table
+    functions that read only the database are answered."""
+    db = tmp_path / "e.duckdb"
+    Store(db)
+    assert run_query(db, "select count(*) > 0 from duckdb_settings()")[1] == [(True,)]
+    assert run_query(db, "select count(*) > 0 from duckdb_functions()")[1] == [(True,)]
+    with pytest.raises(InputError, match="extension folder") as e:
+        run_query(db, "select * from duckdb_extensions()")
+    assert "cannot touch other files" not in str(e.value)
+
+
+def test_summary_counts_dead_features_from_the_store_not_from_label_text(tmp_path: Path) -> None:
+    """Issue 19 (9): the summary counted as dead every final label starting with "dead feature", LLM-written ones
+    included. Dead now means the stored ``features.is_dead``."""
+    from autoexplain.agent.store import queries
+
+    store = Store(tmp_path / "d.duckdb")
+    store.upsert("runs", [_run("r1")])
+    labels = {0: (True, "never fires"), 1: (False, "dead feature-like: fires on 'dead'"),
+              2: (False, "dead feature words"), 3: (False, "the token 'cat'")}
+    store.upsert("features", [{"sae_id": "s", "feature_index": f, "is_dead": dead} for f, (dead, _) in labels.items()])
+    store.upsert("work_items", [{"item_id": f"i{f}", "run_id": "r1", "kind": "feature", "target": f"s#{f}",
+                                 "status": "done", "attempts": 1} for f in labels])
+    store.upsert("explanations", [{"explanation_id": f"e{f}", "run_id": "r1", "item_id": f"i{f}", "target": f"s#{f}",
+                                   "text": text, "author": "llm", "causal_level": "association", "is_final": True,
+                                   "created_at": T0}
+                                  for f, (_, text) in labels.items()])
+    (summary,) = queries.run_summary(store, "r1")
+    assert (summary.items, summary.dead) == (4, 1)
+
+
+def test_a_file_cut_in_its_data_blocks_is_one_line_when_a_write_meets_it(tmp_path: Path) -> None:
+    """DuckDB reads a truncated block only when a statement needs it: the store turns that into one InputError
+    (the CLI's one line and exit code 2), never a traceback, and the transaction adds nothing."""
+    full = tmp_path / "full.duckdb"
+    store = Store(full)
+    store.upsert("runs", [_run(f"r{i}", config={"pad": "x" * 2000}) for i in range(3000)])
+    cut = tmp_path / "cut.duckdb"
+    data = full.read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match="is damaged"):
+        damaged = Store(cut)
+        damaged.upsert("runs", [_run(f"x{i}", config={"pad": "y" * 2000}) for i in range(3000)])
