@@ -27,6 +27,7 @@ import pytest
 from fake_openai import (
     FakeOpenAI,
     FaultInjector,
+    JsonToolsModel,
     Reply,
     api_error,
     call,
@@ -381,7 +382,8 @@ def test_llm_path_end_to_end_fills_every_table(world, tmp_path, monkeypatch) -> 
     assert splits.get("explain", 0) > 0 and splits.get("score", 0) > 0 and None not in splits
     assert q(store, "select count(*) from feature_examples where sae_id = ? and feature_index not in "
                     f"({','.join(map(str, feats))}) and split is not null", [world.res0]) == [(0,)]
-    empty = [t for t, n in all_tables(store).items() if n == 0 and t not in ("circuits", "circuit_edges")]
+    # circuits: a label-only run; harvests: the world was harvested outside any run, through a bare rows sink
+    empty = [t for t, n in all_tables(store).items() if n == 0 and t not in ("circuits", "circuit_edges", "harvests")]
     assert not empty, f"tables left empty by an LLM run: {empty}"
 
 
@@ -641,3 +643,172 @@ def test_the_api_key_is_never_stored_or_printed(world, tmp_path, monkeypatch, ca
     assert "LLMConfigError" in out + err  # the CLI printed the failed item's error (the 401 quoting the key) …
     assert KEY_START not in out + err  # … and not even the start of the key (it cuts long errors)
     assert os.environ["OPENAI_API_KEY"] == KEY
+
+
+# ============================================================================================ 5. real servers
+PROFILE_NAMES = ("openai", "vllm", "vllm-no-tool-parser", "llama-cpp", "ollama", "ollama-no-tools")
+
+
+def llm_store(world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, srv: FakeOpenAI) -> Any:
+    """A copy of the world's database for a run against ``srv`` (running), with the tests' quick client settings."""
+    from autoexplain.agent import llm_session
+    from autoexplain.agent.store import Store
+
+    db = tmp_path / "run.duckdb"
+    shutil.copy(world.base, db)
+    real = llm_session.make_client
+    monkeypatch.setattr(llm_session, "make_client", lambda *a, **kw: real(*a, **{**FAST, **kw}))
+    monkeypatch.setenv("OPENAI_BASE_URL", srv.base_url)
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    return Store(db)
+
+
+def explain_fails(body: dict[str, Any], n: int) -> Reply:
+    """A server that answers the planning (tool-calling) turns and fails every explain call (503)."""
+    if body.get("response_format"):
+        return server_error(503)
+    return Researcher()(body, n)
+
+
+@pytest.mark.parametrize("profile", PROFILE_NAMES)
+def test_label_circuit_and_llm_judge_against_each_server_profile(world, tmp_path, monkeypatch, profile) -> None:
+    """Each profile plays a real server's quirks (tests/fake_openai.py PROFILES): the client adapts (structured
+    output steps down, tool calls fall back to JSON) and every item gets its LLM-written explanation."""
+    pytest.importorskip("autoexplain.evals.circuits")
+    feats = world.alive[:2]
+    model = JsonToolsModel(Judging(Researcher()))
+    store, res, srv = run_llm(world, tmp_path, monkeypatch, model,
+                              [label("toy:tiny/res0", feats), {"circuit": {"task": "ioi", "method": "eap"}}],
+                              judge="llm", server={"profile": profile})
+    assert len(res.outcomes) == 3 and {o.status.value for o in res.outcomes} == {"done"}, res.outcomes
+    run_id = res.run_id
+    by_target = {o.target: o for o in res.outcomes}
+    final = dict(q(store, "select item_id, author from explanations where run_id = ? and is_final", [run_id]))
+    for f in feats:  # every live feature: a final label written by the LLM, after real tool calls
+        item = by_target[f"{world.res0}#{f}"].item_id
+        assert final.get(item) == "llm", (f, final)
+        tools = {t for (t,) in q(store, "select tool from tool_calls where item_id = ? and error is null", [item])}
+        assert {"feature_examples", "feature_activations"} <= tools, tools
+    (circ,) = [o for o in res.outcomes if o.kind.value == "circuit"]
+    assert circ.item_id in final and circ.text
+    assert [t for (t,) in q(store, "select tool from tool_calls where item_id = ? and error is null order by "
+                                   "created_at", [circ.item_id])] == ["model_info", "circuit_search"]
+    # the llm judge scored without failures
+    judged = q(store, "select j.ok from judgements j join explanations e using (explanation_id) "
+                      "where e.run_id = ? and j.judge = 'llm:fake'", [run_id])
+    assert judged and all(ok for (ok,) in judged)
+    # the adaptation, as llm_calls shows it
+    calls = q(store, "select mode, ok, status_code, retry_in_s, purpose from llm_calls where run_id = ? "
+                     "and not cached order by created_at", [run_id])
+    assert len(calls) == len(srv.bodies)
+    failed = [c for c in calls if not c[1]]
+    assert all(c[2] == 200 for c in calls if c[1])
+    modes = {c[0] for c in calls if c[1]}
+    if profile == "llama-cpp":
+        # strict json_schema: one 500 naming response_format, not retried; then JSON mode with the schema
+        assert [(c[0], c[2], c[3]) for c in failed] == [("strict", 500, None)], failed
+        assert [c[0] for c in calls].count("strict") == 1
+        assert modes == {"tools", "json"}, modes
+        assert all(c[0] != "strict" for c in calls[calls.index(failed[0]) + 1:])
+    elif profile in ("vllm-no-tool-parser", "ollama-no-tools"):
+        # native tool calls refused once (400); every tool turn after that asked for as JSON
+        assert [(c[0], c[2], c[3]) for c in failed] == [("tools", 400, None)], failed
+        assert calls[0][0] == "tools" and not calls[0][1]
+        assert "tools" not in modes and "tools-json" in modes and modes <= {"tools-json", "strict"}, modes
+        assert srv.profile is not None and model.json_turns == sum(c[0] == "tools-json" for c in calls)
+    else:
+        assert not failed and modes == {"tools", "strict"}, (failed, modes)
+    # every request carried a token cap, an explicit tool_choice with tools, and no null assistant content
+    for b in srv.bodies:
+        assert b.get("max_tokens"), b.keys()
+        assert not b.get("tools") or b.get("tool_choice") == "auto"
+        assert all(m.get("content") is not None for m in b["messages"] if m["role"] == "assistant")
+
+
+def test_a_failed_item_keeps_its_usage_and_its_error_names_the_step(world, tmp_path, monkeypatch) -> None:
+    f = world.alive[0]
+    store, res, _ = run_llm(world, tmp_path, monkeypatch, explain_fails, [label("toy:tiny/res0", [f])])
+    (out,) = res.outcomes
+    assert out.status.value == "failed", out
+    assert out.error.startswith("propose (the LLM's explain call) failed: LLMUnavailable"), out.error
+    status, error, budget = q(store, "select status, error, budget from work_items where item_id = ?",
+                              [out.item_id])[0]
+    assert (status, error) == ("failed", out.error)
+    used = json.loads(budget)
+    # it planned and called tools, then failed in propose: what it spent is kept, not zero
+    assert used["steps"] > 0 and used["tool_calls"] >= 2 and used["llm_calls"] > 0, used
+    logged = q(store, "select sum(prompt_tokens), sum(completion_tokens) from llm_calls where item_id = ?",
+               [out.item_id])[0]
+    assert (used["prompt_tokens"], used["completion_tokens"]) == logged and logged[0] > 0, (used, logged)
+    assert out.usage.tokens == logged[0] + logged[1] and out.usage.steps == used["steps"]
+    explain = q(store, "select ok, status_code from llm_calls where item_id = ? and purpose = 'explain'",
+                [out.item_id])
+    assert explain and all(not ok and code == 503 for ok, code in explain)
+
+
+def test_circuit_cli_names_the_step_that_failed(world, tmp_path, monkeypatch) -> None:
+    pytest.importorskip("autoexplain.evals.circuits")
+    from autoexplain.agent.cli import app
+    from autoexplain.tools.errors import InputError
+
+    with FakeOpenAI(explain_fails) as srv:
+        store = llm_store(world, tmp_path, monkeypatch, srv)
+        with pytest.raises(InputError) as err:
+            app(["circuit", "--model", "toy:tiny", "--task", "ioi", "--method", "eap", "--top-k", "8",
+                 "--policy", "llm", "--llm-model", "fake", "--db", str(store.path)], standalone_mode=False)
+    message = err.value.message
+    assert message.startswith("circuit item ") and " failed: propose (the LLM's explain call) failed: " in message
+    assert "circuit search" not in message, message
+    # the search itself went through: stored, and the item failed only at the explain call
+    assert q(store, "select status from work_items") == [("failed",)]
+    assert [t for (t,) in q(store, "select tool from tool_calls where error is null order by created_at")] == \
+        ["model_info", "circuit_search"]
+
+
+def test_sigterm_marks_the_run_interrupted(world, tmp_path, monkeypatch) -> None:
+    import signal
+    import threading
+
+    from autoexplain.agent.runner import Interrupted, Plan, prepare, run_plan
+
+    assert threading.current_thread() is threading.main_thread()
+    feats = world.alive[:2]
+    plan = Plan(model="toy:tiny", policy="llm", llm_model="fake", items=[label("toy:tiny/res0", feats)])
+    sent: list[tuple[str, str]] = []
+
+    def on_node(item_id: str, node: str) -> None:
+        if not sent and node == "plan":
+            sent.append((item_id, node))
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    with FakeOpenAI(Researcher()) as srv:
+        store = llm_store(world, tmp_path, monkeypatch, srv)
+        with pytest.raises(Interrupted, match="SIGTERM"):
+            run_plan(store, prepare(plan), on_node=on_node)
+        assert sent and signal.getsignal(signal.SIGTERM) is before  # the handler was put back
+        ((run_id, status),) = q(store, "select run_id, status from runs where kind = 'plan'")
+        assert status == "interrupted"
+        res = run_plan(store, prepare(plan), resume=True)
+    assert res.run_id == run_id
+    assert [o.status.value for o in res.outcomes] == ["done", "done"], res.outcomes
+    assert q(store, "select status from runs where run_id = ?", [run_id]) == [("done",)]
+    assert q(store, "select count(*) from explanations where run_id = ? and is_final", [run_id]) == [(2,)]
+
+
+def test_the_plans_llm_settings_reach_the_request(world, tmp_path, monkeypatch) -> None:
+    from autoexplain.agent.runner import Plan, prepare, run_plan
+
+    plan = Plan(model="toy:tiny", policy="llm", llm_model="fake", llm={"max_tokens": 77},
+                items=[label("toy:tiny/res0", world.alive[:1])])
+    with FakeOpenAI(Researcher()) as srv:
+        store = llm_store(world, tmp_path, monkeypatch, srv)
+        res = run_plan(store, prepare(plan))
+    assert [o.status.value for o in res.outcomes] == ["done"], res.outcomes
+    bodies = srv.bodies
+    assert bodies and all(b.get("max_tokens") == 77 for b in bodies), [b.get("max_tokens") for b in bodies]
+    with_tools = [b for b in bodies if b.get("tools")]
+    assert with_tools and all(b.get("tool_choice") == "auto" for b in with_tools)
+    assistant = [m for b in bodies for m in b["messages"] if m["role"] == "assistant"]
+    assert any(m.get("tool_calls") for m in assistant), "no tool-calling turn was sent back: nothing checked"
+    assert all(m.get("content") is not None for m in assistant)
