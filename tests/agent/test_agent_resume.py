@@ -24,7 +24,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import IO, Any, NoReturn
 
 import pytest
 
@@ -365,6 +365,19 @@ def _rows_of(db: Path, item_ids: list[str]) -> dict[str, set[tuple[Any, ...]]]:
     }
 
 
+def kill_9(proc: subprocess.Popen[bytes], log: IO[str]) -> None:
+    """``kill -9`` the process if it still runs, reap it and close its log (also when waiting for the moment
+    to kill went wrong)."""
+    try:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+
+
 def test_kill_9_at_random_points_then_resume(kit: dict[str, Any], clean: dict[str, Any], tmp_path: Path) -> None:
     rng = random.Random(20240607)
     db = copy_db(kit["template"], tmp_path / "kill.duckdb")
@@ -395,13 +408,8 @@ def test_kill_9_at_random_points_then_resume(kit: dict[str, Any], clean: dict[st
                 pause = rng.uniform(0.0, 0.15)
             if alive:
                 time.sleep(pause)
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=60)
         finally:
-            if proc.poll() is None:
-                proc.kill()
-            log.close()
+            kill_9(proc, log)
         runs = plan_runs(db)
         run_id = run_id or runs[0][0]
         if proc.returncode == 0 or runs == [(run_id, "done")]:

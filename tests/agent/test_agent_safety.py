@@ -191,7 +191,7 @@ def test_soak_20_random_kills_then_resume(kit: dict[str, Any], tmp_path: Path) -
     import random
     import signal
 
-    from test_agent_resume import _finished, _rows_of, assert_no_duplicates
+    from test_agent_resume import _finished, _rows_of, _wait, assert_no_duplicates, kill_9
 
     n_kills = int(os.environ.get("AUTOEXPLAIN_SOAK_KILLS", "20"))
     rng = random.Random(19)
@@ -205,17 +205,10 @@ def test_soak_20_random_kills_then_resume(kit: dict[str, Any], tmp_path: Path) -
                                 cwd=tmp_path, env=agent_env(), stdout=subprocess.DEVNULL, stderr=log)
         try:
             err = tmp_path / f"c{cycle}.err"
-            deadline = time.monotonic() + 300
-            while proc.poll() is None and time.monotonic() < deadline and "items:" not in err.read_text():
-                time.sleep(0.05)  # until it reaches its items (or ends)
+            _wait(lambda e=err: "items:" in e.read_text(), proc, 300)  # until it reaches its items (or ends)
             time.sleep(rng.uniform(0.0, 2.0))
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=60)
         finally:
-            if proc.poll() is None:
-                proc.kill()
-            log.close()
+            kill_9(proc, log)
         if proc.returncode == 0:
             break
         assert proc.returncode == -signal.SIGKILL, (tmp_path / f"c{cycle}.err").read_text()[-2000:]

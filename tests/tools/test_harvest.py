@@ -176,17 +176,23 @@ def test_kill_9_then_resume_equals_uninterrupted(planted, planted_ctx, tmp_path)
     assert "resumed after batch" in " ".join(again.stdout.split())
     assert not list(cache.glob("harvest/*")), "the work dir is removed once results are stored"
 
+    _assert_rows_equal_an_uninterrupted_harvest(planted_ctx, corpus, tmp_path, tmp_path / "k.duckdb")
+
+
+def _assert_rows_equal_an_uninterrupted_harvest(planted_ctx, corpus: Path, tmp_path: Path, db: Path) -> None:
+    """``db``'s feature rows equal those of one uninterrupted in-process harvest of the same inputs (the CLI's
+    30,000 tokens, ctx 16, batch 8, top 5), written as the CLI writes them (examples with their held-out split)."""
     from autoexplain.agent.store.harvest import harvest_sink
 
     lm, sae = planted_ctx
-    ref = Store(tmp_path / "ref.duckdb")  # (written as the CLI writes: examples with their held-out split)
+    ref = Store(tmp_path / "ref.duckdb")
     harvest(ToolContext(model=lm, saes={sae.sae_id: sae}, sink=harvest_sink(ref, "ref")),
             HarvestIn(sae_id=sae.sae_id, dataset=str(corpus), n_tokens=30000, ctx=16, batch_size=8, top_k=5),
             work_dir=tmp_path / "refwork")
-    killed = Store(tmp_path / "k.duckdb")
+    got = Store(db)
     for q in ("select * exclude (run_id) from features order by all",
               "select * exclude (run_id) from feature_examples order by all"):
-        assert killed.query(q)[1] == ref.query(q)[1]
+        assert got.query(q)[1] == ref.query(q)[1]
 
 
 # ============================================================================= issue 19: work folders, reuse, notes
@@ -245,17 +251,7 @@ def test_two_harvest_processes_of_the_same_inputs(planted, planted_ctx, tmp_path
     assert len(lines) == 1 and "another process is harvesting the same SAE" in lines[0], lines
     assert not (tmp_path / "b.duckdb").exists()  # refused before the database was opened
     assert not list(cache.glob("harvest/*"))  # the work folder and its lock are gone
-    from autoexplain.agent.store.harvest import harvest_sink
-
-    lm, sae = planted_ctx
-    ref = Store(tmp_path / "ref.duckdb")
-    harvest(ToolContext(model=lm, saes={sae.sae_id: sae}, sink=harvest_sink(ref, "ref")),
-            HarvestIn(sae_id=sae.sae_id, dataset=str(corpus), n_tokens=30000, ctx=16, batch_size=8, top_k=5),
-            work_dir=tmp_path / "refwork")
-    got = Store(tmp_path / "a.duckdb")
-    for q in ("select * exclude (run_id) from features order by all",
-              "select * exclude (run_id) from feature_examples order by all"):
-        assert got.query(q)[1] == ref.query(q)[1]
+    _assert_rows_equal_an_uninterrupted_harvest(planted_ctx, corpus, tmp_path, tmp_path / "a.duckdb")
 
 
 def test_stored_harvest_is_reused_only_for_the_same_inputs(planted_ctx, corpus, tmp_path) -> None:
