@@ -9,6 +9,8 @@ neither ``models`` nor ``saes`` knows the zoo.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from autoexplain.tools import models, saes
 from autoexplain.tools.errors import InputError
 from autoexplain.tools.models import TOY_PREFIX, LoadedModel
@@ -16,9 +18,26 @@ from autoexplain.tools.saes import LoadedSAE
 from autoexplain.tools.zoo import ensure_model
 
 
-def load_model(spec: str, device: str | None = None, *, check: bool = True) -> LoadedModel:
+def check_specs(model: str, sae_specs: Sequence[str] = ()) -> None:
+    """Check a model spec and SAE specs as far as can be done without loading any weights (paths exist and hold
+    what they should, hub names are cached or reachable, architectures are causal LMs); raise
+    :class:`InputError` (one line) on the first problem. Call it at the boundary, before anything loads."""
+    if not model.strip().startswith(TOY_PREFIX):
+        models.check_model_spec(model)
+    for spec in sae_specs:
+        if spec.strip().startswith(TOY_PREFIX):
+            if not spec.strip()[len(TOY_PREFIX):].partition("/")[2]:
+                raise InputError(f"toy SAE spec {spec!r} needs a name: write toy:MODEL/NAME, e.g. toy:small/res0")
+            continue
+        saes.check_sae_spec(spec)
+
+
+def load_model(spec: str, device: str | None = None, *, check: bool = True,
+               sae_specs: Sequence[str] = ()) -> LoadedModel:
     """Load the model ``spec``: a local HF directory, a hub name, or ``toy:NAME`` (built on first use).
 
+    ``sae_specs``: the SAEs that will be spliced into it; the model is loaded the way they were trained on it
+    (e.g. a sae-lens release's ``model_from_pretrained_kwargs``), see :func:`autoexplain.tools.saes.model_settings`.
     A toy model keeps ``toy:NAME`` as its spec and gets the model id ``toy:NAME@FINGERPRINT``.
     """
     spec = spec.strip()

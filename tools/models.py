@@ -247,6 +247,16 @@ def load_model(spec: str, device: str | None = None, *, check: bool = True) -> L
     """
     dev = pick_device(device)
     spec = spec.strip()
+    check_model_spec(spec)
+    path = Path(spec).expanduser()
+    if path.exists():
+        return _checked(_load_local(path, dev, spec=spec), check)
+    return _checked(_load_hub(spec, dev), check)
+
+
+def check_model_spec(spec: str) -> None:
+    """Refuse a model spec that cannot load, without loading any weights (one :class:`InputError` line)."""
+    spec = spec.strip()
     if not spec:
         raise InputError("empty model spec: pass a local model directory, a hub name or toy:NAME")
     if spec.startswith(TOY_PREFIX):
@@ -254,11 +264,10 @@ def load_model(spec: str, device: str | None = None, *, check: bool = True) -> L
                          "builds the toy model on first use")
     path = Path(spec).expanduser()
     if path.exists():
-        return _checked(_load_local(path, dev, spec=spec), check)
+        return
     if spec.startswith(("/", "./", "../", "~")) or os.sep in spec and spec.count("/") > 1:
         raise InputError(f"model path {spec!r} does not exist: pass an existing directory saved with "
                          "save_pretrained, a hub name such as gpt2, or toy:tiny")
-    return _checked(_load_hub(spec, dev), check)
 
 
 def _checked(lm: LoadedModel, check: bool) -> LoadedModel:

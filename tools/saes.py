@@ -66,6 +66,38 @@ class LoadedSAE:
                 "d_in": self.d_in, "d_sae": self.d_sae, "architecture": self.architecture}
 
 
+def check_sae_spec(spec: str) -> None:
+    """Refuse an SAE spec that cannot load, without loading any weights (one :class:`InputError` line)."""
+    spec = spec.strip()
+    if not spec:
+        raise InputError("empty SAE spec: pass an sae-lens directory, toy:MODEL/NAME or RELEASE/SAE_ID")
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir() or not (path / "cfg.json").is_file():
+            raise InputError(f"{str(path)!r} is not an sae-lens SAE directory: it needs cfg.json and "
+                             f"{WEIGHTS_FILE} (as written by sae.save_model)")
+        if not (path / WEIGHTS_FILE).is_file():
+            raise InputError(f"{str(path)!r} has cfg.json but no {WEIGHTS_FILE}: re-save the SAE with "
+                             "sae.save_model")
+        return
+    _release_entry(spec)
+
+
+def _release_entry(spec: str) -> tuple[str, str]:
+    """``(release, sae_id)`` of a sae-lens release spec, refused unless sae-lens' directory lists it."""
+    release, _, sae_id = spec.partition("/")
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    directory = get_pretrained_saes_directory()
+    if not sae_id or release not in directory:
+        raise InputError(f"SAE {spec!r} is neither an existing directory nor RELEASE/SAE_ID of a sae-lens release "
+                         "(e.g. gpt2-small-res-jb/blocks.8.hook_resid_pre); pass a local sae-lens directory")
+    if sae_id not in directory[release].saes_map:
+        some = ", ".join(list(directory[release].saes_map)[:3])
+        raise InputError(f"release {release!r} has no SAE {sae_id!r}: its ids look like {some}")
+    return release, sae_id
+
+
 def load_sae(spec: str, lm: LoadedModel) -> LoadedSAE:
     """Load the SAE ``spec`` (a directory or RELEASE/SAE_ID) onto the model's device and check that it fits ``lm``
     (see module doc). ``toy:MODEL/NAME`` specs are loaded by :func:`autoexplain.tools.loading.load_sae`."""
@@ -114,16 +146,7 @@ def _from_dir(path: Path, lm: LoadedModel, spec: str) -> LoadedSAE:
 
 
 def _from_release(spec: str, lm: LoadedModel) -> LoadedSAE:
-    release, _, sae_id = spec.partition("/")
-    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
-
-    directory = get_pretrained_saes_directory()
-    if not sae_id or release not in directory:
-        raise InputError(f"SAE {spec!r} is neither an existing directory nor RELEASE/SAE_ID of a sae-lens release "
-                         "(e.g. gpt2-small-res-jb/blocks.8.hook_resid_pre); pass a local sae-lens directory")
-    if sae_id not in directory[release].saes_map:
-        some = ", ".join(list(directory[release].saes_map)[:3])
-        raise InputError(f"release {release!r} has no SAE {sae_id!r}: its ids look like {some}")
+    release, sae_id = _release_entry(spec)
     why = _hub_unreachable()
     if why:
         raise InputError(f"SAE {spec!r} is a sae-lens release, but the Hugging Face hub is unavailable ({why}): "
