@@ -68,6 +68,15 @@ class Budget(BaseModel):
         return None
 
 
+class RunBudget(Budget):
+    """Limits of a whole run. Unlike an item's :class:`Budget`, every limit left out is unlimited: a plan that says
+    ``run_budget: {seconds: 36000}`` means ten hours and nothing else (not the per-item default of 40 steps)."""
+
+    steps: int | None = Field(default=None, ge=1)
+    llm_tokens: int | None = Field(default=None, ge=1)
+    seconds: float | None = Field(default=None, gt=0)
+
+
 class Usage(BaseModel):
     """What an item (or run) has used so far."""
 

@@ -559,3 +559,17 @@ def test_a_query_mid_run_sees_finished_items_without_waiting_for_the_group(kit: 
     (n,), = rows(db, "select count(*) from work_items")
     assert n >= 8 and rows(db, "select count(*) from work_items where status = 'done'") == [(n,)]
     assert any(0 < done < n for _, done in seen), f"no finished item became visible while others ran: {seen}"
+
+
+def test_the_checkpoint_file_is_compacted_once_every_item_is_committed(clean: dict[str, Any]) -> None:
+    """Committed items' checkpoints are deleted and the file gives their pages back (it stays small)."""
+    import sqlite3
+
+    from autoexplain.agent.runner import checkpoint_path
+
+    con = sqlite3.connect(checkpoint_path(clean["db"]))
+    try:
+        assert con.execute("select count(*) from checkpoints").fetchone()[0] == 0
+        assert con.execute("pragma freelist_count").fetchone()[0] == 0, "deleted checkpoints' pages were kept"
+    finally:
+        con.close()
