@@ -15,3 +15,13 @@ class InputError(ValueError):
         message = " ".join(message.split())  # always one line
         super().__init__(message)
         self.message = message
+
+
+class Interrupted(Exception):
+    """The user stopped a command (Ctrl-C, SIGTERM). ``message`` is one line saying what was kept and how to go on;
+    the CLI prints it and exits with code 130 (the shell's code for SIGINT)."""
+
+    def __init__(self, message: str) -> None:
+        message = " ".join(message.split())
+        super().__init__(message)
+        self.message = message

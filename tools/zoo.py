@@ -292,41 +292,117 @@ def _stderr_bars(title: str) -> Iterator[Progress]:
 
 @contextlib.contextmanager
 def _lock(path: Path) -> Iterator[None]:
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+    """Hold the build lock of a toy world; when another process holds it, say so on stderr once, then wait (that
+    process is building the same world: when it finishes, the world is there)."""
+    import sys
+
+    from autoexplain.tools.locks import holder_of
+
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for {holder_of(path)} (the toy world in {path.parent} is being built or updated by "
+                  "another process; this continues when it is done)", file=sys.stderr, flush=True)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}: building {path.name.removeprefix('.').removesuffix('.lock')}\n")
+        fh.flush()
         try:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+#: What a toy-world build has finished, in its scratch folder (``stages.json``): a stage listed there is not redone.
+_STAGES_FILE = "stages.json"
+
+
+def _stages(tmp: Path) -> dict[str, Any]:
+    try:
+        done = json.loads((tmp / _STAGES_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return done if isinstance(done, dict) else {}
+
+
+def _stage_done(tmp: Path, stage: str, value: Any) -> None:
+    done = {**_stages(tmp), stage: value}
+    part = tmp / (_STAGES_FILE + ".tmp")
+    part.write_text(json.dumps(done, indent=1))
+    os.replace(part, tmp / _STAGES_FILE)
+
+
 def build(spec: ZooSpec, root: Path, *, progress: Progress | None = None) -> dict[str, Any]:
-    """Build the toy world into ``root`` atomically: into a scratch folder, renamed into place when complete."""
+    """Build the toy world into ``root`` atomically: into a scratch folder, renamed into place when complete.
+
+    Resumable: the scratch folder (``<root>.building``; the caller holds the build lock) records each finished
+    stage (tokenizer, model, each SAE) in ``stages.json``, so a build stopped by Ctrl-C or a crash continues from
+    the first unfinished stage when run again, reusing what was saved. Each stage's output depends only on the
+    spec (seeded), so a resumed build equals an uninterrupted one.
+    """
     report = progress or (lambda stage, done, total: None)
-    tmp = root.with_name(root.name + f".building-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    timings: dict[str, float] = {}
+    for stale in root.parent.glob(root.name + ".building-*"):  # scratch folders of an older, per-process layout
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = root.with_name(root.name + ".building")
+    done = _stages(tmp)
+    if not done or done.get("fingerprint") != spec.fingerprint():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        _stage_done(tmp, "fingerprint", spec.fingerprint())
+        done = _stages(tmp)
+    elif done:
+        report(f"resuming the build after: {', '.join(k for k in done if k != 'fingerprint')}", 0, 1)
+    timings: dict[str, float] = dict(done.get("timings") or {})
     t0 = time.perf_counter()
+    try:
+        return _build_stages(spec, root, tmp, done, timings, report, t0)
+    except KeyboardInterrupt:
+        from autoexplain.tools.errors import Interrupted
 
+        kept = [k for k in _stages(tmp) if k not in ("fingerprint", "timings")]
+        raise Interrupted(f"interrupted: the toy world build keeps its finished stages ({', '.join(kept) or 'none'}) "
+                          f"in {tmp}; run the same command again to continue from there") from None
+
+
+def _build_stages(spec: ZooSpec, root: Path, tmp: Path, done: dict[str, Any], timings: dict[str, float],
+                  report: Progress, t0: float) -> dict[str, Any]:
     corpus = documents(spec.seed, spec.corpus_docs)
-    (tmp / "corpus").mkdir()
-    (tmp / "corpus" / "train.txt").write_text("\n".join(corpus) + "\n")
-    (tmp / "corpus" / "categories.json").write_text(json.dumps(CATEGORIES, indent=1))
-    tok = _train_tokenizer(corpus, tmp / "model")
-    timings["corpus_and_tokenizer_s"] = time.perf_counter() - t0
+    if "tokenizer" in done:
+        from transformers import AutoTokenizer
 
-    t = time.perf_counter()
-    final_loss = _train_model(spec, tok, tmp / "model", report)
-    timings["train_model_s"] = time.perf_counter() - t
+        tok = AutoTokenizer.from_pretrained(str(tmp / "model"))
+    else:
+        (tmp / "corpus").mkdir(exist_ok=True)
+        (tmp / "corpus" / "train.txt").write_text("\n".join(corpus) + "\n")
+        (tmp / "corpus" / "categories.json").write_text(json.dumps(CATEGORIES, indent=1))
+        tok = _train_tokenizer(corpus, tmp / "model")
+        timings["corpus_and_tokenizer_s"] = time.perf_counter() - t0
+        _stage_done(tmp, "tokenizer", True)
+        _stage_done(tmp, "timings", timings)
+
+    if "model" in done:
+        final_loss = float(done["model"]["final_train_loss"])
+    else:
+        t = time.perf_counter()
+        final_loss = _train_model(spec, tok, tmp / "model", report)
+        timings["train_model_s"] = time.perf_counter() - t
+        _stage_done(tmp, "model", {"final_train_loss": final_loss})
+        _stage_done(tmp, "timings", timings)
 
     lm = load_model(str(tmp / "model"), device="cpu")
     accuracy = _write_tasks(spec, tmp, lm)
 
     t = time.perf_counter()
-    sae_info = [_train_sae(lm, corpus, sae, tmp / "saes" / sae.name, spec, report) for sae in spec.saes]
-    timings["train_saes_s"] = time.perf_counter() - t
-    timings["total_s"] = time.perf_counter() - t0
+    sae_info = []
+    for sae in spec.saes:
+        key = f"sae {sae.name}"
+        if key not in _stages(tmp):
+            _stage_done(tmp, key, _train_sae(lm, corpus, sae, tmp / "saes" / sae.name, spec, report))
+        sae_info.append(_stages(tmp)[key])
+    timings["train_saes_s"] = timings.get("train_saes_s", 0.0) + time.perf_counter() - t
+    timings["total_s"] = sum(v for k, v in timings.items() if k != "total_s")
 
     manifest = {
         "name": spec.name, "fingerprint": spec.fingerprint(), "spec": spec.model_dump(mode="json"),
@@ -336,6 +412,7 @@ def build(spec: ZooSpec, root: Path, *, progress: Progress | None = None) -> dic
         "task_accuracy": accuracy, "tasks_format": TASKS_FORMAT, "saes": sae_info, "timings": timings,
         "threads": torch.get_num_threads(),
     }
+    (tmp / _STAGES_FILE).unlink()
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
     if root.exists():
         shutil.rmtree(root)

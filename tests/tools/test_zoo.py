@@ -29,7 +29,31 @@ def test_build_is_deterministic(tmp_path: Path) -> None:
                 "corpus/train.txt", "tasks/ioi.json", "tasks/greater_than.json"):
         assert _digest(tmp_path / "a" / rel) == _digest(tmp_path / "b" / rel), rel
     assert a["task_accuracy"] == b["task_accuracy"]
-    assert not list(tmp_path.glob("*.building-*")), "scratch folder left behind"
+    assert not list(tmp_path.glob("*.building*")), "scratch folder left behind"
+
+
+def test_an_interrupted_build_resumes_from_its_first_unfinished_stage(tmp_path: Path) -> None:
+    """Ctrl-C during SAE training: one line saying what was kept; the next build does not retrain the model, and
+    its result equals an uninterrupted build's."""
+    from autoexplain.tools.errors import Interrupted
+
+    def stop_at_sae(stage: str, done: int, total: int) -> None:
+        if stage.startswith("train SAE"):
+            raise KeyboardInterrupt
+
+    root = tmp_path / "w"
+    with pytest.raises(Interrupted, match=r"keeps its finished stages \(tokenizer, model\)"):
+        zoo.build(MICRO, root, progress=stop_at_sae)
+    assert not root.exists() and (tmp_path / "w.building").is_dir()
+    stages: list[str] = []
+    zoo.build(MICRO, root, progress=lambda stage, done, total: stages.append(stage))
+    assert not any(s.startswith("train model") for s in stages), "the model was trained again"
+    assert any(s.startswith("train SAE") for s in stages)
+    assert not (tmp_path / "w.building").exists()
+    fresh = zoo.build(MICRO, tmp_path / "fresh")
+    for rel in ("model/model.safetensors", "saes/res0/sae_weights.safetensors", "tasks/ioi.json"):
+        assert _digest(root / rel) == _digest(tmp_path / "fresh" / rel), rel
+    assert json.loads((root / "manifest.json").read_text())["saes"] == fresh["saes"]
 
 
 def test_tiny_zoo_parts(tiny_zoo) -> None:
@@ -126,3 +150,34 @@ def test_sae_ids_do_not_depend_on_the_cache_location(tmp_path: Path) -> None:
         lm = load_model(str(root / "model"), device="cpu")
         ids.append(load_sae(str(root / "saes" / "res0"), lm).sae_id)
     assert ids[0] == ids[1]
+
+
+def test_a_process_waiting_for_another_build_says_so(tmp_path: Path) -> None:
+    """``zoo path`` while another process builds the same world: a line on stderr naming the builder, not silence."""
+    import fcntl
+    import os
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "AUTOEXPLAIN_CACHE": str(tmp_path)}
+    root = tmp_path / "zoo" / f"tiny-{zoo.get_spec('tiny').fingerprint()}"
+    root.parent.mkdir(parents=True)
+    lock = root.parent / f".{root.name}.lock"
+    with open(lock, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        fh.write("pid 4242: building tiny\n")
+        fh.flush()
+        proc = subprocess.Popen([sys.executable, "-m", "autoexplain.agent.cli", "zoo", "path", "--name", "tiny"],
+                                env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+        try:
+            deadline = time.monotonic() + 60
+            line = ""
+            assert proc.stderr is not None
+            while time.monotonic() < deadline and "waiting" not in line:
+                line = proc.stderr.readline()
+            assert "waiting for pid 4242: building tiny" in line, line
+            assert proc.poll() is None, "it should wait for the builder, not fail"
+        finally:
+            proc.kill()
+            proc.wait()
