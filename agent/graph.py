@@ -14,7 +14,8 @@
 * ``score``: each draft is scored on held-out data (:mod:`autoexplain.agent.scoring`); scores are stored.
 * ``decide``: the policy refines (another round) or accepts.
 * ``accept``: the best scored draft (by :func:`~autoexplain.agent.policies.base.overall`) becomes final; the
-  work item is marked done — or ``budget_limited`` when a budget ended it early.
+  work item is marked done — or ``weak`` / ``no_behaviour`` when the chosen draft's scores say so (the scorer's
+  verdict), or ``budget_limited`` when a budget ended it early (its reason then also names any verdict).
 
 Nodes write their rows (tool calls, hypotheses, drafts, scores …) to ``env.out``, an
 :class:`~autoexplain.agent.store.outbox.Outbox` committed to DuckDB a group at a time; the rows each node wrote also go
@@ -67,9 +68,11 @@ class Scorer(Protocol):
     """Scores drafts on held-out data and stores every number (:mod:`autoexplain.agent.scoring`).
 
     ``drafts``: state entries (a :class:`Draft` plus its ``explanation_id``). Returns, per draft in order,
-    ``{"correctness", "completeness", "succinctness"}`` (None: not computed)."""
+    ``{"correctness", "completeness", "succinctness"}`` (None: not computed), plus ``"verdict"`` when the scores
+    say the result is not to be trusted: ``{"status": "weak" | "no_behaviour", "why": "..."}`` (the item ends
+    with that status if the draft is chosen)."""
 
-    def score(self, item: WorkItem, drafts: list[dict[str, Any]]) -> list[dict[str, float | None]]: ...
+    def score(self, item: WorkItem, drafts: list[dict[str, Any]]) -> list[dict[str, Any]]: ...
 
 
 class GraphStateError(RuntimeError):
@@ -242,8 +245,10 @@ def build_graph(env: AgentEnv, checkpointer: BaseCheckpointSaver[Any] | None = N
         done = {s["explanation_id"] for s in scored}
         todo = [d for d in drafts if d["explanation_id"] not in done]
         for d, scores in zip(todo, env.scorer.score(item, todo), strict=True):
+            verdict = scores.pop("verdict", None)
             scored.append({"explanation_id": d["explanation_id"], "text": d["text"],
-                           "causal_level": d["causal_level"], "scores": scores, "overall": overall(scores)})
+                           "causal_level": d["causal_level"], "scores": scores, "overall": overall(scores),
+                           **({"verdict": verdict} if verdict else {})})
         return {"scored": scored, "drafts": [d for d in state.get("drafts") or [] if d.get("dead")]}
 
     def decide(state: ItemState) -> dict[str, Any]:
@@ -262,7 +267,12 @@ def build_graph(env: AgentEnv, checkpointer: BaseCheckpointSaver[Any] | None = N
         scored = state.get("scored") or []
         best = max(scored, key=lambda s: (s["overall"], -len(s["text"]))) if scored else None
         chosen = dead[0]["explanation_id"] if dead else (best["explanation_id"] if best else None)
-        status = ItemStatus.BUDGET_LIMITED if stop else ItemStatus.DONE
+        verdict = best.get("verdict") if best and not dead else None
+        # a verdict replaces "done"; an item a budget cut short stays budget_limited (resumable work was left), and
+        # its reason then names the verdict too
+        status = ItemStatus.BUDGET_LIMITED if stop else ItemStatus(verdict["status"]) if verdict else ItemStatus.DONE
+        why = "; ".join(x for x in (verdict["why"] if verdict else None, f"stopped by budget: {stop}" if stop
+                                    else None) if x) or None
         # every draft of the item: final or not, budget-limited or not, and its overall score
         marks: dict[str, float | None] = {d["explanation_id"]: None for d in dead}  # dead drafts have no overall
         marks.update({s["explanation_id"]: s["overall"] for s in scored})
@@ -275,10 +285,10 @@ def build_graph(env: AgentEnv, checkpointer: BaseCheckpointSaver[Any] | None = N
         env.out.upsert("explanations", marked)
         finished: WorkItemRow = {
             "item_id": item.item_id, "run_id": item.run_id, "kind": item.kind.value, "target": item.target,
-            "status": status.value, "error": f"stopped by budget: {stop}" if stop else None,
+            "status": status.value, "error": why,
             "budget": {**_usage(state).model_dump(), "stopped_by": stop}, "finished_at": now()}
         env.out.upsert("work_items", [finished])
-        return {"outcome": {"explanation_id": chosen, "status": status.value, "stopped_by": stop,
+        return {"outcome": {"explanation_id": chosen, "status": status.value, "stopped_by": stop, "why": why,
                             "text": dead[0]["text"] if dead else (best["text"] if best else None),
                             "scores": best["scores"] if best and not dead else {},
                             "overall": best["overall"] if best and not dead else None}}

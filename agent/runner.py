@@ -13,9 +13,9 @@ Crash safety
   ``commit.items`` finished items, when a reader waits, and at the end); until then each node's rows travel in its
   checkpoint, and ``--resume`` puts back the rows of checkpoints whose commit never came. A committed item's
   checkpoints are deleted.
-* Finished items (``work_items.status`` done / budget_limited / failed) are never redone on ``--resume``; nor is an
-  item whose last checkpoint is finished but whose rows were not committed yet (its rows come back from the
-  checkpoints; its outcome is reported ``skipped`` like the others).
+* Finished items (``work_items.status`` done / weak / no_behaviour / budget_limited / failed) are never redone on
+  ``--resume``; nor is an item whose last checkpoint is finished but whose rows were not committed yet (its rows
+  come back from the checkpoints; its outcome is reported ``skipped`` like the others).
 * Tool results are cached by (model, SAEs, tool, arguments) in ``tool_cache`` and LLM responses by request hash in
   ``llm_cache``: a resumed item does not recompute forward passes or repeat LLM calls it already made.
 * Item ids derive from the run id and the target; ``--resume`` finds the newest unfinished run of the same plan
@@ -40,7 +40,18 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from autoexplain.agent.llm import LLMSettings
-from autoexplain.agent.state import Budget, ItemKind, ItemStatus, LLMMeter, RunBudget, Usage, WorkItem, now, stable_id
+from autoexplain.agent.state import (
+    FINISHED,
+    Budget,
+    ItemKind,
+    ItemStatus,
+    LLMMeter,
+    RunBudget,
+    Usage,
+    WorkItem,
+    now,
+    stable_id,
+)
 from autoexplain.agent.store import queries
 from autoexplain.agent.store.outbox import GroupCommit
 from autoexplain.tools.errors import InputError
@@ -181,11 +192,13 @@ def validation_message(exc: ValidationError, default: str, *, as_flags: bool = F
     return f"{where}: {err['msg']}{shown}"
 
 
-def parse_features(spec: str, d_sae: int) -> list[int]:
-    """'all' | '0-99' | '1,5,9' (mixable: '0-9,20') → sorted indices, each checked against the SAE width."""
+def feature_ranges(spec: str) -> list[tuple[int, int]] | None:
+    """The syntax of a feature selection, checked without the SAE: None for 'all', else the inclusive ranges of
+    '0-99' | '1,5,9' (mixable: '0-9,20'). Raises :class:`InputError` on anything else, so a typo is refused
+    before a model loads."""
     if spec.strip() == "all":
-        return list(range(d_sae))
-    out: set[int] = set()
+        return None
+    ranges = []
     for part in spec.split(","):
         part = part.strip()
         m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
@@ -194,6 +207,17 @@ def parse_features(spec: str, d_sae: int) -> list[int]:
         lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
         if hi < lo:
             raise InputError(f"--features {spec!r}: range {part} runs backwards")
+        ranges.append((lo, hi))
+    return ranges
+
+
+def parse_features(spec: str, d_sae: int) -> list[int]:
+    """'all' | '0-99' | '1,5,9' (mixable: '0-9,20') → sorted indices, each checked against the SAE width."""
+    ranges = feature_ranges(spec)
+    if ranges is None:
+        return list(range(d_sae))
+    out: set[int] = set()
+    for lo, hi in ranges:
         if hi >= d_sae:
             raise InputError(f"--features {spec!r}: {hi} is out of range, the SAE has {d_sae} features (0-{d_sae - 1})")
         out.update(range(lo, hi + 1))
@@ -213,15 +237,66 @@ class Prepared:
     lexicon: dict[str, frozenset[str]] | None = None
 
 
+def check_plan(plan: Plan) -> None:
+    """Every check of ``plan`` that needs no weights, each an :class:`InputError` line: the model and SAE specs
+    (:func:`autoexplain.tools.loading.check_specs`: paths exist and hold what they should, hub names …), every
+    dataset (:func:`autoexplain.tools.data.check_dataset_spec`: exists, known format, not empty; a hub dataset's
+    name, and then its first row, which fails at once offline),
+    feature-selection syntax (ranges beyond the SAE's width are checked once it is loaded), task files (a file
+    is validated; a name that is not a file must be a toy task name of a toy model) and the lexicon.
+    :func:`prepare` calls it before loading anything, so a typo costs no model load."""
+    from autoexplain.tools.data import check_dataset_spec, iter_texts, load_task_file
+    from autoexplain.tools.loading import check_specs
+
+    toy = plan.model.strip().startswith("toy:")
+    labels = [p.label for p in plan.items if p.label]
+    hub: list[str] = []
+    for e in labels:
+        feature_ranges(e.features)
+        d_sae = _local_d_sae(e.sae)
+        if d_sae is not None:
+            parse_features(e.features, d_sae)  # beyond the SAE's width: refused before the model loads
+        if e.dataset is not None:
+            check_dataset_spec(e.dataset)  # local: exists, known format, a text; a hub name: its syntax
+            if not Path(e.dataset.strip()).expanduser().exists():
+                hub.append(e.dataset)
+        elif not toy:
+            raise InputError(f"label item for {e.sae}: give a dataset (only toy models have a default corpus)")
+    for c in (p.circuit for p in plan.items if p.circuit):
+        path = Path(c.task)
+        if path.exists() or not (toy and re.fullmatch(r"[a-z_]+", c.task)):
+            load_task_file(path)  # missing or malformed: refused now (a toy task name is resolved after the build)
+    if plan.lexicon:
+        load_lexicon(Path(plan.lexicon))
+    check_specs(plan.model, list(dict.fromkeys(e.sae for e in labels)))
+    for name in dict.fromkeys(hub):  # last: the only check that may wait on the network
+        texts = iter_texts(name)
+        try:
+            next(texts)  # reachable, first row readable (fails at once offline)
+        finally:
+            texts.close()
+
+
+def _local_d_sae(spec: str) -> int | None:
+    """``d_sae`` from a local sae-lens folder's ``cfg.json`` (None when there is none to read: a toy or hub spec,
+    or a cfg without a usable width — the loaded SAE is checked later anyway)."""
+    cfg = Path(spec.strip()).expanduser() / "cfg.json"
+    try:
+        d_sae = json.loads(cfg.read_text()).get("d_sae")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return d_sae if isinstance(d_sae, int) and not isinstance(d_sae, bool) and d_sae > 0 else None
+
+
 def prepare(plan: Plan) -> Prepared:
-    """Load the model and SAEs, resolve datasets and tasks, and validate every entry (no writes)."""
+    """Check the plan (:func:`check_plan`, no weights), then load the model and SAEs, resolve datasets and tasks,
+    and validate every entry against them (no writes)."""
     from autoexplain.tools.data import load_task_file
     from autoexplain.tools.loading import load_model, load_sae
 
-    for c in (p.circuit for p in plan.items if p.circuit):
-        if Path(c.task).is_file():
-            load_task_file(Path(c.task))  # a malformed task file fails before the model loads (or a toy builds)
-    lm = load_model(plan.model, device=plan.device)
+    check_plan(plan)
+    sae_specs = list(dict.fromkeys(p.label.sae for p in plan.items if p.label))
+    lm = load_model(plan.model, device=plan.device, sae_specs=sae_specs)
     toy = plan.model.startswith("toy:")
     built = None
     if toy:
@@ -236,11 +311,13 @@ def prepare(plan: Plan) -> Prepared:
         dataset = e.dataset or (str(built.corpus) if built is not None else None)
         if dataset is None:
             raise InputError(f"label item for {e.sae}: give a dataset (only toy models have a default corpus)")
-        if dataset.endswith((".txt", ".jsonl", ".parquet")) and not Path(dataset).is_file():
-            raise InputError(f"dataset {dataset!r} does not exist: pass a .txt/.jsonl/.parquet file or a hub name")
         from autoexplain.tools.data import iter_texts
 
-        next(iter(iter_texts(dataset)))  # an empty file or an unreachable hub dataset fails before any write
+        texts = iter_texts(dataset)
+        try:
+            next(texts)  # an unreachable or empty hub dataset fails before any write
+        finally:
+            texts.close()
         label_jobs.append((e, dataset, parse_features(e.features, saes[e.sae].d_sae)))
     circuit_jobs = []
     for c in (p.circuit for p in plan.items if p.circuit):
@@ -610,7 +687,7 @@ def _run_items(store: Store, env: AgentEnv, items: list[WorkItem], ckpt: Path,
                                    for it in pending]
         store.upsert("work_items", rows)
     outcomes: list[ItemOutcome] = []
-    finished = {ItemStatus.DONE.value, ItemStatus.BUDGET_LIMITED.value, ItemStatus.FAILED.value}
+    finished = {s.value for s in FINISHED}
     with SqliteSaver.from_conn_string(str(ckpt)) as saver:
         graph = build_graph(env, saver)
 
@@ -673,7 +750,7 @@ def _run_items(store: Store, env: AgentEnv, items: list[WorkItem], ckpt: Path,
                     oc = state["outcome"]
                     res = ItemOutcome(item_id=item.item_id, kind=item.kind, target=item.target,
                                       status=ItemStatus(oc["status"]), text=oc.get("text"),
-                                      scores=oc.get("scores", {}), overall=oc.get("overall"),
+                                      scores=oc.get("scores", {}), overall=oc.get("overall"), error=oc.get("why"),
                                       usage=Usage.model_validate(state.get("usage") or {}), skipped=recovered)
                 except KeyboardInterrupt:
                     raise

@@ -30,7 +30,7 @@ class FeatureScorer:
         self.store, self.out, self.judge, self.embedder = store, out, judge, embedder
         self.n_activating, self.n_nonactivating = n_activating, n_nonactivating
 
-    def score(self, item: WorkItem, drafts: list[dict[str, Any]]) -> list[dict[str, float | None]]:
+    def score(self, item: WorkItem, drafts: list[dict[str, Any]]) -> list[dict[str, Any]]:
         from autoexplain.agent.store.rows import feature_score_rows, judgement_set_rows
         from autoexplain.evals.features import score_explanation
 
@@ -43,9 +43,26 @@ class FeatureScorer:
                                     n_activating=self.n_activating, n_nonactivating=self.n_nonactivating)
             self.out.upsert_many({"scores": feature_score_rows(res), "judgement_sets": judgement_set_rows(res),
                                   "explanations": [{"explanation_id": d["explanation_id"], "judge": res.judge}]})
+            verdict = label_verdict(res)
             out.append({"correctness": res.correctness, "completeness": res.completeness,
-                        "succinctness": res.succinctness})
+                        "succinctness": res.succinctness, **({"verdict": verdict} if verdict else {})})
         return out
+
+
+def label_verdict(res: Any) -> dict[str, str] | None:
+    """``{"status": "weak", "why": ...}`` when a label's correctness does not show it beats chance: its confidence
+    interval (:attr:`~autoexplain.evals.features.FeatureScores.correctness_interval`) reaches down to 0.5, or it
+    could not be computed at all (the reason the scorer gave is kept). None for a label the data supports."""
+    if res.correctness is None:
+        why = res.reasons.get("correctness") or "no held-out judgement of both classes"
+        return {"status": "weak", "why": f"weak: correctness could not be computed ({why})"}
+    iv = res.correctness_interval
+    if iv is None or iv[0] > 0.5:
+        return None
+    return {"status": "weak", "why": f"weak: correctness {res.correctness:.2f} is not distinguishable from chance "
+                                     f"(its 95 % interval [{iv[0]:.2f}, {iv[1]:.2f}] includes 0.5; "
+                                     f"{res.n_positive} activating and {res.n_negative} non-activating held-out "
+                                     "contexts judged)"}
 
 
 class CircuitScorer:
@@ -70,14 +87,14 @@ class CircuitScorer:
             raise RuntimeError(f"circuit scoring: no cached circuit_search output for call {call_id}")
         return CircuitSearchOut.model_validate_json(output)
 
-    def score(self, item: WorkItem, drafts: list[dict[str, Any]]) -> list[dict[str, float | None]]:
+    def score(self, item: WorkItem, drafts: list[dict[str, Any]]) -> list[dict[str, Any]]:
         from autoexplain.agent.store.rows import circuit_id as make_circuit_id
         from autoexplain.agent.store.rows import circuit_rows, circuit_score_rows
         from autoexplain.evals.circuits import score_circuit
         from autoexplain.tools.data import load_task_file, tokenize_task
         from autoexplain.tools.patching import PatchSetup
 
-        out: list[dict[str, float | None]] = []
+        out: list[dict[str, Any]] = []
         for d in drafts:
             search = self._search_output(d["evidence"][0])
             circ = search.circuit()
@@ -92,6 +109,11 @@ class CircuitScorer:
             self.out.upsert_many(circuit_rows(circuit_id, self.run_id, self.lm.model_id, item.target, str(path),
                                               circ, item_id=item.item_id))
             self.out.upsert("scores", circuit_score_rows(res, d["explanation_id"], circuit_id))
+            if res.no_behaviour:  # nothing to explain: the scores measured noise and are stored as unscored
+                why = next(s.details["unscored"] for s in res.scores() if "unscored" in s.details)
+                out.append({"correctness": None, "completeness": None, "succinctness": None,
+                            "verdict": {"status": "no_behaviour", "why": why}})
+                continue
             out.append({"correctness": res.correctness, "completeness": res.completeness,
                         "succinctness": res.succinctness})
         return out

@@ -37,11 +37,30 @@ class HypothesisStatus(StrEnum):
 
 
 class ItemStatus(StrEnum):
+    """Where a work item stands. The finished ones say how far to trust the result:
+
+    * ``done``: an explanation scored above what chance or noise gives;
+    * ``weak``: a feature label whose correctness is not distinguishable from chance (the confidence interval of
+      detection balanced accuracy includes 0.5), or could not be computed at all — kept, but not to be trusted;
+    * ``no_behaviour``: a circuit task the model does not do (ablating everything moves the metric by less than
+      noise), so there is nothing to explain and the circuit's scores are not reported;
+    * ``budget_limited``: a budget ended the item early (its best explanation so far is kept; the stored reason
+      also names a weak or no-behaviour verdict);
+    * ``failed``: an error ended it (the step and message are stored).
+    """
+
     PENDING = "pending"
     RUNNING = "running"
     DONE = "done"
+    WEAK = "weak"
+    NO_BEHAVIOUR = "no_behaviour"
     FAILED = "failed"
     BUDGET_LIMITED = "budget_limited"
+
+
+#: Statuses of items that are finished (never run again on ``--resume``).
+FINISHED = frozenset({ItemStatus.DONE, ItemStatus.WEAK, ItemStatus.NO_BEHAVIOUR, ItemStatus.BUDGET_LIMITED,
+                      ItemStatus.FAILED})
 
 
 def stable_id(prefix: str, *parts: Any, n: int = 16) -> str:

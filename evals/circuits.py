@@ -79,7 +79,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from autoexplain.evals.scores import Score
-from autoexplain.tools.circuits import CURVE_PERCENTS, Circuit, CurvePoint, EdgeScores, effect_note
+from autoexplain.tools.circuits import CURVE_PERCENTS, WEAK_EFFECT, Circuit, CurvePoint, EdgeScores, effect_note
 from autoexplain.tools.circuits import faithfulness as _tool_faithfulness
 from autoexplain.tools.errors import InputError
 from autoexplain.tools.patching import PatchSetup, check_effect
@@ -458,6 +458,9 @@ class CircuitScores(BaseModel):
     evaluations: int = Field(description="patched forward evaluations (edge sets) this scoring ran")
     seconds: float
     note: str = ""
+    no_behaviour: bool = Field(False, description="ablating every edge moves the metric by less than noise "
+                                                  "(tools.circuits.WEAK_EFFECT): the model does not do this task "
+                                                  "with these prompts, so the scores measure noise")
 
     def summary(self) -> str:
         """One short paragraph for a person or an LLM."""
@@ -515,6 +518,15 @@ class CircuitScores(BaseModel):
             rows += [("edge_roc_auc", self.edge_roc_auc, self.n_edges_total, {**truth, "by": "|score|"}),
                      ("edge_recall", self.edge_recall, self.n_true, truth),
                      ("edge_precision", self.edge_precision, self.n_edges, truth)]
+        threshold = WEAK_EFFECT[self.metric]
+        rows.append(("full_effect", self.m_clean - self.m_ablated, self.n_prompts,
+                     {"from": "m(M) - m(∅): how much ablating every edge moves the metric",
+                      "noise_threshold": threshold}))
+        if self.no_behaviour:  # every number below measures noise: stored as unscored, with the reason
+            why = (f"no behaviour: ablating every edge moves {self.metric.value} by only "
+                   f"{abs(self.m_clean - self.m_ablated):.3g} (< {threshold}); the model does not do this task")
+            rows = [(m, v, n, extra) if m in ("full_effect", "edge_fraction") else
+                    (m, None, n, {**extra, "unscored": why, "measured": v}) for m, v, n, extra in rows]
         return [Score(metric=m, value=v, n=n, details={**common, **extra}) for m, v, n, extra in rows]
 
 
@@ -549,4 +561,5 @@ def score_circuit(setup: PatchSetup, circuit: Circuit, *, true_edges: Iterable[s
         edge_recall=None if truth is None else recall(names, truth),
         edge_precision=None if truth is None else precision(names, truth),
         n_true=None if truth is None else len(truth), completeness_detail=comp, minimality_detail=mini, curve=curve,
-        evaluations=ev.evaluations, seconds=time.perf_counter() - t0, note=effect_note(setup))
+        evaluations=ev.evaluations, seconds=time.perf_counter() - t0, note=effect_note(setup),
+        no_behaviour=abs(setup.effect) < WEAK_EFFECT[setup.metric])

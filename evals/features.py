@@ -11,6 +11,14 @@ ordered by a hash of ``(sae_id, feature_index, group, seed)`` and dealt to the t
 ``explain_fraction`` — deterministic, and independent of the order rows come in. Write the result back with
 :func:`autoexplain.agent.store.rows.split_rows` (``feature_examples.split``) so the split can be checked in SQL.
 
+Rare features: within a stratum the first group dealt goes to ``score``, so a feature whose few activating
+windows each sit alone in their stratum (≤ 10 windows is typical) would have *every* activating group scored and
+none left to explain from. So after dealing, if no *activating* group (one holding a ``top``/``quantile``
+example with ``max_act > 0``) is on the explain side, the first activating group in dealing order moves there:
+with two or more activating groups each side keeps at least one; with exactly one, it is explained from and the
+score side has no positives (detection, fuzzing … are then None with the reason in their details — an honest
+"cannot be scored", never "dead"). Dead means ``features.density == 0`` and nothing else.
+
 Scorers (all on the ``score`` side only)
 ----------------------------------------
 Each scorer is one entry of the catalogue :data:`SCORERS` (a function of a :class:`ScoringContext` returning a
@@ -64,6 +72,21 @@ The three scores
   of ``' or '``, ``'/'``, ``'|'``, ``';'`` and ``','`` in the text (each adds an alternative to a list). Range (0, 1],
   1 for a one-word explanation, strictly decreasing in both counts. Caveat: a comma in a subordinate clause
   counts as a disjunct too, and ``' and '`` does not (it usually joins conditions, not alternatives).
+
+Small n: confidence intervals
+-----------------------------
+The detection score carries its counts and intervals in its details (and on :class:`FeatureScores`):
+``n_positive`` / ``n_negative`` (successful judgements of each class), 95 % Wilson score intervals for recall
+(TPR) and specificity (TNR), and ``interval`` for the balanced accuracy ``BA = (r + s)/2``. The BA interval
+recovers the variance of the sum from the two Wilson intervals (Zou & Donner's MOVER, as in Newcombe's interval
+for a difference of proportions): ``L = (r + s − sqrt((r − l_r)² + (s − l_s)²)) / 2`` and
+``U = (r + s + sqrt((u_r − r)² + (u_s − s)²)) / 2``. Its coverage is close to the nominal 95 % down to small n
+(checked by simulation in the tests), where averaging the bounds of per-rate intervals would be needlessly wide
+and a Wald interval collapses to zero width at 0/n and n/n — exactly the small-n cases a rare feature produces.
+The interval covers sampling noise of the held-out examples only, not judge bias or the choice of harvest.
+Correctness is detection BA, so it carries the same interval. A score that cannot be computed (no score-side
+positive or negative, every judgement failed) stays None and says why in ``details["reason"]``
+(and :attr:`FeatureScores.reasons`).
 
 Caveats: scores depend on the judge (the lexical judge only reads named tokens and a few categories); failures
 (``ok=False``) are excluded from every metric and reported as ``n_failures`` / ``failure_rate``; with few
@@ -181,12 +204,19 @@ def split_examples(examples: Sequence[Example], sae_id: str, feature_index: int,
         ident = min(f"{examples[i].kind}#{examples[i].example_id}" for i in members)
         strata.setdefault(stratum(members), []).append((_h(sae_id, feature_index, seed, ident), members))
     side = [""] * n
+    ordered: list[list[int]] = []  # groups in dealing order (strata in order, hash order within)
     for _, items in sorted(strata.items()):
         items.sort()
         for j, (_, members) in enumerate(items):
             to_explain = math.floor((j + 1) * explain_fraction) > math.floor(j * explain_fraction)
             for i in members:
                 side[i] = "explain" if to_explain else "score"
+            ordered.append(members)
+    # a rare feature (one group per stratum) would otherwise have every activating group dealt to score
+    firing = [m for m in ordered if any(examples[i].activating for i in m)]
+    if firing and not any(side[m[0]] == "explain" for m in firing):
+        for i in firing[0]:
+            side[i] = "explain"
     return [e.model_copy(update={"split": s}) for e, s in zip(examples, side, strict=True)]
 
 
@@ -202,6 +232,43 @@ def explanation_size(text: str) -> tuple[int, int]:
     words = max(1, sum(1 for w in text.split() if re.search(r"\w", w)))
     extra = len(re.findall(r"\sor\s", f" {text.lower()} ")) + sum(text.count(c) for c in "/|;,")
     return words, extra
+
+
+#: the two-sided 95 % normal quantile
+Z_95 = 1.959963984540054
+CONFIDENCE = 0.95
+
+
+def wilson_interval(k: int, n: int, z: float = Z_95) -> tuple[float, float] | None:
+    """Wilson score interval for a proportion ``k / n``; None when ``n == 0``.
+
+    ``(p + z²/2n ± z·sqrt(p(1−p)/n + z²/4n²)) / (1 + z²/n)``; stays inside [0, 1] and has width > 0 at
+    ``k = 0`` and ``k = n`` (unlike the Wald interval)."""
+    if n <= 0:
+        return None
+    if not 0 <= k <= n:
+        raise ValueError(f"wilson_interval needs 0 <= k <= n, got k={k}, n={n}")
+    p = k / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return max(0.0, mid - half), min(1.0, mid + half)
+
+
+def balanced_accuracy_interval(tp: int, n_pos: int, tn: int, n_neg: int) -> tuple[float, float] | None:
+    """A 95 % interval for balanced accuracy from the counts of TPR (``tp / n_pos``) and TNR (``tn / n_neg``):
+    MOVER over their Wilson intervals (see the module docstring). None unless both classes exist."""
+    ri, si = wilson_interval(tp, n_pos), wilson_interval(tn, n_neg)
+    if ri is None or si is None:
+        return None
+    r, s = tp / n_pos, tn / n_neg
+    lo = (r + s - math.hypot(r - ri[0], s - si[0])) / 2
+    hi = (r + s + math.hypot(ri[1] - r, si[1] - s)) / 2
+    return max(0.0, lo), min(1.0, hi)
+
+
+def _rounded(iv: tuple[float, float] | None) -> list[float] | None:
+    return None if iv is None else [round(iv[0], 5), round(iv[1], 5)]
 
 
 def balanced_accuracy(truth: Sequence[bool], pred: Sequence[bool]) -> float | None:
@@ -296,6 +363,15 @@ class FeatureScores(BaseModel):
     failure_rate: float = 0.0
     n_explain_examples: int = 0
     n_score_examples: int = 0
+    n_positive: int = Field(default=0, description="successful detection judgements of activating examples")
+    n_negative: int = Field(default=0, description="successful detection judgements of non-activating examples")
+    correctness_interval: tuple[float, float] | None = Field(
+        default=None, description="≥ 95 % interval of correctness (detection BA): Wilson 97.5 % per rate, averaged")
+    detection_recall_interval: tuple[float, float] | None = Field(default=None, description="95 % Wilson interval")
+    detection_specificity_interval: tuple[float, float] | None = Field(default=None,
+                                                                       description="95 % Wilson interval")
+    reasons: dict[str, str] = Field(default_factory=dict,
+                                    description="score name -> why it is None (only scores that could not be computed)")
     metrics: list[Score] = Field(default_factory=list, description="each scorer's raw metrics, catalogue order")
     judgements: list[ExampleJudgement] = Field(default_factory=list, description="one per judged example")
 
@@ -304,12 +380,19 @@ class FeatureScores(BaseModel):
         with the judge, the feature, the split and the number of failed judgements."""
         common = {"judge": self.judge, "sae_id": self.sae_id, "feature_index": self.feature_index,
                   "split": "score", "n_failures": self.n_failures}
+        def why(metric: str) -> dict[str, str]:
+            return {"reason": self.reasons[metric]} if metric in self.reasons else {}
+
+        iv = self.correctness_interval
         three = [
             Score(metric="correctness", value=self.correctness, n=self.n_detection,
-                  details={"from": "detection balanced accuracy", "simulation": self.simulation_correlation}),
+                  details={"from": "detection balanced accuracy", "simulation": self.simulation_correlation,
+                           "n_positive": self.n_positive, "n_negative": self.n_negative,
+                           "interval": None if iv is None else list(iv), "confidence": CONFIDENCE,
+                           **why("correctness")}),
             Score(metric="completeness", value=self.completeness, n=self.n_detection + self.n_fuzzing,
                   details={"quantile_recall": {str(k): v for k, v in self.quantile_recall.items()},
-                           "fuzzing": self.fuzzing_balanced_accuracy}),
+                           "fuzzing": self.fuzzing_balanced_accuracy, **why("completeness")}),
             Score(metric="succinctness", value=self.succinctness, n=1,
                   details={"words": self.n_words, "extra_disjuncts": self.n_extra_disjuncts,
                            "L": SUCCINCTNESS_L, "C": SUCCINCTNESS_C}),
@@ -386,14 +469,37 @@ def detection(ctx: ScoringContext) -> ScorerOutcome:
     ba = balanced_accuracy([t for t, _ in ok], [p for _, p in ok])
     pos_p = [p for t, p in ok if t]
     neg_p = [p for t, p in ok if not t]
-    recall = sum(pos_p) / len(pos_p) if pos_p else None
-    specificity = sum(not p for p in neg_p) / len(neg_p) if neg_p else None
+    tp, tn = sum(pos_p), sum(not p for p in neg_p)
+    recall = tp / len(pos_p) if pos_p else None
+    specificity = tn / len(neg_p) if neg_p else None
+    details: dict[str, Any] = {
+        "recall": recall, "specificity": specificity, "n_positive": len(pos_p), "n_negative": len(neg_p),
+        "recall_interval": _rounded(wilson_interval(tp, len(pos_p))),
+        "specificity_interval": _rounded(wilson_interval(tn, len(neg_p))),
+        "interval": _rounded(balanced_accuracy_interval(tp, len(pos_p), tn, len(neg_p))),
+        "confidence": CONFIDENCE,
+        "interval_method": "Wilson 97.5% for TPR and TNR, bounds averaged (Bonferroni: >= 95% for BA)"}
+    if ba is None:
+        details["reason"] = _detection_reason(ctx, len(pos_p), len(neg_p))
     q_recall = quantile_recall(rows)
     q_mean = sum(q_recall.values()) / len(q_recall) if q_recall else None
+    q_details = {} if q_mean is not None else {"reason": "no successful detection judgement of a score-side "
+                                                         "quantile example"}
     return ScorerOutcome(metrics=[
-        Score(metric="detection", value=ba, n=len(items), details={"recall": recall, "specificity": specificity}),
-        Score(metric="quantile_recall", value=q_mean, n=len(items)),
+        Score(metric="detection", value=ba, n=len(items), details=details),
+        Score(metric="quantile_recall", value=q_mean, n=len(items), details=q_details),
     ], judgements=rows)
+
+
+def _detection_reason(ctx: ScoringContext, n_pos_ok: int, n_neg_ok: int) -> str:
+    """Why detection has no balanced accuracy (it needs a successful judgement of each class)."""
+    if not ctx.positives:
+        return ("no score-side activating example: the feature fired in too few harvested windows for the "
+                "held-out split to keep one for scoring (its only activating window was explained from)")
+    if not ctx.negatives:
+        return "no score-side non-activating (random) example"
+    missing = "activating" if not n_pos_ok else "non-activating"
+    return f"every detection judgement of a {missing} example failed"
 
 
 def quantile_recall(judgements: Sequence[ExampleJudgement]) -> dict[int, float]:
@@ -425,7 +531,13 @@ def fuzzing(ctx: ScoringContext) -> ScorerOutcome:
             for (e, t, h), j in zip(items, fz, strict=True)]
     ok = [(t, bool(j.prediction)) for (_, t, _), j in zip(items, fz, strict=True) if j.ok]
     ba = balanced_accuracy([t for t, _ in ok], [p for _, p in ok])
-    return ScorerOutcome(metrics=[Score(metric="fuzzing", value=ba, n=len(items))], judgements=rows)
+    details: dict[str, Any] = {}
+    if ba is None:
+        details["reason"] = ("no score-side activating example to highlight" if not ctx.positives
+                             else "no activating example with a non-firing token to contrast" if not items
+                             else "every fuzzing judgement of one class failed")
+    return ScorerOutcome(metrics=[Score(metric="fuzzing", value=ba, n=len(items), details=details)],
+                         judgements=rows)
 
 
 def embedding(ctx: ScoringContext) -> ScorerOutcome:
@@ -433,7 +545,9 @@ def embedding(ctx: ScoringContext) -> ScorerOutcome:
     ``embedding_auc``); None without an embedding judge or without both classes."""
     emb = ctx.embedder
     if emb is None or not ctx.positives or not ctx.negatives:
-        return ScorerOutcome(metrics=[Score(metric="embedding_auc", value=None, n=0)])
+        why = ("no embedding judge" if emb is None else "no score-side activating example" if not ctx.positives
+               else "no score-side non-activating example")
+        return ScorerOutcome(metrics=[Score(metric="embedding_auc", value=None, n=0, details={"reason": why})])
     items = [(e, True) for e in ctx.positives] + [(e, False) for e in ctx.negatives]
     sims = emb.similarities(ctx.explanation, [e.text for e, _ in items])
     thr, how = emb.threshold_for(ctx.explanation, "detection")
@@ -454,10 +568,13 @@ def simulation(ctx: ScoringContext) -> ScorerOutcome:
     rows: list[ExampleJudgement] = []
     corr, n_tokens = _simulation_rows(items, sims, lambda e, t, j: rows.append(
         ctx.judged("simulation", ctx.judge.name, e, t, j)))
-    return ScorerOutcome(metrics=[Score(
-        metric="simulation", value=corr, n=len(items),
-        details={"tokens": n_tokens, "method": "pearson r, all tokens, truth normalised to [0,10]"})],
-        judgements=rows)
+    details: dict[str, Any] = {"tokens": n_tokens, "method": "pearson r, all tokens, truth normalised to [0,10]"}
+    if corr is None:
+        details["reason"] = ("no score-side activating example (the true activations are all 0)"
+                             if not ctx.positives else "no successful simulation" if not n_tokens
+                             else "the simulated or the true activations are constant")
+    return ScorerOutcome(metrics=[Score(metric="simulation", value=corr, n=len(items), details=details)],
+                         judgements=rows)
 
 
 #: scorer name -> scorer, run in this order (they share one random generator: append new scorers at the end).
@@ -535,6 +652,16 @@ def score_explanation(explanation_text: str, examples: Sequence[Example | Mappin
     n_fail = sum(1 for r in rows if not r.ok)
     det_details = m["detection"].details if "detection" in m else {}
     sim_details = m["simulation"].details if "simulation" in m else {}
+    reasons = {s.metric: str(s.details["reason"]) for s in metrics if s.value is None and "reason" in s.details}
+    if det_ba is None:
+        reasons["correctness"] = reasons.get("detection", "no detection scorer ran")
+    if completeness is None:
+        reasons["completeness"] = ("neither quantile recall nor fuzzing could be computed: "
+                                   + reasons.get("quantile_recall", reasons.get("fuzzing", "no scorer for them")))
+
+    def interval(key: str) -> tuple[float, float] | None:
+        v = det_details.get(key)
+        return None if v is None else (float(v[0]), float(v[1]))
     return FeatureScores(
         explanation_id=explanation_id, sae_id=sae_id, feature_index=feature_index, explanation=explanation_text,
         judge=judge.name, scored_at=scored_at, correctness=det_ba, completeness=completeness,
@@ -545,7 +672,11 @@ def score_explanation(explanation_text: str, examples: Sequence[Example | Mappin
         n_fuzzing=n("fuzzing"), n_embedding=n("embedding_auc"), simulation_correlation=value("simulation"),
         n_simulation=n("simulation"), n_simulation_tokens=int(sim_details.get("tokens", 0)), n_failures=n_fail,
         failure_rate=n_fail / len(rows) if rows else 0.0, n_explain_examples=len(explain),
-        n_score_examples=len(scored), metrics=metrics, judgements=rows)
+        n_score_examples=len(scored), n_positive=int(det_details.get("n_positive", 0)),
+        n_negative=int(det_details.get("n_negative", 0)), correctness_interval=interval("interval"),
+        detection_recall_interval=interval("recall_interval"),
+        detection_specificity_interval=interval("specificity_interval"), reasons=reasons, metrics=metrics,
+        judgements=rows)
 
 
 def _prepare_embeddings(explanation_text: str, exs: Sequence[Example], explain: Sequence[Example], judge: Judge,

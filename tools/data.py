@@ -3,8 +3,12 @@
 Text datasets
 -------------
 :func:`load_texts` reads a local ``.txt`` (one text per line), ``.jsonl`` (one JSON object per line) or
-``.parquet`` file, or a Hugging Face hub dataset by name. :func:`tokenize_windows` turns the texts into fixed-size
-token windows (the BOS and packing policy is documented there; it is the one the docs describe).
+``.parquet`` file, a folder of such files (read in sorted order of their relative paths, subfolders included;
+other files and hidden ones are ignored), or a Hugging Face hub dataset by name. :func:`check_dataset_spec`
+checks a spec cheaply (no hub access, no model) so a command can refuse a bad one before loading weights.
+:func:`tokenize_windows` turns the texts into fixed-size token windows (the BOS and packing policy is documented
+there; it is the one the docs describe). Long texts are tokenised in bounded pieces (:func:`_pieces`), so
+memory does not grow with line length.
 
 Circuit task files
 ------------------
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,17 +48,25 @@ _FORMATS = ".txt, .jsonl or .parquet"
 #: How many texts are handed to the tokenizer per call: large enough for the fast tokenizer's batching to pay,
 #: small enough that ``max_tokens`` stops the work early on a big dataset.
 _TOKENIZE_BATCH = 256
+#: Texts longer than this (characters) are tokenised in pieces of at most this many characters, cut before a
+#: space (see :func:`_pieces`): the tokenizer's memory is bounded whatever the line length.
+_PIECE_CHARS = 50_000
+#: A tokenizer call is made once this many characters are batched, even with fewer than ``_TOKENIZE_BATCH`` texts.
+_TOKENIZE_CHARS = 1_000_000
 
 _MISSING = object()  # a row without the text column (distinct from a null value)
 
 
 # ============================================================================= text datasets
 def load_texts(spec: str, *, limit: int | None = None, text_column: str = "text") -> list[str]:
-    """Read the texts of ``spec``: a ``.txt``, ``.jsonl`` or ``.parquet`` file, or a hub dataset name.
+    """Read the texts of ``spec``: a ``.txt``, ``.jsonl`` or ``.parquet`` file, a folder of them, or a hub dataset
+    name.
 
     * ``.txt``: one text per line (the line break is dropped, other whitespace kept).
     * ``.jsonl``: one JSON object per line; the text is its ``text_column`` key.
     * ``.parquet``: the ``text_column`` column, read with pyarrow one batch at a time.
+    * a folder: every ``.txt`` / ``.jsonl`` / ``.parquet`` file in it (subfolders included, hidden ones and other
+      extensions skipped), one after the other in sorted order of their relative paths, each read as above.
     * anything else that is not a path: ``datasets.load_dataset(spec, split="train")``. With ``limit`` the
       dataset is streamed, so only the rows needed are fetched instead of the whole split.
 
@@ -100,7 +113,8 @@ def _rows_of(spec: str, text_column: str, *, streaming: bool) -> tuple[Iterator[
     suffix = path.suffix.lower()
     if path.exists():
         if path.is_dir():
-            raise InputError(f"dataset {spec!r} is a directory: pass a {_FORMATS} file")
+            files = _folder_files(path, spec)
+            return _folder_rows(path, files, text_column), f"dataset directory {spec!r}"
         if suffix not in TEXT_SUFFIXES:
             raise InputError(f"dataset file {spec!r} has an unsupported extension {path.suffix or '(none)'!r}: "
                              f"convert it to {_FORMATS}")
@@ -110,6 +124,65 @@ def _rows_of(spec: str, text_column: str, *, streaming: bool) -> tuple[Iterator[
         raise InputError(f"dataset file {spec!r} does not exist: check the path (relative paths start from "
                          f"{os.getcwd()!r})")
     return _hub_rows(spec, text_column, streaming=streaming), f"dataset {spec!r}"
+
+
+def _dataset_files(path: Path) -> list[Path]:
+    """The dataset files of a folder: ``.txt`` / ``.jsonl`` / ``.parquet`` files at any depth, sorted by their
+    relative path (so the order, and the windows, are the same on every machine); hidden files and folders
+    (``.name``) are skipped, other extensions ignored."""
+    return sorted((p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES
+                   and not any(part.startswith(".") for part in p.relative_to(path).parts)),
+                  key=lambda p: p.relative_to(path).as_posix())
+
+
+def _folder_files(path: Path, spec: str) -> list[Path]:
+    """:func:`_dataset_files`; a folder without any is an error."""
+    files = _dataset_files(path)
+    if not files:
+        raise InputError(f"dataset directory {spec!r} holds no {_FORMATS} file: put the texts in such files "
+                         "(one text per line for .txt) or pass a file")
+    return files
+
+
+def _folder_rows(path: Path, files: Sequence[Path], column: str) -> Iterator[tuple[str, Any]]:
+    """The rows of every file of a folder dataset in order; ``where`` names the file."""
+    readers = {".txt": _txt_rows, ".jsonl": _jsonl_rows, ".parquet": _parquet_rows}
+    for f in files:
+        rows = readers[f.suffix.lower()](f, column)
+        try:
+            for where, value in rows:
+                yield f"{f.relative_to(path).as_posix()} {where}", value
+        finally:
+            rows.close()
+
+
+_HUB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?(@[A-Za-z0-9._/-]+)?")
+
+
+def check_dataset_spec(spec: str, *, text_column: str = "text") -> None:
+    """Check a dataset spec cheaply, before any model loads; raise :class:`InputError` (one line) if it is bad.
+
+    * A local file: it exists, its extension is known, and it holds a non-blank text (read up to the first one:
+      cheap for any real file; a file that is blank to its end is read once).
+    * A folder: it holds at least one dataset file and a non-blank text (the first files up to the first text).
+    * Anything else must look like a hub name (``name`` or ``owner/name``, optional ``@revision``); the hub is not
+      contacted here (the harvest finds out whether the dataset exists), so this never waits on the network.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise InputError("empty dataset spec: pass a .txt, .jsonl or .parquet file, a folder of them, or a Hugging "
+                         "Face dataset name")
+    spec = spec.strip()
+    path = Path(spec).expanduser()
+    if path.exists() or Path(spec).suffix.lower() in TEXT_SUFFIXES or _looks_like_path(spec):
+        texts = iter_texts(spec, text_column=text_column)  # missing / empty / unknown extension: InputError
+        try:
+            next(texts)
+        finally:
+            texts.close()
+        return
+    if not _HUB_NAME.fullmatch(spec):
+        raise InputError(f"dataset {spec!r} is neither a local file or folder nor a Hugging Face dataset name "
+                         "(owner/name[@revision]): check the spelling or the path")
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -207,7 +280,9 @@ def dataset_identity(spec: str) -> dict[str, Any]:
     """What names the content of dataset ``spec``, for deciding whether stored results came from it.
 
     A local file: its resolved path, size and modification time (a file edited or replaced since gets another
-    identity; hashing the content would read gigabytes). A hub dataset: its name and revision (``NAME@REVISION``
+    identity; hashing the content would read gigabytes). A folder: its resolved path and, for every dataset file
+    it holds (the files :func:`load_texts` reads, in order), the relative path, size and modification time — a
+    file added, removed, renamed or edited changes it. A hub dataset: its name and revision (``NAME@REVISION``
     pins one; without it the revision is ``None``, i.e. whatever the default branch holds).
     """
     spec = spec.strip()
@@ -215,6 +290,12 @@ def dataset_identity(spec: str) -> dict[str, Any]:
     if path.is_file():
         st = path.stat()
         return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if path.is_dir():
+        files = []
+        for f in _dataset_files(path):
+            st = f.stat()
+            files.append([f.relative_to(path).as_posix(), st.st_size, st.st_mtime_ns])
+        return {"path": str(path.resolve()), "files": files}
     name, _, revision = spec.partition("@")
     return {"hub": name, "revision": revision or None}
 
@@ -332,16 +413,17 @@ def iter_windows(texts: Iterable[str], tokenizer: Any, *, ctx: int, n_ctx: int, 
     buf: list[int] = []
     started = 0  # texts that started inside ``buf`` (not yet reported in a batch)
     emitted = taken = 0
-    for seq in _token_seqs(texts, tokenizer):
+    for seq, continued in _token_seqs(texts, tokenizer):
         if need is not None and taken >= need:
             break
-        if taken or buf:
-            buf.append(sep_id)
-            taken += 1
+        if not continued:  # a new text (a piece of a long text continues the previous one: no separator)
+            if taken or buf:
+                buf.append(sep_id)
+                taken += 1
+            if need is None or taken < need:
+                started += 1
         if need is not None:
             seq = seq[: max(0, need - taken)]
-        if need is None or taken < need:
-            started += 1
         buf.extend(seq)
         taken += len(seq)
         while len(buf) >= per_batch:
@@ -399,20 +481,64 @@ def _pack(stream: list[int], body: int, bos_id: int | None, pad_id: int, ctx: in
     return TokenWindows(tokens=tokens, valid=valid, ctx=ctx, bos=bos_id is not None, n_texts=n_texts)
 
 
-def _token_seqs(texts: Iterable[str], tokenizer: Any) -> Iterator[list[int]]:
-    """Each text's token ids (no special tokens), tokenised in batches of :data:`_TOKENIZE_BATCH` texts."""
+def _token_seqs(texts: Iterable[str], tokenizer: Any) -> Iterator[tuple[list[int], bool]]:
+    """``(token ids, continued)`` for each text, or for each piece of a long one (no special tokens).
+
+    Texts of at most :data:`_PIECE_CHARS` characters are tokenised whole, in batches of :data:`_TOKENIZE_BATCH`
+    texts or :data:`_TOKENIZE_CHARS` characters, whichever fills first; ``continued`` is False. A longer text is
+    cut by :func:`_pieces` and each piece tokenised on its own call, lazily: the caller stops pulling once its token
+    budget is met, so a 30 MB line costs one piece of tokenizer memory and, with a budget, only the pieces the
+    budget needs. Its first piece has ``continued`` False, the rest True (no separator goes between them).
+    """
     batch: list[str] = []
+    chars = 0
     index = 0
     for text in texts:
         if not isinstance(text, str):
             raise InputError(f"text {index} is a {type(text).__name__}, not a string: pass a list of strings")
-        batch.append(text)
         index += 1
-        if len(batch) == _TOKENIZE_BATCH:
-            yield from _encode_batch(batch, tokenizer)
-            batch = []
+        if len(text) > _PIECE_CHARS:
+            if batch:
+                yield from ((ids, False) for ids in _encode_batch(batch, tokenizer))
+                batch, chars = [], 0
+            for k, piece in enumerate(_pieces(text, _PIECE_CHARS)):
+                yield _encode_batch([piece], tokenizer)[0], k > 0
+            continue
+        batch.append(text)
+        chars += len(text)
+        if len(batch) == _TOKENIZE_BATCH or chars >= _TOKENIZE_CHARS:
+            yield from ((ids, False) for ids in _encode_batch(batch, tokenizer))
+            batch, chars = [], 0
     if batch:
-        yield from _encode_batch(batch, tokenizer)
+        yield from ((ids, False) for ids in _encode_batch(batch, tokenizer))
+
+
+def _pieces(text: str, limit: int) -> Iterator[str]:
+    """``text`` cut into consecutive pieces of at most ``limit`` characters (joined, they are ``text``).
+
+    Each cut is placed, as late as possible within the limit (but not in its first half), *before a single
+    space that follows a non-space character and precedes a letter or digit*: the start of a pre-token like
+    ``" word"`` in GPT-2-style byte-level BPE (GPT-2, GPT-NeoX, Llama 3, Qwen, …), whose pre-tokenizer never lets a
+    token run across such a point, so the pieces tokenise to exactly the ids of the whole text. Caveats: with no
+    such point in the window the cut is made at the limit (a run of 25,000+ characters without a space, e.g.
+    base64), and a tokenizer that treats the start of its input specially (SentencePiece with a dummy prefix, as
+    in Llama 2) may tokenise the first word after a cut differently — one token per ``limit`` characters, only
+    in texts longer than ``limit``."""
+    start = 0
+    n = len(text)
+    while n - start > limit:
+        end = start + limit
+        cut = end
+        lo = start + limit // 2
+        i = text.rfind(" ", lo, end)
+        while i > lo:
+            if not text[i - 1].isspace() and i + 1 < n and text[i + 1].isalnum():
+                cut = i
+                break
+            i = text.rfind(" ", lo, i)
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
 
 
 def _encode_batch(batch: list[str], tokenizer: Any) -> list[list[int]]:

@@ -20,8 +20,9 @@ from autoexplain.tools.zoo import ensure_model
 
 def check_specs(model: str, sae_specs: Sequence[str] = ()) -> None:
     """Check a model spec and SAE specs as far as can be done without loading any weights (paths exist and hold
-    what they should, hub names are cached or reachable, architectures are causal LMs); raise
-    :class:`InputError` (one line) on the first problem. Call it at the boundary, before anything loads."""
+    what they should, hub names are cached or reachable, architectures are causal LMs, releases are known, SAE
+    training settings can be honoured and agree across SAEs); raise :class:`InputError` (one line) on the first
+    problem. Call it at the boundary, before anything loads."""
     if not model.strip().startswith(TOY_PREFIX):
         models.check_model_spec(model)
     for spec in sae_specs:
@@ -30,6 +31,29 @@ def check_specs(model: str, sae_specs: Sequence[str] = ()) -> None:
                 raise InputError(f"toy SAE spec {spec!r} needs a name: write toy:MODEL/NAME, e.g. toy:small/res0")
             continue
         saes.check_sae_spec(spec)
+    sae_model_settings(sae_specs)
+
+
+def sae_model_settings(sae_specs: Sequence[str]) -> dict[str, bool]:
+    """The processing flags the SAEs ``sae_specs`` agree the model must be loaded with (``{}``: unprocessed), read
+    without loading weights (:func:`autoexplain.tools.saes.model_settings`). Toy SAEs are trained by the zoo on
+    the unprocessed toy model and ask for nothing. SAEs that disagree (one trained on a processed model, one on
+    the plain model) cannot share one model: :class:`InputError` naming the setting."""
+    chosen: dict[str, bool] | None = None
+    first = ""
+    for spec in sae_specs:
+        spec = spec.strip()
+        settings = {} if spec.startswith(TOY_PREFIX) else saes.model_settings(spec)
+        if chosen is None:
+            chosen, first = settings, spec
+            continue
+        for flag in models.PROCESSING_FLAGS:
+            if bool(settings.get(flag)) != bool(chosen.get(flag)):
+                on, off = (spec, first) if settings.get(flag) else (first, spec)
+                raise InputError(f"SAEs disagree on the model's weight processing: {on!r} was trained with "
+                                 f"{flag}=True, {off!r} without it; one model cannot give both their training "
+                                 "activations, so harvest them in separate runs")
+    return dict(chosen or {})
 
 
 def load_model(spec: str, device: str | None = None, *, check: bool = True,
@@ -37,16 +61,18 @@ def load_model(spec: str, device: str | None = None, *, check: bool = True,
     """Load the model ``spec``: a local HF directory, a hub name, or ``toy:NAME`` (built on first use).
 
     ``sae_specs``: the SAEs that will be spliced into it; the model is loaded the way they were trained on it
-    (e.g. a sae-lens release's ``model_from_pretrained_kwargs``), see :func:`autoexplain.tools.saes.model_settings`.
+    (a sae-lens release's or cfg.json's ``model_from_pretrained_kwargs``, see :func:`sae_model_settings`), and its
+    model id then names the processing (``gpt2+center_writing_weights``). Without processing the id is unchanged.
     A toy model keeps ``toy:NAME`` as its spec and gets the model id ``toy:NAME@FINGERPRINT``.
     """
     spec = spec.strip()
+    processing = sae_model_settings(sae_specs)
     if not spec.startswith(TOY_PREFIX):
-        return models.load_model(spec, device, check=check)
+        return models.load_model(spec, device, check=check, processing=processing)
     built = ensure_model(spec[len(TOY_PREFIX):])
-    lm = models.load_model(str(built.model_dir), device, check=False)
+    lm = models.load_model(str(built.model_dir), device, check=False, processing=processing)
     lm.spec = spec
-    lm.model_id = f"{spec}@{built.fingerprint}"
+    lm.model_id = models.processed_model_id(f"{spec}@{built.fingerprint}", processing)
     lm.meta["toy"] = built.name
     if check:
         lm.check_sites()

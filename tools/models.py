@@ -13,12 +13,35 @@ Model specs
 * a local Hugging Face directory (``save_pretrained`` output: GPT-2, GPT-NeoX/Pythia, Llama-family …): loaded
   with transformers, converted with TransformerLens' weight converters, no weight processing (so logits equal the
   plain transformers model's). TL's ``from_pretrained`` refuses local paths, hence the manual recipe.
-* a hub name TransformerLens knows (``gpt2``, ``EleutherAI/pythia-70m``): fetched where a hub is reachable;
-  offline this fails with one line suggesting a local directory.
+* a hub name TransformerLens knows (``gpt2``, ``EleutherAI/pythia-70m``): resolved the libraries' own way
+  (TransformerLens' ``get_official_model_name`` maps the name to its hub repo, ``huggingface_hub`` finds that repo's
+  snapshot in the local cache, ``HF_HUB_CACHE``/``HF_HOME``). A cached snapshot (config + weights) is loaded from the
+  cache with the hub switched off for the duration of the load, online or offline, so a cached model never waits on
+  the network (caveat: a newer revision on the hub is not picked up; refresh it with ``hf download``). A name that is
+  not cached is fetched where the hub is reachable; one that is neither cached nor reachable is refused with one
+  line naming the cache directory and why the hub is unavailable.
 * ``toy:NAME``: a model of the toy zoo, built on first use. The zoo builds its models with this module, so this
   module does not know the zoo: :func:`autoexplain.tools.loading.load_model` resolves ``toy:`` specs to a local
   directory and loads that here. Callers that take a spec from a user load through
   :mod:`autoexplain.tools.loading`.
+
+Weight processing
+-----------------
+By default no processing is applied, so activations equal the plain transformers model's. An SAE trained on a
+*processed* model (sae-lens' ``model_from_pretrained_kwargs``, e.g. ``center_writing_weights``) sees other
+activations there (centring writing weights removes the mean component of every residual write), so
+:func:`load_model` takes ``processing``, the TransformerLens flags the SAEs ask for
+(:data:`PROCESSING_FLAGS`). Hub names are loaded as sae-lens loads them for training,
+``HookedSAETransformer.from_pretrained_no_processing(name, **flags)``; local directories pass the same flags to
+``load_and_process_state_dict``. A processed model gets a model id with the flags appended
+(``gpt2+center_writing_weights``): its activations differ, and harvest identity and reuse key on the model id.
+An unprocessed load keeps the plain id, so existing databases still match.
+
+Architectures
+-------------
+autoexplain explains causal language models; :func:`check_model_spec` reads ``config.json`` (``architectures``,
+``model_type``, ``is_encoder_decoder``) and refuses encoders (BERT …) and encoder-decoders (T5 …) before any weight
+is read.
 
 Caveat: optional hooks (per-head outputs, split q/k/v inputs, MLP input) cost memory and time, so they are off by
 default and switched on only inside :meth:`LoadedModel.sites_enabled` for the sites a tool asks for.
@@ -30,8 +53,9 @@ import contextlib
 import hashlib
 import json
 import os
+import sys
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -104,6 +128,8 @@ class LoadedModel:
     device: torch.device
     source_dir: Path | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    #: the TransformerLens processing flags the weights were loaded with (only those switched on); {} = none
+    processing: dict[str, bool] = field(default_factory=dict)
 
     # -- shape ----------------------------------------------------------------------------------------
     @property
@@ -228,7 +254,8 @@ class LoadedModel:
             "spec": self.spec, "model_id": self.model_id, "architecture": cfg.original_architecture,
             "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "d_model": cfg.d_model, "d_head": cfg.d_head,
             "d_mlp": cfg.d_mlp, "d_vocab": cfg.d_vocab, "n_ctx": cfg.n_ctx, "attn_only": bool(cfg.attn_only),
-            "device": str(self.device), **{k: v for k, v in self.meta.items() if not k.startswith("_")},
+            "device": str(self.device), "processing": sorted(self.processing),
+            **{k: v for k, v in self.meta.items() if not k.startswith("_")},
         }
 
 
@@ -237,25 +264,63 @@ class LoadedModel:
 TOY_PREFIX = "toy:"
 
 
-def load_model(spec: str, device: str | None = None, *, check: bool = True) -> LoadedModel:
+#: TransformerLens' weight-processing switches (``from_pretrained`` / ``load_and_process_state_dict`` keywords).
+#: ``fold_ln``, ``center_writing_weights`` and ``fold_value_biases`` change what the hooks read (residual stream,
+#: attention outputs); ``center_unembed`` changes only logits; ``refactor_factored_attn_matrices`` changes q/k/v.
+PROCESSING_FLAGS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases",
+                    "refactor_factored_attn_matrices")
+
+
+def normalize_processing(processing: Mapping[str, Any] | None) -> dict[str, bool]:
+    """The flags of ``processing`` that are switched on (``{}`` for no processing); unknown keys are a bug here
+    (:func:`autoexplain.tools.saes.model_settings` refuses them at the boundary)."""
+    out: dict[str, bool] = {}
+    for key, value in (processing or {}).items():
+        if key not in PROCESSING_FLAGS:
+            raise ValueError(f"unknown processing flag {key!r}; known: {', '.join(PROCESSING_FLAGS)}")
+        if value:
+            out[key] = True
+    return dict(sorted(out.items()))
+
+
+def processed_model_id(base: str, processing: Mapping[str, Any] | None) -> str:
+    """``base`` for an unprocessed load, else ``base+flag+flag`` (sorted): the id changes with the activations."""
+    flags = normalize_processing(processing)
+    return "+".join([base, *flags]) if flags else base
+
+
+def load_model(spec: str, device: str | None = None, *, check: bool = True,
+               processing: Mapping[str, Any] | None = None) -> LoadedModel:
     """Load ``spec`` (a local HF directory or a hub name) onto CUDA when present, else CPU; ``check``: check that
-    every site fires (:meth:`LoadedModel.check_sites`).
+    every site fires (:meth:`LoadedModel.check_sites`); ``processing``: TransformerLens weight processing
+    (:data:`PROCESSING_FLAGS`, e.g. ``{"center_writing_weights": True}``) as an SAE's training asked for it;
+    ``None``/``{}`` loads unprocessed weights (logits equal the transformers model's).
 
     Raises :class:`InputError` for anything the user can fix: a missing path, a directory that holds no model,
-    an architecture TransformerLens cannot convert, a hub name while offline. ``toy:NAME`` specs are loaded by
-    :func:`autoexplain.tools.loading.load_model`.
+    an encoder or an architecture TransformerLens cannot convert, a hub name neither cached nor reachable.
+    ``toy:NAME`` specs are loaded by :func:`autoexplain.tools.loading.load_model`.
     """
     dev = pick_device(device)
     spec = spec.strip()
+    flags = normalize_processing(processing)
     check_model_spec(spec)
     path = Path(spec).expanduser()
     if path.exists():
-        return _checked(_load_local(path, dev, spec=spec), check)
-    return _checked(_load_hub(spec, dev), check)
+        lm = _load_local(path, dev, spec=spec, processing=flags)
+    else:
+        lm = _load_hub(spec, dev, processing=flags)
+    lm.processing = flags
+    lm.model_id = processed_model_id(lm.model_id, flags)
+    return _checked(lm, check)
 
 
 def check_model_spec(spec: str) -> None:
-    """Refuse a model spec that cannot load, without loading any weights (one :class:`InputError` line)."""
+    """Refuse a model spec that cannot load, without loading any weights (one :class:`InputError` line).
+
+    Local directories: exist, are directories, hold a readable ``config.json`` and weights, and describe a causal
+    LM. Hub names: known to TransformerLens, a causal LM (by the cached ``config.json`` when there is one, else by
+    TransformerLens' own encoder rule), and either cached or with the hub reachable.
+    """
     spec = spec.strip()
     if not spec:
         raise InputError("empty model spec: pass a local model directory, a hub name or toy:NAME")
@@ -264,10 +329,150 @@ def check_model_spec(spec: str) -> None:
                          "builds the toy model on first use")
     path = Path(spec).expanduser()
     if path.exists():
+        _check_local_dir(path)
         return
     if spec.startswith(("/", "./", "../", "~")) or os.sep in spec and spec.count("/") > 1:
         raise InputError(f"model path {spec!r} does not exist: pass an existing directory saved with "
                          "save_pretrained, a hub name such as gpt2, or toy:tiny")
+    repo = hub_repo(spec)
+    snapshot = cached_model_snapshot(repo)
+    if snapshot is not None:
+        _check_causal_lm(_read_config(snapshot / "config.json"), f"{spec!r} (cached in {snapshot})", local=False)
+        return
+    if repo.split("/")[-1].lower().startswith(("bert", "t5")):  # TransformerLens' own rule for its official names
+        raise InputError(f"{spec!r} is an encoder model ({repo}): autoexplain explains causal LMs (GPT-2, "
+                         "GPT-NeoX/Pythia, Llama-family …); pass a causal LM")
+    why = hub_unreachable()
+    if why:
+        raise InputError(f"model {spec!r} (hub repo {repo}) is not cached in {hf_cache_dir()} and the Hugging Face "
+                         f"hub is unavailable ({why}): download it where the hub is reachable (hf download {repo}) "
+                         f"or pass a local directory saved with save_pretrained")
+
+
+def hub_repo(name: str) -> str:
+    """The hub repo TransformerLens loads for ``name`` (its official name; ``gpt2-small`` -> ``gpt2``), or
+    :class:`InputError` when TransformerLens does not know the name."""
+    import transformer_lens.loading_from_pretrained as tl_loading
+
+    try:
+        return str(tl_loading.get_official_model_name(name))
+    except ValueError:
+        raise InputError(f"{name!r} is neither an existing local directory nor a model name TransformerLens knows: "
+                         "pass a directory saved with save_pretrained, a name such as gpt2 or "
+                         "EleutherAI/pythia-70m, or toy:tiny") from None
+
+
+def hf_cache_dir() -> str:
+    """The Hugging Face hub cache directory in use (``HF_HUB_CACHE``, else ``HF_HOME/hub``)."""
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def cached_snapshot(repo_id: str, repo_type: str = "model") -> Path | None:
+    """The local snapshot directory of ``repo_id``'s ``main`` revision in the hub cache, or None when the repo is
+    not cached; never touches the network (``snapshot_download(local_files_only=True)``). The snapshot may be
+    partial: callers check for the files they need."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return Path(snapshot_download(repo_id, repo_type=repo_type, local_files_only=True))
+    except Exception:  # LocalEntryNotFoundError, a malformed repo id, an unreadable cache: not cached
+        return None
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+
+
+def cached_model_snapshot(repo_id: str) -> Path | None:
+    """The cached snapshot of ``repo_id`` when it holds a ``config.json`` and weights (enough to load offline)."""
+    snap = cached_snapshot(repo_id)
+    if snap is None or not (snap / "config.json").is_file():
+        return None
+    if not any(p.suffix in _WEIGHT_SUFFIXES or p.name.endswith(".index.json") for p in snap.iterdir()):
+        return None
+    return snap
+
+
+@contextlib.contextmanager
+def hub_offline() -> Iterator[None]:
+    """Switch the hub off for the duration (``huggingface_hub.constants.HF_HUB_OFFLINE``, which transformers and
+    huggingface_hub read on every call): everything resolves from the local cache, nothing waits on the network.
+    Caveat: process-wide while it lasts."""
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
+def _read_config(cfg_file: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{str(cfg_file)!r} is not valid JSON ({exc.__class__.__name__}); re-save the model") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{str(cfg_file)!r} is not a model config (a JSON object); re-save the model")
+    return data
+
+
+def _check_local_dir(path: Path) -> dict[str, Any]:
+    """A local model directory: a directory with a valid config.json of a causal LM, and weights; its config."""
+    if not path.is_dir():
+        raise InputError(f"model path {str(path)!r} is a file, not a directory: pass the directory that "
+                         "save_pretrained wrote (config.json + weights)")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise InputError(f"{str(path)!r} is not a model directory: it has no config.json; pass a directory "
+                         "written by save_pretrained (config.json, weights and tokenizer)")
+    hf_cfg = _read_config(cfg_file)
+    _check_causal_lm(hf_cfg, repr(str(path)))
+    if not _weight_files(path):
+        raise InputError(f"{str(path)!r} has a config.json but no model weights (*.safetensors or *.bin)")
+    return hf_cfg
+
+
+def _weight_files(path: Path) -> list[Path]:
+    return [p for p in path.iterdir() if p.suffix in (".safetensors", ".bin") and "model" in p.name]
+
+
+def _check_causal_lm(hf_cfg: dict[str, Any], what: str, *, local: bool = True) -> None:
+    """Refuse a config that is not a causal LM, reading only ``config.json``.
+
+    Refused: an encoder-decoder (``is_encoder_decoder``, T5/BART); a ``model_type`` that transformers' masked-LM
+    mapping lists (BERT, RoBERTa, ELECTRA …: encoders, even where a decoder variant exists, which
+    TransformerLens cannot run anyway); ``architectures`` none of which is a causal-LM class (BertModel,
+    BertForMaskedLM …). Without ``architectures`` a local directory is refused too, since TransformerLens picks its
+    converter from ``architectures[0]``; a hub name is then left to TransformerLens, which also maps names.
+    """
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    archs = [a for a in hf_cfg.get("architectures") or [] if isinstance(a, str)]
+    model_type = str(hf_cfg.get("model_type") or "?")
+    named = ", ".join(archs) or "no architectures listed"
+    causal_classes = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    kind = None
+    if hf_cfg.get("is_encoder_decoder"):
+        kind = "an encoder-decoder"
+    elif model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        kind = "an encoder, not a causal language model"
+    elif archs and not any(a in causal_classes or a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        kind = "not a causal language model"
+    if kind:
+        raise InputError(f"model {what} is {kind} ({named}; model_type {model_type}): autoexplain explains causal "
+                         "LMs (GPT-2, GPT-NeoX/Pythia, Llama-family …), which TransformerLens' HookedTransformer "
+                         "runs; pass a causal LM checkpoint")
+    if not archs and local:
+        raise InputError(f"model {what} lists no architectures in config.json (model_type {model_type}), so "
+                         "TransformerLens cannot choose a weight converter; re-save it with save_pretrained")
 
 
 def _checked(lm: LoadedModel, check: bool) -> LoadedModel:
@@ -294,21 +499,9 @@ def _quiet() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _load_local(path: Path, dev: torch.device, *, spec: str) -> LoadedModel:
-    if not path.is_dir():
-        raise InputError(f"model path {str(path)!r} is a file, not a directory: pass the directory that "
-                         "save_pretrained wrote (config.json + weights)")
+def _load_local(path: Path, dev: torch.device, *, spec: str, processing: dict[str, bool]) -> LoadedModel:
+    hf_cfg = _check_local_dir(path)
     cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise InputError(f"{str(path)!r} is not a model directory: it has no config.json; pass a directory "
-                         "written by save_pretrained (config.json, weights and tokenizer)")
-    try:
-        hf_cfg = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{str(cfg_file)!r} is not valid JSON ({exc.__class__.__name__}); re-save the model") from None
-    weights = [p for p in path.iterdir() if p.suffix in (".safetensors", ".bin") and "model" in p.name]
-    if not weights:
-        raise InputError(f"{str(path)!r} has a config.json but no model weights (*.safetensors or *.bin)")
 
     import transformer_lens.loading_from_pretrained as tl_loading
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -326,16 +519,22 @@ def _load_local(path: Path, dev: torch.device, *, spec: str) -> LoadedModel:
         except (OSError, ValueError, KeyError) as exc:
             raise InputError(f"transformers cannot load {str(path)!r} as a causal LM: {_first_line(exc)}") from None
         hf.eval()
+        fold_ln = bool(processing.get("fold_ln"))
         try:
-            cfg = _tl_config(path, hf_cfg, dev)
+            cfg = _tl_config(path, hf_cfg, dev, fold_ln=fold_ln)
         except NotImplementedError as exc:
             arch = (hf_cfg.get("architectures") or ["?"])[0]
             raise InputError(f"architecture {arch} in {str(path)!r} is not supported by TransformerLens "
                              f"({_first_line(exc)}); use a GPT-2, GPT-NeoX/Pythia or Llama-family model") from None
         state = tl_loading.get_pretrained_state_dict(str(path), cfg, hf_model=hf)
         model = HookedSAETransformer(cfg, tokenizer=tok, move_to_device=False)
-        model.load_and_process_state_dict(state, fold_ln=False, center_writing_weights=False,
-                                          center_unembed=False, fold_value_biases=False)
+        # the same flags and order as HookedTransformer.from_pretrained(_no_processing)(name, **processing)
+        model.load_and_process_state_dict(state, fold_ln=fold_ln,
+                                          center_writing_weights=bool(processing.get("center_writing_weights")),
+                                          center_unembed=bool(processing.get("center_unembed")),
+                                          fold_value_biases=bool(processing.get("fold_value_biases")),
+                                          refactor_factored_attn_matrices=bool(
+                                              processing.get("refactor_factored_attn_matrices")))
     model.to(dev, print_details=False)
     model.eval()
     del hf
@@ -344,30 +543,37 @@ def _load_local(path: Path, dev: torch.device, *, spec: str) -> LoadedModel:
                        source_dir=path.resolve())
 
 
-def _tl_config(path: Path, hf_cfg: dict[str, Any], dev: torch.device) -> Any:
+def _tl_config(path: Path, hf_cfg: dict[str, Any], dev: torch.device, *, fold_ln: bool = False) -> Any:
     """TransformerLens' config for a local directory.
 
     TL's GPT-2 converter reads ``n_ctx``, which configs saved by transformers 5 no longer carry (the value lives in
     ``n_positions``). TL reads only ``config.json`` here, so a patched copy of that one file in a scratch
-    directory is enough; the weights are converted from the already loaded transformers model.
+    directory is enough; the weights are converted from the already loaded transformers model. ``fold_ln``
+    switches the config to TL's LNPre normalisation, as ``from_pretrained(fold_ln=True)`` does.
     """
     import tempfile
 
     import transformer_lens.loading_from_pretrained as tl_loading
 
     if "n_ctx" in hf_cfg or "n_positions" not in hf_cfg:
-        return tl_loading.get_pretrained_model_config(str(path), device=str(dev), fold_ln=False)
+        return tl_loading.get_pretrained_model_config(str(path), device=str(dev), fold_ln=fold_ln)
     with tempfile.TemporaryDirectory(prefix="autoexplain-cfg-") as tmp:
         (Path(tmp) / "config.json").write_text(json.dumps({**hf_cfg, "n_ctx": hf_cfg["n_positions"]}))
-        cfg = tl_loading.get_pretrained_model_config(tmp, device=str(dev), fold_ln=False)
+        cfg = tl_loading.get_pretrained_model_config(tmp, device=str(dev), fold_ln=fold_ln)
     cfg.model_name = cfg.tokenizer_name = str(path)
     return cfg
 
 
-def _hub_unreachable() -> str | None:
-    """Why the hub cannot be used right now (offline mode, or its host does not resolve), else None.
+_PROBED: dict[str, str | None] = {}
 
-    Checked before loading so an offline user gets the error at once instead of after minutes of retries.
+
+def hub_unreachable() -> str | None:
+    """Why the hub cannot be used right now, else None: offline mode, its host does not resolve, or (without a
+    proxy configured) a TCP connection to it does not open within 3 s. The network probe runs once per process
+    and host.
+
+    Checked before fetching anything that is not cached, so an offline user gets the error at once instead of
+    after minutes of retries.
     """
     import socket
     from urllib.parse import urlparse
@@ -376,25 +582,44 @@ def _hub_unreachable() -> str | None:
 
     if constants.HF_HUB_OFFLINE:
         return "HF_HUB_OFFLINE is set"
-    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
-    try:
-        socket.getaddrinfo(host, 443)
-    except OSError:
-        return f"{host} cannot be reached"
-    return None
+    url = urlparse(constants.ENDPOINT)
+    host = url.hostname or "huggingface.co"
+    port = url.port or (80 if url.scheme == "http" else 443)
+    key = f"{host}:{port}"
+    if key not in _PROBED:
+        why: str | None = None
+        try:
+            socket.getaddrinfo(host, port)
+        except OSError:
+            why = f"{host} does not resolve"
+        proxied = any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy",
+                                                   "ALL_PROXY", "all_proxy"))
+        if why is None and not proxied:
+            try:
+                socket.create_connection((host, port), timeout=3).close()
+            except OSError as exc:
+                why = f"{host} cannot be reached: {exc.__class__.__name__}"
+        _PROBED[key] = why
+    return _PROBED[key]
 
 
-def _load_hub(name: str, dev: torch.device) -> LoadedModel:
-    why = _hub_unreachable()
-    if why:
-        raise InputError(f"{name!r} is not a local directory, and the Hugging Face hub is unavailable ({why}): "
-                         f"download the model where a hub is reachable and pass its local directory, e.g. "
-                         f"--model ./{name.split('/')[-1]}")
-    with _quiet():
+def _load_hub(name: str, dev: torch.device, *, processing: dict[str, bool]) -> LoadedModel:
+    """Load a hub name as sae-lens does for training: ``from_pretrained_no_processing(name, **processing)``, from
+    the cache with the hub switched off when the snapshot is cached (see module doc)."""
+    repo = hub_repo(name)
+    cached = cached_model_snapshot(repo) is not None
+    if not cached:
+        why = hub_unreachable()
+        if why:
+            raise InputError(f"model {name!r} (hub repo {repo}) is not cached in {hf_cache_dir()} and the Hugging "
+                             f"Face hub is unavailable ({why}): download it where the hub is reachable "
+                             f"(hf download {repo}) or pass a local directory saved with save_pretrained")
+    # TransformerLens prints "Loaded pretrained model …" to stdout; keep stdout for the CLI's own output
+    with _quiet(), (hub_offline() if cached else contextlib.nullcontext()), contextlib.redirect_stdout(sys.stderr):
         from sae_lens import HookedSAETransformer
 
         try:
-            model = HookedSAETransformer.from_pretrained_no_processing(name, device=str(dev))
+            model = HookedSAETransformer.from_pretrained_no_processing(name, device=str(dev), **processing)
         except ValueError as exc:
             if "not found" in str(exc).lower():
                 raise InputError(f"{name!r} is neither an existing local directory nor a model name "
@@ -402,8 +627,9 @@ def _load_hub(name: str, dev: torch.device) -> LoadedModel:
                                  "a name such as gpt2 or EleutherAI/pythia-70m, or toy:tiny") from None
             raise
         except OSError as exc:
-            raise InputError(f"could not fetch {name!r} from the Hugging Face hub ({exc.__class__.__name__}): "
-                             "download it where a hub is reachable and pass its local directory") from None
+            where = f"the cache {hf_cache_dir()}" if cached else "the Hugging Face hub"
+            raise InputError(f"could not load {name!r} from {where} ({_first_line(exc)[:160]}): download it where "
+                             f"a hub is reachable (hf download {repo}) and pass its local directory") from None
     model.eval()
     return LoadedModel(spec=name, model_id=name, model=model, tokenizer=model.tokenizer, device=dev)
 

@@ -6,8 +6,32 @@ Specs
   knows (standard, TopK, JumpReLU, gated …); ``SAE.load_from_disk`` dispatches on the saved config;
 * ``toy:MODEL/NAME``: an SAE of the toy zoo, e.g. ``toy:small/res0``, resolved to its directory by
   :func:`autoexplain.tools.loading.load_sae` (this module does not know the zoo);
-* ``RELEASE/SAE_ID``: a sae-lens pretrained release (``gpt2-small-res-jb/blocks.8.hook_resid_pre``), fetched
-  where a hub is reachable.
+* ``RELEASE/SAE_ID``: a sae-lens pretrained release (``gpt2-small-res-jb/blocks.8.hook_resid_pre``), resolved
+  through sae-lens' directory (``pretrained_saes.yaml``: repo, folder, ``config_overrides``) and loaded from the
+  local Hugging Face cache with the hub switched off when its files are cached (online or offline, no network
+  wait), else fetched where the hub is reachable; neither cached nor reachable is refused naming the cache
+  directory and why the hub is unavailable.
+
+Training settings
+-----------------
+An SAE only means something on the activations it was trained on. sae-lens records how those were produced, in a
+release's ``config_overrides`` or in ``cfg.json`` (top level in pre-6.0 configs, under ``metadata`` since 6.0; a
+release override wins), and each is honoured or refused by name:
+
+* ``model_from_pretrained_kwargs``: TransformerLens weight processing (``center_writing_weights``, ``fold_ln`` …,
+  see :data:`autoexplain.tools.models.PROCESSING_FLAGS`). :func:`model_settings` reads them without loading
+  weights so the model can be loaded with them (:func:`autoexplain.tools.loading.load_model` with ``sae_specs``);
+  :func:`load_sae` refuses an SAE whose model was loaded with other settings, naming the setting. Keys that only
+  place or type the model (``n_devices``, ``device``, ``dtype`` …) do not change what the SAE reads beyond
+  precision and are ignored; any other key is refused.
+* ``normalize_activations``: ``constant_norm_rescale`` and ``layer_norm`` are applied by sae-lens' own ``encode``;
+  ``expected_average_only_in`` is honoured only when sae-lens folded the release's ``norm_scaling_factor`` into the
+  weights at load (otherwise sae-lens silently skips the scaling), and ``covariance_whitening`` only once folded;
+  else refused.
+* ``hook_head_index`` (an SAE on one head's slice of a hook): refused, since autoexplain's sites splice and read
+  whole hooks.
+* ``prepend_bos``, ``context_size``, ``seqpos_slice``: what windows the SAE saw. They are exposed on
+  :class:`LoadedSAE`; :func:`check_window` refuses harvest settings that contradict them.
 
 Checks on load (sae-lens itself silently skips an SAE whose hook is missing and never compares widths):
 the SAE names a hook, the hook is a site of this model, it fires, and the activation there has width ``d_in``.
@@ -22,22 +46,42 @@ live.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-from dataclasses import dataclass
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from autoexplain.tools.errors import InputError
-from autoexplain.tools.models import TOY_PREFIX, LoadedModel, _hub_unreachable, _quiet, site_from_hook_name
+from autoexplain.tools.models import (
+    PROCESSING_FLAGS,
+    TOY_PREFIX,
+    LoadedModel,
+    _quiet,
+    cached_snapshot,
+    hf_cache_dir,
+    hub_offline,
+    hub_unreachable,
+    normalize_processing,
+    site_from_hook_name,
+)
 from autoexplain.tools.vocab import Site
 
 if TYPE_CHECKING:
     from sae_lens import SAE
 
 WEIGHTS_FILE = "sae_weights.safetensors"
+CFG_FILE = "cfg.json"
+
+#: ``model_from_pretrained_kwargs`` keys that place or type the model but do not change what an SAE reads (beyond
+#: numeric precision): ignored. Any key neither here nor in PROCESSING_FLAGS is refused.
+IGNORED_MODEL_KWARGS = frozenset({"n_devices", "device", "device_map", "move_to_device", "dtype", "torch_dtype",
+                                  "trust_remote_code", "low_cpu_mem_usage"})
 
 
 @dataclass
@@ -48,6 +92,14 @@ class LoadedSAE:
     site: Site
     hook_name: str
     source_dir: Path | None = None
+    #: processing flags the model must be loaded with (``{}``: none), see :func:`model_settings`
+    model_settings: dict[str, bool] = field(default_factory=dict)
+    #: whether training windows started with BOS (None: the config does not say)
+    prepend_bos: bool | None = None
+    #: training window length in tokens, BOS included (None: unknown)
+    context_size: int | None = None
+    #: the positions training used (sae-lens ``seqpos_slice``; None: all)
+    seqpos_slice: tuple[int | None, ...] | None = None
 
     @property
     def d_in(self) -> int:
@@ -63,24 +115,104 @@ class LoadedSAE:
 
     def describe(self) -> dict[str, Any]:
         return {"spec": self.spec, "sae_id": self.sae_id, "site": str(self.site), "hook_name": self.hook_name,
-                "d_in": self.d_in, "d_sae": self.d_sae, "architecture": self.architecture}
+                "d_in": self.d_in, "d_sae": self.d_sae, "architecture": self.architecture,
+                "model_settings": sorted(self.model_settings), "prepend_bos": self.prepend_bos,
+                "context_size": self.context_size}
 
 
 def check_sae_spec(spec: str) -> None:
-    """Refuse an SAE spec that cannot load, without loading any weights (one :class:`InputError` line)."""
+    """Refuse an SAE spec that cannot load, without loading any weights (one :class:`InputError` line): a missing
+    path, a directory without cfg.json or weights, an unknown release or SAE id, a release neither cached nor
+    reachable, and training settings autoexplain cannot honour (see module doc)."""
     spec = spec.strip()
     if not spec:
         raise InputError("empty SAE spec: pass an sae-lens directory, toy:MODEL/NAME or RELEASE/SAE_ID")
+    model_settings(spec)
+
+
+def model_settings(spec: str) -> dict[str, bool]:
+    """The TransformerLens processing flags the SAE ``spec`` (a directory or RELEASE/SAE_ID, not ``toy:``) was
+    trained on, e.g. ``{"center_writing_weights": True}`` (``{}``: unprocessed), read from its cfg.json and release
+    overrides without loading weights (a release's cfg.json from the cache, else fetched alone). Settings that
+    cannot be honoured are refused here, so this is also the cheap check of an SAE spec."""
+    cfg, _ = _sae_config(spec.strip())
+    return _settings_of(cfg, spec.strip())
+
+
+def _sae_config(spec: str) -> tuple[dict[str, Any], Path | None]:
+    """The sae-lens config dict of ``spec`` (normalised like sae-lens does) and its directory, without weights."""
     path = Path(spec).expanduser()
     if path.exists():
-        if not path.is_dir() or not (path / "cfg.json").is_file():
-            raise InputError(f"{str(path)!r} is not an sae-lens SAE directory: it needs cfg.json and "
-                             f"{WEIGHTS_FILE} (as written by sae.save_model)")
-        if not (path / WEIGHTS_FILE).is_file():
-            raise InputError(f"{str(path)!r} has cfg.json but no {WEIGHTS_FILE}: re-save the SAE with "
-                             "sae.save_model")
-        return
-    _release_entry(spec)
+        return _dir_config(path, spec), path
+    release, sae_id = _release_entry(spec)
+    from sae_lens.loading.pretrained_sae_loaders import load_sae_config_from_huggingface
+
+    with _release_source(spec, release, sae_id), _quiet():
+        try:
+            return load_sae_config_from_huggingface(release, sae_id, device="cpu"), None
+        except OSError as exc:
+            raise InputError(f"could not read the config of SAE {spec!r} ({type(exc).__name__}: "
+                             f"{_first_line(exc)}): download the release where the hub is reachable") from None
+
+
+def _dir_config(path: Path, spec: str) -> dict[str, Any]:
+    _check_dir(path)
+    try:
+        raw = json.loads((path / CFG_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{str(path / CFG_FILE)!r} is not valid JSON ({type(exc).__name__}): re-save the SAE "
+                         "with sae.save_model") from None
+    if not isinstance(raw, dict):
+        raise InputError(f"{str(path / CFG_FILE)!r} is not an sae-lens config (a JSON object)")
+    return _defaulted(raw, spec)
+
+
+def _defaulted(raw: dict[str, Any], spec: str) -> dict[str, Any]:
+    """sae-lens' own normalisation of a config (pre-6.0 keys renamed, metadata gathered); release overrides and
+    pre-6.0 metadata stay readable at the top level too (see :func:`_meta`)."""
+    from sae_lens.loading.pretrained_sae_loaders import handle_config_defaulting
+
+    try:
+        return {**raw, **handle_config_defaulting(dict(raw))}
+    except Exception as exc:  # an unknown architecture or malformed field raises whatever its parser raises
+        raise InputError(f"SAE {spec!r}: sae-lens cannot read its cfg.json ({type(exc).__name__}: "
+                         f"{_first_line(exc)})") from None
+
+
+def _meta(cfg: dict[str, Any], key: str) -> Any:
+    """A metadata value: a top-level key (a release's ``config_overrides``, pre-6.0 configs) wins over the 6.0
+    ``metadata`` block, as the override is meant to correct the file."""
+    if key in cfg:
+        return cfg[key]
+    meta = cfg.get("metadata")
+    return meta.get(key) if isinstance(meta, dict) else None
+
+
+def _settings_of(cfg: dict[str, Any], spec: str) -> dict[str, bool]:
+    kwargs = _meta(cfg, "model_from_pretrained_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise InputError(f"SAE {spec!r}: model_from_pretrained_kwargs is {kwargs!r}, not a mapping")
+    unknown = sorted(k for k in kwargs if k not in PROCESSING_FLAGS and k not in IGNORED_MODEL_KWARGS)
+    if unknown:
+        raise InputError(f"SAE {spec!r} asks for model_from_pretrained_kwargs {unknown[0]}={kwargs[unknown[0]]!r}, "
+                         "which autoexplain cannot honour (it applies only "
+                         f"{', '.join(PROCESSING_FLAGS)}): its activations would differ from its training")
+    if _meta(cfg, "hook_head_index") is not None:
+        raise InputError(f"SAE {spec!r} reads one head (hook_head_index {_meta(cfg, 'hook_head_index')}) of its "
+                         "hook, which autoexplain cannot honour: its sites splice and read whole hooks")
+    norm = cfg.get("normalize_activations") or "none"
+    if norm not in ("none", "constant_norm_rescale", "layer_norm", "expected_average_only_in",
+                    "covariance_whitening"):
+        raise InputError(f"SAE {spec!r}: normalize_activations {norm!r} is not one sae-lens knows")
+    return normalize_processing({k: v for k, v in kwargs.items() if k in PROCESSING_FLAGS})
+
+
+def _check_dir(path: Path) -> None:
+    if not path.is_dir() or not (path / CFG_FILE).is_file():
+        raise InputError(f"{str(path)!r} is not an sae-lens SAE directory: it needs cfg.json and {WEIGHTS_FILE} "
+                         "(as written by sae.save_model)")
+    if not (path / WEIGHTS_FILE).is_file():
+        raise InputError(f"{str(path)!r} has cfg.json but no {WEIGHTS_FILE}: re-save the SAE with sae.save_model")
 
 
 def _release_entry(spec: str) -> tuple[str, str]:
@@ -98,9 +230,45 @@ def _release_entry(spec: str) -> tuple[str, str]:
     return release, sae_id
 
 
+def release_cached(release: str, sae_id: str) -> bool:
+    """Whether a release SAE's files are in the local hub cache. For releases in sae-lens' own format (no
+    ``conversion_func``) that is ``FOLDER/cfg.json`` and ``FOLDER/sae_weights.safetensors`` via
+    ``try_to_load_from_cache``; other formats name their files in their converters, so there the repo's cached
+    snapshot must exist (weaker: a partial snapshot counts, and the load then reports the missing file)."""
+    from huggingface_hub import try_to_load_from_cache
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory, get_repo_id_and_folder_name
+
+    entry = get_pretrained_saes_directory()[release]
+    repo_id, folder = get_repo_id_and_folder_name(release, sae_id)
+    if entry.conversion_func is None:
+        prefix = f"{folder}/" if folder else ""
+        return all(isinstance(try_to_load_from_cache(repo_id, prefix + name), str) for name in (CFG_FILE, WEIGHTS_FILE))
+    return cached_snapshot(repo_id) is not None
+
+
+@contextlib.contextmanager
+def _release_source(spec: str, release: str, sae_id: str) -> Iterator[None]:
+    """Read the release from the cache with the hub off when it is cached; else let it fetch if the hub is
+    reachable; else refuse in one line."""
+    if release_cached(release, sae_id):
+        with hub_offline():
+            yield
+        return
+    why = hub_unreachable()
+    if why:
+        from sae_lens.loading.pretrained_saes_directory import get_repo_id_and_folder_name
+
+        repo_id, folder = get_repo_id_and_folder_name(release, sae_id)
+        raise InputError(f"SAE {spec!r} (hub repo {repo_id}, folder {folder}) is not cached in {hf_cache_dir()} and "
+                         f"the Hugging Face hub is unavailable ({why}): download it where the hub is reachable "
+                         "or pass a local sae-lens directory")
+    yield
+
+
 def load_sae(spec: str, lm: LoadedModel) -> LoadedSAE:
     """Load the SAE ``spec`` (a directory or RELEASE/SAE_ID) onto the model's device and check that it fits ``lm``
-    (see module doc). ``toy:MODEL/NAME`` specs are loaded by :func:`autoexplain.tools.loading.load_sae`."""
+    (see module doc), including that ``lm`` was loaded with the processing the SAE was trained on.
+    ``toy:MODEL/NAME`` specs are loaded by :func:`autoexplain.tools.loading.load_sae`."""
     spec = spec.strip()
     if not spec:
         raise InputError("empty SAE spec: pass an sae-lens directory, toy:MODEL/NAME or RELEASE/SAE_ID")
@@ -121,16 +289,22 @@ def load_sae_dir(path: Path, lm: LoadedModel, *, spec: str | None = None) -> Loa
     return loaded
 
 
+@contextlib.contextmanager
+def _sae_quiet() -> Iterator[None]:
+    """sae-lens warns on constructing an SAE with model_from_pretrained_kwargs; autoexplain applies them itself."""
+    with _quiet(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"\s*This SAE has non-empty model_from_pretrained_kwargs",
+                                category=UserWarning)
+        yield
+
+
 def _from_dir(path: Path, lm: LoadedModel, spec: str) -> LoadedSAE:
-    if not path.is_dir() or not (path / "cfg.json").is_file():
-        raise InputError(f"{str(path)!r} is not an sae-lens SAE directory: it needs cfg.json and {WEIGHTS_FILE} "
-                         "(as written by sae.save_model)")
+    cfg = _dir_config(path, spec)
+    settings = _settings_of(cfg, spec)
     weights = path / WEIGHTS_FILE
-    if not weights.is_file():
-        raise InputError(f"{str(path)!r} has cfg.json but no {WEIGHTS_FILE}: re-save the SAE with sae.save_model")
     from sae_lens import SAE
 
-    with _quiet():
+    with _sae_quiet():
         try:
             sae = SAE.load_from_disk(str(path), device=str(lm.device))
         except Exception as exc:  # a corrupt or truncated file raises whatever its parser raises
@@ -138,31 +312,33 @@ def _from_dir(path: Path, lm: LoadedModel, spec: str) -> LoadedSAE:
             raise InputError(f"sae-lens cannot load {str(path)!r} (is {WEIGHTS_FILE} complete and cfg.json valid? "
                              f"{type(exc).__name__}: {first})") from None
     # weights alone are not identity: a TopK and a ReLU SAE can share weights and still fire differently
-    digest = hashlib.sha256(json.dumps(json.loads((path / "cfg.json").read_text()), sort_keys=True).encode())
+    digest = hashlib.sha256(json.dumps(json.loads((path / CFG_FILE).read_text()), sort_keys=True).encode())
     with open(weights, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
-    return _wrap(sae, spec, f"sae-{digest.hexdigest()[:16]}", path.resolve())
+    return _wrap(sae, spec, f"sae-{digest.hexdigest()[:16]}", path.resolve(), cfg, settings)
 
 
 def _from_release(spec: str, lm: LoadedModel) -> LoadedSAE:
     release, sae_id = _release_entry(spec)
-    why = _hub_unreachable()
-    if why:
-        raise InputError(f"SAE {spec!r} is a sae-lens release, but the Hugging Face hub is unavailable ({why}): "
-                         "download it where a hub is reachable and pass its local directory")
     from sae_lens import SAE
 
-    with _quiet():
+    with _release_source(spec, release, sae_id), _sae_quiet():
         try:
-            sae = SAE.from_pretrained(release, sae_id, device=str(lm.device))
+            sae, cfg, _ = SAE.from_pretrained_with_cfg_and_sparsity(release, sae_id, device=str(lm.device))
         except OSError as exc:
-            raise InputError(f"could not fetch SAE {spec!r} from the hub (offline? {str(exc).splitlines()[0][:80]}): "
-                             "download it where a hub is reachable and pass its local directory") from None
-    return _wrap(sae, spec, f"{release}/{sae_id}", None)
+            raise InputError(f"could not load SAE {spec!r} ({type(exc).__name__}: {_first_line(exc)[:120]}): "
+                             "download it where the hub is reachable or pass a local sae-lens directory") from None
+    return _wrap(sae, spec, f"{release}/{sae_id}", None, cfg, _settings_of(cfg, spec))
 
 
-def _wrap(sae: Any, spec: str, sae_id: str, source: Path | None) -> LoadedSAE:
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
+
+
+def _wrap(sae: Any, spec: str, sae_id: str, source: Path | None, cfg: dict[str, Any],
+          settings: dict[str, bool]) -> LoadedSAE:
     hook = getattr(sae.cfg.metadata, "hook_name", None)
     if not hook:
         raise InputError(f"SAE {spec!r} names no hook (cfg.json metadata.hook_name is empty), so sae-lens would "
@@ -171,9 +347,58 @@ def _wrap(sae: Any, spec: str, sae_id: str, source: Path | None) -> LoadedSAE:
         site = site_from_hook_name(hook)
     except InputError as exc:
         raise InputError(f"SAE {spec!r}: {exc}") from None
+    norm = str(sae.cfg.normalize_activations)
+    if norm in ("expected_average_only_in", "covariance_whitening"):
+        how = ("the release lists no norm_scaling_factor to fold into the weights" if norm.startswith("expected")
+               else "the whitening statistics are not folded into the weights")
+        raise InputError(f"SAE {spec!r} expects normalize_activations {norm!r}, which autoexplain cannot honour "
+                         f"({how}; sae-lens would silently feed it unnormalised activations): fold the "
+                         "normalisation into the weights and re-save the SAE")
     sae.eval()
     check_weights(sae, spec)
-    return LoadedSAE(spec=spec, sae_id=sae_id, sae=sae, site=site, hook_name=hook, source_dir=source)
+    prepend_bos, context_size = _meta(cfg, "prepend_bos"), _meta(cfg, "context_size")
+    seqpos = _meta(cfg, "seqpos_slice")
+    return LoadedSAE(spec=spec, sae_id=sae_id, sae=sae, site=site, hook_name=hook, source_dir=source,
+                     model_settings=settings, prepend_bos=None if prepend_bos is None else bool(prepend_bos),
+                     context_size=None if context_size is None else int(context_size),
+                     seqpos_slice=None if seqpos is None else tuple(seqpos))
+
+
+def check_window(sae: LoadedSAE, ctx: int) -> None:
+    """Refuse harvest windows that contradict how ``sae`` was trained (one :class:`InputError` line).
+
+    The harvest always starts a window with BOS and reads every position of windows of ``ctx`` tokens, BOS
+    included (sae-lens' ``context_size`` counts BOS too). Refused: an SAE trained without BOS
+    (``prepend_bos`` false: position 0 and the attention sink it creates would be outside its training);
+    ``ctx`` longer than its ``context_size`` (later positions were never seen in training, and SAEs are known to
+    misbehave past their training context); a ``seqpos_slice`` that trained on part of the positions only.
+    Shorter windows are fine: every position of them was seen. Unknown settings (None) are not refused.
+    """
+    if sae.prepend_bos is False:
+        raise InputError(f"SAE {sae.spec!r} was trained without a BOS token (prepend_bos false), but the harvest "
+                         "starts every window with BOS: its activations there would not be the ones it was trained "
+                         "on; use an SAE trained with BOS")
+    if sae.context_size is not None and ctx > sae.context_size:
+        raise InputError(f"ctx {ctx} exceeds SAE {sae.spec!r}'s training context_size of {sae.context_size} tokens: "
+                         f"positions past it were never seen in training; pass --ctx {sae.context_size} or less")
+    if sae.seqpos_slice is not None and tuple(sae.seqpos_slice) not in ((), (None,), (None, None), (0, None)):
+        raise InputError(f"SAE {sae.spec!r} was trained on positions seqpos_slice {list(sae.seqpos_slice)} only, but "
+                         "the harvest reads every position of its windows: autoexplain cannot honour seqpos_slice")
+
+
+def check_model_settings(sae: LoadedSAE, lm: LoadedModel) -> None:
+    """Refuse ``sae`` on ``lm`` unless ``lm`` was loaded with exactly the processing flags ``sae`` was trained on;
+    the message names the first flag that differs."""
+    have, want = normalize_processing(lm.processing), normalize_processing(sae.model_settings)
+    for flag in PROCESSING_FLAGS:
+        if want.get(flag) and not have.get(flag):
+            raise InputError(f"SAE {sae.spec!r} was trained on the model loaded with {flag}=True (sae-lens "
+                             f"model_from_pretrained_kwargs), but model {lm.model_id} was loaded without it: its "
+                             "activations would differ; load the model with this SAE among its sae_specs")
+        if have.get(flag) and not want.get(flag):
+            raise InputError(f"model {lm.model_id} was loaded with {flag}=True, which SAE {sae.spec!r} was not "
+                             "trained on: its activations would differ; load the model with only SAEs that agree "
+                             "on their model settings")
 
 
 def check_weights(sae: Any, spec: str) -> None:
@@ -194,7 +419,9 @@ def check_weights(sae: Any, spec: str) -> None:
 
 
 def _check_fits(loaded: LoadedSAE, lm: LoadedModel) -> None:
-    """The SAE's site exists in ``lm``, its hook fires, and the activation width there equals ``d_in``."""
+    """``lm`` has the SAE's processing settings, the SAE's site exists in ``lm``, its hook fires, and the
+    activation width there equals ``d_in``."""
+    check_model_settings(loaded, lm)
     try:
         lm.validate_site(loaded.site)
     except InputError as exc:

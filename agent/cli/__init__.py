@@ -16,12 +16,15 @@ from autoexplain.agent.cli.circuit import circuit
 from autoexplain.agent.cli.common import fail
 from autoexplain.agent.cli.demo import demo
 from autoexplain.agent.cli.harvest import check, harvest_cmd
+from autoexplain.agent.cli.interventions import ablate, dla, lens, steer
 from autoexplain.agent.cli.run import label, run
+from autoexplain.agent.cli.show import show_app
 from autoexplain.agent.cli.sql import sql, tools_cmd
 from autoexplain.agent.cli.zoo import zoo_app
-from autoexplain.tools.errors import InputError
+from autoexplain.tools.errors import InputError, Interrupted
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, add_completion=False,
+                  pretty_exceptions_enable=False,
                   help="Explain what happens inside language models: SAE feature labels and circuits, in DuckDB.")
 app.command("sql")(sql)
 app.command("tools")(tools_cmd)
@@ -33,6 +36,11 @@ app.command("label")(label)
 app.command("run")(run)
 app.command("circuit")(circuit)
 app.add_typer(bench_app, name="bench")
+app.add_typer(show_app, name="show")
+app.command("ablate")(ablate)
+app.command("steer")(steer)
+app.command("lens")(lens)
+app.command("dla")(dla)
 
 
 def main() -> None:
@@ -43,8 +51,16 @@ def main() -> None:
         code = app(standalone_mode=False)
     except InputError as exc:
         fail(exc.message)
-    except typer.Abort:
-        fail("interrupted")
+    except Interrupted as exc:  # a command that knows what it kept says so
+        print(f"autoexplain: {exc.message}", file=sys.stderr)
+        sys.exit(130)
+    except typer.Abort as exc:  # Ctrl-C anywhere else: click turns KeyboardInterrupt into Abort
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, Interrupted):
+            print(f"autoexplain: {cause.message}", file=sys.stderr)
+        else:
+            print("autoexplain: interrupted", file=sys.stderr)
+        sys.exit(130)
     except TyperException as exc:  # usage errors of the (vendored) click parser
         ctx = getattr(exc, "ctx", None)
         if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from autoexplain.agent.store import Store
     from autoexplain.tools.zoo import BuiltZoo
 
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks with known answers.")
+bench_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Benchmarks with known answers.")
 
 
 @bench_app.command("truth")

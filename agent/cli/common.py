@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from autoexplain.tools.saes import LoadedSAE
     from autoexplain.tools.zoo import BuiltZoo
 
+
 DbOpt = Annotated[Path | None, typer.Option("--db", help="DuckDB file (default: $AUTOEXPLAIN_DB or "
                                                          "./autoexplain.duckdb)")]
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="local HF dir, hub name or toy:NAME")]
@@ -34,8 +35,8 @@ PolicyOpt = Annotated[str, typer.Option("--policy", help="offline (deterministic
                                                          "(OPENAI_API_KEY, OPENAI_BASE_URL, --llm-model)")]
 LLMModelOpt = Annotated[str | None, typer.Option("--llm-model", help="model name at the OpenAI-compatible "
                                                                      "endpoint (policy or judge llm)")]
-JudgeOpt = Annotated[str, typer.Option("--judge", help="who scores labels: lexical (default), embedding "
-                                                       "(MiniLM, needs the [judges] extra) or llm")]
+JudgeOpt = Annotated[str, typer.Option("--judge", help=("who scores labels: lexical (default), embedding "
+                                                               "(MiniLM, needs the [judges] extra) or llm"))]
 StepsOpt = Annotated[int, typer.Option("--max-steps", help="graph steps per item before it ends with the best "
                                                            "explanation so far")]
 TokensOpt = Annotated[int, typer.Option("--max-tokens", help="LLM tokens per item")]
@@ -153,6 +154,39 @@ def show_zoo(built: BuiltZoo) -> None:
               f"SAEs {tm['train_saes_s']:.0f} s)")
 
 
+def check_db_path(db: Path | None) -> None:
+    """The checks :class:`~autoexplain.agent.store.Store` makes on its path, without creating anything, so a bad
+    ``--db`` is refused before a model loads: not a directory, its folder exists and is a folder, writable when
+    the file is new, and an existing file starts like a DuckDB database (the magic ``DUCK`` at byte 8; an empty
+    file is left to DuckDB)."""
+    import os
+
+    from autoexplain.agent.store.db import default_db_path
+
+    path = Path(db) if db is not None else default_db_path()
+    if path.is_dir():
+        raise InputError(f"--db {str(path)!r} is a directory: pass a file path such as results.duckdb")
+    parent = path.parent
+    if not parent.exists():
+        raise InputError(f"--db {str(path)!r}: folder {str(parent)!r} does not exist; create it or pass a path in "
+                         "an existing folder")
+    if not parent.is_dir():
+        raise InputError(f"--db {str(path)!r}: {str(parent)!r} is a file, not a folder: pass a path in a folder")
+    if not path.exists():
+        if not os.access(parent, os.W_OK):
+            raise InputError(f"--db {str(path)!r} cannot be created: folder {str(parent)!r} is not writable "
+                             "(read-only file system?): pass a path in a folder you can write")
+        return
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(16)
+    except OSError as exc:
+        raise InputError(f"--db {str(path)!r} cannot be read ({exc.strerror}): pass a file you can read") from None
+    if head and head[8:12] != b"DUCK":
+        raise InputError(f"--db {str(path)!r} exists but is not a DuckDB database: pass a new file name or a "
+                         "database autoexplain wrote")
+
+
 def open_store(db: Path | None) -> Store:
     from autoexplain.agent.store import Store
 
@@ -236,6 +270,7 @@ def execute(plan: Plan, db: Path | None, *, kind: str,
     """Validate, open the store, run with a live display, print the summary; return the RunResult."""
     from autoexplain.agent.runner import prepare, run_plan
 
+    check_db_path(db)  # with every other input, before the model loads (prepare checks the plan first)
     if plan.policy == "llm" or plan.judge == "llm":
         from autoexplain.agent.llm import LLMConfig
 
@@ -251,7 +286,8 @@ def execute(plan: Plan, db: Path | None, *, kind: str,
         text = (o.text or o.error or "")[:90]
         used = "" if o.skipped else f"{o.usage.steps} steps, {o.usage.tool_calls} tools, " \
                                     f"{o.usage.tokens} LLM tokens, {o.usage.seconds:.1f} s"
-        con.print(f"  {o.status.value:>14}  {o.target[:40]:<40} {sc:<34} [{used}] {text} {tag}")
+        # explanations may hold brackets ("'[', ']'"): printed as text, never as rich markup
+        con.print(f"  {o.status.value:>14}  {o.target[:40]:<40} {sc:<34} [{used}] {text} {tag}", markup=False)
 
     with progress() as report:
         res = run_plan(store, prep, kind=kind, resume=resume, report=report, on_item=on_item)

@@ -7,7 +7,16 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from autoexplain.agent.store import Store
 
-from autoexplain.agent.cli.common import DbOpt, build_zoo, console, execute, plan_from, show_summary, show_zoo
+from autoexplain.agent.cli.common import (
+    DbOpt,
+    build_zoo,
+    check_db_path,
+    console,
+    execute,
+    plan_from,
+    show_summary,
+    show_zoo,
+)
 
 #: Tokens the demo harvests per SAE: enough for every live feature to show top contexts, fast on 2 cores.
 DEMO_TOKENS = 60_000
@@ -19,6 +28,7 @@ def demo(db: DbOpt = None) -> None:
     """The main job on the toy world, offline: build it, then let the agent label features of both toy SAEs and
     find and explain the circuit of every toy task, scoring everything on held-out data, all into the database."""
 
+    check_db_path(db)  # before the toy world builds or loads
     built = build_zoo("small")
     plan = plan_from({"name": "demo", "model": "toy:small",
                   "items": [*({"label": {"sae": f"toy:small/{s['name']}", "features": DEMO_FEATURES,

@@ -8,7 +8,16 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from autoexplain.agent.cli.common import DbOpt, console, dataset_probe, open_store, progress, run_guard, validated
+from autoexplain.agent.cli.common import (
+    DbOpt,
+    check_db_path,
+    console,
+    dataset_probe,
+    open_store,
+    progress,
+    run_guard,
+    validated,
+)
 from autoexplain.tools.errors import InputError
 
 if TYPE_CHECKING:
@@ -17,15 +26,12 @@ if TYPE_CHECKING:
     from autoexplain.tools.models import LoadedModel
     from autoexplain.tools.saes import LoadedSAE
 
-if TYPE_CHECKING:
-    pass
-
-
 def check(model: Annotated[str, typer.Option("--model", "-m", help="local HF dir, hub name or toy:NAME")],
           sae: Annotated[list[str] | None, typer.Option("--sae", "-s", help="sae-lens dir, toy:MODEL/NAME or "
                                                                             "RELEASE/ID (repeatable)")] = None,
-          dataset: Annotated[str | None, typer.Option("--dataset", "-d", help=".txt/.jsonl/.parquet or hub "
-                                                                               "name")] = None,
+          dataset: Annotated[str | None, typer.Option("--dataset", "-d", help=".txt/.jsonl/.parquet file, a "
+                                                                               "folder of them, or hub name")]
+          = None,
           task: Annotated[Path | None, typer.Option("--task", "-t", help="circuit task file (JSON)")] = None,
           ctx: Annotated[int | None, typer.Option(help="token window for the dataset (default: model "
                                                          "context, at most 128)")] = None,
@@ -36,12 +42,17 @@ def check(model: Annotated[str, typer.Option("--model", "-m", help="local HF dir
     Every site is checked to exist and fire; each SAE's hook and width are checked against the model; the
     dataset is tokenised into windows; the task file is validated and the model's top-1 accuracy on it shown.
     """
-    from autoexplain.tools.data import load_task_file, load_texts, tokenize_task, tokenize_windows
-    from autoexplain.tools.loading import load_model, load_sae
+    from autoexplain.tools.data import check_dataset_spec, load_task_file, load_texts, tokenize_task, tokenize_windows
+    from autoexplain.tools.loading import check_specs, load_model, load_sae
     from autoexplain.tools.zoo import task_accuracy
 
+    # everything that needs no weights first: a typo costs no model load
+    check_specs(model, sae or [])
+    if dataset is not None:
+        check_dataset_spec(dataset)
+    task_file = load_task_file(task) if task is not None else None
     con = console()
-    lm = load_model(model, device=device)
+    lm = load_model(model, device=device, sae_specs=sae or [])
     d = lm.describe()
     con.print(f"model {lm.model_id}: {d['architecture']}, {lm.n_layers} layers x {lm.n_heads} heads, d_model "
               f"{lm.d_model}, context {lm.n_ctx}, on {lm.device}; {len(lm.sites())} sites exist and fire")
@@ -54,9 +65,9 @@ def check(model: Annotated[str, typer.Option("--model", "-m", help="local HF dir
         win = tokenize_windows(texts, lm.tokenizer, ctx=ctx or min(lm.n_ctx, 128), n_ctx=lm.n_ctx)
         con.print(f"dataset {dataset}: {len(texts):,} texts (first 10,000 read) -> {win.n_windows:,} windows of "
                   f"{win.ctx} tokens ({win.n_tokens:,} tokens, BOS first)")
-    if task is not None:
+    if task is not None and task_file is not None:
         try:
-            tt = tokenize_task(load_task_file(task), lm.tokenizer, n_ctx=lm.n_ctx)
+            tt = tokenize_task(task_file, lm.tokenizer, n_ctx=lm.n_ctx)
         except InputError as exc:
             raise InputError(exc.message if str(task) in exc.message else f"task file {str(task)!r}: {exc}") from None
         con.print(f"task {task}: {tt.n_prompts} prompts valid; model top-1 accuracy {task_accuracy(lm, tt):.1%}")
@@ -66,7 +77,8 @@ def check(model: Annotated[str, typer.Option("--model", "-m", help="local HF dir
 def harvest_cmd(
         model: Annotated[str, typer.Option("--model", "-m", help="local HF dir, hub name or toy:NAME")],
         sae: Annotated[str, typer.Option("--sae", "-s", help="sae-lens dir, toy:MODEL/NAME or RELEASE/ID")],
-        dataset: Annotated[str, typer.Option("--dataset", "-d", help=".txt/.jsonl/.parquet or hub name")],
+        dataset: Annotated[str, typer.Option("--dataset", "-d", help=".txt/.jsonl/.parquet file, a folder of "
+                                                                     "them, or hub name")],
         tokens: Annotated[int, typer.Option("--tokens", "-n", help="tokens to stream through")] = 200_000,
         ctx: Annotated[int | None, typer.Option(help="window length (BOS first; default 64, at most the model's "
                                                      "context)")] = None,
@@ -83,11 +95,17 @@ def harvest_cmd(
     this harvest when they ask for the same dataset, tokens and window. Two processes harvesting the same inputs at
     once: the second is refused (exit code 2) — it does not wait.
     """
-    from autoexplain.tools.data import available_tokens
+    from autoexplain.tools.data import available_tokens, check_dataset_spec
     from autoexplain.tools.harvest import HarvestIn, check_args, harvest_work
-    from autoexplain.tools.loading import load_model, load_sae
+    from autoexplain.tools.loading import check_specs, load_model, load_sae
 
-    lm = load_model(model, device=device)
+    # everything that needs no weights first: a typo costs no model load
+    validated(HarvestIn, sae_id=sae, dataset=dataset, n_tokens=tokens, ctx=64 if ctx is None else ctx,
+              batch_size=batch_size, top_k=top_k, checkpoint_every=checkpoint_every)
+    check_specs(model, [sae])
+    check_dataset_spec(dataset)
+    check_db_path(db)
+    lm = load_model(model, device=device, sae_specs=[sae])
     s = load_sae(sae, lm)
     args = validated(HarvestIn, sae_id=s.sae_id, dataset=dataset, n_tokens=tokens,
                      ctx=min(64, lm.n_ctx) if ctx is None else ctx, batch_size=batch_size, top_k=top_k,

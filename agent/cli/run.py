@@ -33,15 +33,16 @@ from autoexplain.agent.cli.common import (
 def label(
         model: Annotated[str, typer.Option("--model", "-m", help="local HF dir, hub name or toy:NAME")],
         sae: Annotated[str, typer.Option("--sae", "-s", help="sae-lens dir, toy:MODEL/NAME or RELEASE/ID")],
-        dataset: Annotated[str | None, typer.Option("--dataset", "-d", help=".txt/.jsonl/.parquet or hub name "
-                                                                            "(default for toy models: the toy "
-                                                                            "corpus)")] = None,
+        dataset: Annotated[str | None, typer.Option("--dataset", "-d", help=".txt/.jsonl/.parquet file, a folder "
+                                                                            "of them, or hub name (default for toy "
+                                                                            "models: the toy corpus)")] = None,
         features: Annotated[str, typer.Option("--features", "-f", help="all, 0-99, or 1,5,9")] = "all",
         tokens: Annotated[int, typer.Option("--tokens", "-n", help="tokens to harvest if not harvested yet")]
         = 60_000,
         policy: PolicyOpt = "offline", llm_model: LLMModelOpt = None, judge: JudgeOpt = "lexical",
         llm_max_tokens: LLMMaxTokensOpt = None, llm_timeout: LLMTimeoutOpt = None,
-        embedding: Annotated[bool, typer.Option(help="also score with MiniLM embeddings (needs [judges])")] = False,
+        embedding: Annotated[bool, typer.Option(help=("also score with MiniLM embeddings (needs the [judges] "
+                                                             "extra)"))] = False,
         judgements: Annotated[str, typer.Option("--judgements", help="per-example judge decisions to keep: final "
                                                                      "(the chosen label's) or all (every scored "
                                                                      "draft's)")] = "final",

@@ -9,7 +9,8 @@ import typer
 from autoexplain.agent.cli.common import DbOpt, build_zoo, console, open_store, record_zoo, show_zoo
 from autoexplain.tools.errors import InputError
 
-zoo_app = typer.Typer(no_args_is_help=True, help="The toy world: a corpus, a trained GPT-2, SAEs and task files.")
+zoo_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                      help="The toy world: a corpus, a trained GPT-2, SAEs and task files.")
 
 
 @zoo_app.command("build")

@@ -3,7 +3,10 @@
 Features
 --------
 1. Read the feature (``feature_examples``: statistics and explain-split contexts only). A feature with no
-   firing in the harvest is *dead*: one explanation saying so, never a label.
+   firing in the harvest (``density == 0``, and nothing else) is *dead*: one explanation saying so, never a
+   label. A live feature whose explain side shows no activating context (a harvest split before rare features
+   kept one there) is not dead either: it gets one explanation saying it is live but unreadable, which is
+   scored like any draft (and scores as no label).
 2. Hypotheses from the firing tokens of the explain-split contexts, weighted by activation:
    * **tokens** — the few tokens carrying ≥ 90 % of the activation mass ("fires on ' cat', ' dog', ' fox'");
    * **category** — broader: a lexicon category holding ≥ 60 % of the mass ("fires on animal words");
@@ -156,10 +159,10 @@ class OfflinePolicy(Policy):
     def _feature_plan(self, state: ItemState, item: WorkItem) -> PolicyStep:
         notes = state.get("notes") or {}
         sae_id, f = item.feature.sae_id, item.feature.index
-        if "ranked" not in notes and not notes.get("dead"):
+        if "ranked" not in notes and not notes.get("dead") and not notes.get("unreadable"):
             return PolicyStep(requests=[ToolRequest(tool="feature_examples",
                                                     args={"sae_id": sae_id, "feature_index": f, "n": 40})])
-        if notes.get("dead") or notes.get("probed") or notes.get("refined"):
+        if notes.get("dead") or notes.get("unreadable") or notes.get("probed") or notes.get("refined"):
             return PolicyStep()  # ready to propose
         probes = notes.get("probe_texts") or []
         if not probes:
@@ -179,8 +182,11 @@ class OfflinePolicy(Policy):
 
     def _read_examples(self, item: WorkItem, res: ToolResult) -> PolicyStep:
         out = res.output
-        if out.is_dead or not any(e.max_act > 0 for e in out.examples):
+        if out.is_dead:  # density 0: the only meaning of dead
             return PolicyStep(notes={"dead": True, "n_tokens": out.n_tokens})
+        if not any(e.max_act > 0 for e in out.examples):  # live, but nothing on the explain side to read
+            return PolicyStep(notes={"unreadable": True, "n_tokens": out.n_tokens, "density": out.density,
+                                     "n_hidden": out.n_hidden})
         mass: Counter[str] = Counter()
         for e in out.examples:
             for t, a in zip(e.tokens, e.acts, strict=True):
@@ -286,6 +292,11 @@ class OfflinePolicy(Policy):
         if notes.get("dead"):
             return PolicyStep(drafts=[Draft(text=f"dead feature: never fired in {notes.get('n_tokens')} harvested "
                                                  "tokens", dead=True)])
+        if notes.get("unreadable"):
+            return PolicyStep(drafts=[Draft(
+                text=f"live feature (density {notes.get('density') or 0:.3g} over {notes.get('n_tokens')} "
+                     "tokens) with no activating example on the explain side: not labelled",
+                evidence=state.get("calls", []))])
         hyps = {k: Hypothesis.model_validate(v) for k, v in (state.get("hypotheses") or {}).items()}
         listed = notes.get("listed") or []
         if notes.get("refined"):  # a longer list, reaching the weak quantiles

@@ -443,13 +443,21 @@ class Store:
 
     def record_model_and_saes(self, lm: LoadedModel, saes: Sequence[LoadedSAE],
                               extra: Mapping[str, Mapping[str, Any]] | None = None) -> None:
-        """Upsert the model and SAEs a run used (``extra``: more info per SAE spec, e.g. training quality)."""
+        """Upsert the model and SAEs a run used (``extra``: more info per SAE spec, e.g. training quality), and
+        the specs each SAE was loaded under (``sae_aliases``: the spec as typed and, for a folder, its absolute
+        path), so ``autoexplain show feature SPEC#N`` finds the SAE without loading anything."""
+        from autoexplain.agent.store.queries import sae_spec_aliases
+        from autoexplain.agent.store.schema import SaeAliasRow
+
         extra = extra or {}
         model: ModelRow = {"model_id": lm.model_id, "spec": lm.spec, "info": lm.describe()}
         rows: list[SaeRow] = [{"sae_id": s.sae_id, "spec": s.spec, "model_id": lm.model_id, "hook_name": s.hook_name,
                                "site": str(s.site), "d_in": s.d_in, "d_sae": s.d_sae, "architecture": s.architecture,
                                "info": {**s.describe(), **extra.get(s.spec, {})}} for s in saes]
-        self.upsert_many({"models": [model], "saes": rows})
+        now = utc_now()
+        aliases: list[SaeAliasRow] = [{"spec": spec, "sae_id": s.sae_id, "model_id": lm.model_id, "seen_at": now}
+                                      for s in saes for spec in sae_spec_aliases(s.spec)]
+        self.upsert_many({"models": [model], "saes": rows, "sae_aliases": aliases})
 
     # -- runs -----------------------------------------------------------------------------------------
     def start_run(self, run_id: str, kind: str, config: Mapping[str, Any], *, policy: str | None = None) -> None:

@@ -321,6 +321,19 @@ _V5 = (
     """alter table llm_calls add column retry_in_s double""",
 )
 
+# every spec an SAE was loaded under, so users name features by the spec they typed (toy:small/res0#7) and not only
+# by the content hash (sae-…#7); the SAEs already stored keep the one spec ``saes`` recorded
+_V7 = (
+    """create table sae_aliases (
+    spec varchar not null,  -- the spec as typed, or the absolute path of a folder spec
+    sae_id varchar not null,
+    model_id varchar,
+    seen_at timestamp not null,  -- when an SAE was last loaded under this spec
+    primary key (spec, sae_id)
+)""",
+    """insert into sae_aliases select spec, sae_id, model_id, current_timestamp from saes""",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (Migration(1, "initial schema", _V1),
                                      Migration(2, "judgements: one row per per-example judge decision", _V2),
                                      Migration(3, "agent: tool cache, LLM calls and cache, overall scores, "
@@ -329,4 +342,5 @@ MIGRATIONS: tuple[Migration, ...] = (Migration(1, "initial schema", _V1),
                                                   "judgements becomes a view", _V4),
                                      Migration(5, "llm_calls: mode, HTTP status and retry wait per attempt", _V5),
                                      Migration(6, "harvests: what each harvest was run on; features and "
-                                                  "feature_examples record their harvest_id", _V6))
+                                                  "feature_examples record their harvest_id", _V6),
+                                     Migration(7, "sae_aliases: every spec an SAE was loaded under", _V7))

@@ -9,7 +9,9 @@ these work mid-run; rows still waiting in an outbox are the outbox's to answer (
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any, NamedTuple
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 if TYPE_CHECKING:
     from autoexplain.agent.store.db import Store
@@ -236,3 +238,389 @@ def unsplit_examples(store: Store, sae_id: str, features: set[int]) -> dict[int,
         if r[0] in features:
             by_f.setdefault(r[0], []).append(r[1:])
     return {f: examples_from_query(cols[1:], rs) for f, rs in by_f.items()}
+
+
+# ----------------------------------------------------------------------------- inspecting results (autoexplain show)
+class Reads(Protocol):
+    """Anything the reads below can ask: a :class:`Store`, or a :class:`ReadOnlyStore`."""
+
+    def query(self, sql: str, params: Sequence[Any] | None = None) -> tuple[list[str], list[tuple[Any, ...]]]: ...
+
+
+class ReadOnlyStore:
+    """A database file read without ever opening it for writing: what ``autoexplain show`` uses.
+
+    A :class:`Store` creates a missing file and migrates an older one, both writes; a command that only shows
+    results must do neither, and must answer while a run writes the same file. Each query opens the file
+    read-only (announcing itself, so a run holding it lets go: see :func:`autoexplain.agent.store.db.run_query`).
+    A file written before a table existed simply lacks it: callers ask :meth:`has_table`.
+    """
+
+    def __init__(self, path: Path, *, timeout_s: float = 30.0) -> None:
+        from autoexplain.tools.errors import InputError
+
+        self.path, self.timeout_s = Path(path), timeout_s
+        if not self.path.is_file():
+            raise InputError(f"no database at {str(self.path)!r}: run a command that writes one (e.g. autoexplain "
+                             "demo) or pass --db PATH")
+
+    def query(self, sql: str, params: Sequence[Any] | None = None) -> tuple[list[str], list[tuple[Any, ...]]]:
+        from autoexplain.agent.store.db import run_query
+
+        return run_query(self.path, sql, params, timeout_s=self.timeout_s)
+
+    def has_table(self, name: str) -> bool:
+        return has_table(self, name)
+
+
+def has_table(store: Reads, name: str) -> bool:
+    """Whether the database has table (or view) ``name`` (an older file may lack later tables)."""
+    return bool(store.query("select 1 from information_schema.tables where table_schema = 'main' and "
+                            "table_name = ?", [name])[1])
+
+
+def sae_spec_aliases(spec: str) -> list[str]:
+    """The names an SAE loaded under ``spec`` is found by: the spec as typed and, when it is an existing folder,
+    its absolute path (so ``./my-sae`` typed in one folder is found from another as ``/home/me/my-sae``)."""
+    spec = spec.strip()
+    out = [spec]
+    path = Path(spec).expanduser()
+    if not spec.startswith("toy:") and path.exists():
+        resolved = str(path.resolve())
+        if resolved != spec:
+            out.append(resolved)
+    return out
+
+
+class KnownSae(NamedTuple):
+    """An SAE the database knows: its id, where it reads, its width, and every spec it was loaded under (the
+    most recently used first)."""
+
+    sae_id: str
+    site: str
+    d_sae: int
+    model_id: str | None
+    specs: list[str]
+    n_features: int  #: features with harvested statistics
+
+
+def known_saes(store: Reads) -> list[KnownSae]:
+    """Every SAE in ``saes``, with its specs (``sae_aliases`` where the file has it, else the one ``saes.spec``)."""
+    rows = store.query("select s.sae_id, s.site, s.d_sae, s.model_id, s.spec, (select count(*) from features f "
+                       "where f.sae_id = s.sae_id) from saes s order by s.spec, s.sae_id")[1]
+    aliases: dict[str, list[str]] = {}
+    if has_table(store, "sae_aliases"):
+        for sae_id, spec in store.query("select sae_id, spec from sae_aliases order by seen_at desc, spec")[1]:
+            aliases.setdefault(sae_id, []).append(spec)
+    out = []
+    for sae_id, site, d_sae, model_id, spec, n in rows:
+        specs = aliases.get(sae_id) or [spec]
+        out.append(KnownSae(sae_id, site, int(d_sae), model_id, specs if spec in specs else [*specs, spec], int(n)))
+    return out
+
+
+def sae_ids_for_spec(store: Reads, spec: str) -> list[str]:
+    """The SAEs ``spec`` names in this database, the one loaded under it most recently first: ``spec`` may be an
+    ``sae_id`` itself, or any spec an SAE was loaded under (a folder also by its absolute path). Empty: none."""
+    spec = spec.strip()
+    if store.query("select 1 from saes where sae_id = ?", [spec])[1]:
+        return [spec]
+    names = sae_spec_aliases(spec)
+    marks = ", ".join("?" for _ in names)
+    found: list[str] = []
+    if has_table(store, "sae_aliases"):
+        found = [r[0] for r in store.query(f"select sae_id from sae_aliases where spec in ({marks}) "
+                                           "group by sae_id order by max(seen_at) desc", names)[1]]
+    for (sae_id,) in store.query(f"select sae_id from saes where spec in ({marks}) order by sae_id", names)[1]:
+        if sae_id not in found:
+            found.append(sae_id)
+    return found
+
+
+class FeatureDetails(NamedTuple):
+    """One feature's harvested statistics, JSON columns decoded."""
+
+    density: float | None
+    max_act: float | None
+    mean_act: float | None
+    n_tokens: int | None
+    is_dead: bool | None
+    histogram: dict[str, Any] | None  #: {"edges": [...], "counts": [...]} (one bin below, one above the edges)
+    top_logits: list[tuple[str, float]] | None
+    bottom_logits: list[tuple[str, float]] | None
+    harvest_id: str | None
+
+
+def _json(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def feature_details(store: Reads, sae_id: str, feature_index: int) -> FeatureDetails | None:
+    """The stored statistics of feature ``feature_index`` of ``sae_id``, or None if it was never harvested."""
+    rows = store.query("select density, max_act, mean_act, n_tokens, is_dead, histogram, top_logits, bottom_logits, "
+                       "harvest_id from features where sae_id = ? and feature_index = ?", [sae_id, feature_index])[1]
+    if not rows:
+        return None
+    r = rows[0]
+    logits = [None if v is None else [(str(t), float(x)) for t, x in _json(v)] for v in (r[6], r[7])]
+    return FeatureDetails(r[0], r[1], r[2], r[3], r[4], _json(r[5]), logits[0], logits[1], r[8])
+
+
+class StoredExample(NamedTuple):
+    """One stored context of a feature, JSON decoded."""
+
+    kind: str  #: top | quantile | random
+    example_id: int
+    quantile: int | None
+    split: str | None  #: explain | score (None: the split was never fixed)
+    max_act: float | None
+    tokens: list[str]
+    acts: list[float]
+
+
+def stored_examples(store: Reads, sae_id: str, feature_index: int) -> list[StoredExample]:
+    """Every stored context of one feature: top (strongest first), then quantile (strongest bin first), then
+    random."""
+    rows = store.query("select kind, example_id, quantile, split, max_act, tokens, acts from feature_examples "
+                       "where sae_id = ? and feature_index = ? order by case kind when 'top' then 0 when 'quantile' "
+                       "then 1 else 2 end, quantile desc nulls last, max_act desc nulls last, example_id",
+                       [sae_id, feature_index])[1]
+    return [StoredExample(k, int(i), q, s, m, list(_json(t)), [float(a) for a in _json(a)])
+            for k, i, q, s, m, t, a in rows]
+
+
+class StoredExplanation(NamedTuple):
+    """One explanation (a label or a circuit explanation) of a target, with who wrote it and its standing."""
+
+    explanation_id: str
+    run_id: str
+    item_id: str
+    text: str
+    author: str
+    llm_model: str | None
+    causal_level: str
+    is_final: bool
+    budget_limited: bool
+    overall: float | None
+    judge: str | None
+    created_at: Any
+
+
+_EXPLANATION_COLS = ("explanation_id, run_id, item_id, text, author, llm_model, causal_level, is_final, "
+                     "budget_limited, overall, judge, created_at")
+
+
+def explanations_of_target(store: Reads, target: str) -> list[StoredExplanation]:
+    """Every explanation of ``target`` ('sae_id#index' or a task name): final ones first (newest first), then the
+    others by overall score."""
+    rows = store.query(f"select {_EXPLANATION_COLS} from explanations where target = ? order by is_final desc, "
+                       "case when is_final then epoch(created_at) else 0 end desc, overall desc nulls last, "
+                       "created_at desc", [target])[1]
+    return [StoredExplanation(*r) for r in rows]
+
+
+def explanations_of_item(store: Reads, item_id: str) -> list[StoredExplanation]:
+    """Every explanation written for work item ``item_id``: the final one first, then by overall score."""
+    rows = store.query(f"select {_EXPLANATION_COLS} from explanations where item_id = ? order by is_final desc, "
+                       "overall desc nulls last, created_at desc", [item_id])[1]
+    return [StoredExplanation(*r) for r in rows]
+
+
+class StoredScore(NamedTuple):
+    metric: str
+    value: float | None
+    n: int | None
+    details: dict[str, Any]
+
+
+def explanation_scores(store: Reads, explanation_ids: Sequence[str]) -> dict[str, list[StoredScore]]:
+    """The ``scores`` rows of each explanation, by explanation id (the three scores first, then raw metrics)."""
+    if not explanation_ids:
+        return {}
+    marks = ", ".join("?" for _ in explanation_ids)
+    rows = store.query(f"select explanation_id, metric, value, n, details from scores where explanation_id in "
+                       f"({marks}) order by explanation_id, case metric when 'correctness' then 0 when 'completeness' "
+                       "then 1 when 'succinctness' then 2 else 3 end, metric", list(explanation_ids))[1]
+    out: dict[str, list[StoredScore]] = {e: [] for e in explanation_ids}
+    for eid, metric, value, n, details in rows:
+        out[eid].append(StoredScore(metric, value, n, _json(details) or {}))
+    return out
+
+
+class StoredJudgement(NamedTuple):
+    """One per-example judge decision behind a feature score (the ``judgements`` view)."""
+
+    scorer: str
+    judge: str
+    example_kind: str
+    example_id: int
+    truth: bool
+    prediction: bool | None  #: None when the judge's reply could not be parsed (``ok`` false)
+    ok: bool
+    error: str | None
+
+
+def explanation_judgements(store: Reads, explanation_id: str) -> list[StoredJudgement]:
+    """The per-example judge decisions stored for ``explanation_id`` (kept for the final label by default)."""
+    if not has_table(store, "judgements"):
+        return []
+    rows = store.query("select scorer, judge, example_kind, example_id, truth, prediction, ok, error from judgements "
+                       "where explanation_id = ? order by scorer, judge, judgement_id", [explanation_id])[1]
+    return [StoredJudgement(*r) for r in rows]
+
+
+class CircuitRecord(NamedTuple):
+    """One ``circuits`` row, details decoded."""
+
+    circuit_id: str
+    run_id: str
+    item_id: str | None
+    model_id: str
+    task: str
+    method: str
+    ablation: str
+    patch_type: str
+    metric: str
+    threshold: float | None
+    top_k: int | None
+    n_edges_total: int | None
+    n_edges: int | None
+    faithfulness: float | None
+    details: dict[str, Any]
+    created_at: Any
+
+
+def circuit_record(store: Reads, circuit_id: str) -> CircuitRecord | None:
+    rows = store.query("select circuit_id, run_id, item_id, model_id, task, method, ablation, patch_type, metric, "
+                       "threshold, top_k, n_edges_total, n_edges, faithfulness, details, created_at from circuits "
+                       "where circuit_id = ?", [circuit_id])[1]
+    if not rows:
+        return None
+    r = list(rows[0])
+    r[14] = _json(r[14]) or {}
+    return CircuitRecord(*r)
+
+
+def circuit_listing(store: Reads) -> list[tuple[str, str, str, int | None]]:
+    """(circuit_id, task, method, kept edges) of every stored circuit, newest first: what an unknown id lists."""
+    rows = store.query("select circuit_id, task, method, n_edges from circuits order by created_at desc")[1]
+    return [(str(c), str(t), str(m), n) for c, t, m, n in rows]
+
+
+class StoredEdge(NamedTuple):
+    edge: str
+    src: str
+    dst: str
+    score: float | None
+    in_circuit: bool
+    rank: int | None
+
+
+def circuit_edges(store: Reads, circuit_id: str) -> list[StoredEdge]:
+    """Every scored edge of a circuit search, by rank (1 = largest |score|)."""
+    rows = store.query("select edge, src, dst, score, in_circuit, rank from circuit_edges where circuit_id = ? "
+                       "order by rank nulls last, edge", [circuit_id])[1]
+    return [StoredEdge(*r) for r in rows]
+
+
+class RunRecord(NamedTuple):
+    """One ``runs`` row, JSON decoded."""
+
+    run_id: str
+    kind: str
+    status: str
+    policy: str | None
+    config: dict[str, Any]
+    summary: dict[str, Any]
+    started_at: Any
+    finished_at: Any
+    host: str | None
+    version: str | None
+
+
+def run_record(store: Reads, run_id: str) -> RunRecord | None:
+    rows = store.query("select run_id, kind, status, policy, config, summary, started_at, finished_at, host, version "
+                       "from runs where run_id = ?", [run_id])[1]
+    if not rows:
+        return None
+    r = list(rows[0])
+    r[4], r[5] = _json(r[4]) or {}, _json(r[5]) or {}
+    return RunRecord(*r)
+
+
+def run_listing(store: Reads, limit: int = 10) -> list[tuple[str, str, str]]:
+    """(run_id, kind, status) of the newest ``limit`` runs."""
+    rows = store.query("select run_id, kind, status from runs order by started_at desc limit ?", [limit])[1]
+    return [(str(r), str(k), str(s)) for r, k, s in rows]
+
+
+class ItemCount(NamedTuple):
+    kind: str
+    status: str
+    items: int
+
+
+def run_item_counts(store: Reads, run_id: str) -> list[ItemCount]:
+    """How many work items of ``run_id`` ended in each status, per kind."""
+    rows = store.query("select kind, status, count(*) from work_items where run_id = ? group by kind, status "
+                       "order by kind, status", [run_id])[1]
+    return [ItemCount(*r) for r in rows]
+
+
+class UsageTotals(NamedTuple):
+    """What a run's items used, summed and at most per item (from ``work_items.budget``)."""
+
+    items: int
+    steps: int
+    max_steps: int
+    tool_calls: int
+    llm_calls: int
+    tokens: int
+    max_tokens: int
+    seconds: float
+    max_seconds: float
+    stopped_by: dict[str, int]  #: budget that stopped items -> how many
+
+
+def run_usage(store: Reads, run_id: str) -> UsageTotals:
+    rows = store.query("select budget from work_items where run_id = ? and budget is not null", [run_id])[1]
+    used = [_json(r[0]) or {} for r in rows]
+
+    def col(key: str) -> list[float]:
+        return [float(u.get(key) or 0) for u in used]
+
+    tokens = [float(u.get("prompt_tokens") or 0) + float(u.get("completion_tokens") or 0) for u in used]
+    stopped: dict[str, int] = {}
+    for u in used:
+        if u.get("stopped_by"):
+            stopped[str(u["stopped_by"])] = stopped.get(str(u["stopped_by"]), 0) + 1
+    return UsageTotals(len(used), int(sum(col("steps"))), int(max(col("steps"), default=0)),
+                       int(sum(col("tool_calls"))), int(sum(col("llm_calls"))), int(sum(tokens)),
+                       int(max(tokens, default=0)), round(sum(col("seconds")), 2),
+                       round(max(col("seconds"), default=0.0), 2), stopped)
+
+
+class ItemLine(NamedTuple):
+    """A work item of a run with its final explanation, for listing."""
+
+    kind: str
+    target: str
+    status: str
+    error: str | None
+    text: str | None
+    overall: float | None
+
+
+def run_items(store: Reads, run_id: str, limit: int = 50) -> list[ItemLine]:
+    """The first ``limit`` items of ``run_id`` (circuits first, then features by target) with their final text."""
+    rows = store.query("select w.kind, w.target, w.status, w.error, e.text, e.overall from work_items w left join "
+                       "explanations e on e.item_id = w.item_id and e.is_final where w.run_id = ? "
+                       "order by w.kind, w.target limit ?", [run_id, limit])[1]
+    return [ItemLine(*r) for r in rows]
+
+
+def item_tool_outputs(store: Reads, item_id: str, tool: str) -> list[str]:
+    """The stored outputs (JSON) of every cached ``tool`` call of work item ``item_id``, oldest first."""
+    rows = store.query("select c.output from tool_calls t join tool_cache c using (cache_key) where t.item_id = ? "
+                       "and t.tool = ? and t.error is null order by t.created_at", [item_id, tool])[1]
+    return [str(r[0]) for r in rows]

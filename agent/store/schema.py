@@ -317,13 +317,25 @@ class HarvestRow(TypedDict, total=False):
     created_at: Annotated[dt.datetime, NOT_NULL]
 
 
+class SaeAliasRow(TypedDict, total=False):
+    """``sae_aliases``: every spec an SAE was loaded under (``toy:small/res0``, a folder as typed and as an absolute
+    path, ``RELEASE/SAE_ID``), so a feature can be named by the spec a user typed instead of its content hash. A
+    spec may name several SAEs over time (a folder overwritten, a toy world rebuilt): ``seen_at`` says which was
+    loaded under it last."""
+
+    spec: Annotated[str, KEY, Doc("the spec as typed, or the absolute path of a folder spec")]
+    sae_id: Annotated[str, KEY]
+    model_id: str | None
+    seen_at: Annotated[dt.datetime, NOT_NULL, Doc("when an SAE was last loaded under this spec")]
+
+
 #: Every table and its row declaration, in creation order.
 DECLARATIONS: dict[str, type] = {
     "runs": RunRow, "work_items": WorkItemRow, "tool_calls": ToolCallRow, "models": ModelRow, "saes": SaeRow,
     "features": FeatureRow, "feature_examples": FeatureExampleRow, "hypotheses": HypothesisRow,
     "explanations": ExplanationRow, "scores": ScoreRow, "circuits": CircuitRow, "circuit_edges": CircuitEdgeRow,
     "judgement_sets": JudgementSetRow, "tool_cache": ToolCacheRow, "llm_calls": LLMCallRow,
-    "llm_cache": LLMCacheRow, "harvests": HarvestRow,
+    "llm_cache": LLMCacheRow, "harvests": HarvestRow, "sae_aliases": SaeAliasRow,
 }
 #: Views over the tables: read them like tables, never write them.
 VIEWS = ("judgements", "best_explanations")

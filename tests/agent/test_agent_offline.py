@@ -28,7 +28,7 @@ import pytest
 from cli_support import CLI, Result, assert_input_error, snapshot
 
 SAES = ("toy:tiny/res0", "toy:tiny/mlp1")
-FINISHED = ("done", "budget_limited", "failed")
+FINISHED = ("done", "weak", "no_behaviour", "budget_limited", "failed")
 SCORE_METRICS = ("correctness", "completeness", "succinctness")
 
 
@@ -157,15 +157,19 @@ def test_every_item_done(labelled: dict[str, Any]) -> None:
     assert len(targets) == sum(len(labelled["picked"][s]["live"][:4] + labelled["picked"][s]["dead"][:2])
                                for s in SAES)
     assert {o.target for o in res.outcomes} == targets
-    assert all(o.status.value == "done" and o.error is None and not o.skipped for o in res.outcomes), \
+    # done, or weak (a label the held-out data cannot tell from chance) with the reason in ``error``
+    assert all(o.status.value in ("done", "weak") and (o.error is None) == (o.status.value == "done")
+               and not o.skipped for o in res.outcomes), \
         [(o.target, o.status, o.error) for o in res.outcomes if o.status.value != "done"]
+    assert all(o.error.startswith("weak: ") for o in res.outcomes if o.status.value == "weak")
     items = rows(db, "select target, status, attempts, error, finished_at from work_items where run_id = ?",
                  [res.run_id])
     assert sorted(r[0] for r in items) == sorted(targets)  # one row per item
-    assert {(r[1], r[2], r[3]) for r in items} == {("done", 1, None)}
+    assert {(r[1], r[2], r[3] is None) for r in items} <= {("done", 1, True), ("weak", 1, False)}
     assert all(r[4] is not None for r in items)
     (status, summary), = rows(db, "select status, summary from runs where run_id = ?", [res.run_id])
-    assert status == "done" and json.loads(summary)["by_status"] == {"done": len(targets)}
+    by_status = json.loads(summary)["by_status"]
+    assert status == "done" and set(by_status) <= {"done", "weak"} and sum(by_status.values()) == len(targets)
 
 
 def test_dead_features_get_one_dead_explanation_and_no_scores(labelled: dict[str, Any]) -> None:
@@ -431,11 +435,11 @@ def test_run_budget_stops_the_run_cleanly_and_resume_finishes_it(template, tmp_p
     order = [o.target for o in res.outcomes]
     items = {r[0]: r[1:] for r in rows(db, "select target, status, error, budget from work_items where run_id = ?",
                                        [res.run_id])}
-    assert len(items) == 4 and items[order[0]][0] == "done"
+    assert len(items) == 4 and items[order[0]][0] in ("done", "weak")
     # the item running when the budget ran out ends with its best explanation; the later ones are not started
     pending = [t for t in order if items[t][0] == "pending"]
     assert pending and pending == order[order.index(pending[0]):], "every item after the limit stays pending"
-    assert all(items[t][0] in ("done", "budget_limited") for t in order[:order.index(pending[0])])
+    assert all(items[t][0] in ("done", "weak", "budget_limited") for t in order[:order.index(pending[0])])
     assert all("run steps reached" in (o.error or "") for o in res.outcomes if o.target in pending)
     steps = sum(json.loads(items[t][2])["steps"] for t in order if items[t][2])
     assert steps <= 15 + len(order), steps
@@ -454,7 +458,7 @@ def test_run_budget_stops_the_run_cleanly_and_resume_finishes_it(template, tmp_p
             break
     assert rows(db, "select status from runs where run_id = ?", [res.run_id]) == [("done",)]
     assert {t: s for t, s, *_ in rows(db, "select target, status from work_items where run_id = ?",
-                                      [res.run_id])}[order[0]] == "done"
+                                      [res.run_id])}[order[0]] in ("done", "weak")
 
 
 # ============================================================================= the command line
@@ -566,7 +570,9 @@ def test_run_plan_happy_path(tiny_zoo, tmp_path: Path) -> None:
     assert status == "done" and json.loads(summary)["items"] == n_items
     assert f"(run {run_id})" in res.flat_stdout and str(db.resolve()) in res.flat_stdout
     items = rows(db, "select target, kind, status from work_items where run_id = ?", [run_id])
-    assert len(items) == n_items and {r[2] for r in items} == {"done"}
+    assert len(items) == n_items and {r[2] for r in items if r[1] == "label"} <= {"done", "weak"}
+    # the tiny toy model gives greater_than prompts the same logit difference clean and corrupt: nothing to explain
+    assert {r[2] for r in items if r[1] == "circuit"} <= {"no_behaviour"}
     # one line per finished item on stderr, naming its target
     for target, _, _ in items:
         assert target[:40] in res.stderr

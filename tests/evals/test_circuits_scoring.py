@@ -42,7 +42,8 @@ DISTRACTORS = {
 }
 PLANTED_NODES = {"induction": ["a0.0", "a1.1", "m1"], "suppression": ["a0.1", "a1.2"]}
 METRICS = {"correctness", "completeness", "succinctness", "faithfulness", "completeness_worst_gap",
-           "completeness_mean_gap", "edge_fraction", "cpr", "cmd", "edge_roc_auc", "edge_recall", "edge_precision"}
+           "completeness_mean_gap", "edge_fraction", "cpr", "cmd", "edge_roc_auc", "edge_recall", "edge_precision",
+           "full_effect"}
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +78,7 @@ def test_planted_circuit_scores_as_a_true_circuit(planted, name) -> None:
     assert res.edge_fraction == pytest.approx(len(p.planted) / 110)
     assert res.succinctness == pytest.approx(1 - len(p.planted) / 110)
     assert res.edge_roc_auc == pytest.approx(1.0, abs=0.01) and res.edge_recall == 1.0 and res.edge_precision == 1.0
+    assert not res.no_behaviour and all(s.value is not None for s in res.scores())
     # the circuit EAP-IG selects by itself is judged against the truth the same way
     found = find_circuit(setup, "eap-ig", curve=False)
     assert recall(found.edges, p.planted) == 1.0 and edge_roc_auc(found.scores, p.planted) >= 0.99
@@ -267,3 +269,22 @@ def test_scores_a_found_circuit_on_the_tiny_toy_world(tiny_zoo) -> None:
     assert 0 <= res.completeness <= 1 and 0 <= res.succinctness < 1 and res.cmd >= 0
     assert res.completeness_detail.n_random == 8 and all(torch.isfinite(torch.tensor(
         [res.cpr, res.cmd, res.completeness_mean_gap])))
+
+
+def test_a_task_the_model_does_not_do_is_no_behaviour_and_its_scores_are_unscored(tiny_zoo) -> None:
+    """The tiny toy model gives induction prompts almost the same logit difference clean and corrupt: every
+    circuit score would measure noise, so each is stored as None with the reason and the measured value."""
+    from autoexplain.tools.data import load_task_file, tokenize_task
+    from autoexplain.tools.loading import load_model
+
+    lm = load_model("toy:tiny", device="cpu")
+    task = tokenize_task(load_task_file(tiny_zoo.task_file("induction")), lm.tokenizer, n_ctx=lm.n_ctx)
+    setup = PatchSetup(lm, task)
+    assert abs(setup.effect) < 0.1
+    res = score_circuit(setup, find_circuit(setup, "eap", top_k=10, curve=False), n_subsets=4, percents=None)
+    assert res.no_behaviour
+    by = {s.metric: s for s in res.scores()}
+    for metric in ("correctness", "completeness", "succinctness", "faithfulness"):
+        assert by[metric].value is None and "no behaviour" in by[metric].details["unscored"], metric
+        assert by[metric].details["measured"] is not None
+    assert by["full_effect"].value == pytest.approx(setup.m_clean - setup.m_ablated)

@@ -777,3 +777,109 @@ def test_a_custom_lexicon_names_the_judge_the_same_in_every_process() -> None:
     names = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout.strip() for seed in range(8)}
     assert len(names) == 1 and next(iter(names)).startswith("lexical:"), names
+
+
+# ============================================================================= rare features and small n (issue 12)
+def _synthetic(n_windows: int, n_random: int = 6) -> list:
+    """A feature that fires on ' owl' in ``n_windows`` windows: each window one top and one quantile example
+    (the harvest keeps both for a rare feature), plus ``n_random`` non-activating random windows."""
+    from autoexplain.evals.features import Example
+
+    out = []
+    for w in range(n_windows):
+        toks, acts = ["the", " owl", " sat", f" {w}"], [0.0, 1.5 + w / 10, 0.0, 0.0]
+        out.append(Example(kind="top", example_id=w, tokens=toks, acts=acts, max_act=max(acts), window_index=w))
+        out.append(Example(kind="quantile", example_id=100 + w, quantile=w % 10, tokens=toks, acts=acts,
+                           max_act=max(acts), window_index=w))
+    for r in range(n_random):
+        toks = ["the", " cat", " ran", f" {r}"]
+        out.append(Example(kind="random", example_id=200 + r, tokens=toks, acts=[0.0] * 4, max_act=0.0,
+                           window_index=1000 + r))
+    return out
+
+
+@pytest.mark.parametrize("n_windows", [1, 2, 3, 5, 10])
+@pytest.mark.parametrize("feature", range(6))
+def test_split_keeps_an_activating_window_to_explain(n_windows: int, feature: int) -> None:
+    split = split_examples(_synthetic(n_windows), "sae-rare", feature)
+    sides: dict[str, set[int]] = {"explain": set(), "score": set()}
+    for e in split:
+        if e.activating:
+            sides[e.split].add(e.window_index)
+    assert len(sides["explain"]) >= 1  # one window: explained from; two or more: one at least on each side
+    if n_windows >= 2:
+        assert len(sides["score"]) >= 1
+    for e in split:  # a window never straddles the split
+        assert all(o.split == e.split for o in split if o.window_index == e.window_index)
+
+
+def test_wilson_interval_and_the_balanced_accuracy_interval() -> None:
+    from autoexplain.evals.features import balanced_accuracy_interval, wilson_interval
+
+    assert wilson_interval(0, 0) is None
+    lo, hi = wilson_interval(1, 1)  # one success in one trial: far from certain
+    assert lo == pytest.approx(0.2065, abs=1e-3) and hi == 1.0
+    lo, hi = wilson_interval(5, 10)
+    assert lo == pytest.approx(0.2366, abs=1e-3) and hi == pytest.approx(0.7634, abs=1e-3)
+    lo, hi = wilson_interval(0, 20)
+    assert lo == 0.0 and 0 < hi < 0.2
+    with pytest.raises(ValueError):
+        wilson_interval(3, 2)
+    iv = balanced_accuracy_interval(4, 4, 6, 6)
+    r, s = wilson_interval(4, 4), wilson_interval(6, 6)
+    assert iv == pytest.approx((1 - ((1 - r[0]) ** 2 + (1 - s[0]) ** 2) ** 0.5 / 2, 1.0))  # MOVER at r = s = 1
+    assert iv[1] == 1.0 and iv[0] < 0.75  # perfect on 10 examples still leaves a wide interval
+    big = balanced_accuracy_interval(400, 400, 600, 600)
+    assert big[0] > 0.985 and big[0] > iv[0] + 0.2  # ... which narrows with n
+    assert balanced_accuracy_interval(1, 1, 0, 0) is None
+
+
+@pytest.mark.parametrize(("n_pos", "n_neg", "tpr", "tnr"), [(10, 10, 0.8, 0.7), (5, 15, 0.6, 0.9),
+                                                          (30, 30, 0.95, 0.5), (8, 4, 0.5, 0.5)])
+def test_the_balanced_accuracy_interval_covers_the_truth_about_95_percent_of_the_time(n_pos: int, n_neg: int,
+                                                                                        tpr: float,
+                                                                                        tnr: float) -> None:
+    """Coverage by simulation (seeded): the interval contains the true BA in roughly 95 % of draws, at small n too
+    (neither collapsing like Wald nor ballooning like Bonferroni-averaged bounds)."""
+    import random
+
+    from autoexplain.evals.features import balanced_accuracy_interval
+
+    rng = random.Random(7)
+    truth, hits, widths = (tpr + tnr) / 2, 0, []
+    for _ in range(4000):
+        tp = sum(rng.random() < tpr for _ in range(n_pos))
+        tn = sum(rng.random() < tnr for _ in range(n_neg))
+        lo, hi = balanced_accuracy_interval(tp, n_pos, tn, n_neg)
+        hits += lo <= truth <= hi
+        widths.append(hi - lo)
+    assert 0.925 <= hits / 4000 <= 0.99, hits / 4000
+    assert sum(widths) / len(widths) < 0.5
+
+
+@pytest.mark.parametrize("n_windows", [2, 5, 10])
+def test_scores_of_a_rare_feature_carry_n_and_an_interval(n_windows: int) -> None:
+    res = score_explanation("the token 'owl'", _synthetic(n_windows), LexicalJudge(), sae_id="sae-rare",
+                            feature_index=0)
+    assert res.correctness is not None and res.n_positive >= 1 and res.n_negative >= 1
+    lo, hi = res.correctness_interval
+    assert 0.0 <= lo <= res.correctness <= hi <= 1.0
+    assert res.detection_recall_interval is not None and res.detection_specificity_interval is not None
+    (corr,) = [s for s in res.scores() if s.metric == "correctness"]
+    assert corr.details["interval"] == [lo, hi] and corr.details["n_positive"] == res.n_positive
+    assert corr.details["confidence"] == 0.95 and "reason" not in corr.details
+    (det,) = [s for s in res.scores() if s.metric == "detection"]
+    assert det.details["recall_interval"] is not None and det.details["specificity_interval"] is not None
+
+
+def test_a_feature_with_one_window_has_no_score_and_says_why() -> None:
+    res = score_explanation("the token 'owl'", _synthetic(1), LexicalJudge(), sae_id="sae-rare", feature_index=0)
+    assert res.n_explain_examples >= 2  # its window (top + quantile) was explained from
+    assert res.correctness is None and res.correctness_interval is None and res.n_positive == 0
+    assert "no score-side activating example" in res.reasons["correctness"]
+    assert "completeness" in res.reasons and res.completeness is None
+    by = {s.metric: s for s in res.scores()}
+    assert by["correctness"].value is None and "no score-side activating" in by["correctness"].details["reason"]
+    assert by["completeness"].details["reason"] and by["fuzzing"].details["reason"]
+    assert by["simulation"].value is None and by["simulation"].details["reason"]
+    assert by["succinctness"].value is not None  # needs no examples

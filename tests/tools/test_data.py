@@ -397,3 +397,133 @@ def test_iter_texts_empty_dataset(tmp_path) -> None:
     path.write_text("\n  \n")
     with pytest.raises(InputError, match="is empty"):
         list(iter_texts(str(path)))
+
+
+# ============================================================================= long lines, folders, spec checks
+class RecordingTokenizer:
+    """The real tokenizer, recording the length of every text it is asked to tokenise (nothing else changes)."""
+
+    def __init__(self, tok) -> None:
+        self._tok = tok
+        self.lengths: list[int] = []
+
+    def __call__(self, texts, **kwargs):
+        self.lengths += [len(t) for t in texts]
+        return self._tok(texts, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._tok, name)
+
+
+def _long_line(n_words: int) -> str:
+    words = ["cat", "sat", "on", "the", "mat", "and", "Mary", "gave", "John", "a", "drink", "10", "12,", "."]
+    return " ".join(words[(i * 7) % len(words)] for i in range(n_words))
+
+
+def test_a_long_line_is_tokenised_in_bounded_pieces_with_the_same_windows(tok, tmp_path: Path) -> None:
+    from autoexplain.tools import data
+    from autoexplain.tools.data import iter_texts, iter_windows
+
+    line = _long_line(60_000)  # ~230,000 characters on one line
+    assert len(line) > 4 * data._PIECE_CHARS
+    path = tmp_path / "one-line.txt"
+    path.write_text("short first text\n" + line + "\nlast text\n", encoding="utf-8")
+    texts = ["short first text", line, "last text"]
+    whole = expected_stream(tok, texts)  # the reference: every text tokenised whole
+
+    rec = RecordingTokenizer(tok)
+    w = tokenize_windows(load_texts(str(path)), rec, ctx=32, n_ctx=32)
+    assert max(rec.lengths) <= data._PIECE_CHARS  # never the whole line
+    assert w.tokens[:, 1:][w.valid[:, 1:]].tolist() == whole
+    assert w.n_texts == 3
+
+    # with a budget, reading stops once it is met: only the pieces the budget needs are tokenised
+    rec = RecordingTokenizer(tok)
+    parts = list(iter_windows(iter_texts(str(path)), rec, ctx=32, n_ctx=32, batch_windows=8, max_tokens=5_000))
+    assert sum(p.n_tokens for p in parts) == 5_000
+    assert sum(rec.lengths) < 2 * data._PIECE_CHARS + 100
+    body = torch.cat([p.tokens[:, 1:][p.valid[:, 1:]] for p in parts]).tolist()
+    assert body == whole[: len(body)]
+
+
+def test_a_long_line_without_spaces_is_cut_at_the_limit(tok) -> None:
+    from autoexplain.tools import data
+
+    blob = "ab" * (data._PIECE_CHARS + 10)  # no space anywhere: hard cuts
+    rec = RecordingTokenizer(tok)
+    w = tokenize_windows([blob], rec, ctx=32, n_ctx=32, max_tokens=3_000)
+    assert max(rec.lengths) <= data._PIECE_CHARS and w.n_tokens == 3_000
+    pieces = list(data._pieces(blob, data._PIECE_CHARS))
+    assert "".join(pieces) == blob and all(len(p) <= data._PIECE_CHARS for p in pieces)
+
+
+def test_pieces_cut_before_a_word_and_rejoin() -> None:
+    from autoexplain.tools.data import _pieces
+
+    text = _long_line(3_000)
+    pieces = list(_pieces(text, 1_000))
+    assert "".join(pieces) == text and all(len(p) <= 1_000 for p in pieces)
+    for p in pieces[1:]:
+        assert p[0] == " " and p[1].isalnum()
+    assert list(_pieces("short", 1_000)) == ["short"]
+
+
+def test_a_folder_of_files_is_one_dataset_in_sorted_order(tmp_path: Path) -> None:
+    from autoexplain.tools.data import dataset_identity, iter_texts
+
+    folder = tmp_path / "corpus"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "b.txt").write_text("bee one\nbee two\n")
+    (folder / "a.txt").write_text("ay one\n")
+    write_jsonl(folder / "sub" / "c.jsonl", [{"text": "sea one"}])
+    write_parquet(folder / "d.parquet", {"text": ["dee one"]})
+    (folder / "notes.md").write_text("ignored\n")
+    (folder / ".hidden.txt").write_text("ignored too\n")
+    expected = ["ay one", "bee one", "bee two", "dee one", "sea one"]  # a.txt, b.txt, d.parquet, sub/c.jsonl
+    assert load_texts(str(folder)) == expected
+    assert list(iter_texts(str(folder))) == expected
+
+    ident = dataset_identity(str(folder))
+    assert [f[0] for f in ident["files"]] == ["a.txt", "b.txt", "d.parquet", "sub/c.jsonl"]
+    assert json.loads(json.dumps(ident)) == dataset_identity(str(folder))  # stable through a JSON round trip
+    (folder / "e.txt").write_text("new file\n")
+    assert dataset_identity(str(folder)) != ident  # a file added changes the identity (harvest reuse notices)
+    (folder / "e.txt").unlink()
+    assert dataset_identity(str(folder)) == ident
+    (folder / "a.txt").write_text("ay one, edited\n")
+    assert dataset_identity(str(folder)) != ident
+
+
+def test_a_folder_with_a_broken_file_names_the_file(tmp_path: Path) -> None:
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "a.txt").write_text("fine\n")
+    (folder / "b.jsonl").write_text('{"text": "ok"}\nnot json\n')
+    with pytest.raises(InputError) as e:
+        load_texts(str(folder))
+    one_line_error(e, "b.jsonl", "line 2")
+
+
+def test_check_dataset_spec(tmp_path: Path) -> None:
+    from autoexplain.tools.data import check_dataset_spec
+
+    good = tmp_path / "d.txt"
+    good.write_text("\n\nhello\n")
+    check_dataset_spec(str(good))
+    folder = tmp_path / "f"
+    folder.mkdir()
+    (folder / "x.txt").write_text("hi\n")
+    check_dataset_spec(str(folder))
+    check_dataset_spec("owner/some-dataset@main")  # hub syntax only: the hub is not contacted
+    check_dataset_spec("wikitext")
+    (tmp_path / "blank.txt").write_text("\n   \n")
+    (tmp_path / "empty-dir").mkdir()
+    (tmp_path / "x.csv").write_text("text\nhi\n")
+    cases = [(str(tmp_path / "missing.txt"), "does not exist"), (str(tmp_path / "nope" / "x"), "does not exist"),
+             ("", "empty dataset spec"), ("has spaces in it", "neither a local file"),
+             (str(tmp_path / "blank.txt"), "is empty"), (str(tmp_path / "empty-dir"), "holds no"),
+             (str(tmp_path / "x.csv"), "unsupported extension")]
+    for spec, needle in cases:
+        with pytest.raises(InputError) as e:
+            check_dataset_spec(spec)
+        one_line_error(e, needle)

@@ -146,16 +146,109 @@ def test_models_and_saes_do_not_know_the_zoo() -> None:
         assert not {m for m in imported if m and m.endswith("zoo")}, mod.__name__
 
 
-def test_hub_name_offline_fails_fast(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hub_name_neither_cached_nor_reachable_fails_fast(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import time
 
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     t0 = time.perf_counter()
-    with pytest.raises(InputError, match="local directory"):
+    with pytest.raises(InputError, match=r"'gpt2' \(hub repo gpt2\) is not cached in .*empty-cache and the Hugging "
+                                         r"Face hub is unavailable \(HF_HUB_OFFLINE is set\).*local directory"):
         load_model("gpt2")
+    with pytest.raises(InputError, match="not cached in"):
+        loading.check_specs("gpt2")
     assert time.perf_counter() - t0 < 5
+
+
+def _save_encoder(out: Path, kind: str) -> Path:
+    """A tiny encoder checkpoint saved with save_pretrained, then its weights file overwritten with garbage: any
+    check that read the weights would fail with another error than the architecture refusal."""
+    import json
+
+    from transformers import (
+        BertConfig,
+        BertForMaskedLM,
+        BertModel,
+        GPT2Config,
+        GPT2ForSequenceClassification,
+        T5Config,
+        T5ForConditionalGeneration,
+    )
+
+    if kind == "classifier":  # a GPT-2 body with a classification head: not a language model
+        GPT2ForSequenceClassification(GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2,
+                                                 n_positions=16)).save_pretrained(str(out))
+    elif kind == "t5":
+        T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1,
+                                            num_heads=2)).save_pretrained(str(out))
+    else:
+        cfg = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=16)
+        (BertForMaskedLM if kind == "mlm" else BertModel)(cfg).save_pretrained(str(out))
+    if kind == "no-architectures":
+        data = json.loads((out / "config.json").read_text())
+        del data["architectures"]
+        (out / "config.json").write_text(json.dumps(data))
+    (out / "model.safetensors").write_bytes(b"not a safetensors file")
+    return out
+
+
+@pytest.mark.parametrize("kind", ["bert", "mlm", "no-architectures", "t5", "classifier"])
+def test_encoders_are_refused_before_any_weight_is_read(kind: str, tmp_path: Path) -> None:
+    path = _save_encoder(tmp_path / kind, kind)
+    expect = {"t5": r"an encoder-decoder",
+              "classifier": r"is not a causal language model \(GPT2ForSequenceClassification;"}.get(
+        kind, r"an encoder, not a causal language model")
+    with pytest.raises(InputError, match=rf"{expect}.*autoexplain explains causal LMs") as e:
+        loading.check_specs(str(path))
+    assert "\n" not in str(e.value)
+    with pytest.raises(InputError, match=expect):
+        load_model(str(path))  # the loader refuses the same way, before reading the garbage weights
+    with pytest.raises(InputError, match="encoder model"):
+        loading.check_specs("bert-base-cased")  # a TransformerLens name for an encoder, not even cached
+
+
+def test_check_specs_refuses_bad_dirs_without_loading(tmp_path: Path, tiny_gpt2_dir: Path) -> None:
+    with pytest.raises(InputError, match="does not exist"):
+        loading.check_specs(str(tmp_path / "nope"))
+    with pytest.raises(InputError, match="no config.json"):
+        loading.check_specs(str(tmp_path))
+    no_weights = tmp_path / "no-weights"
+    no_weights.mkdir()
+    shutil.copy(tiny_gpt2_dir / "config.json", no_weights / "config.json")
+    with pytest.raises(InputError, match="no model weights"):
+        loading.check_specs(str(no_weights))
+    (no_weights / "config.json").write_text("{not json")
+    with pytest.raises(InputError, match="not valid JSON"):
+        loading.check_specs(str(no_weights))
+    garbage = tmp_path / "garbage-weights"
+    shutil.copytree(tiny_gpt2_dir, garbage)
+    (garbage / "model.safetensors").write_bytes(b"junk")
+    loading.check_specs(str(garbage))  # a causal LM with a config and a weights file: the cheap check passes
+
+
+def test_processing_changes_the_model_id_and_the_activations(tiny_gpt2_dir: Path) -> None:
+    from autoexplain.tools.models import processed_model_id
+
+    plain = load_model(str(tiny_gpt2_dir), device="cpu", check=False)
+    same = load_model(str(tiny_gpt2_dir), device="cpu", check=False, processing={"center_writing_weights": False})
+    done = load_model(str(tiny_gpt2_dir), device="cpu", check=False, processing={"center_writing_weights": True})
+    assert plain.model_id == same.model_id and "+" not in plain.model_id and plain.processing == {}
+    assert done.model_id == f"{plain.model_id}+center_writing_weights" and done.processing == {
+        "center_writing_weights": True}
+    assert processed_model_id("m", {"fold_ln": True, "center_writing_weights": True}) == \
+        "m+center_writing_weights+fold_ln"
+    toks = plain.to_tokens(TEXTS[:1])
+    hook = "blocks.1.hook_resid_pre"
+    with torch.no_grad():
+        a = plain.model.run_with_cache(toks, names_filter=[hook])[1][hook]
+        b = done.model.run_with_cache(toks, names_filter=[hook])[1][hook]
+        # centring writing weights removes exactly the mean over d_model of every residual write
+        assert (a - b).abs().max() > 1e-3
+        torch.testing.assert_close(a - a.mean(-1, keepdim=True), b - b.mean(-1, keepdim=True), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(plain.model(toks).softmax(-1), done.model(toks).softmax(-1), atol=1e-4, rtol=1e-4)
 
 
 def test_device_choice() -> None:

@@ -125,3 +125,81 @@ def test_corrupt_weights_file_is_one_line(damage: str, tmp_path: Path, tiny_mode
     with pytest.raises(InputError, match="sae-lens cannot load") as e:
         load_sae(str(path), tiny_model)
     assert "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------- training settings (issue 12)
+def _with_meta(path: Path, top: dict | None = None, **meta) -> Path:
+    """Set metadata fields (6.0 layout) and top-level fields of a saved SAE's cfg.json."""
+    cfg = json.loads((path / "cfg.json").read_text())
+    cfg["metadata"].update(meta)
+    cfg.update(top or {})
+    (path / "cfg.json").write_text(json.dumps(cfg))
+    return path
+
+
+def test_window_settings_are_exposed_and_checked(tmp_path: Path, tiny_model) -> None:
+    from autoexplain.tools.saes import check_window
+
+    path = _with_meta(_save(tmp_path, "ctx16", "standard", 32, "blocks.0.hook_resid_pre"), prepend_bos=True,
+                      context_size=16)
+    s = load_sae(str(path), tiny_model)
+    assert (s.prepend_bos, s.context_size, s.seqpos_slice) == (True, 16, None)
+    assert s.describe()["context_size"] == 16
+    check_window(s, 16)
+    check_window(s, 2)
+    with pytest.raises(InputError, match=r"ctx 17 exceeds SAE .* context_size of 16 tokens.*--ctx 16"):
+        check_window(s, 17)
+    nobos = load_sae(str(_with_meta(_save(tmp_path, "nobos", "standard", 32, "blocks.0.hook_resid_pre"),
+                                    prepend_bos=False)), tiny_model)
+    with pytest.raises(InputError, match=r"without a BOS token \(prepend_bos false\)"):
+        check_window(nobos, 8)
+    sliced = load_sae(str(_with_meta(_save(tmp_path, "sliced", "standard", 32, "blocks.0.hook_resid_pre"),
+                                     seqpos_slice=[1, None])), tiny_model)
+    with pytest.raises(InputError, match=r"seqpos_slice \[1, None\]"):
+        check_window(sliced, 8)
+    unknown = load_sae(str(_save(tmp_path, "plain", "standard", 32, "blocks.0.hook_resid_pre")), tiny_model)
+    assert (unknown.prepend_bos, unknown.context_size) == (None, None)
+    check_window(unknown, 10_000)  # nothing recorded: nothing to contradict
+
+
+def test_settings_that_cannot_be_honoured_are_refused_by_name(tmp_path: Path, tiny_model) -> None:
+    from autoexplain.tools.loading import check_specs
+    from autoexplain.tools.saes import model_settings
+
+    def saved(name: str, top: dict | None = None, **meta) -> str:
+        return str(_with_meta(_save(tmp_path, name, "standard", 32, "blocks.0.hook_resid_pre"), top, **meta))
+
+    with pytest.raises(InputError, match=r"model_from_pretrained_kwargs first_n_layers=1, which autoexplain cannot"):
+        check_specs("toy:tiny", [saved("kw", model_from_pretrained_kwargs={"first_n_layers": 1})])
+    with pytest.raises(InputError, match=r"hook_head_index 1"):
+        check_specs("toy:tiny", [saved("head", hook_head_index=1)])
+    assert model_settings(saved("placed", model_from_pretrained_kwargs={"n_devices": 1, "dtype": "bfloat16",
+                                                                       "center_unembed": False})) == {}
+    # a pre-6.0 / release-override style top-level key wins over the metadata block
+    assert model_settings(saved("top", {"model_from_pretrained_kwargs": {"fold_ln": True}},
+                                model_from_pretrained_kwargs={})) == {"fold_ln": True}
+    norm = saved("norm", {"normalize_activations": "expected_average_only_in"})
+    with pytest.raises(InputError, match=r"normalize_activations 'expected_average_only_in'.*norm_scaling_factor"):
+        load_sae(norm, tiny_model)
+    rescaled = load_sae(saved("rescale", {"normalize_activations": "layer_norm"}), tiny_model)  # sae-lens applies it
+    assert rescaled.sae.cfg.normalize_activations == "layer_norm"
+
+
+def test_sae_refused_on_a_model_loaded_with_other_settings(tmp_path: Path, tiny_gpt2_dir: Path, tiny_model) -> None:
+    from autoexplain.tools import loading
+    from autoexplain.tools.models import load_model
+
+    centred = str(_with_meta(_save(tmp_path, "centred", "standard", 32, "blocks.1.hook_resid_pre"),
+                             model_from_pretrained_kwargs={"center_writing_weights": True}))
+    plain = str(_save(tmp_path, "plain", "standard", 32, "blocks.1.hook_resid_pre"))
+    with pytest.raises(InputError, match=r"trained on the model loaded with center_writing_weights=True.*without it"):
+        load_sae(centred, tiny_model)
+    processed = load_model(str(tiny_gpt2_dir), device="cpu", check=False, processing={"center_writing_weights": True})
+    with pytest.raises(InputError, match=r"loaded with center_writing_weights=True, which SAE .* was not trained on"):
+        load_sae(plain, processed)
+    lm = loading.load_model(str(tiny_gpt2_dir), device="cpu", check=False, sae_specs=[centred])
+    assert lm.model_id == f"{tiny_model.model_id}+center_writing_weights"
+    s = load_sae(centred, lm)
+    assert s.model_settings == {"center_writing_weights": True}
+    with pytest.raises(InputError, match=r"disagree .*center_writing_weights"):
+        loading.check_specs(str(tiny_gpt2_dir), [centred, plain])
