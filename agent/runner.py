@@ -83,7 +83,8 @@ class LabelEntry(BaseModel):
 
     sae: str = Field(description="sae-lens dir, toy:MODEL/NAME or RELEASE/ID")
     dataset: str | None = Field(default=None, description="texts to harvest (default: the toy corpus for toy SAEs)")
-    features: str = Field(default="all", description="'all', '0-99', or '1,5,9'")
+    features: str = Field(default="all", description="'all', '0-99', '1,5,9', or 'live' / 'live:N' (the live "
+                                                      "features, or the first N of them, once harvested)")
     tokens: int = Field(default=60_000, ge=1, description="tokens to harvest if the SAE is not harvested yet")
 
 
@@ -211,6 +212,18 @@ def feature_ranges(spec: str) -> list[tuple[int, int]] | None:
     return ranges
 
 
+def live_selection(spec: str) -> int | None:
+    """For ``'live'`` the number -1 (every live feature), for ``'live:N'`` N (the first N live features by index),
+    else None. Which features are live is known only after the harvest: :func:`_harvest_and_split` resolves it."""
+    m = re.fullmatch(r"\s*live(?::(\d+))?\s*", spec)
+    if m is None:
+        return None
+    n = int(m.group(1)) if m.group(1) else -1
+    if n == 0:
+        raise InputError(f"--features {spec!r}: live:N needs N >= 1")
+    return n
+
+
 def parse_features(spec: str, d_sae: int) -> list[int]:
     """'all' | '0-99' | '1,5,9' (mixable: '0-9,20') → sorted indices, each checked against the SAE width."""
     ranges = feature_ranges(spec)
@@ -252,9 +265,11 @@ def check_plan(plan: Plan) -> None:
     labels = [p.label for p in plan.items if p.label]
     hub: list[str] = []
     for e in labels:
-        feature_ranges(e.features)
-        d_sae = _local_d_sae(e.sae)
-        if d_sae is not None:
+        if live_selection(e.features) is not None:
+            pass  # which features are live is known once harvested
+        elif (d_sae := _local_d_sae(e.sae)) is None:
+            feature_ranges(e.features)
+        else:
             parse_features(e.features, d_sae)  # beyond the SAE's width: refused before the model loads
         if e.dataset is not None:
             check_dataset_spec(e.dataset)  # local: exists, known format, a text; a hub name: its syntax
@@ -318,7 +333,8 @@ def prepare(plan: Plan) -> Prepared:
             next(texts)  # an unreachable or empty hub dataset fails before any write
         finally:
             texts.close()
-        label_jobs.append((e, dataset, parse_features(e.features, saes[e.sae].d_sae)))
+        label_jobs.append((e, dataset, [] if live_selection(e.features) is not None
+                           else parse_features(e.features, saes[e.sae].d_sae)))
     circuit_jobs = []
     for c in (p.circuit for p in plan.items if p.circuit):
         path = Path(c.task)
@@ -501,10 +517,12 @@ def _count(values: Iterable[str]) -> dict[str, int]:
 
 
 def _harvest_args(prep: Prepared, entry: LabelEntry, dataset: str) -> HarvestIn:
-    from autoexplain.tools.harvest import HarvestIn
+    from autoexplain.tools.harvest import HarvestIn, check_args, default_ctx
 
     sae = prep.saes[entry.sae]
-    return HarvestIn(sae_id=sae.sae_id, dataset=dataset, n_tokens=entry.tokens, ctx=min(64, prep.lm.n_ctx))
+    args = HarvestIn(sae_id=sae.sae_id, dataset=dataset, n_tokens=entry.tokens, ctx=default_ctx(prep.lm.n_ctx, sae))
+    check_args(args, prep.lm.n_ctx, sae)
+    return args
 
 
 def _own_harvests(store: Store, prep: Prepared, owned: contextlib.ExitStack) -> dict[str, HarvestWork | str | None]:
@@ -550,7 +568,7 @@ def _harvest_and_split(store: Store, run_id: str, prep: Prepared, report: Callab
 
     t0 = time.monotonic()
     done: set[str] = set()
-    for entry, dataset, features in prep.label_jobs:
+    for j, (entry, dataset, features) in enumerate(prep.label_jobs):
         sae = prep.saes[entry.sae]
         if sae.sae_id not in done:
             work = harvests.get(sae.sae_id)
@@ -559,6 +577,11 @@ def _harvest_and_split(store: Store, run_id: str, prep: Prepared, report: Callab
                         _harvest_args(prep, entry, dataset), work=work,
                         progress=functools.partial(report, f"harvest {sae.spec}"))
             done.add(sae.sae_id)
+        n_live = live_selection(entry.features)
+        if n_live is not None:  # 'live' / 'live:N': now that the SAE is harvested
+            live = queries.live_features(store, sae.sae_id)
+            features = live if n_live < 0 else live[:n_live]
+            prep.label_jobs[j] = (entry, dataset, features)
         unsplit = queries.unsplit_examples(store, sae.sae_id, set(features))
         if unsplit:
             split = []

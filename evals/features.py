@@ -102,9 +102,9 @@ import json
 import math
 import random
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from pydantic import BaseModel, Field
 
@@ -163,12 +163,38 @@ def _h(*parts: Any) -> str:
 
 
 # ============================================================================= held-out split
-def split_examples(examples: Sequence[Example], sae_id: str, feature_index: int, *,
-                   explain_fraction: float = 0.5, seed: int = 0) -> list[Example]:
-    """Copies of ``examples`` with ``split`` set to 'explain' or 'score' (see the module docstring)."""
+class SplitKey(NamedTuple):
+    """What the held-out split reads of one example: cheap to build from a store row (no validation), so a harvest
+    of millions of examples is split without making a pydantic object per row."""
+
+    kind: str
+    example_id: int
+    quantile: int | None
+    text: Hashable  # the example's tokens as a hashable value (a tuple): equal texts share a side
+    window_index: int | None
+    activating: bool  # a top or quantile example that fired (see :attr:`Example.activating`)
+
+    @classmethod
+    def of(cls, e: Example) -> SplitKey:
+        return cls(e.kind, e.example_id, e.quantile, tuple(e.tokens), e.window_index, e.activating)
+
+    @classmethod
+    def of_row(cls, row: Mapping[str, Any]) -> SplitKey:
+        """From a ``feature_examples`` row (``tokens`` a list, or JSON text as DuckDB returns it)."""
+        tokens = row["tokens"]
+        if isinstance(tokens, str):
+            tokens = json.loads(tokens)
+        kind = str(row["kind"])
+        return cls(kind, int(row["example_id"]), row.get("quantile"), tuple(tokens), row.get("window_index"),
+                   kind != "random" and float(row.get("max_act") or 0.0) > 0)
+
+
+def split_sides(keys: Sequence[SplitKey], sae_id: str, feature_index: int, *, explain_fraction: float = 0.5,
+                seed: int = 0) -> list[str]:
+    """'explain' or 'score' for each example of one feature (see the module docstring), in order."""
     if not 0.0 < explain_fraction < 1.0:
         raise ValueError("explain_fraction must be in (0, 1)")
-    n = len(examples)
+    n = len(keys)
     parent = list(range(n))
 
     def find(i: int) -> int:
@@ -178,11 +204,11 @@ def split_examples(examples: Sequence[Example], sae_id: str, feature_index: int,
         return i
 
     first: dict[tuple[str, Any], int] = {}
-    for i, e in enumerate(examples):
-        keys: list[tuple[str, Any]] = [("text", json.dumps(e.tokens))]
+    for i, e in enumerate(keys):
+        links: list[tuple[str, Any]] = [("text", e.text)]
         if e.window_index is not None:
-            keys.append(("window", e.window_index))
-        for k in keys:
+            links.append(("window", e.window_index))
+        for k in links:
             if k in first:
                 parent[find(i)] = find(first[k])
             else:
@@ -192,16 +218,16 @@ def split_examples(examples: Sequence[Example], sae_id: str, feature_index: int,
         groups.setdefault(find(i), []).append(i)
 
     def stratum(members: list[int]) -> tuple[int, int]:
-        qs = [examples[i].quantile for i in members if examples[i].kind == "quantile"]
+        qs = [keys[i].quantile for i in members if keys[i].kind == "quantile"]
         if qs:
             return (0, min(q if q is not None else 0 for q in qs))
-        if any(examples[i].kind == "top" for i in members):
+        if any(keys[i].kind == "top" for i in members):
             return (1, 0)
         return (2, 0)
 
     strata: dict[tuple[int, int], list[tuple[str, list[int]]]] = {}
     for members in groups.values():
-        ident = min(f"{examples[i].kind}#{examples[i].example_id}" for i in members)
+        ident = min(f"{keys[i].kind}#{keys[i].example_id}" for i in members)
         strata.setdefault(stratum(members), []).append((_h(sae_id, feature_index, seed, ident), members))
     side = [""] * n
     ordered: list[list[int]] = []  # groups in dealing order (strata in order, hash order within)
@@ -213,11 +239,19 @@ def split_examples(examples: Sequence[Example], sae_id: str, feature_index: int,
                 side[i] = "explain" if to_explain else "score"
             ordered.append(members)
     # a rare feature (one group per stratum) would otherwise have every activating group dealt to score
-    firing = [m for m in ordered if any(examples[i].activating for i in m)]
+    firing = [m for m in ordered if any(keys[i].activating for i in m)]
     if firing and not any(side[m[0]] == "explain" for m in firing):
         for i in firing[0]:
             side[i] = "explain"
-    return [e.model_copy(update={"split": s}) for e, s in zip(examples, side, strict=True)]
+    return side
+
+
+def split_examples(examples: Sequence[Example], sae_id: str, feature_index: int, *,
+                   explain_fraction: float = 0.5, seed: int = 0) -> list[Example]:
+    """Copies of ``examples`` with ``split`` set to 'explain' or 'score' (see the module docstring)."""
+    sides = split_sides([SplitKey.of(e) for e in examples], sae_id, feature_index,
+                        explain_fraction=explain_fraction, seed=seed)
+    return [e.model_copy(update={"split": s}) for e, s in zip(examples, sides, strict=True)]
 
 
 # ============================================================================= metrics

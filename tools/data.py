@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -81,7 +81,7 @@ def load_texts(spec: str, *, limit: int | None = None, text_column: str = "text"
     return _gather(rows, source=source, limit=limit, column=text_column)
 
 
-def iter_texts(spec: str, *, text_column: str = "text") -> Iterator[str]:
+def iter_texts(spec: str, *, text_column: str = "text") -> Generator[str, None, None]:
     """Stream the non-blank texts of ``spec`` (same formats and checks as :func:`load_texts`), one at a time.
 
     Memory stays flat whatever the dataset's size: what a harvest over millions of tokens reads from.
@@ -223,7 +223,7 @@ def _check_text(value: Any, where: str, *, source: str, column: str) -> None:
                          f"{column!r} value a string (or drop that row)")
 
 
-def _txt_rows(path: Path, _column: str) -> Iterator[tuple[str, Any]]:
+def _txt_rows(path: Path, _column: str) -> Generator[tuple[str, Any], None, None]:
     try:
         with path.open(encoding="utf-8") as fh:
             for n, line in enumerate(fh, start=1):
@@ -232,7 +232,7 @@ def _txt_rows(path: Path, _column: str) -> Iterator[tuple[str, Any]]:
         raise InputError(f"dataset file {str(path)!r} is not UTF-8 text: re-save it as UTF-8") from None
 
 
-def _jsonl_rows(path: Path, column: str) -> Iterator[tuple[str, Any]]:
+def _jsonl_rows(path: Path, column: str) -> Generator[tuple[str, Any], None, None]:
     name = str(path)
     try:
         with path.open(encoding="utf-8") as fh:
@@ -255,7 +255,7 @@ def _jsonl_rows(path: Path, column: str) -> Iterator[tuple[str, Any]]:
         raise InputError(f"dataset file {name!r} is not UTF-8 text: re-save it as UTF-8") from None
 
 
-def _parquet_rows(path: Path, column: str) -> Iterator[tuple[str, Any]]:
+def _parquet_rows(path: Path, column: str) -> Generator[tuple[str, Any], None, None]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 

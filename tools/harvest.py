@@ -40,25 +40,43 @@ first, so the re-run resumes right after them.
 
 Results
 -------
-The finished harvest is a :class:`HarvestResult`: per-feature :class:`FeatureStats` and per-example
+The finished harvest is a :class:`HarvestResult`: per-feature arrays (density, max, mean) and a stream of
+feature-complete :class:`HarvestChunk` values holding per-feature :class:`FeatureStats` and per-example
 :class:`FeatureExample` values (plain dataclasses: hundreds of thousands of examples are built without per-row
-validation). It goes to ``ctx.sink`` (a :class:`HarvestSink`); tools know nothing of tables: the store turns the
-results into rows (:mod:`autoexplain.agent.store.harvest`).
+validation). It goes to ``ctx.sink`` (a :class:`HarvestSink`), which pulls the chunks; tools know nothing of
+tables: the store turns the results into rows (:mod:`autoexplain.agent.store.harvest`), chunk by chunk in one
+transaction.
+
+Memory
+------
+Nothing grows with the dataset, and nothing but the running state grows with the SAE's width:
+
+* the pass encodes each batch in token sub-batches (:data:`ENCODE_BYTES` of dense activations at a time, full
+  feature width) and keeps only the non-zero entries (:class:`_Firings`); no ``[batch, ctx, d_sae]`` tensor exists;
+* the state keeps, per kept example, the ``left + right + 1`` activations around its max (all an example shows),
+  not the whole window, and the random pool as firing flags: about 0.57 GB at 98,304 features with the defaults;
+* the finish assembles, and the sink writes, :data:`EXAMPLES_PER_CHUNK` examples at a time (logit effects of the
+  same features only), the next chunk prepared in a background thread while the sink writes this one.
+
+The result is bit-identical to encoding whole batches and assembling everything at once (same random keys, drawn
+per batch; same example order; the CPU sgemm gives each row the same bits whatever the sub-batch; see
+:func:`_batch_firings`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -71,15 +89,20 @@ from autoexplain.tools.registry import Cost, ToolContext, ToolOutput, ToolSpec
 from autoexplain.tools.vocab import FeatureRef, SiteKind
 
 if TYPE_CHECKING:
-    from autoexplain.tools.data import TokenWindows
     from autoexplain.tools.models import LoadedModel
     from autoexplain.tools.saes import LoadedSAE
 
+_T = TypeVar("_T")
 #: Histogram bin edges (activation values); counts has one more bin below the first edge and one above the last.
 HIST_EDGES: tuple[float, ...] = tuple(float(x) for x in np.logspace(-3, 3, 25))
 _RESIDUAL_WRITERS = {SiteKind.RESID_PRE, SiteKind.RESID_MID, SiteKind.RESID_POST, SiteKind.ATTN_OUT,
                      SiteKind.MLP_OUT}
-STATE_VERSION = 1
+#: The checkpoint layout (2: per-token activations kept as the example slice, not the whole window; pool as
+#: firing flags). A checkpoint of another version is not resumed: the pass starts again.
+STATE_VERSION = 2
+#: What a harvest's results mean, part of its identity (:func:`harvest_identity`): bumped only when the same inputs
+#: would give other rows, not when the checkpoint layout changes.
+RESULT_VERSION = 1
 #: Unlocked work folders older than this are removed when a harvest starts (crashed harvests never resumed).
 STALE_WORK_DAYS = 7.0
 #: A harvest whose dataset gives less than this fraction of the tokens asked for carries a note saying so.
@@ -118,7 +141,8 @@ class HarvestOut(ToolOutput):
     resumed_from_batch: int
     seconds: float
     stream_seconds: float = Field(description="the pass over the data (this run's batches)")
-    finish_seconds: float = Field(description="once per SAE: logit effects (W_dec @ W_U) and example assembly")
+    finish_seconds: float = Field(description="once per SAE: logit effects (W_dec @ W_U), example assembly and "
+                                            "the sink storing them (interleaved, chunk by chunk)")
     density_quantiles: dict[str, float]
     densest: list[tuple[int, float]]
     harvest_id: str = Field("", description="which harvest the stored rows come from (features.harvest_id)")
@@ -141,9 +165,21 @@ class HarvestOut(ToolOutput):
 
 
 # ----------------------------------------------------------------------------- running state
+def _slice_len(args: HarvestIn) -> tuple[int, int]:
+    """(tokens kept before the max, slice length) of the per-token activations the state keeps per example.
+
+    Examples only ever show ``left`` tokens before the max and ``right`` after it, so the state keeps that slice,
+    not the whole window: ``[F, K, left + right + 1]`` float16 instead of ``[F, K, ctx]`` (``left``/``right`` past
+    the window are clamped, as no example can show more than the window)."""
+    lc, rc = min(args.left, args.ctx - 1), min(args.right, args.ctx - 1)
+    return lc, lc + rc + 1
+
+
 @dataclass
 class _State:
-    """Everything the streaming pass accumulates; O(features x (top_k + reservoir) x ctx), not O(dataset)."""
+    """Everything the streaming pass accumulates: O(features x (top_k + reservoir) x (left + right + 1)), not
+    O(dataset) and not O(ctx). For an SAE of 98,304 features with the defaults that is about 0.57 GB, most of it
+    the per-token activation slices (float16)."""
 
     batches_done: int
     windows_done: int
@@ -155,30 +191,31 @@ class _State:
     top_val: torch.Tensor  # [F, K]  (-inf = empty)
     top_win: torch.Tensor  # [F, K] int64 global window index
     top_pos: torch.Tensor  # [F, K] int64
-    top_acts: torch.Tensor  # [F, K, ctx] float16
+    top_acts: torch.Tensor  # [F, K, L] float16: positions pos - left ... pos + right (see _slice_len)
     res_key: torch.Tensor  # [F, R]  (+inf = empty)
     res_val: torch.Tensor
     res_win: torch.Tensor
     res_pos: torch.Tensor
-    res_acts: torch.Tensor  # [F, R, ctx] float16
+    res_acts: torch.Tensor  # [F, R, L] float16
     pool_key: torch.Tensor  # [P]
     pool_win: torch.Tensor  # [P]
-    pool_max: torch.Tensor  # [P, F]
+    pool_fires: torch.Tensor  # [P, F] bool: does the feature fire anywhere in the pooled window
 
     @classmethod
     def empty(cls, n_features: int, args: HarvestIn) -> _State:
-        f, k, r, p, t = n_features, args.top_k, args.reservoir, args.random_pool, args.ctx
+        f, k, r, p = n_features, args.top_k, args.reservoir, args.random_pool
+        _, n = _slice_len(args)
         return cls(
             batches_done=0, windows_done=0, n_tokens=0,
             fire_count=torch.zeros(f, dtype=torch.int64), act_sum=torch.zeros(f, dtype=torch.float64),
             act_max=torch.zeros(f), hist=torch.zeros(f, len(HIST_EDGES) + 1, dtype=torch.int64),
             top_val=torch.full((f, k), -torch.inf), top_win=torch.full((f, k), -1, dtype=torch.int64),
-            top_pos=torch.zeros(f, k, dtype=torch.int64), top_acts=torch.zeros(f, k, t, dtype=torch.float16),
+            top_pos=torch.zeros(f, k, dtype=torch.int64), top_acts=torch.zeros(f, k, n, dtype=torch.float16),
             res_key=torch.full((f, r), torch.inf), res_val=torch.zeros(f, r),
             res_win=torch.full((f, r), -1, dtype=torch.int64), res_pos=torch.zeros(f, r, dtype=torch.int64),
-            res_acts=torch.zeros(f, r, t, dtype=torch.float16),
+            res_acts=torch.zeros(f, r, n, dtype=torch.float16),
             pool_key=torch.full((p,), torch.inf), pool_win=torch.full((p,), -1, dtype=torch.int64),
-            pool_max=torch.zeros(p, f),
+            pool_fires=torch.zeros(p, f, dtype=torch.bool),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -192,7 +229,6 @@ def _admit(keys: torch.Tensor, cand: torch.Tensor, largest: bool) -> tuple[torch
     triples ``(row, slot, b)``: candidate ``b`` of ``row`` replaces slot ``slot``. Survivors stay where they are,
     so per-batch data movement is proportional to the entries that change, not to the whole store.
     """
-    k = keys.shape[1]
     # only rows where some candidate beats the worst kept key can change (after warm-up: few rows)
     if largest:
         live = (cand.max(1).values > keys.min(1).values).nonzero().flatten()
@@ -201,6 +237,21 @@ def _admit(keys: torch.Tensor, cand: torch.Tensor, largest: bool) -> tuple[torch
     if live.numel() == 0:
         empty = torch.empty(0, dtype=torch.long)
         return empty, empty, empty
+    if live.numel() > _ADMIT_ROWS:  # warm-up of a wide SAE: every row changes; bound the [rows, K + B] temporaries
+        parts = [_admit_rows(keys, cand, live[i : i + _ADMIT_ROWS], largest)
+                 for i in range(0, live.numel(), _ADMIT_ROWS)]
+        return tuple(torch.cat(p) for p in zip(*parts, strict=True))  # type: ignore[return-value]
+    return _admit_rows(keys, cand, live, largest)
+
+
+#: Rows of the kept sets that :func:`_admit` updates at once.
+_ADMIT_ROWS = 8192
+
+
+def _admit_rows(keys: torch.Tensor, cand: torch.Tensor, live: torch.Tensor,
+                largest: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_admit` for the rows ``live`` (row-wise, so blocks of rows give the triples of all rows at once)."""
+    k = keys.shape[1]
     keys, cand = keys[live], cand[live]
     sel = torch.topk(torch.cat([keys, cand], 1), k, dim=1, largest=largest, sorted=False).indices
     chosen = torch.zeros(len(live), k + cand.shape[1], dtype=torch.bool)
@@ -216,33 +267,58 @@ def _admit(keys: torch.Tensor, cand: torch.Tensor, largest: bool) -> tuple[torch
     return rows, slots[take], news[take]
 
 
-def _update(state: _State, acts: torch.Tensor, mask: torch.Tensor, win_offset: int, gen: torch.Generator) -> None:
-    """Fold one batch of activations ``[B, T, F]`` into the state; ``mask`` [B, T] marks the counted tokens.
+@dataclass
+class _Firings:
+    """One batch's counted feature activations in sparse form: entry ``i`` is feature ``f[i]`` firing with
+    ``val[i]`` at position ``t[i]`` of window ``b[i]``, in row-major (b, t, f) order — the order
+    ``dense.nonzero()`` gives — with BOS and padding already dropped. ``shape`` is (B, T, F) of the dense batch."""
 
-    Works on the non-zero entries (one pass over the dense tensor to find them): SAE activations are sparse,
-    so the statistics cost O(firings), not O(B x T x F).
+    b: torch.Tensor
+    t: torch.Tensor
+    f: torch.Tensor
+    val: torch.Tensor  # float32
+    shape: tuple[int, int, int]
+
+
+def _update(state: _State, fired: _Firings, mask: torch.Tensor, win_offset: int, gen: torch.Generator,
+            args: HarvestIn) -> None:
+    """Fold one batch of firings into the state; ``mask`` [B, T] marks the counted tokens.
+
+    Works on the non-zero entries only: the statistics cost O(firings), and nothing of size B x T x F is built
+    (per (window, feature) maxima are B x F). The per-token activations of an admitted (feature, window) pair are
+    rebuilt from the firings, as the ``left + right + 1`` slice around the window's max.
     """
-    b, t, f = acts.shape
-    nz_b, nz_t, nz_f = acts.nonzero(as_tuple=True)
-    keep = mask[nz_b, nz_t]  # drop BOS and padding
-    nz_b, nz_t, nz_f = nz_b[keep], nz_t[keep], nz_f[keep]
-    vals = acts[nz_b, nz_t, nz_f]
+    b, t, f = fired.shape
+    nz_b, nz_t, nz_f, vals = fired.b, fired.t, fired.f, fired.val
     state.fire_count += torch.bincount(nz_f, minlength=f)
     state.act_sum += torch.bincount(nz_f, weights=vals.double(), minlength=f)
     bins = torch.bucketize(vals, torch.tensor(HIST_EDGES, dtype=vals.dtype))
     state.hist.view(-1).index_add_(0, nz_f * state.hist.shape[1] + bins, torch.ones_like(nz_f))
     # per (window, feature): the max and the first position reaching it
     cell = nz_b * f + nz_f
-    win_max = torch.zeros(b * f, dtype=acts.dtype).scatter_reduce_(0, cell, vals, reduce="amax")
+    win_max = torch.zeros(b * f, dtype=vals.dtype).scatter_reduce_(0, cell, vals, reduce="amax")
     at_max = vals == win_max[cell]
     win_arg = torch.zeros(b * f, dtype=torch.int64).fill_(t).scatter_reduce_(0, cell[at_max], nz_t[at_max],
                                                                               reduce="amin")
     win_max, win_arg = win_max.view(b, f), win_arg.masked_fill_(win_arg == t, 0).view(b, f)
     state.act_max = torch.maximum(state.act_max, win_max.max(dim=0).values)
-    masked = mask.to(acts.dtype)
+    left, width = _slice_len(args)
 
-    def per_token(bb: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        return acts[bb, :, rows] * masked[bb]
+    def per_token(bb: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """[n, width] float16: the activations of feature ``rows[i]`` in window ``bb[i]`` at positions
+        ``pos[i] - left ...`` (0 where it does not fire, outside the window, at BOS and padding)."""
+        out = torch.zeros(len(rows), width)
+        if len(rows) == 0:
+            return out.to(torch.float16)
+        pair = torch.full((b * f,), -1, dtype=torch.int64)
+        pair[bb * f + rows] = torch.arange(len(rows))
+        which = pair[cell]
+        hit = (which >= 0).nonzero().flatten()
+        which = which[hit]
+        rel = nz_t[hit] - pos[which] + left
+        ok = (rel >= 0) & (rel < width)
+        out[which[ok], rel[ok]] = vals[hit[ok]]
+        return out.to(torch.float16)
 
     wm, wa = win_max.T, win_arg.T  # [F, B]
 
@@ -252,8 +328,9 @@ def _update(state: _State, acts: torch.Tensor, mask: torch.Tensor, win_offset: i
     state.top_val[rows, slots] = cand[rows, bb]
     state.top_win[rows, slots] = win_offset + bb
     state.top_pos[rows, slots] = wa[rows, bb]
-    state.top_acts[rows, slots] = per_token(bb, rows).to(state.top_acts.dtype)
-    # priority sample of activating windows: uniform, without replacement
+    state.top_acts[rows, slots] = per_token(bb, rows, wa[rows, bb])
+    # priority sample of activating windows: uniform, without replacement (keys for the whole batch at once:
+    # the same draws whatever the sub-batching of the encoder)
     keys = torch.rand(wm.shape, generator=gen)
     keys = torch.where(wm > 0, keys, torch.full_like(keys, torch.inf))
     rows, slots, bb = _admit(state.res_key, keys, largest=False)
@@ -261,13 +338,13 @@ def _update(state: _State, acts: torch.Tensor, mask: torch.Tensor, win_offset: i
     state.res_val[rows, slots] = wm[rows, bb]
     state.res_win[rows, slots] = win_offset + bb
     state.res_pos[rows, slots] = wa[rows, bb]
-    state.res_acts[rows, slots] = per_token(bb, rows).to(state.res_acts.dtype)
+    state.res_acts[rows, slots] = per_token(bb, rows, wa[rows, bb])
     # a uniform pool of windows, for non-activating examples
     pkeys = torch.rand(1, b, generator=gen)
     _, slots, bb = _admit(state.pool_key[None, :], pkeys, largest=False)
     state.pool_key[slots] = pkeys[0, bb]
     state.pool_win[slots] = win_offset + bb
-    state.pool_max[slots] = win_max[bb]
+    state.pool_fires[slots] = win_max[bb] != 0
 
 
 # ----------------------------------------------------------------------------- result
@@ -317,9 +394,24 @@ class FeatureExample:
     window_index: int  # which harvested window (global order of the pass)
 
 
+@dataclass(frozen=True, slots=True)
+class HarvestChunk:
+    """The statistics and examples of a run of consecutive features (``features[i]`` and every example of it are
+    in the same chunk: a chunk is feature-complete)."""
+
+    features: list[FeatureStats]
+    examples: list[FeatureExample]
+
+
 @dataclass
 class HarvestResult:
-    """The finished harvest: statistics as arrays, plus every feature's stats and examples for the store."""
+    """The finished harvest: statistics as arrays, plus every feature's stats and examples, in bounded chunks.
+
+    ``chunks`` yields :class:`HarvestChunk` values in feature order, each assembled when it is asked for (logit
+    effects, window tokens and per-token activations of a few hundred features at a time), so memory does not grow
+    with the SAE's width or the number of examples: a sink writes a chunk and lets it go. It can be iterated
+    again (it re-assembles), but only while the harvest's work folder exists: inside the sink.
+    """
 
     sae_id: str
     n_tokens: int
@@ -327,8 +419,7 @@ class HarvestResult:
     density: np.ndarray
     max_act: np.ndarray
     mean_act: np.ndarray
-    features: list[FeatureStats]
-    examples: list[FeatureExample]
+    chunks: Iterable[HarvestChunk]
     harvest_id: str = ""  # see :func:`harvest_identity`
     inputs: dict[str, Any] | None = None  # what reuse compares (:func:`harvest_identity`)
     note: str | None = None  # a warning about the inputs (a dataset far smaller than asked)
@@ -387,7 +478,7 @@ def harvest_identity(model_id: str, sae_id: str, args: HarvestIn) -> HarvestIden
     inputs = {"model": model_id, "sae": sae_id, "dataset": dataset_identity(args.dataset),
               "n_tokens": args.n_tokens, "ctx": args.ctx}
     full = {**inputs, "args": args.model_dump(exclude={"checkpoint_every", "sae_id", "dataset"}),
-            "version": STATE_VERSION}
+            "version": RESULT_VERSION}
     digest = hashlib.sha256(json.dumps(full, sort_keys=True).encode()).hexdigest()[:16]
     return HarvestIdentity(harvest_id=f"harvest-{digest}", inputs=inputs, full=full)
 
@@ -468,15 +559,27 @@ def harvest(ctx: ToolContext, args: HarvestIn, *, progress: Callable[[int, int],
     lm, sae = ctx.model, ctx.sae(args.sae_id)
     if ctx.sink is None:
         raise InputError("harvest needs somewhere to store its results: pass a database (--db)")
-    check_args(args, lm.n_ctx)
+    check_args(args, lm.n_ctx, sae)
     if work is not None:
         return _harvest(ctx, args, work, progress)
     with harvest_work(lm.model_id, sae.sae_id, args, root=work_dir) as own:
         return _harvest(ctx, args, own, progress)
 
 
-def check_args(args: HarvestIn, n_ctx: int) -> None:
-    """Refuse arguments that cannot work with a model of context ``n_ctx`` (before anything is written)."""
+def default_ctx(n_ctx: int, sae: LoadedSAE | None = None) -> int:
+    """The window length a harvest uses when none is given: 64 tokens, at most the model's context and the SAE's
+    training ``context_size`` (when its config records one)."""
+    limits = [64, n_ctx] + ([sae.context_size] if sae is not None and sae.context_size else [])
+    return max(2, min(limits))
+
+
+def check_args(args: HarvestIn, n_ctx: int, sae: LoadedSAE | None = None) -> None:
+    """Refuse arguments that cannot work with a model of context ``n_ctx``, or with how ``sae`` was trained
+    (:func:`autoexplain.tools.saes.check_window`), before anything is written."""
+    if sae is not None:
+        from autoexplain.tools.saes import check_window
+
+        check_window(sae, args.ctx)
     if args.ctx > n_ctx:
         raise InputError(f"ctx {args.ctx} exceeds the model's context of {n_ctx} tokens: pass --ctx {n_ctx} "
                          "or less")
@@ -505,9 +608,10 @@ def _harvest(ctx: ToolContext, args: HarvestIn, owned: HarvestWork,
     for i, batch in enumerate(stream):
         if i < state.batches_done:
             continue  # finished before the interruption: tokenised again (cheap), not recomputed
-        acts, mask = _batch_acts(lm, sae, batch.tokens, batch.valid)
+        fired, mask = _batch_firings(lm, sae, batch.tokens, batch.valid)
         gen = torch.Generator().manual_seed(args.seed * 1_000_003 + i)  # per batch: resume-independent
-        _update(state, acts, mask, state.windows_done, gen)
+        _update(state, fired, mask, state.windows_done, gen, args)
+        del fired
         windows.append(batch.tokens)
         state.windows_done += batch.n_windows
         state.n_tokens += int(mask.sum())  # the counted tokens: valid and not BOS
@@ -530,8 +634,8 @@ def _harvest(ctx: ToolContext, args: HarvestIn, owned: HarvestWork,
     if state.n_tokens < SHORT_DATASET_FRACTION * args.n_tokens:
         result.note = (f"dataset {args.dataset!r} gave only {state.n_tokens:,} of the {args.n_tokens:,} tokens "
                        "asked for: its statistics and examples rest on that little text")
+    ctx.sink(result)  # assembles the examples chunk by chunk as it writes them
     seconds = time.perf_counter() - t0
-    ctx.sink(result)
     shutil.rmtree(work, ignore_errors=True)
     dens = result.density
     alive = dens[dens > 0]
@@ -547,7 +651,7 @@ def _harvest(ctx: ToolContext, args: HarvestIn, owned: HarvestWork,
     return out
 
 
-def _prefetch(it: Iterator[TokenWindows], depth: int = 2) -> Iterator[TokenWindows]:
+def _prefetch(it: Iterator[_T], depth: int = 2) -> Iterator[_T]:
     """Run ``it`` (reading and tokenising) in a background thread, ``depth`` items ahead of the model.
 
     Order is preserved and an exception from the producer (e.g. an InputError on a bad row) is raised here.
@@ -587,15 +691,70 @@ def _prefetch(it: Iterator[TokenWindows], depth: int = 2) -> Iterator[TokenWindo
         stop.set()
 
 
-def _batch_acts(lm: LoadedModel, sae: LoadedSAE, tokens: torch.Tensor,
-                valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Feature activations [B, T, F] (CPU float32) and the mask of counted tokens: valid and not BOS."""
-    from autoexplain.tools.saes import feature_activations
+#: Bytes of dense activations ([tokens, d_sae] float32) encoded at once; a batch is encoded in token sub-batches
+#: of this size and only its non-zero entries are kept (see :func:`_batch_firings`).
+ENCODE_BYTES = 32 * 2**20
+#: Fewest tokens in an encoder sub-batch (a one-row matrix product may take another BLAS path: see _token_chunks).
+MIN_ENCODE_ROWS = 8
 
-    acts = feature_activations(lm, sae, tokens).float().cpu()
+
+def _token_chunks(n: int, width: int) -> list[tuple[int, int]]:
+    """Split ``n`` token rows into contiguous, near-equal sub-batches of at most :data:`ENCODE_BYTES` bytes of
+    float32 width ``width`` each, none smaller than :data:`MIN_ENCODE_ROWS` rows (unless ``n`` is)."""
+    per = max(MIN_ENCODE_ROWS, ENCODE_BYTES // max(1, 4 * width))
+    k = max(1, min(-(-n // per), n // MIN_ENCODE_ROWS))
+    edges = [n * i // k for i in range(k + 1)]
+    return list(itertools.pairwise(edges))
+
+
+def _batch_firings(lm: LoadedModel, sae: LoadedSAE, tokens: torch.Tensor,
+                   valid: torch.Tensor) -> tuple[_Firings, torch.Tensor]:
+    """A batch's feature firings (sparse, CPU float32) and the mask of counted tokens: valid and not BOS.
+
+    The model runs to the SAE's hook once for the whole batch; the encoder then sees the flattened tokens in
+    sub-batches (:func:`_token_chunks`) of full feature width (so TopK, JumpReLU thresholds and any per-token
+    normalisation behave exactly as on the whole batch), and each sub-batch's dense ``[tokens, d_sae]`` output is
+    reduced to its non-zero entries at once. Peak memory is one sub-batch, whatever the SAE width and batch size;
+    the firings themselves are O(tokens x features firing per token).
+
+    Caveat: the result equals one ``encode`` of the whole batch bit for bit when the BLAS computes each row of a
+    matrix product independently of how many rows it is given — true of the CPU (MKL/oneDNN) sgemm for two rows
+    or more (checked at GPT-2-small shape), hence :data:`MIN_ENCODE_ROWS`; a GPU library may differ in the last
+    bit. Sparse entries keep ``dense.nonzero()`` order, so every sum downstream adds in the same order as before.
+    A (-0.0) activation (JumpReLU of a negative pre-activation) counts as zero, as ``nonzero()`` always did.
+    """
+    grabbed: list[torch.Tensor] = []
+
+    def grab(act: torch.Tensor, hook: Any) -> None:
+        grabbed.append(act)
+
     mask = valid.clone()
     mask[:, 0] = False  # BOS (windows always start with it here)
-    return acts, mask
+    b, t = tokens.shape
+    d_sae = sae.d_sae
+    flat_mask = mask.reshape(-1).to(lm.device)
+    idx: list[torch.Tensor] = []
+    vals: list[torch.Tensor] = []
+    with torch.no_grad():
+        lm.model.run_with_hooks(tokens.to(lm.device), fwd_hooks=[(sae.hook_name, grab)],
+                                stop_at_layer=sae.site.layer + 1)
+        if len(grabbed) != 1:
+            raise RuntimeError(f"hook {sae.hook_name} fired {len(grabbed)} times, expected once")
+        hooked = grabbed.pop()
+        flat = hooked.reshape(b * t, *hooked.shape[2:])  # [tokens, ...]: sae-lens reshapes heads itself
+        del hooked
+        for lo, hi in _token_chunks(b * t, d_sae):
+            acts = sae.sae.encode(flat[lo:hi]).float()  # [n, d_sae]
+            tok, feat = acts.nonzero(as_tuple=True)
+            keep = flat_mask[lo + tok]  # drop BOS and padding
+            tok, feat = tok[keep], feat[keep]
+            vals.append(acts[tok, feat].cpu())
+            idx.append(((tok + lo) * d_sae + feat).cpu())
+            del acts
+    cell = torch.cat(idx)
+    tok_all, nz_f = cell // d_sae, cell % d_sae
+    fired = _Firings(b=tok_all // t, t=tok_all % t, f=nz_f, val=torch.cat(vals), shape=(b, t, d_sae))
+    return fired, mask
 
 
 def _save_state(path: Path, state: _State, args: HarvestIn) -> None:
@@ -617,96 +776,184 @@ def _load_state(path: Path, args: HarvestIn) -> _State | None:
     return _State(**blob["state"])
 
 
-#: An example chosen for a feature: (feature, kind, example_id, quantile, window, position of the max or -1,
-#: per-token activations of the window or None).
-_Pick = tuple[int, ExampleKind, int, int | None, int, int, torch.Tensor | None]
+#: Examples assembled per chunk of the finished harvest (:func:`_finish`): bounds the Python objects and rows alive
+#: at once (about 2 kB per example through to the store).
+EXAMPLES_PER_CHUNK = 16_384
+#: Logit-effect entries (features x vocabulary, float32) computed at once.
+LOGIT_ELEMENTS = 16 * 2**20
+
+
+def _feature_chunks(n_features: int, per_feature: int, d_vocab: int) -> list[tuple[int, int]]:
+    """Consecutive feature ranges of about :data:`EXAMPLES_PER_CHUNK` examples and at most
+    :data:`LOGIT_ELEMENTS` logit effects each; a last range of one feature is merged into the one before it (a
+    one-row product may take another BLAS path than the rows around it)."""
+    size = max(2, min(EXAMPLES_PER_CHUNK // max(1, per_feature), LOGIT_ELEMENTS // max(1, d_vocab)))
+    edges = list(range(0, n_features, size)) + [n_features]
+    if len(edges) > 2 and edges[-1] - edges[-2] == 1:
+        del edges[-2]
+    return list(itertools.pairwise(edges))
 
 
 def _finish(state: _State, lm: LoadedModel, sae: LoadedSAE, args: HarvestIn, windows: _Windows) -> HarvestResult:
-    """Turn the state into per-feature statistics and examples."""
+    """Turn the state into per-feature statistics (arrays, at once) and a re-iterable stream of feature-complete
+    chunks of stats and examples (:class:`HarvestResult`), assembled lazily by :func:`_chunk`."""
     n_tok = max(state.n_tokens, 1)
     count = state.fire_count.numpy()
     density = count / n_tok
     mean_act = np.where(count > 0, state.act_sum.numpy() / np.maximum(count, 1), 0.0)
     max_act = state.act_max.numpy().astype(np.float64)
-    promote, suppress = _logit_effects(lm, sae, args.n_logits)
-    vocab = lm.token_strs(range(lm.model.cfg.d_vocab))
-    hist = state.hist.numpy()
+    per_feature = args.top_k + args.n_quantiles * args.per_quantile + args.n_random
+    d_vocab = lm.model.cfg.d_vocab
+    ranges = _feature_chunks(sae.d_sae, per_feature, d_vocab)
+    cache: dict[str, Any] = {}
 
-    refs = [FeatureRef(sae_id=sae.sae_id, index=f) for f in range(sae.d_sae)]  # one per feature, shared
+    def assemble() -> Iterator[HarvestChunk]:
+        if "vocab" not in cache:
+            cache["vocab"] = lm.token_strs(range(d_vocab))
+            cache["pool_order"] = torch.argsort(state.pool_key)
+            cache["refs"] = [FeatureRef(sae_id=sae.sae_id, index=f) for f in range(sae.d_sae)]
+        for lo, hi in ranges:
+            yield _chunk(state, lm, sae, args, windows, lo, hi, density=density, max_act=max_act,
+                         mean_act=mean_act, **cache)
+
+    class _Chunks:
+        def __iter__(self) -> Iterator[HarvestChunk]:
+            # the next chunk is assembled in a background thread while the sink stores this one: its logit
+            # effects (a matrix product and top-k, outside the GIL) overlap the sink's Python and DuckDB's insert;
+            # at most two chunks wait (bounded memory)
+            return _prefetch(assemble(), depth=1)
+
+    return HarvestResult(sae_id=sae.sae_id, n_tokens=state.n_tokens, n_windows=state.windows_done,
+                         density=density, max_act=max_act, mean_act=mean_act, chunks=_Chunks())
+
+
+def _chunk(state: _State, lm: LoadedModel, sae: LoadedSAE, args: HarvestIn, windows: _Windows, lo: int, hi: int, *,
+           density: np.ndarray, max_act: np.ndarray, mean_act: np.ndarray, vocab: list[str],
+           pool_order: torch.Tensor, refs: list[FeatureRef]) -> HarvestChunk:
+    """Stats and examples of features ``lo .. hi-1``, in the order the store has always received them: per
+    feature its top contexts (by activation, ties: earlier window first), then its quantile samples (weakest bin
+    first), then its non-activating windows (in pool order). Window tokens are read from the window file for this
+    chunk only; per-token activations come from the state's slices (:func:`_slice_len`)."""
+    promote, suppress = _logit_effects(lm, sae, args.n_logits, lo, hi, vocab)
+    hist = state.hist[lo:hi].numpy()
     features = [
         FeatureStats(feature=refs[f], density=float(density[f]), max_act=float(max_act[f]),
                      mean_act=float(mean_act[f]), n_tokens=int(state.n_tokens), hist_edges=HIST_EDGES,
-                     hist_counts=hist[f].tolist(), top_logits=promote[f] if promote is not None else None,
-                     bottom_logits=suppress[f] if suppress is not None else None)
-        for f in range(sae.d_sae)]
+                     hist_counts=hist[f - lo].tolist(), top_logits=promote[f - lo] if promote is not None else None,
+                     bottom_logits=suppress[f - lo] if suppress is not None else None)
+        for f in range(lo, hi)]
 
-    picks: list[_Pick] = []
-    # the kept sets are unordered: rank top contexts by activation (ties: earlier window first)
-    by_win = torch.argsort(state.top_win, dim=1, stable=True)
-    top_order = by_win.gather(1, torch.argsort(-state.top_val.gather(1, by_win), dim=1, stable=True))
-    pool_order = torch.argsort(state.pool_key)
-    pool_win, pool_max = state.pool_win[pool_order], state.pool_max[pool_order]
-    for f in range(sae.d_sae):
-        for j, slot in enumerate(top_order[f].tolist()):
-            if state.top_val[f, slot] > -torch.inf:
-                picks.append((f, ExampleKind.TOP, j, None, int(state.top_win[f, slot]),
-                              int(state.top_pos[f, slot]), state.top_acts[f, slot]))
-        picks.extend(_quantile_picks(state, f, args))
-        silent = [int(w) for w, m in zip(pool_win.tolist(), pool_max[:, f].tolist(), strict=True)
-                  if w >= 0 and m == 0.0][: args.n_random]
-        picks.extend((f, ExampleKind.RANDOM, j, None, w, -1, None) for j, w in enumerate(silent))
-
-    win_ids = np.array(sorted({p[4] for p in picks}), dtype=np.int64)
-    rows_by_win = dict(zip(win_ids.tolist(), windows.rows(win_ids), strict=True)) if win_ids.size else {}
-    examples = []
-    for f, kind, j, q, w, pos, acts in picks:
-        toks = rows_by_win[w]
-        lo, hi = (1, args.ctx) if pos < 0 else (max(1, pos - args.left), min(args.ctx, pos + args.right + 1))
-        per_tok = [0.0] * (hi - lo) if acts is None else np.round(acts[lo:hi].double().numpy(), 4).tolist()
-        examples.append(FeatureExample(feature=refs[f], kind=kind, example_id=j, quantile=q,
-                                       tokens=[vocab[t] for t in toks[lo:hi].tolist()], acts=per_tok,
-                                       max_act=max(per_tok) if per_tok else 0.0, window_index=w))
-    return HarvestResult(sae_id=sae.sae_id, n_tokens=state.n_tokens, n_windows=state.windows_done,
-                         density=density, max_act=max_act, mean_act=mean_act, features=features, examples=examples)
-
-
-def _quantile_picks(state: _State, f: int, args: HarvestIn) -> Iterator[_Pick]:
-    """Split feature ``f``'s uniform sample of activating windows into activation quantiles; take a few of each."""
-    ok = torch.isfinite(state.res_key[f])
-    if not ok.any():
-        return
-    idx = ok.nonzero().flatten()
-    order = idx[torch.argsort(state.res_val[f, idx], stable=True)].tolist()
-    keys = state.res_key[f].tolist()
-    n_bins = min(args.n_quantiles, len(order))
-    j = 0
-    for q in range(n_bins):  # equal-count bins by activation, weakest first
-        members = order[q * len(order) // n_bins : (q + 1) * len(order) // n_bins]
-        for m in sorted(members, key=keys.__getitem__)[: args.per_quantile]:
-            yield (f, ExampleKind.QUANTILE, j, q, int(state.res_win[f, m]), int(state.res_pos[f, m]),
-                   state.res_acts[f, m])
-            j += 1
+    # picks: (feature, kind rank, j, quantile or -1, window, max position or -1, row in `acts` or -1)
+    cols: list[np.ndarray] = []
+    act_rows: list[torch.Tensor] = []
+    n_act = 0
+    # top contexts: the kept sets are unordered; rank by activation (ties: earlier window first)
+    top_win, top_val = state.top_win[lo:hi], state.top_val[lo:hi]
+    by_win = torch.argsort(top_win, dim=1, stable=True)
+    order = by_win.gather(1, torch.argsort(-top_val.gather(1, by_win), dim=1, stable=True))
+    r, j = (top_val.gather(1, order) > -torch.inf).nonzero(as_tuple=True)  # the filled slots sort first
+    slot = order[r, j]
+    if len(r):
+        act_rows.append(state.top_acts[lo + r, slot])
+        cols.append(np.stack([(lo + r).numpy(), np.zeros(len(r), np.int64), j.numpy(), np.full(len(r), -1),
+                              top_win[r, slot].numpy(), state.top_pos[lo + r, slot].numpy(),
+                              np.arange(n_act, n_act + len(r))], 1))
+        n_act += len(r)
+    # quantile samples
+    q_f, q_j, q_q, q_m = _quantile_picks(state, lo, hi, args)
+    if len(q_f):
+        fq, mq = torch.from_numpy(q_f), torch.from_numpy(q_m)
+        act_rows.append(state.res_acts[fq, mq])
+        cols.append(np.stack([q_f, np.ones(len(q_f), np.int64), q_j, q_q, state.res_win[fq, mq].numpy(),
+                              state.res_pos[fq, mq].numpy(), np.arange(n_act, n_act + len(q_f))], 1))
+        n_act += len(q_f)
+    # non-activating windows: the first n_random pooled windows (in key order) where the feature never fires
+    if args.n_random:
+        pwin = state.pool_win[pool_order]
+        silent = (pwin >= 0)[:, None] & ~state.pool_fires[pool_order][:, lo:hi]  # [P, n]
+        take = silent & (silent.cumsum(0) <= args.n_random)
+        f_r, p_r = take.T.nonzero(as_tuple=True)  # by feature, then pool order
+        if len(f_r):
+            j_r = (take.T.cumsum(1) - 1)[f_r, p_r]
+            n = len(f_r)
+            cols.append(np.stack([(lo + f_r).numpy(), np.full(n, 2), j_r.numpy(), np.full(n, -1),
+                                  pwin[p_r].numpy(), np.full(n, -1), np.full(n, -1)], 1))
+    examples: list[FeatureExample] = []
+    if cols:
+        picks = np.concatenate(cols).astype(np.int64)
+        picks = picks[np.lexsort((picks[:, 2], picks[:, 1], picks[:, 0]))]
+        examples = _examples(picks, torch.cat(act_rows) if act_rows else None, args, windows, vocab, refs)
+    return HarvestChunk(features=features, examples=examples)
 
 
-def _logit_effects(lm: LoadedModel, sae: LoadedSAE,
-                   n: int) -> tuple[list[list[LogitEffect]] | None, list[list[LogitEffect]] | None]:
-    """Per feature, the ``n`` tokens whose logits the decoder row raises (lowers) most: ``W_dec @ W_U``."""
+_KINDS = (ExampleKind.TOP, ExampleKind.QUANTILE, ExampleKind.RANDOM)
+
+
+def _examples(picks: np.ndarray, acts: torch.Tensor | None, args: HarvestIn, windows: _Windows, vocab: list[str],
+              refs: list[FeatureRef]) -> list[FeatureExample]:
+    """Cut each pick's window around its max (``left`` tokens before, ``right`` after; BOS never shown; random
+    windows whole) and pair it with its per-token activations (rounded to 4 decimals; zeros for random windows)."""
+    win = picks[:, 4]
+    ids, inv = np.unique(win, return_inverse=True)
+    toks = windows.rows(ids)  # [unique windows, ctx]
+    pos = picks[:, 5]
+    lo = np.where(pos < 0, 1, np.maximum(1, pos - args.left))
+    hi = np.where(pos < 0, args.ctx, np.minimum(args.ctx, pos + args.right + 1))
+    left, _ = _slice_len(args)
+    start = lo - (pos - left)  # where lo falls in the stored slice
+    rounded = np.round(acts.double().numpy(), 4) if acts is not None else None
+    out: list[FeatureExample] = []
+    get = vocab.__getitem__
+    for (f, kind, j, q, w, _, a), row, s_lo, s_hi, st in zip(picks.tolist(), inv.tolist(), lo.tolist(), hi.tolist(),
+                                                            start.tolist(), strict=True):
+        per_tok = [0.0] * (s_hi - s_lo) if a < 0 else rounded[a, st : st + s_hi - s_lo].tolist()  # type: ignore[index]
+        out.append(FeatureExample(feature=refs[f], kind=_KINDS[kind], example_id=j, quantile=None if q < 0 else q,
+                                  tokens=list(map(get, toks[row, s_lo:s_hi].tolist())), acts=per_tok,
+                                  max_act=max(per_tok) if per_tok else 0.0, window_index=w))
+    return out
+
+
+def _quantile_picks(state: _State, lo: int, hi: int,
+                    args: HarvestIn) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """For features ``lo .. hi-1``: split each one's uniform sample of activating windows into equal-count bins by
+    activation (weakest first) and take the ``per_quantile`` samples of smallest key from each. Returns arrays
+    (feature, j, quantile, reservoir slot)."""
+    keys_all, vals_all = state.res_key[lo:hi].numpy(), state.res_val[lo:hi].numpy()
+    out: list[tuple[int, int, int, int]] = []
+    for r in range(hi - lo):
+        keys = keys_all[r]
+        idx = np.flatnonzero(np.isfinite(keys))
+        if not idx.size:
+            continue
+        order = idx[np.argsort(vals_all[r, idx], kind="stable")].tolist()
+        key_of = keys.tolist().__getitem__
+        n_bins = min(args.n_quantiles, len(order))
+        j = 0
+        for q in range(n_bins):
+            members = order[q * len(order) // n_bins : (q + 1) * len(order) // n_bins]
+            for m in sorted(members, key=key_of)[: args.per_quantile]:
+                out.append((lo + r, j, q, m))
+                j += 1
+    arr = np.array(out, dtype=np.int64).reshape(-1, 4)
+    return arr[:, 0], arr[:, 1], arr[:, 2], arr[:, 3]
+
+
+def _logit_effects(lm: LoadedModel, sae: LoadedSAE, n: int, lo: int, hi: int, vocab: list[str],
+                   ) -> tuple[list[list[LogitEffect]] | None, list[list[LogitEffect]] | None]:
+    """For features ``lo .. hi-1``, the ``n`` tokens whose logits the decoder row raises (lowers) most:
+    ``W_dec @ W_U`` (one product of the chunk's rows; no more than the chunk's ``[features, vocab]`` at once)."""
     if sae.site.kind not in _RESIDUAL_WRITERS:
         return None, None
-    vocab = lm.token_strs(range(lm.model.cfg.d_vocab))
     w_u = lm.model.W_U.detach()
-    promote: list[list[LogitEffect]] = []
-    suppress: list[list[LogitEffect]] = []
     with torch.no_grad():
-        for lo in range(0, sae.d_sae, 2048):
-            eff = sae.sae.W_dec[lo : lo + 2048].to(w_u.dtype) @ w_u  # [chunk, vocab]
-            top = torch.topk(eff, n, dim=1)
-            bot = torch.topk(eff, n, dim=1, largest=False)
-            for vals, ids in ((top.values, top.indices), (bot.values, bot.indices)):
-                rows = [[(vocab[i], round(v, 4)) for i, v in zip(r_i, r_v, strict=True)]
-                        for r_i, r_v in zip(ids.tolist(), vals.tolist(), strict=True)]
-                (promote if vals is top.values else suppress).extend(rows)
+        eff = sae.sae.W_dec[lo:hi].to(w_u.dtype) @ w_u  # [chunk, vocab]
+        top = torch.topk(eff, n, dim=1)
+        bot = torch.topk(eff, n, dim=1, largest=False)
+        del eff
+    promote, suppress = (
+        [[(vocab[i], round(v, 4)) for i, v in zip(r_i, r_v, strict=True)]
+         for r_i, r_v in zip(res.indices.tolist(), res.values.tolist(), strict=True)]
+        for res in (top, bot))
     return promote, suppress
 
 

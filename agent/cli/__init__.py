@@ -8,6 +8,7 @@ inside the commands, so ``autoexplain --help`` stays fast.
 from __future__ import annotations
 
 import sys
+from typing import Annotated
 
 import typer
 
@@ -24,8 +25,24 @@ from autoexplain.agent.cli.zoo import zoo_app
 from autoexplain.tools.errors import InputError, Interrupted
 
 app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, add_completion=False,
-                  pretty_exceptions_enable=False,
+                  pretty_exceptions_enable=False, context_settings={"max_content_width": 120},
                   help="Explain what happens inside language models: SAE feature labels and circuits, in DuckDB.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        print(f"autoexplain {version('autoexplain')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(show_version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                     help="print the version and exit")] = False) -> None:
+    """Explain what happens inside language models: SAE feature labels and circuits, in DuckDB."""
+
+
 app.command("sql")(sql)
 app.command("tools")(tools_cmd)
 app.add_typer(zoo_app, name="zoo")
@@ -69,4 +86,9 @@ def main() -> None:
         where = ctx.command_path if ctx is not None else "autoexplain"
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
         fail(f"{message} (see {where} --help)")
+    # the command is complete and its results are stored: a Ctrl-C while the interpreter shuts down (closing the
+    # database, joining threads) must not turn a finished run into a traceback or a killed process
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.exit(code if isinstance(code, int) else 0)

@@ -13,7 +13,15 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from autoexplain.agent.cli.common import LLMMaxTokensOpt, LLMTimeoutOpt, console, execute, llm_settings, plan_from
+from autoexplain.agent.cli.common import (
+    LLMMaxTokensOpt,
+    LLMTimeoutOpt,
+    PolicyChoice,
+    console,
+    execute,
+    llm_settings,
+    plan_from,
+)
 from autoexplain.tools.errors import InputError
 from autoexplain.tools.vocab import Ablation, Method
 
@@ -38,7 +46,8 @@ def circuit(
         db: Annotated[Path | None, typer.Option("--db", help="DuckDB file (default: $AUTOEXPLAIN_DB or "
                                                              "./autoexplain.duckdb)")] = None,
         device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N (default: cuda if present)")] = None,
-        policy: Annotated[str, typer.Option("--policy", help="offline (default) or llm")] = "offline",
+        policy: Annotated[PolicyChoice, typer.Option("--policy", help="offline (default) or llm")]
+        = PolicyChoice.offline,
         llm_model: Annotated[str | None, typer.Option("--llm-model", help="model at the OpenAI-compatible "
                                                                           "endpoint (policy llm)")] = None,
         llm_max_tokens: LLMMaxTokensOpt = None, llm_timeout: LLMTimeoutOpt = None,
@@ -59,7 +68,8 @@ def circuit(
         raise InputError(f"--threshold must be >= 0 (a fraction of |m(M) - m(∅)|), got {threshold}")
 
 
-    plan = plan_from({"name": "circuit", "model": model, "policy": policy, "llm_model": llm_model, "device": device,
+    plan = plan_from({"name": "circuit", "model": model, "policy": policy.value, "llm_model": llm_model,
+                      "device": device,
                   "llm": llm_settings(llm_max_tokens, llm_timeout),
                   "items": [{"circuit": {"task": str(task), "method": method.value, "ablation": ablation.value,
                                          "top_k": top_k, "threshold": threshold}}]})
@@ -67,12 +77,17 @@ def circuit(
 
     con = console()
     for o in res.outcomes:
-        if o.error:  # the error names the step that failed (circuit search, the LLM's explain call, scoring …)
+        if o.status.value == "failed":  # the error names the step that failed (search, the LLM's explain call …)
             raise InputError(f"circuit item {o.target} failed: {o.error}")
         circ = _found_circuit(store, o.item_id)
         _show(circ, o.target)
-        con.print(f"[bold]explanation[/bold] ({o.status.value}): {o.text}")
-        con.print("scores: " + ", ".join(f"{k} {v:.3f}" for k, v in o.scores.items() if v is not None))
+        from rich.text import Text
+
+        con.print(Text.assemble(("explanation", "bold"), f" ({o.status.value}): {o.text}"))  # the text, never markup
+        if o.status.value == "no_behaviour":  # nothing to explain: the scores would measure noise
+            con.print(f"NO BEHAVIOUR: {o.error}", markup=False)
+        else:
+            con.print("scores: " + ", ".join(f"{k} {v:.3f}" for k, v in o.scores.items() if v is not None))
         from autoexplain.agent.store import queries
 
         cid = queries.circuit_of_item(store, o.item_id)

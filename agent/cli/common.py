@@ -31,11 +31,33 @@ if TYPE_CHECKING:
 DbOpt = Annotated[Path | None, typer.Option("--db", help="DuckDB file (default: $AUTOEXPLAIN_DB or "
                                                          "./autoexplain.duckdb)")]
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="local HF dir, hub name or toy:NAME")]
-PolicyOpt = Annotated[str, typer.Option("--policy", help="offline (deterministic, default) or llm "
+class PolicyChoice(StrEnum):
+    """Who drives the agent loop (``Plan.policy``)."""
+
+    offline = "offline"
+    llm = "llm"
+
+
+class JudgeChoice(StrEnum):
+    """Who scores feature labels (``Plan.judge``)."""
+
+    lexical = "lexical"
+    embedding = "embedding"
+    llm = "llm"
+
+
+class KeepChoice(StrEnum):
+    """Which per-example judge decisions to keep (``Plan.judgements``)."""
+
+    final = "final"
+    all = "all"
+
+
+PolicyOpt = Annotated[PolicyChoice, typer.Option("--policy", help="offline (deterministic, default) or llm "
                                                          "(OPENAI_API_KEY, OPENAI_BASE_URL, --llm-model)")]
 LLMModelOpt = Annotated[str | None, typer.Option("--llm-model", help="model name at the OpenAI-compatible "
                                                                      "endpoint (policy or judge llm)")]
-JudgeOpt = Annotated[str, typer.Option("--judge", help=("who scores labels: lexical (default), embedding "
+JudgeOpt = Annotated[JudgeChoice, typer.Option("--judge", help=("who scores labels: lexical (default), embedding "
                                                                "(MiniLM, needs the [judges] extra) or llm"))]
 StepsOpt = Annotated[int, typer.Option("--max-steps", help="graph steps per item before it ends with the best "
                                                            "explanation so far")]
@@ -265,9 +287,10 @@ def plan_from(data: dict[str, Any]) -> Plan:
         raise InputError(validation_message(exc, "arguments", as_flags=True)) from None
 
 
-def execute(plan: Plan, db: Path | None, *, kind: str,
-            resume: bool = False) -> tuple[RunResult, Store, Prepared]:
-    """Validate, open the store, run with a live display, print the summary; return the RunResult."""
+def execute(plan: Plan, db: Path | None, *, kind: str, resume: bool = False,
+            resume_hint: str = "run the same command with --resume to continue") -> tuple[RunResult, Store, Prepared]:
+    """Validate, open the store, run with a live display; return the RunResult. Ctrl-C (or SIGTERM) ends in one
+    line (:class:`~autoexplain.tools.errors.Interrupted`, exit code 130) saying what was kept and ``resume_hint``."""
     from autoexplain.agent.runner import prepare, run_plan
 
     check_db_path(db)  # with every other input, before the model loads (prepare checks the plan first)
@@ -289,9 +312,33 @@ def execute(plan: Plan, db: Path | None, *, kind: str,
         # explanations may hold brackets ("'[', ']'"): printed as text, never as rich markup
         con.print(f"  {o.status.value:>14}  {o.target[:40]:<40} {sc:<34} [{used}] {text} {tag}", markup=False)
 
-    with progress() as report:
-        res = run_plan(store, prep, kind=kind, resume=resume, report=report, on_item=on_item)
+    try:
+        with progress() as report:
+            res = run_plan(store, prep, kind=kind, resume=resume, report=report, on_item=on_item)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the runner marked the run interrupted and committed what finished
+        from autoexplain.agent.store import queries
+        from autoexplain.tools.errors import Interrupted
+
+        last = queries.latest_run(store, kind)
+        saved = f"run {last[0]} is marked {last[1]}; " if last else ""
+        raise Interrupted(f"interrupted: {saved}finished items are saved in {store.path.resolve()}; "
+                          f"{resume_hint}") from None
     return res, store, prep
+
+
+#: Exit code of ``label``, ``run``, ``circuit`` and ``demo`` when items were left pending (a run budget ran out
+#: before they started): the results so far are stored, and ``--resume`` continues the run.
+EXIT_PENDING = 3
+
+
+def exit_if_pending(res: RunResult, resume_hint: str) -> None:
+    """Say how many items are left and exit with :data:`EXIT_PENDING` when the run did not finish every item."""
+    from autoexplain.agent.state import ItemStatus
+
+    left = sum(o.status is ItemStatus.PENDING for o in res.outcomes)
+    if left:
+        console().print(f"{left} of {len(res.outcomes)} items not started (the run budget ran out): {resume_hint}")
+        raise typer.Exit(EXIT_PENDING)
 
 
 def show_summary(res: RunResult, store: Store) -> None:
@@ -299,13 +346,19 @@ def show_summary(res: RunResult, store: Store) -> None:
 
     from autoexplain.agent.store import queries
     con = console()
-    t = Table("kind", "items", "done", "budget-limited", "failed", "dead", "mean correctness", "mean completeness",
-              "mean succinctness")
+    t = Table("kind", "items", "done", "weak", "no behaviour", "budget-limited", "failed", "pending", "dead",
+              "mean correctness", "mean completeness", "mean succinctness")
     rows = queries.run_summary(store, res.run_id)
     for r in rows:
-        t.add_row(*(str(x) for x in r[:6]), *("-" if x is None else f"{x:.3f}" for x in r[6:]))
+        t.add_row(*(str(x) for x in r[:9]), *("-" if x is None else f"{x:.3f}" for x in r[9:]))
     con.print(t)
     con.print(f"run {res.run_id}: {len(res.outcomes)} items in {res.seconds:.1f} s "
               f"(harvest {res.harvest_seconds:.1f} s)")
+    if any(r.weak for r in rows):
+        con.print("weak: labels whose correctness cannot be told from chance (95 % interval includes 0.5); "
+                  "their reasons: autoexplain show run " + res.run_id)
+    if any(r.no_behaviour for r in rows):
+        con.print("no behaviour: circuit tasks the model does not do (ablating everything moves the metric by "
+                  "less than noise); their scores are stored as unscored")
     for note in res.harvest_notes:  # also in the run's summary and the harvests table
         con.print(f"WARNING: {note}")

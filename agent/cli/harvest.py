@@ -81,7 +81,7 @@ def harvest_cmd(
                                                                      "them, or hub name")],
         tokens: Annotated[int, typer.Option("--tokens", "-n", help="tokens to stream through")] = 200_000,
         ctx: Annotated[int | None, typer.Option(help="window length (BOS first; default 64, at most the model's "
-                                                     "context)")] = None,
+                                                     "context and the SAE's training context_size)")] = None,
         batch_size: Annotated[int, typer.Option(help="windows per forward pass")] = 32,
         top_k: Annotated[int, typer.Option(help="top contexts kept per feature")] = 20,
         checkpoint_every: Annotated[int, typer.Option(help="batches between checkpoints")] = 20,
@@ -96,7 +96,7 @@ def harvest_cmd(
     once: the second is refused (exit code 2) — it does not wait.
     """
     from autoexplain.tools.data import available_tokens, check_dataset_spec
-    from autoexplain.tools.harvest import HarvestIn, check_args, harvest_work
+    from autoexplain.tools.harvest import HarvestIn, check_args, default_ctx, harvest_work
     from autoexplain.tools.loading import check_specs, load_model, load_sae
 
     # everything that needs no weights first: a typo costs no model load
@@ -108,9 +108,9 @@ def harvest_cmd(
     lm = load_model(model, device=device, sae_specs=[sae])
     s = load_sae(sae, lm)
     args = validated(HarvestIn, sae_id=s.sae_id, dataset=dataset, n_tokens=tokens,
-                     ctx=min(64, lm.n_ctx) if ctx is None else ctx, batch_size=batch_size, top_k=top_k,
+                     ctx=default_ctx(lm.n_ctx, s) if ctx is None else ctx, batch_size=batch_size, top_k=top_k,
                      checkpoint_every=checkpoint_every)
-    check_args(args, lm.n_ctx)  # --ctx beyond the model's context fails before the database is opened
+    check_args(args, lm.n_ctx, s)  # --ctx beyond the model's or the SAE's context: refused before the db opens
     next(iter(dataset_probe(dataset)))  # a missing or empty dataset fails before anything is written
     # every line the pass will read is parsed and tokenised now: a broken one fails before anything is written
     available_tokens(dataset, lm.tokenizer, ctx=args.ctx, n_ctx=lm.n_ctx, max_tokens=args.n_tokens)

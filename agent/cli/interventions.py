@@ -33,7 +33,7 @@ SaeOpt = Annotated[str, typer.Option("--sae", "-s", help="sae-lens dir, toy:MODE
 TextOpt = Annotated[list[str], typer.Option("--text", "-t", help="a text to run (repeatable)")]
 WriteDbOpt = Annotated[Path | None, typer.Option("--db", help="record the call in this DuckDB file (default: "
                                                               "write nothing)")]
-FormatOpt = Annotated[Fmt, typer.Option("--format", "-f", help="table (default) or json (the tool's full "
+FormatOpt = Annotated[Fmt, typer.Option("--format", "-o", help="table (default) or json (the tool's full "
                                                                "output)")]
 BosOpt = Annotated[bool, typer.Option("--bos/--no-bos", help="prepend the BOS token (position 0 is then BOS)")]
 

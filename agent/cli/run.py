@@ -14,16 +14,20 @@ import typer
 
 from autoexplain.agent.cli.common import (
     DbOpt,
+    JudgeChoice,
     JudgeOpt,
+    KeepChoice,
     LLMMaxTokensOpt,
     LLMModelOpt,
     LLMTimeoutOpt,
+    PolicyChoice,
     PolicyOpt,
     SecondsOpt,
     StepsOpt,
     TokensOpt,
     console,
     execute,
+    exit_if_pending,
     llm_settings,
     plan_from,
     show_summary,
@@ -36,16 +40,19 @@ def label(
         dataset: Annotated[str | None, typer.Option("--dataset", "-d", help=".txt/.jsonl/.parquet file, a folder "
                                                                             "of them, or hub name (default for toy "
                                                                             "models: the toy corpus)")] = None,
-        features: Annotated[str, typer.Option("--features", "-f", help="all, 0-99, or 1,5,9")] = "all",
+        features: Annotated[str, typer.Option("--features", "-f", help="all, 0-99, 1,5,9, or live / live:N (the "
+                                                                       "features that fired, or the first N of "
+                                                                       "them)")] = "all",
         tokens: Annotated[int, typer.Option("--tokens", "-n", help="tokens to harvest if not harvested yet")]
         = 60_000,
-        policy: PolicyOpt = "offline", llm_model: LLMModelOpt = None, judge: JudgeOpt = "lexical",
+        policy: PolicyOpt = PolicyChoice.offline, llm_model: LLMModelOpt = None,
+        judge: JudgeOpt = JudgeChoice.lexical,
         llm_max_tokens: LLMMaxTokensOpt = None, llm_timeout: LLMTimeoutOpt = None,
         embedding: Annotated[bool, typer.Option(help=("also score with MiniLM embeddings (needs the [judges] "
                                                              "extra)"))] = False,
-        judgements: Annotated[str, typer.Option("--judgements", help="per-example judge decisions to keep: final "
-                                                                     "(the chosen label's) or all (every scored "
-                                                                     "draft's)")] = "final",
+        judgements: Annotated[KeepChoice, typer.Option(
+            "--judgements", help="per-example judge decisions to keep: final (the chosen label's) or all (every "
+                                 "scored draft's)")] = KeepChoice.final,
         max_steps: StepsOpt = 40, max_tokens: TokensOpt = 200_000, max_seconds: SecondsOpt = 600.0,
         resume: Annotated[bool, typer.Option(help="continue the newest unfinished identical run")] = False,
         db: DbOpt = None,
@@ -53,15 +60,15 @@ def label(
 ) -> None:
     """Label SAE features with the agent: harvest (if needed), explain from the explain split, score each
     explanation on the held-out split, keep the best. Dead features are stored as dead, never labelled."""
-    plan = plan_from({"name": "label", "model": model, "policy": policy, "llm_model": llm_model, "judge": judge,
-                  "embedding": embedding, "device": device, "judgements": judgements,
+    plan = plan_from({"name": "label", "model": model, "policy": policy.value, "llm_model": llm_model,
+                      "judge": judge.value, "embedding": embedding, "device": device, "judgements": judgements.value,
                   "budget": {"steps": max_steps, "llm_tokens": max_tokens, "seconds": max_seconds},
                   "llm": llm_settings(llm_max_tokens, llm_timeout),
                   "items": [{"label": {"sae": sae, "dataset": dataset, "features": features, "tokens": tokens}}]})
     res, store, _ = execute(plan, db, kind="label", resume=resume)
     show_summary(res, store)
-
     console().print(f"database: {store.path.resolve()}  (run {res.run_id})")
+    exit_if_pending(res, "run the same command with --resume to continue")
 
 
 def run(plan_file: Annotated[Path, typer.Argument(help="YAML or JSON plan (see README)")],
@@ -76,7 +83,8 @@ def run(plan_file: Annotated[Path, typer.Argument(help="YAML or JSON plan (see R
     if llm_max_tokens is not None or llm_timeout is not None:
         plan = plan_from({**plan.model_dump(mode="json"),
                           "llm": {**plan.llm.overrides(), **llm_settings(llm_max_tokens, llm_timeout)}})
-    res, store, _ = execute(plan, db, kind="plan", resume=resume)
+    res, store, _ = execute(plan, db, kind="plan", resume=resume,
+                            resume_hint=f"autoexplain run {plan_file} --resume continues the run")
     show_summary(res, store)
-
     console().print(f"database: {store.path.resolve()}  (run {res.run_id})")
+    exit_if_pending(res, f"autoexplain run {plan_file} --resume continues the run")

@@ -482,8 +482,9 @@ def run(run_id: Annotated[str, typer.Argument(metavar="ID", help="a run id, as p
             f"{kind} {status} {n}" for kind, status, n in counts))
         # run_summary is typed for a Store; it only calls .query, which a ReadOnlyStore answers read-only
         for s in queries.run_summary(cast("Store", store), r.run_id):
-            _print(con, f"  {s.kind}: {s.items} items, {s.done} done, {s.budget_limited} budget-limited, {s.failed} "
-                        f"failed, {s.dead} dead; mean correctness {_fmt(s.mean_correctness)}, completeness "
+            _print(con, f"  {s.kind}: {s.items} items, {s.done} done, {s.weak} weak, {s.no_behaviour} no behaviour, "
+                        f"{s.budget_limited} budget-limited, {s.failed} failed, {s.pending} pending, {s.dead} dead; "
+                        f"mean correctness {_fmt(s.mean_correctness)}, completeness "
                         f"{_fmt(s.mean_completeness)}, succinctness {_fmt(s.mean_succinctness)}")
         u = queries.run_usage(store, r.run_id)
         budget, run_budget = plan.get("budget") or {}, plan.get("run_budget") or {}

@@ -11,7 +11,7 @@ from autoexplain.agent.cli.common import DbOpt, Fmt, print_rows
 
 
 def sql(query: Annotated[str, typer.Argument(help="a SQL query (read-only)")], db: DbOpt = None,
-        format: Annotated[Fmt, typer.Option("--format", "-f", help="table, csv or json")] = Fmt.table,
+        format: Annotated[Fmt, typer.Option("--format", "-o", help="table, csv or json")] = Fmt.table,
         timeout: Annotated[float, typer.Option(help="seconds to wait while a run holds the file")] = 30.0) -> None:
     """Query the results database. Works while a run is writing it (waits for the current write, at most TIMEOUT)."""
     from autoexplain.agent.store import default_db_path, run_query
@@ -21,7 +21,7 @@ def sql(query: Annotated[str, typer.Argument(help="a SQL query (read-only)")], d
 
 
 
-def tools_cmd(format: Annotated[Fmt, typer.Option("--format", "-f", help="table or json (full schemas)")]
+def tools_cmd(format: Annotated[Fmt, typer.Option("--format", "-o", help="table or json (full schemas)")]
               = Fmt.table) -> None:
     """The tool catalogue: every tool the agent, the CLI and Python share, with its argument schema."""
     from autoexplain.tools.registry import default_registry

@@ -17,8 +17,11 @@ stored rows fit what it asks for.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
+
+import duckdb
 
 from autoexplain.tools.errors import InputError
 
@@ -27,6 +30,8 @@ if TYPE_CHECKING:
     from autoexplain.agent.store.schema import FeatureExampleRow, FeatureRow, HarvestRow
     from autoexplain.tools.harvest import FeatureExample, FeatureStats, HarvestIdentity, HarvestResult, HarvestSink
 
+#: DuckDB's memory limit while a harvest is written (see :func:`harvest_sink`).
+WRITE_MEMORY_LIMIT = "512MB"
 #: Writes rows to a table: ``Store.upsert`` or anything shaped like it.
 TableWriter = Callable[[str, list[dict[str, Any]]], object]
 
@@ -52,22 +57,27 @@ def example_row(e: FeatureExample) -> FeatureExampleRow:
 
 
 def rows_sink(write: TableWriter, *, run_id: str | None = None, split: bool = False) -> HarvestSink:
-    """A harvest sink that writes the result's rows with ``write(table, rows)``: features first, then examples.
+    """A harvest sink that writes the result's rows with ``write(table, rows)``, chunk by chunk
+    (:attr:`~autoexplain.tools.harvest.HarvestResult.chunks`): each chunk's features, then its examples. ``write``
+    is called several times per table; no more than one chunk's rows exist at once.
 
-    ``run_id`` tags every row with the run; ``split`` fills in each example's held-out split.
+    ``run_id`` tags every row with the run; ``split`` fills in each example's held-out split (chunks are
+    feature-complete, so the split of a feature sees all its examples, as :func:`with_split` needs).
     """
 
     def tagged(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         return list(rows) if run_id is None else [{**r, "run_id": run_id} for r in rows]
 
     def sink(result: HarvestResult) -> None:
-        write("features", tagged([dict(feature_row(s)) for s in result.features]))
-        examples: list[dict[str, Any]] = [dict(example_row(e)) for e in result.examples]
-        if split:
-            from autoexplain.agent.store.rows import with_split
+        for chunk in result.chunks:
+            write("features", tagged([dict(feature_row(s)) for s in chunk.features]))
+            examples: list[dict[str, Any]] = [dict(example_row(e)) for e in chunk.examples]
+            if split:
+                from autoexplain.agent.store.rows import with_split
 
-            examples = with_split(examples)
-        write("feature_examples", tagged(examples))
+                examples = with_split(examples)
+            if examples:
+                write("feature_examples", tagged(examples))
 
     return sink
 
@@ -86,21 +96,38 @@ def harvest_row(result: HarvestResult, run_id: str | None) -> HarvestRow:
 def harvest_sink(store: Store, run_id: str) -> HarvestSink:
     """Where a run's harvest goes: the store, in one transaction — its ``harvests`` row, then its features and
     examples (every row tagged with ``run_id`` and the harvest, every example with its held-out split:
-    :func:`autoexplain.agent.store.rows.with_split`), replacing the rows an earlier harvest of the SAE left."""
+    :func:`autoexplain.agent.store.rows.with_split`), replacing the rows an earlier harvest of the SAE left.
+
+    The rows are assembled and written chunk by chunk inside that one transaction (:func:`rows_sink`), so memory
+    stays bounded however many examples there are, and a crash or error part-way rolls everything back: the store
+    holds the whole new harvest or, untouched, the old one."""
 
     def sink(result: HarvestResult) -> None:
         with store.transaction() as con:
-            for table in ("feature_examples", "features"):
-                con.execute(f"delete from {table} where sae_id = ? and harvest_id is distinct from ?",
-                            [result.sae_id, result.harvest_id])
-            if result.harvest_id:
-                store.upsert("harvests", [harvest_row(result, run_id)], con=con)
-            tag = {"run_id": run_id, "harvest_id": result.harvest_id or None}
+            # DuckDB keeps an open transaction's rows and primary-key index in memory up to its memory limit (80%
+            # of RAM by default): about 0.5 GB per million example rows. Capped here, it spills them to its
+            # temporary files instead (measured: same speed). The store sets no limit of its own, so the default is
+            # what RESET gives back; if the transaction was aborted by an error the RESET may fail, and the cap
+            # then lasts until the connection closes.
+            con.execute(f"set memory_limit = '{WRITE_MEMORY_LIMIT}'")
+            try:
+                _write(con, result)
+            finally:
+                with contextlib.suppress(duckdb.Error):
+                    con.execute("reset memory_limit")
 
-            def write(table: str, rows: list[dict[str, Any]]) -> None:
-                store.upsert(table, [{**r, **tag} for r in rows], con=con)
+    def _write(con: duckdb.DuckDBPyConnection, result: HarvestResult) -> None:
+        for table in ("feature_examples", "features"):
+            con.execute(f"delete from {table} where sae_id = ? and harvest_id is distinct from ?",
+                        [result.sae_id, result.harvest_id])
+        if result.harvest_id:
+            store.upsert("harvests", [harvest_row(result, run_id)], con=con)
+        tag = {"run_id": run_id, "harvest_id": result.harvest_id or None}
 
-            rows_sink(write, split=True)(result)
+        def write(table: str, rows: list[dict[str, Any]]) -> None:
+            store.upsert(table, [{**r, **tag} for r in rows], con=con)
+
+        rows_sink(write, split=True)(result)
 
     return sink
 
@@ -129,8 +156,11 @@ def reuse_decision(store: Store, identity: HarvestIdentity, *, sae_spec: str, d_
                 "autoexplain); their dataset and token budget are unknown: run autoexplain harvest to replace them")
     else:
         data = stored.inputs.get("dataset") or {}
-        changed = " (the file changed since)" if data.get("path") and data.get("path") == \
-            (asked["dataset"] or {}).get("path") else ""
+        now = asked["dataset"] or {}
+        # the same path whose recorded identity (size, modification time) differs: the file was changed since;
+        # the same file asked with another token budget or ctx is not a changed file
+        changed = " (the file changed since)" if data.get("path") and data.get("path") == now.get("path") \
+            and data != now else ""
         what = (f"from {data.get('path') or data.get('hub')!r}{changed} with {stored.inputs.get('n_tokens'):,} "
                 f"tokens asked and ctx {stored.inputs.get('ctx')}")
     data = asked["dataset"]

@@ -27,6 +27,7 @@ class FinalLabel(NamedTuple):
     completeness: float | None
     succinctness: float | None
     causal_level: str
+    status: str  # the work item's: done, weak, no_behaviour, budget_limited …
 
 
 class KindSummary(NamedTuple):
@@ -35,8 +36,11 @@ class KindSummary(NamedTuple):
     kind: str
     items: int
     done: int
+    weak: int
+    no_behaviour: int
     budget_limited: int
     failed: int
+    pending: int  # not finished: never started (a run budget ran out) or cut off (pending / running)
     dead: int
     mean_correctness: float | None
     mean_completeness: float | None
@@ -46,11 +50,23 @@ class KindSummary(NamedTuple):
 def final_labels(store: Store, run_id: str) -> list[FinalLabel]:
     """The final explanation of every item of ``run_id``: circuits first, then features by correctness."""
     rows = store.query(
-        "select e.target, e.text, b.correctness, b.completeness, b.succinctness, e.causal_level "
+        "select e.target, e.text, b.correctness, b.completeness, b.succinctness, e.causal_level, w.status "
         "from explanations e join work_items w using (item_id) left join best_explanations b using (explanation_id) "
         "where w.run_id = ? and e.is_final order by w.kind desc, b.correctness desc nulls last, e.target",
         [run_id])[1]
     return [FinalLabel(*r) for r in rows]
+
+
+def live_features(store: Store, sae_id: str) -> list[int]:
+    """The indices of ``sae_id``'s harvested features that fired (``not is_dead``), ascending."""
+    rows = store.query("select feature_index from features where sae_id = ? and not is_dead order by 1", [sae_id])[1]
+    return [int(r[0]) for r in rows]
+
+
+def latest_run(store: Store, kind: str) -> tuple[str, str] | None:
+    """``(run_id, status)`` of the newest run of ``kind``, if any."""
+    rows = store.query("select run_id, status from runs where kind = ? order by started_at desc limit 1", [kind])[1]
+    return (str(rows[0][0]), str(rows[0][1])) if rows else None
 
 
 def run_summary(store: Store, run_id: str) -> list[KindSummary]:
@@ -58,7 +74,9 @@ def run_summary(store: Store, run_id: str) -> list[KindSummary]:
     is true — never what a label says, which an LLM may word any way)."""
     rows = store.query(
         "select w.kind, count(*), count(*) filter (where w.status = 'done'), "
+        "count(*) filter (where w.status = 'weak'), count(*) filter (where w.status = 'no_behaviour'), "
         "count(*) filter (where w.status = 'budget_limited'), count(*) filter (where w.status = 'failed'), "
+        "count(*) filter (where w.status in ('pending', 'running')), "
         "count(*) filter (where f.is_dead), avg(b.correctness), avg(b.completeness), "
         "avg(b.succinctness) from work_items w "
         "left join explanations e on e.item_id = w.item_id and e.is_final "

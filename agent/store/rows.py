@@ -154,7 +154,7 @@ def with_split(example_rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]
     """Harvested ``feature_examples`` rows with ``split`` filled in by
     :func:`~autoexplain.evals.features.split_examples`, feature by feature (rows whose feature already has a split
     are left alone): the held-out split is fixed once, when the examples are written."""
-    from autoexplain.evals.features import SPLITS, Example, split_examples
+    from autoexplain.evals.features import SPLITS, SplitKey, split_sides
 
     by_feature: dict[tuple[str, int], list[int]] = {}
     for i, r in enumerate(example_rows):
@@ -163,7 +163,7 @@ def with_split(example_rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]
     for (sae_id, f), idx in by_feature.items():
         if any(out[i].get("split") in SPLITS for i in idx):
             continue
-        split = split_examples([Example.from_row(out[i]) for i in idx], sae_id, f)
-        for i, e in zip(idx, split, strict=True):
-            out[i]["split"] = e.split
+        sides = split_sides([SplitKey.of_row(out[i]) for i in idx], sae_id, f)  # no per-row validation
+        for i, side in zip(idx, sides, strict=True):
+            out[i]["split"] = side
     return out

@@ -593,6 +593,6 @@ def test_run_plan_happy_path(tiny_zoo, tmp_path: Path) -> None:
         tools = {t for (t,) in rows(db, "select tool from tool_calls where item_id = ?", [item_id])}
         assert {"circuit_search", "activation_patching"} <= tools
     # autoexplain sql answers on the result
-    q = run_agent_cli(["sql", "select count(*) as n from best_explanations", "--db", "out.duckdb", "-f", "json"],
+    q = run_agent_cli(["sql", "select count(*) as n from best_explanations", "--db", "out.duckdb", "-o", "json"],
                       tmp_path)
     assert q.returncode == 0 and json.loads(q.stdout) == [{"n": n_items}]

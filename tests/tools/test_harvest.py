@@ -281,6 +281,8 @@ def test_stored_harvest_is_reused_only_for_the_same_inputs(planted_ctx, corpus, 
                                              r".* autoexplain harvest --sae my-sae") as e:
             decide(data, **kw)
         assert "\n" not in str(e.value)
+        # the file is unchanged: only the token budget, ctx or path differ, and the refusal must not say otherwise
+        assert "changed since" not in str(e.value)
     short.write_text("cat dog\n")  # the same path, other content
     with pytest.raises(InputError, match="the file changed since"):
         decide(short)
@@ -320,3 +322,154 @@ def test_crashed_harvest_folders_do_not_pile_up(planted_ctx, corpus, tmp_path) -
         data.write_text("other text\n")
         assert prune_work(root) == [crashed.path]  # can never resume: its dataset changed
     assert owned.path.exists()
+
+
+# ============================================================================= issue 12 (4): bounded memory
+def _rows(store: Store) -> dict[str, list[tuple]]:
+    return {q: store.query(q)[1] for q in ("select * exclude (run_id) from features order by all",
+                                            "select * exclude (run_id) from feature_examples order by all")}
+
+
+def test_sub_batched_encoder_gives_the_firings_of_one_encode(planted_ctx, tmp_path, monkeypatch) -> None:
+    """The encoder sees a batch in token sub-batches (dense [tokens, d_sae] bounded by ENCODE_BYTES) and keeps only
+    non-zero entries: exactly the entries, values and order of ``nonzero()`` on one dense encode of the batch,
+    BOS and padding dropped."""
+    import torch
+
+    from autoexplain.tools import harvest as hv
+    from autoexplain.tools.data import iter_texts, iter_windows
+    from autoexplain.tools.saes import feature_activations
+
+    lm, sae = planted_ctx
+    monkeypatch.setattr(hv, "ENCODE_BYTES", 4 * sae.d_sae * 10)  # about 10 tokens per encode
+    assert len(hv._token_chunks(8 * 16, sae.d_sae)) > 5
+    data = tmp_path / "few.txt"  # runs out mid-window: the last window is padded, and padding must be dropped too
+    data.write_text("\n".join(SENTENCES * 4) + "\n")
+    batches = list(iter_windows(iter_texts(str(data)), lm.tokenizer, ctx=16, n_ctx=lm.n_ctx, batch_windows=8,
+                                max_tokens=10_000))
+    assert not batches[-1].valid.all()
+    n_fired = 0
+    for batch in batches:
+        fired, mask = hv._batch_firings(lm, sae, batch.tokens, batch.valid)
+        dense = feature_activations(lm, sae, batch.tokens).float() * mask[..., None]
+        b, t, f = dense.nonzero(as_tuple=True)
+        assert fired.shape == tuple(dense.shape)
+        for got, want in ((fired.b, b), (fired.t, t), (fired.f, f), (fired.val, dense[b, t, f])):
+            assert torch.equal(got, want)
+        n_fired += len(b)
+    assert n_fired > 50
+
+
+def test_chunked_encode_and_assembly_store_the_same_rows(planted_ctx, corpus, tmp_path, monkeypatch) -> None:
+    """Encoding in tiny token sub-batches and assembling/writing a few features per chunk stores exactly the rows
+    of one encode per batch and one chunk for all features."""
+    from autoexplain.tools import harvest as hv
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    lm, sae = planted_ctx
+    assert len(hv._feature_chunks(sae.d_sae, 20, lm.model.cfg.d_vocab)) == 1
+    store_a, _ = _run(planted_ctx, tmp_path / "a" / "h.duckdb", corpus)
+    monkeypatch.setattr(hv, "ENCODE_BYTES", 4 * sae.d_sae * 10)
+    monkeypatch.setattr(hv, "EXAMPLES_PER_CHUNK", 40)  # 2 features per chunk
+    assert len(hv._feature_chunks(sae.d_sae, 20, lm.model.cfg.d_vocab)) == 4
+    store_b, _ = _run(planted_ctx, tmp_path / "b" / "h.duckdb", corpus)
+    assert _rows(store_a) == _rows(store_b)
+
+
+def test_a_sink_failing_part_way_keeps_the_old_harvest(planted_ctx, corpus, tmp_path, monkeypatch) -> None:
+    """The store writes a harvest chunk by chunk inside one transaction: an error after some chunks were written
+    rolls all of them back (the old harvest stays, whole); the re-run resumes after the pass and stores what an
+    uninterrupted harvest stores."""
+    import dataclasses
+
+    from autoexplain.agent.store.harvest import harvest_sink
+    from autoexplain.tools import harvest as hv
+
+    lm, sae = planted_ctx
+    monkeypatch.setattr(hv, "EXAMPLES_PER_CHUNK", 40)  # 4 chunks of 2 features
+    store = Store(tmp_path / "h.duckdb")
+    first = harvest(ToolContext(model=lm, saes={sae.sae_id: sae}, sink=harvest_sink(store, "r1")),
+                    _args(sae, corpus, n_tokens=1500), work_dir=tmp_path / "work")
+    before = _rows(store)
+    assert before[next(iter(before))]
+    real = harvest_sink(store, "r2")
+    written: list[int] = []
+
+    def failing(result) -> None:
+        def chunks():
+            for i, chunk in enumerate(result.chunks):
+                if i == 3:
+                    raise OSError("disk full")
+                written.append(len(chunk.examples))
+                yield chunk
+
+        real(dataclasses.replace(result, chunks=chunks()))
+
+    ctx = ToolContext(model=lm, saes={sae.sae_id: sae}, sink=failing)
+    with pytest.raises(OSError, match="disk full"):
+        harvest(ctx, _args(sae, corpus), work_dir=tmp_path / "work")
+    assert len(written) == 3 and sum(written) > 0  # rows of three chunks went into the transaction ...
+    assert _rows(store) == before  # ... and were rolled back with it
+    assert store.query("select harvest_id from harvests")[1] == [(first.harvest_id,)]
+    again = harvest(ToolContext(model=lm, saes={sae.sae_id: sae}, sink=real), _args(sae, corpus),
+                    work_dir=tmp_path / "work")
+    assert again.resumed_from_batch > 0
+    ref = Store(tmp_path / "ref.duckdb")
+    harvest(ToolContext(model=lm, saes={sae.sae_id: sae}, sink=harvest_sink(ref, "r3")), _args(sae, corpus),
+            work_dir=tmp_path / "refwork")
+    assert _rows(store) == _rows(ref)
+
+
+def test_a_checkpoint_of_the_old_layout_is_not_resumed(planted_ctx, corpus, tmp_path) -> None:
+    """STATE_VERSION 2 keeps per-token activations as the example slice: a version-1 checkpoint (whole windows)
+    in the work folder is ignored, and the harvest starts over, with the result of a fresh run."""
+    import torch
+
+    from autoexplain.tools.harvest import STATE_VERSION, harvest_work
+
+    lm, sae = planted_ctx
+    assert STATE_VERSION == 2
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    store_a, _ = _run(planted_ctx, tmp_path / "a" / "h.duckdb", corpus)
+    args = _args(sae, corpus)
+    with harvest_work(lm.model_id, sae.sae_id, args, root=tmp_path / "b" / "work") as owned:
+        torch.save({"version": 1, "args": args.model_dump(), "state": {"batches_done": 3}}, owned.path / "state.pt")
+    store_b, out = _run(planted_ctx, tmp_path / "b" / "h.duckdb", corpus)
+    assert out.resumed_from_batch == 0
+    assert _rows(store_a) == _rows(store_b)
+
+
+def test_the_write_memory_cap_does_not_outlive_the_harvest(planted_ctx, corpus, tmp_path) -> None:
+    """harvest_sink caps DuckDB's memory while it writes (the open transaction spills instead of growing); on a
+    connection the store holds across writes, the limit is back to DuckDB's default afterwards."""
+    from autoexplain.agent.store.harvest import harvest_sink
+
+    lm, sae = planted_ctx
+    store = Store(tmp_path / "h.duckdb")
+    setting = "select current_setting('memory_limit')"
+    with store.hold(idle_s=60):
+        before = store.query(setting)[1]
+        harvest(ToolContext(model=lm, saes={sae.sae_id: sae}, sink=harvest_sink(store, "r")), _args(sae, corpus),
+                work_dir=tmp_path / "work")
+        assert store.query(setting)[1] == before
+    assert store.query("select count(*) from features")[1] == [(sae.d_sae,)]
+
+
+def test_windows_longer_than_the_saes_training_context_are_refused(planted_ctx, corpus, tmp_path) -> None:
+    """An SAE whose config records context_size 8 (sae-lens' training windows, BOS included): a 16-token harvest is
+    refused before anything is written; the default window fits it."""
+    import dataclasses
+
+    from autoexplain.tools.harvest import default_ctx
+
+    lm, sae = planted_ctx
+    short = dataclasses.replace(sae, context_size=8)
+    assert default_ctx(lm.n_ctx, short) == 8 and default_ctx(lm.n_ctx, sae) == min(64, lm.n_ctx)
+    with pytest.raises(InputError, match="exceeds SAE .* training context_size of 8"):
+        _run((lm, short), tmp_path / "h.duckdb", corpus)
+    assert not (tmp_path / "work").exists() or not any((tmp_path / "work").iterdir())
+    no_bos = dataclasses.replace(sae, prepend_bos=False)
+    with pytest.raises(InputError, match="without a BOS token"):
+        _run((lm, no_bos), tmp_path / "h2.duckdb", corpus)

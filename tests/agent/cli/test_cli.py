@@ -206,13 +206,13 @@ def test_sql_missing_db_and_write_statement(tmp_path: Path) -> None:
     assert_input_error(res, "read-only")
     for empty in ("", "  ", "/* only a comment */", ";"):  # DuckDB answers these with no cursor at all
         assert_input_error(run_cli(["sql", empty, "--db", str(db)], tmp_path), "no SQL statement")
-    ok = run_cli(["sql", "select count(*) as n from runs", "--db", str(db), "-f", "json"], tmp_path)
+    ok = run_cli(["sql", "select count(*) as n from runs", "--db", str(db), "-o", "json"], tmp_path)
     assert ok.returncode == 0 and json.loads(ok.stdout) == [{"n": 0}]
 
 
 # ============================================================================= happy paths without a model
 def test_tools_json_lists_schemas(tmp_path: Path) -> None:
-    res = run_cli(["tools", "-f", "json"], tmp_path)
+    res = run_cli(["tools", "-o", "json"], tmp_path)
     assert res.returncode == 0, res.stderr
     tools = {t["name"]: t for t in json.loads(res.stdout)}
     assert {"model_info", "tokenize"} <= set(tools)
@@ -238,14 +238,14 @@ def test_sql_formats(tmp_path: Path) -> None:
     Store(db).upsert("runs", [{"run_id": f"r{i}", "kind": "zoo", "status": "done", "config": {"n": i},
                                "started_at": dt.datetime(2024, 1, 1)} for i in range(3)])
     q = "select run_id, config->>'$.n' as n from runs order by run_id"
-    res = run_cli(["sql", q, "--db", str(db), "-f", "csv"], tmp_path)
+    res = run_cli(["sql", q, "--db", str(db), "-o", "csv"], tmp_path)
     assert res.returncode == 0, res.stderr
     assert list(csv.reader(io.StringIO(res.stdout))) == [["run_id", "n"], ["r0", "0"], ["r1", "1"], ["r2", "2"]]
-    res = run_cli(["sql", q, "--db", str(db), "-f", "json"], tmp_path)
+    res = run_cli(["sql", q, "--db", str(db), "-o", "json"], tmp_path)
     assert json.loads(res.stdout) == [{"run_id": f"r{i}", "n": str(i)} for i in range(3)]
     res = run_cli(["sql", q, "--db", str(db)], tmp_path)
     assert res.returncode == 0 and "r2" in res.stdout and "3 rows" in res.stdout
-    empty = run_cli(["sql", "select run_id from runs where false", "--db", str(db), "-f", "csv"], tmp_path)
+    empty = run_cli(["sql", "select run_id from runs where false", "--db", str(db), "-o", "csv"], tmp_path)
     assert empty.stdout.strip() == "run_id"  # a header row even with no rows
     assert not (tmp_path / "r.duckdb.wal").exists()
 

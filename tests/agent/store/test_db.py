@@ -286,7 +286,7 @@ def test_cli_queries_answer_while_another_process_writes(tmp_path: Path) -> None
     try:
         while writer.poll() is None or len(counts) < 5:
             q = subprocess.run([sys.executable, "-m", "autoexplain.agent.cli", "sql", "select count(*) as n from runs",
-                                "--db", str(path), "-f", "json"], capture_output=True, text=True, timeout=60)
+                                "--db", str(path), "-o", "json"], capture_output=True, text=True, timeout=60)
             assert q.returncode == 0, q.stderr
             counts.append(json.loads(q.stdout)[0]["n"])
             assert len(counts) < 200

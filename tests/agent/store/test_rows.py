@@ -31,3 +31,29 @@ def test_an_explanation_is_a_value() -> None:
         expl.text = "changed"  # type: ignore[misc]
     with pytest.raises(ValidationError):
         Explanation(target="ioi", text="", author="llm")
+
+
+def test_with_split_on_raw_rows_equals_split_examples_on_examples() -> None:
+    """with_split reads raw rows (no pydantic object per row); its sides must be exactly split_examples'."""
+    import random
+
+    from autoexplain.agent.store.rows import with_split
+    from autoexplain.evals.features import Example, split_examples
+
+    rng = random.Random(3)
+    rows = []
+    for f in range(6):
+        n_win = [1, 2, 3, 7, 15, 30][f]
+        for kind, count in (("top", 10), ("quantile", 12), ("random", 6)):
+            for j in range(count):
+                w = rng.randrange(n_win) if kind != "random" else 1000 + rng.randrange(50)
+                rows.append({"sae_id": "sae-x", "feature_index": f, "kind": kind, "example_id": j,
+                             "quantile": j % 4 if kind == "quantile" else None, "tokens": [f"t{w}", f"u{w % 3}"],
+                             "acts": [0.0, 1.0], "max_act": 0.0 if kind == "random" else 1.0 + j,
+                             "window_index": w})
+    got = with_split(rows)
+    for f in range(6):
+        mine = [r for r in rows if r["feature_index"] == f]
+        want = split_examples([Example.from_row(r) for r in mine], "sae-x", f)
+        assert [r["split"] for r in got if r["feature_index"] == f] == [e.split for e in want]
+    assert {r["split"] for r in got} == {"explain", "score"}
