@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
+
+import typer
 
 if TYPE_CHECKING:
     from autoexplain.agent.store import Store
@@ -24,19 +26,26 @@ DEMO_TOKENS = 60_000
 DEMO_FEATURES = "live:12"
 
 
-def demo(db: DbOpt = None) -> None:
-    """The main job on the toy world, offline: build it, then let the agent label features of both toy SAEs and
-    find and explain the circuit of every toy task, scoring everything on held-out data, all into the database."""
+def demo(db: DbOpt = None,
+         world: Annotated[str, typer.Option("--world", help="which toy world: small (the demo) or tiny (a smaller "
+                                                            "model that does none of the tasks: a quick look)")]
+         = "small") -> None:
+    """The main job on the toy world, offline: build it, then let the agent label live features of both toy SAEs
+    and find and explain the circuit of every toy task, scoring everything on held-out data, all into the
+    database."""
+    from autoexplain.tools.zoo import get_spec
 
+    get_spec(world)  # an unknown world: one line, before anything is built or written
     check_db_path(db)  # before the toy world builds or loads
-    built = build_zoo("small")
-    plan = plan_from({"name": "demo", "model": "toy:small",
-                  "items": [*({"label": {"sae": f"toy:small/{s['name']}", "features": DEMO_FEATURES,
-                                         "tokens": DEMO_TOKENS}} for s in built.manifest["saes"]),
-                            *({"circuit": {"task": t}} for t in built.manifest["task_accuracy"])]})
+    built = build_zoo(world)
+    plan = plan_from({"name": "demo", "model": f"toy:{world}",
+                      "items": [*({"label": {"sae": f"toy:{world}/{s['name']}", "features": DEMO_FEATURES,
+                                             "tokens": DEMO_TOKENS}} for s in built.manifest["saes"]),
+                                *({"circuit": {"task": t}} for t in built.manifest["task_accuracy"])]})
     res, store, prep = execute(plan, db, kind="demo")
     # the toy SAEs' training quality (FVU, L0, k) with each SAE, as `zoo build` records it
-    quality = {f"toy:small/{q['name']}": {"l0": q["l0"], "fvu": q["fvu"], "k": q["k"]} for q in built.manifest["saes"]}
+    quality = {f"toy:{world}/{q['name']}": {"l0": q["l0"], "fvu": q["fvu"], "k": q["k"]}
+               for q in built.manifest["saes"]}
     store.record_model_and_saes(prep.lm, list(prep.saes.values()), extra=quality)
     show_zoo(built)
     _show_labels(store, res.run_id, {s.sae_id: spec for spec, s in prep.saes.items()})

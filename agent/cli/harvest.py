@@ -91,7 +91,7 @@ def harvest_cmd(
     """Stream a dataset through model + SAE once; store every feature's statistics and examples.
 
     Interrupted runs resume: run the same command again and finished batches are not recomputed. The SAE's stored
-    rows from an earlier harvest (another dataset or token budget) are replaced; later ``label`` and ``run`` reuse
+    rows from an earlier harvest (another dataset or token budget) are replaced; later label and run reuse
     this harvest when they ask for the same dataset, tokens and window. Two processes harvesting the same inputs at
     once: the second is refused (exit code 2) — it does not wait.
     """
@@ -119,9 +119,16 @@ def harvest_cmd(
         run_id = f"harvest-{uuid.uuid4().hex[:10]}"
         store.start_run(run_id, "harvest", {"model": model, "sae": sae, **args.model_dump()})
         store.record_model_and_saes(lm, [s])
-        with run_guard(store, run_id):
-            out = harvest_into(store, run_id, lm, s, args, work)
-            store.finish_run(run_id, "done", out.model_dump())
+        try:
+            with run_guard(store, run_id):
+                out = harvest_into(store, run_id, lm, s, args, work)
+                store.finish_run(run_id, "done", out.model_dump())
+        except KeyboardInterrupt:  # the pass checkpointed the batches it finished before stopping
+            from autoexplain.tools.errors import Interrupted
+
+            raise Interrupted(f"interrupted: run {run_id} is marked interrupted; the harvest's finished batches are "
+                              f"checkpointed in {work.path}; run the same command again to resume after them "
+                              "(nothing was stored in the database yet)") from None
     con = console()
     con.print(out.summary())
     if out.resumed_from_batch:

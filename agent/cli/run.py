@@ -75,8 +75,9 @@ def run(plan_file: Annotated[Path, typer.Argument(help="YAML or JSON plan (see R
         resume: Annotated[bool, typer.Option(help="continue the newest unfinished run of this plan: finished "
                                                   "items are kept, the interrupted one resumes")] = False,
         db: DbOpt = None, llm_max_tokens: LLMMaxTokensOpt = None, llm_timeout: LLMTimeoutOpt = None) -> None:
-    """Run a plan of many items (overnight batches); crash-safe and resumable with --resume. ``--llm-max-tokens``
-    and ``--llm-timeout`` override the plan's ``llm:`` settings (a changed max_tokens is a different plan)."""
+    """Run a plan of many items (overnight batches); crash-safe and resumable with --resume. --llm-max-tokens
+    and --llm-timeout override the plan's llm: settings (a changed max_tokens is a different plan). Exit code 3:
+    items left unstarted by the run budget (--resume continues); 130: interrupted."""
     from autoexplain.agent.runner import load_plan
 
     plan = load_plan(plan_file)

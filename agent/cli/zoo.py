@@ -42,8 +42,8 @@ def zoo_show(name: Annotated[str, typer.Option(help="which toy world (small, tin
 
 @zoo_app.command("path")
 def zoo_path(name: Annotated[str, typer.Option(help="which toy world (small, tiny)")] = "small") -> None:
-    """Print the folder of a toy world (building it first if needed), for use in shell commands:
-    ``autoexplain harvest ... --dataset "$(autoexplain zoo path)/corpus/train.txt"``."""
+    """Print the folder of a toy world (building it first if needed), for use in shell commands such as
+    autoexplain harvest ... --dataset "$(autoexplain zoo path)/corpus/train.txt"."""
     from autoexplain.tools.zoo import get_spec
 
     get_spec(name)

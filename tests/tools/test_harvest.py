@@ -179,6 +179,36 @@ def test_kill_9_then_resume_equals_uninterrupted(planted, planted_ctx, tmp_path)
     _assert_rows_equal_an_uninterrupted_harvest(planted_ctx, corpus, tmp_path, tmp_path / "k.duckdb")
 
 
+def test_ctrl_c_says_what_was_kept_and_the_same_command_resumes(planted, planted_ctx, tmp_path) -> None:
+    """SIGINT mid-harvest: exit 130, one line naming the run (marked interrupted) and the checkpoint folder; the same
+    command then resumes after the finished batches."""
+    corpus = tmp_path / "big.txt"
+    corpus.write_text("\n".join(SENTENCES[(i * 7) % len(SENTENCES)] for i in range(3000)) + "\n")
+    cache = tmp_path / "cache"
+    env = {**os.environ, "AUTOEXPLAIN_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    db = tmp_path / "i.duckdb"
+    cmd = [sys.executable, "-m", "autoexplain.agent.cli", "harvest", "--model", str(planted.model_dir),
+           "--sae", str(planted.sae_dir), "--dataset", str(corpus), "--tokens", "30000", "--ctx", "16",
+           "--batch-size", "8", "--top-k", "5", "--checkpoint-every", "5", "--db", str(db), "--device", "cpu"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if list(cache.glob("harvest/*/state.pt")):
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "harvest ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-800:]
+    last = [line for line in err.splitlines() if line.strip()][-1]
+    assert last.startswith("autoexplain: interrupted: run harvest-") and "checkpointed in" in last, last
+    assert "Traceback" not in err
+    assert Store(db).query("select status from runs")[1] == [("interrupted",)]
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-800:]
+    assert "resumed after batch" in " ".join(again.stdout.split())
+
+
 def _assert_rows_equal_an_uninterrupted_harvest(planted_ctx, corpus: Path, tmp_path: Path, db: Path) -> None:
     """``db``'s feature rows equal those of one uninterrupted in-process harvest of the same inputs (the CLI's
     30,000 tokens, ctx 16, batch 8, top 5), written as the CLI writes them (examples with their held-out split)."""
