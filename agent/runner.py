@@ -180,13 +180,26 @@ def load_plan(path: Path) -> Plan:
         raise InputError(f"plan {str(path)!r}: {validation_message(exc, 'plan')}") from None
 
 
+#: The CLI flag that sets each plan field the commands build plans from (``label``, ``circuit``, ``demo``).
+PLAN_FLAGS = {"budget.steps": "--max-steps", "budget.llm_tokens": "--max-tokens", "budget.seconds": "--max-seconds",
+              "llm.max_tokens": "--llm-max-tokens", "llm.timeout_s": "--llm-timeout", "llm_model": "--llm-model",
+              "items.label.tokens": "--tokens", "items.label.features": "--features",
+              "items.label.dataset": "--dataset", "items.label.sae": "--sae", "items.circuit.top_k": "--top-k",
+              "items.circuit.threshold": "--threshold", "items.circuit.task": "--task", "model": "--model",
+              "device": "--device", "policy": "--policy", "judge": "--judge", "judgements": "--judgements"}
+
+
 def validation_message(exc: ValidationError, default: str, *, as_flags: bool = False) -> str:
     """The first problem of a pydantic error as one line: where, what, and the value given when it is short.
 
-    ``as_flags``: name the field as the CLI flag that set it (``llm-model``, list positions dropped)."""
+    ``as_flags``: name the CLI flag that set the field (:data:`PLAN_FLAGS`; else the field's last name as a
+    flag), not the plan field the command built from it."""
     err = exc.errors()[0]
     parts = [str(p) for p in err["loc"] if not (as_flags and isinstance(p, int))]
-    where = ".".join(parts).replace("_", "-") if as_flags else ".".join(parts)
+    if as_flags and parts:
+        where = PLAN_FLAGS.get(".".join(parts)) or "--" + parts[-1].replace("_", "-")
+    else:
+        where = ".".join(parts)
     where = where or default
     given = err.get("input")
     shown = f" (got {given!r})" if isinstance(given, (str, int, float)) and len(repr(given)) <= 60 else ""

@@ -23,3 +23,19 @@ def test_item_budget_keeps_its_defaults_and_the_run_budget_defaults_to_unlimited
     plan = _plan()
     assert plan.budget.steps == 40 and plan.budget.llm_tokens == 200_000
     assert plan.run_budget.exceeded(Usage(steps=10**9, prompt_tokens=10**12, seconds=10.0**9)) is None
+
+
+def test_errors_in_plans_built_from_flags_name_the_flags() -> None:
+    """A command builds a plan from its flags; a bad value is reported as the flag the user typed."""
+    import pytest
+
+    from autoexplain.agent.cli.common import plan_from
+    from autoexplain.tools.errors import InputError
+
+    base = {"model": "toy:tiny", "items": [{"label": {"sae": "toy:tiny/res0"}}]}
+    with pytest.raises(InputError, match=r"^--max-steps: .*greater than or equal to 1 \(got 0\)"):
+        plan_from({**base, "budget": {"steps": 0}})
+    with pytest.raises(InputError, match=r"^--tokens: "):
+        plan_from({**base, "items": [{"label": {"sae": "toy:tiny/res0", "tokens": 0}}]})
+    with pytest.raises(InputError, match=r"^--llm-timeout: "):
+        plan_from({**base, "llm": {"timeout_s": -1}})
