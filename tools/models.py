@@ -50,6 +50,7 @@ default and switched on only inside :meth:`LoadedModel.sites_enabled` for the si
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -564,9 +565,6 @@ def _tl_config(path: Path, hf_cfg: dict[str, Any], dev: torch.device, *, fold_ln
     return cfg
 
 
-_PROBED: dict[str, str | None] = {}
-
-
 def hub_unreachable() -> str | None:
     """Why the hub cannot be used right now, else None: offline mode, its host does not resolve, or (without a
     proxy configured) a TCP connection to it does not open within 3 s. The network probe runs once per process
@@ -575,7 +573,6 @@ def hub_unreachable() -> str | None:
     Checked before fetching anything that is not cached, so an offline user gets the error at once instead of
     after minutes of retries.
     """
-    import socket
     from urllib.parse import urlparse
 
     from huggingface_hub import constants
@@ -585,22 +582,27 @@ def hub_unreachable() -> str | None:
     url = urlparse(constants.ENDPOINT)
     host = url.hostname or "huggingface.co"
     port = url.port or (80 if url.scheme == "http" else 443)
-    key = f"{host}:{port}"
-    if key not in _PROBED:
-        why: str | None = None
+    proxied = any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy",
+                                               "ALL_PROXY", "all_proxy"))
+    return _probe(host, port, bool(proxied))
+
+
+@functools.lru_cache(maxsize=8)
+def _probe(host: str, port: int, proxied: bool) -> str | None:
+    """Why ``host:port`` cannot be used (does not resolve; no TCP connection within 3 s unless a proxy is set),
+    else None. Cached per process: a run asks once, not per file."""
+    import socket
+
+    try:
+        socket.getaddrinfo(host, port)
+    except OSError:
+        return f"{host} does not resolve"
+    if not proxied:
         try:
-            socket.getaddrinfo(host, port)
-        except OSError:
-            why = f"{host} does not resolve"
-        proxied = any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy",
-                                                   "ALL_PROXY", "all_proxy"))
-        if why is None and not proxied:
-            try:
-                socket.create_connection((host, port), timeout=3).close()
-            except OSError as exc:
-                why = f"{host} cannot be reached: {exc.__class__.__name__}"
-        _PROBED[key] = why
-    return _PROBED[key]
+            socket.create_connection((host, port), timeout=3).close()
+        except OSError as exc:
+            return f"{host} cannot be reached: {exc.__class__.__name__}"
+    return None
 
 
 def _load_hub(name: str, dev: torch.device, *, processing: dict[str, bool]) -> LoadedModel:

@@ -136,7 +136,7 @@ def test_cached_names_load_online_without_asking_the_network(cache: GPT2World,
 
     loading.check_specs("gpt2", [SPEC])  # warm the imports
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(models, "_PROBED", {})
+    models._probe.cache_clear()
     with _recording_endpoint() as record:
         monkeypatch.setattr(constants, "ENDPOINT", record[0])
         assert models.hub_unreachable() is None  # the hub looks reachable (the probe's own connection)
@@ -159,7 +159,7 @@ def test_unreachable_hub_online_is_named(cache: GPT2World, monkeypatch: pytest.M
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", "https://hub.invalid")  # .invalid never resolves (RFC 2606)
-    monkeypatch.setattr(models, "_PROBED", {})
+    models._probe.cache_clear()
     with pytest.raises(InputError, match=r"not cached in .* unavailable \(hub\.invalid does not resolve\)"):
         loading.check_specs("EleutherAI/pythia-70m")
     loading.check_specs("gpt2", [SPEC])  # cached: no network needed
