@@ -148,6 +148,21 @@ def _json_out(out: ToolOutput) -> None:
     print(out.model_dump_json(indent=1))
 
 
+def _run(tool: str, fields: dict[str, Any], *, model: str, sae: str | None, device: str | None, db: Path | None,
+         format: Fmt) -> ToolOutput | None:
+    """One command's whole call: flags checked (format, the tool's input model, specs and ``--db``) before any
+    weights load, then the tool called through the registry. With ``--format json`` the full output is printed and
+    None returned; otherwise the output is returned for the command to print."""
+    _no_csv(format)
+    _tool_input(tool, fields)
+    _prepare(model, sae, db)
+    out = _call(tool, fields, model=model, sae=sae, device=device, db=db)
+    if format is Fmt.json:
+        _json_out(out)
+        return None
+    return out
+
+
 def _effects(con: Any, items: list[InterventionEffect], what: str) -> None:
     """Per text: the change in loss and KL, the KL at every token, and the tokens that rose and fell most."""
     from rich.table import Table
@@ -191,12 +206,9 @@ def ablate(model: ModelOpt, sae: SaeOpt,
     show per text how the next-token distribution moved: change in loss, KL per position, and the tokens whose
     probability fell and rose most where the KL peaks. Intervention-level evidence (tool ablate_feature)."""
     fields = {"sae_id": "-", "features": parse_features(feature), "texts": text, "top_k": top_k, "prepend_bos": bos}
-    _no_csv(format)
-    _tool_input("ablate_feature", fields)
-    _prepare(model, sae, db)
-    out: Any = _call("ablate_feature", fields, model=model, sae=sae, device=device, db=db)
-    if format is Fmt.json:
-        return _json_out(out)
+    out: Any = _run("ablate_feature", fields, model=model, sae=sae, device=device, db=db, format=format)
+    if out is None:  # --format json: printed
+        return
     con = console()
     con.print(f"ablating features {', '.join(map(str, out.features))} of {sae} ({out.sae_id}) at every position "
               "(zero; SAE spliced with its error term)", markup=False, highlight=False)
@@ -222,12 +234,9 @@ def steer(model: ModelOpt, sae: SaeOpt,
         raise InputError(f"--feature must be a non-negative index, got {feature}")
     fields = {"sae_id": "-", "feature": feature, "texts": text, "top_k": top_k, "prepend_bos": bos,
               "scale": scale if scale is not None else value, "mode": "add" if scale is not None else "clamp"}
-    _no_csv(format)
-    _tool_input("steer_feature", fields)
-    _prepare(model, sae, db)
-    out: Any = _call("steer_feature", fields, model=model, sae=sae, device=device, db=db)
-    if format is Fmt.json:
-        return _json_out(out)
+    out: Any = _run("steer_feature", fields, model=model, sae=sae, device=device, db=db, format=format)
+    if out is None:  # --format json: printed
+        return
     how = f"adding {out.scale:g} x W_dec[{out.feature}]" if out.mode == "add" else \
         f"clamping feature {out.feature} to {out.scale:g}"
     console().print(f"steering {sae} ({out.sae_id}): {how} at every position", markup=False, highlight=False)
@@ -247,12 +256,9 @@ def lens(model: ModelOpt, text: TextOpt,
     """Logit lens: decode every layer's residual stream (resid_pre of each layer, then the last resid_post) with the
     final LayerNorm and unembedding; per layer the top tokens and the targets' ranks. Association only."""
     fields = {"texts": text, "targets": target or [], "positions": position, "top_k": top_k, "prepend_bos": bos}
-    _no_csv(format)
-    _tool_input("logit_lens", fields)
-    _prepare(model, None, db)
-    out: Any = _call("logit_lens", fields, model=model, sae=None, device=device, db=db)
-    if format is Fmt.json:
-        return _json_out(out)
+    out: Any = _run("logit_lens", fields, model=model, sae=None, device=device, db=db, format=format)
+    if out is None:  # --format json: printed
+        return
     from rich.table import Table
 
     con = console()
@@ -283,12 +289,9 @@ def dla(model: ModelOpt, text: TextOpt,
     biases; the entries sum to the real value), averaged over the texts. Direct effects only: association."""
     fields = {"texts": text, "target": target, "baseline": baseline, "position": position, "top_n": top_n,
               "prepend_bos": bos}
-    _no_csv(format)
-    _tool_input("direct_logit_attribution", fields)
-    _prepare(model, None, db)
-    out: Any = _call("direct_logit_attribution", fields, model=model, sae=None, device=device, db=db)
-    if format is Fmt.json:
-        return _json_out(out)
+    out: Any = _run("direct_logit_attribution", fields, model=model, sae=None, device=device, db=db, format=format)
+    if out is None:  # --format json: printed
+        return
     from rich.table import Table
 
     con = console()

@@ -534,7 +534,7 @@ def _refused(res: Result, *needles: str) -> str:
     ("features_beyond_width", ["999", "out of range", "128 features"]),
     ("features_garbage", ["'abc'", "not an index or a range"]),
     ("dataset_missing_file", ["'missing.txt'", "does not exist"]),
-    ("unknown_policy", ["policy", "'offline' or 'llm'"]),
+    ("unknown_policy", ["--policy", "'offline', 'llm'"]),
     ("llm_no_key", ["OPENAI_API_KEY"]),
     ("llm_no_model", ["llm_model"]),
     ("plan_missing", ["'nope.yaml'", "does not exist"]),

@@ -19,6 +19,10 @@ import pytest
 from cli_support import CLI
 from test_agent_offline import SAES, agent_env, copy_db, features_spec, harvested_template, plan_data, rows
 
+#: Finished with an explanation: done, or a weak label / a task the model does not do (honest statuses on the tiny
+#: toy world, whose circuits are no_behaviour and some of whose labels cannot be told from chance).
+OK = ("done", "weak", "no_behaviour")
+
 #: How long the slow reader keeps the file (the store's timeout is 1 s in that test: 5 times over it).
 READ_S = 5.0
 
@@ -78,10 +82,10 @@ def test_a_long_reader_during_a_run_fails_no_item(kit: dict[str, Any], tmp_path:
             r.wait(timeout=120)
     assert readers and readers[0].returncode == 0
     assert time.monotonic() - t0 >= READ_S  # the run really met the reader
-    assert [o.status.value for o in res.outcomes] == ["done"] * len(res.outcomes), \
+    assert all(o.status.value in OK for o in res.outcomes), \
         [(o.target, o.status, o.error) for o in res.outcomes]
     assert rows(db, "select status from runs where run_id = ?", [res.run_id]) == [("done",)]
-    assert rows(db, "select count(*) from work_items where status <> 'done'") == [(0,)]
+    assert rows(db, f"select count(*) from work_items where status not in {OK!s}") == [(0,)]
 
 
 def test_two_resumes_of_one_run_at_once_one_is_refused(kit: dict[str, Any], tmp_path: Path) -> None:
@@ -120,7 +124,7 @@ def test_two_resumes_of_one_run_at_once_one_is_refused(kit: dict[str, Any], tmp_
     (run_id, status), = rows(db, "select run_id, status from runs where kind = 'plan'")
     assert status == "done"
     got = rows(db, "select status, attempts from work_items where run_id = ?", [run_id])
-    assert {s for s, _ in got} == {"done"}
+    assert {s for s, _ in got} <= set(OK)
     assert sum(a > 1 for _, a in got) <= 1  # at most the item the kill interrupted ran twice
 
 
@@ -223,7 +227,7 @@ def test_soak_20_random_kills_then_resume(kit: dict[str, Any], tmp_path: Path) -
     assert status == "done" and kills >= min(n_kills, 10), kills
     final = _finished(db)
     n_items = rows(db, "select count(*) from work_items where run_id = ?", [run_id])[0][0]
-    assert len(final) == n_items and {v[0] for v in final.values()} == {"done"}  # nothing lost
+    assert len(final) == n_items and {v[0] for v in final.values()} <= set(OK)  # nothing lost
     assert_no_duplicates(db, run_id)  # nothing duplicated
     assert len({c for (c,) in rows(db, "select call_id from tool_calls")}) == \
         rows(db, "select count(*) from tool_calls")[0][0]
@@ -260,5 +264,5 @@ def test_a_60_s_reader_during_a_cli_run(kit: dict[str, Any], tmp_path: Path) -> 
                 run.kill()
     assert reader.returncode == 0 and held >= 60
     assert code == 0, err.read_text()[-3000:]
-    assert rows(db, "select count(*) from work_items where status <> 'done'") == [(0,)]
+    assert rows(db, f"select count(*) from work_items where status not in {OK!s}") == [(0,)]
     print(f"reader held the file {held:.0f} s; run: {rows(db, 'select summary from runs where kind = ?', ['plan'])}")
