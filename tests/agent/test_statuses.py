@@ -46,3 +46,29 @@ def test_a_circuit_on_a_model_without_the_behaviour_is_no_behaviour(tiny_zoo, ra
     assert scores["full_effect"] is not None and abs(scores["full_effect"]) < 0.1
     [(why,)] = rows(db, "select details->>'$.unscored' from scores where metric = 'correctness'")
     assert "does not do this task" in why
+
+
+def test_a_label_at_chance_is_weak(tiny_zoo, tmp_path: Path) -> None:
+    """Scored on held-out data with the lexical judge, a label naming a word the feature never fires on detects
+    nothing: its correctness interval includes 0.5 and the scorer gives the weak verdict with the reason."""
+    import datetime as dt
+
+    from autoexplain.agent.scoring import FeatureScorer
+    from autoexplain.agent.state import ItemKind, WorkItem
+    from autoexplain.agent.store import Store
+    from autoexplain.evals.judges import LexicalJudge
+    from tests.agent.test_agent_offline import copy_db, harvested_template
+
+    template, _ = harvested_template()
+    store = Store(copy_db(template, tmp_path / "w.duckdb"))
+    (sae_id, f), = store.query("select sae_id, feature_index from features where not is_dead and density > 0.01 "
+                               "order by density desc limit 1")[1]
+    item = WorkItem(item_id="i", run_id="r", kind=ItemKind.FEATURE, target=f"{sae_id}#{f}",
+                    params={"sae_id": sae_id, "feature_index": f})
+    text = "the token 'zzzzqqq'"
+    store.upsert("explanations", [{"explanation_id": "x-bad", "run_id": "r", "item_id": "i", "target": item.target,
+                                   "text": text, "author": "test", "causal_level": "association",
+                                   "created_at": dt.datetime.now()}])
+    [bad] = FeatureScorer(store, store, LexicalJudge()).score(item, [{"explanation_id": "x-bad", "text": text}])
+    assert bad["verdict"]["status"] == "weak" and bad["verdict"]["why"].startswith("weak: "), bad
+    assert bad["correctness"] is None or bad["correctness"] <= 0.6
