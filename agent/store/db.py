@@ -411,9 +411,20 @@ class Store:
         with self.transaction() as con:
             return sum(self.upsert(table, rows, con=con) for table, rows in tables.items() if rows)
 
+    def insert_new(self, table: str, rows: Sequence[Row], *, con: duckdb.DuckDBPyConnection) -> int:
+        """Bulk-insert ``rows`` whose keys are not stored yet, inside the caller's transaction ``con``; return the
+        count. A plain ``INSERT``: several times faster than :meth:`upsert`'s ``INSERT OR REPLACE`` (which looks
+        every key up to replace it) for bulk rows the caller has just made room for, e.g. a harvest after deleting
+        the SAE's old rows. A key that is stored already is DuckDB's constraint error, never a silent replace."""
+        groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        for r in rows:
+            groups.setdefault(tuple(sorted(r)), []).append(dict(r))
+        self._insert_groups(con, table, groups, replace=False)
+        return len(rows)
+
     @staticmethod
     def _insert_groups(con: duckdb.DuckDBPyConnection, table: str,
-                       groups: dict[tuple[str, ...], list[dict[str, Any]]]) -> None:
+                       groups: dict[tuple[str, ...], list[dict[str, Any]]], *, replace: bool = True) -> None:
         import pyarrow as pa
 
         json_cols = schema.table(table).json_columns
@@ -425,7 +436,7 @@ class Store:
             columns = {k: [_jsonable(v) for v in vs] if k in json_cols else list(vs)
                        for k, vs in zip(cols, values, strict=True)}
             arrow_rows = pa.table(columns)  # noqa: F841 (scanned by name)
-            con.execute(f"insert or replace into {table} by name select * from arrow_rows")
+            con.execute(f"insert {'or replace ' if replace else ''}into {table} by name select * from arrow_rows")
 
     # -- reads ----------------------------------------------------------------------------------------
     def query(self, sql: str, params: Sequence[Any] | None = None) -> tuple[list[str], list[tuple[Any, ...]]]:

@@ -117,15 +117,15 @@ def harvest_sink(store: Store, run_id: str) -> HarvestSink:
                     con.execute("reset memory_limit")
 
     def _write(con: duckdb.DuckDBPyConnection, result: HarvestResult) -> None:
-        for table in ("feature_examples", "features"):
-            con.execute(f"delete from {table} where sae_id = ? and harvest_id is distinct from ?",
-                        [result.sae_id, result.harvest_id])
+        for table in ("feature_examples", "features"):  # every stored row of the SAE (this harvest's too: a re-run
+            con.execute(f"delete from {table} where sae_id = ?", [result.sae_id])  # writes them again, whole)
         if result.harvest_id:
             store.upsert("harvests", [harvest_row(result, run_id)], con=con)
         tag = {"run_id": run_id, "harvest_id": result.harvest_id or None}
 
         def write(table: str, rows: list[dict[str, Any]]) -> None:
-            store.upsert(table, [{**r, **tag} for r in rows], con=con)
+            # the SAE's rows were deleted above, so every key is new: a plain bulk insert (see Store.insert_new)
+            store.insert_new(table, [{**r, **tag} for r in rows], con=con)
 
         rows_sink(write, split=True)(result)
 

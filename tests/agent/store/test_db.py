@@ -545,3 +545,20 @@ def test_a_file_cut_in_its_data_blocks_is_one_line_when_a_write_meets_it(tmp_pat
     with pytest.raises(InputError, match="is damaged"):
         damaged = Store(cut)
         damaged.upsert("runs", [_run(f"x{i}", config={"pad": "y" * 2000}) for i in range(3000)])
+
+
+def test_insert_new_writes_new_keys_and_refuses_a_stored_key(tmp_path: Path) -> None:
+    """The harvest's bulk path: a plain INSERT of new keys (JSON columns encoded like upsert's); an existing key is
+    a constraint error inside the caller's transaction, never a silent replace."""
+    from autoexplain.agent.store import Store
+
+    store = Store(tmp_path / "i.duckdb")
+    row = {"sae_id": "s", "feature_index": 1, "density": 0.5, "max_act": 1.0, "mean_act": 0.5, "n_tokens": 10,
+           "is_dead": False, "histogram": {"edges": [1.0], "counts": [0, 1]}}
+    with store.transaction() as con:
+        assert store.insert_new("features", [row, {**row, "feature_index": 2}], con=con) == 2
+    assert store.query("select feature_index, histogram->>'$.counts' from features order by 1")[1] == \
+        [(1, "[0,1]"), (2, "[0,1]")]
+    with pytest.raises(duckdb.ConstraintException), store.transaction() as con:
+        store.insert_new("features", [{**row, "density": 0.9}], con=con)
+    assert store.query("select density from features where feature_index = 1")[1] == [(0.5,)]
