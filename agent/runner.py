@@ -825,10 +825,11 @@ def _compact(saver: Any) -> None:
     A committed item's checkpoints are deleted, but SQLite keeps the pages they used (a run of hundreds of items
     left a 64 MB file holding no rows); ``VACUUM`` rewrites the file at its live size. Not needed for correctness:
     a failure here is ignored (the next run's compaction tries again)."""
-    with contextlib.suppress(Exception):
-        with saver.lock:
-            saver.conn.commit()
-            saver.conn.execute("VACUUM")
+    import sqlite3
+
+    with contextlib.suppress(sqlite3.Error), saver.lock:  # a busy or full disk: the next run tries again
+        saver.conn.commit()
+        saver.conn.execute("VACUUM")
 
 
 #: What each graph node does, for the error of an item that failed in it.

@@ -57,7 +57,9 @@ def label_verdict(res: Any) -> dict[str, str] | None:
         why = res.reasons.get("correctness") or "no held-out judgement of both classes"
         return {"status": "weak", "why": f"weak: correctness could not be computed ({why})"}
     iv = res.correctness_interval
-    if iv is None or iv[0] > 0.5:
+    if iv is None:  # correctness needs both classes, and so does its interval: never reached, but not "done"
+        return {"status": "weak", "why": f"weak: correctness {res.correctness:.2f} has no confidence interval"}
+    if iv[0] > 0.5:
         return None
     return {"status": "weak", "why": f"weak: correctness {res.correctness:.2f} is not distinguishable from chance "
                                      f"(its 95 % interval [{iv[0]:.2f}, {iv[1]:.2f}] includes 0.5; "

@@ -380,7 +380,7 @@ def cached_snapshot(repo_id: str, repo_type: str = "model") -> Path | None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return Path(snapshot_download(repo_id, repo_type=repo_type, local_files_only=True))
-    except Exception:  # LocalEntryNotFoundError, a malformed repo id, an unreadable cache: not cached
+    except (OSError, ValueError):  # LocalEntryNotFoundError (an OSError), a malformed repo id (HFValidationError)
         return None
 
 

@@ -38,10 +38,7 @@ from fake_openai import (
     text,
     tool_calls,
 )
-
-#: Finished with an explanation: done, or a weak label / a task the model does not do (honest statuses on the tiny
-#: toy world, whose circuits are no_behaviour and some of whose labels cannot be told from chance).
-OK = ("done", "weak", "no_behaviour")
+from test_agent_offline import OK
 
 KEY = "sk-secret-XYZ-7f3a9c1e5b2d4086"
 KEY_START = KEY[:13]  # not even a prefix of the key may be stored or printed

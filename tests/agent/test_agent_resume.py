@@ -30,6 +30,7 @@ import pytest
 
 from cli_support import CLI
 from test_agent_offline import (
+    OK,
     SAES,
     agent_env,
     copy_db,
@@ -40,9 +41,6 @@ from test_agent_offline import (
     rows,
 )
 
-#: Finished with an explanation: done, or a weak label / a task the model does not do (honest statuses on the tiny
-#: toy world, whose circuits are no_behaviour and some of whose labels cannot be told from chance).
-OK = ("done", "weak", "no_behaviour")
 OK_SQL = str(OK)  # as an SQL list
 
 CIRCUIT = "greater_than" if has_circuit_scoring() else None
@@ -371,6 +369,20 @@ def _rows_of(db: Path, item_ids: list[str]) -> dict[str, set[tuple[Any, ...]]]:
     }
 
 
+def assert_untouched_since_kills(db: Path, final: dict[str, tuple[Any, ...]],
+                                 snapshots: list[tuple[dict[str, tuple[Any, ...]], dict[str, set[tuple[Any, ...]]],
+                                                       dict[str, Any]]]) -> None:
+    """Items finished before a kill were never touched again, and cached tool results never recomputed: each
+    snapshot (finished items, their rows, the tool cache) taken after a kill still holds in the final database."""
+    for done, stored, cache in snapshots:
+        assert {i: final[i] for i in done} == done
+        now = _rows_of(db, list(done))
+        for table, before_rows in stored.items():
+            assert now[table] == before_rows, f"{table} of items finished before a kill changed on resume"
+        now_cache = dict(rows(db, "select cache_key, created_at from tool_cache"))
+        assert {k: now_cache[k] for k in cache} == cache, "a cached tool result was computed again"
+
+
 def kill_9(proc: subprocess.Popen[bytes], log: IO[str]) -> None:
     """``kill -9`` the process if it still runs, reap it and close its log (also when waiting for the moment
     to kill went wrong)."""
@@ -447,14 +459,7 @@ def test_kill_9_at_random_points_then_resume(kit: dict[str, Any], clean: dict[st
     assert rows(db, "select count(*) from work_items") == [(n_items,)]
     assert any(v[1] >= 2 for v in final.values()), "no kill landed inside an item"
 
-    # items finished before a kill were never touched again; cached results were never recomputed
-    for done, stored, cache in snapshots:
-        assert {i: final[i] for i in done} == done
-        now = _rows_of(db, list(done))
-        for table, before_rows in stored.items():
-            assert now[table] == before_rows, f"{table} of items finished before a kill changed on resume"
-        now_cache = dict(rows(db, "select cache_key, created_at from tool_cache"))
-        assert {k: now_cache[k] for k in cache} == cache, "a cached tool result was computed again"
+    assert_untouched_since_kills(db, final, snapshots)
 
     # the same results as the uninterrupted run, and nothing twice
     got = content(db, run_id)

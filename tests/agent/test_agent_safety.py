@@ -17,11 +17,7 @@ from typing import Any
 import pytest
 
 from cli_support import CLI
-from test_agent_offline import SAES, agent_env, copy_db, features_spec, harvested_template, plan_data, rows
-
-#: Finished with an explanation: done, or a weak label / a task the model does not do (honest statuses on the tiny
-#: toy world, whose circuits are no_behaviour and some of whose labels cannot be told from chance).
-OK = ("done", "weak", "no_behaviour")
+from test_agent_offline import OK, SAES, agent_env, copy_db, features_spec, harvested_template, plan_data, rows
 
 #: How long the slow reader keeps the file (the store's timeout is 1 s in that test: 5 times over it).
 READ_S = 5.0
@@ -195,7 +191,14 @@ def test_soak_20_random_kills_then_resume(kit: dict[str, Any], tmp_path: Path) -
     import random
     import signal
 
-    from test_agent_resume import _finished, _rows_of, _wait, assert_no_duplicates, kill_9
+    from test_agent_resume import (
+        _finished,
+        _rows_of,
+        _wait,
+        assert_no_duplicates,
+        assert_untouched_since_kills,
+        kill_9,
+    )
 
     n_kills = int(os.environ.get("AUTOEXPLAIN_SOAK_KILLS", "20"))
     rng = random.Random(19)
@@ -231,13 +234,7 @@ def test_soak_20_random_kills_then_resume(kit: dict[str, Any], tmp_path: Path) -
     assert_no_duplicates(db, run_id)  # nothing duplicated
     assert len({c for (c,) in rows(db, "select call_id from tool_calls")}) == \
         rows(db, "select count(*) from tool_calls")[0][0]
-    for done, stored, cache in snapshots:  # nothing recomputed
-        assert {i: final[i] for i in done} == done
-        now = _rows_of(db, list(done))
-        for table, before_rows in stored.items():
-            assert now[table] == before_rows, f"{table} of items finished before a kill changed on resume"
-        now_cache = dict(rows(db, "select cache_key, created_at from tool_cache"))
-        assert {k: now_cache[k] for k in cache} == cache, "a cached tool result was computed again"
+    assert_untouched_since_kills(db, final, snapshots)  # nothing recomputed
 
 
 @pytest.mark.slow
