@@ -588,7 +588,8 @@ def _harvest_and_split(store: Store, run_id: str, prep: Prepared, report: Callab
             if isinstance(work, HarvestWork):
                 harvest(ToolContext(model=prep.lm, saes={sae.sae_id: sae}, sink=harvest_sink(store, run_id)),
                         _harvest_args(prep, entry, dataset), work=work,
-                        progress=functools.partial(report, f"harvest {sae.spec}"))
+                        progress=functools.partial(report, f"harvest {sae.spec}"),
+                        finish_progress=functools.partial(report, f"store {sae.spec}"))
             done.add(sae.sae_id)
         n_live = live_selection(entry.features)
         if n_live is not None:  # 'live' / 'live:N': now that the SAE is harvested

@@ -546,12 +546,15 @@ def prune_work(base: Path, *, keep: str = "") -> list[Path]:
 
 
 def harvest(ctx: ToolContext, args: HarvestIn, *, progress: Callable[[int, int], None] | None = None,
-            work_dir: Path | None = None, work: HarvestWork | None = None) -> HarvestOut:
+            work_dir: Path | None = None, work: HarvestWork | None = None,
+            finish_progress: Callable[[int, int], None] | None = None) -> HarvestOut:
     """Run (or resume) the harvest described by ``args``; send the result to ``ctx.sink``; return the summary.
 
     ``progress(batches_done, total_batches)`` is called after every batch. It may stop the pass by raising (e.g.
     ``KeyboardInterrupt``): the state is checkpointed first and the exception propagates; nothing is stored, and
-    a re-run with the same arguments resumes after that batch.
+    a re-run with the same arguments resumes after that batch. ``finish_progress(chunks_done, total_chunks)``
+    is called as the finish (logit effects, example assembly, the sink's writes) goes through its feature chunks:
+    minutes for a wide SAE.
 
     ``work``: a work folder the caller already owns (:func:`harvest_work`); otherwise it is taken here, in the
     cache, or under ``work_dir`` (tests) — refused if another process owns it.
@@ -561,9 +564,9 @@ def harvest(ctx: ToolContext, args: HarvestIn, *, progress: Callable[[int, int],
         raise InputError("harvest needs somewhere to store its results: pass a database (--db)")
     check_args(args, lm.n_ctx, sae)
     if work is not None:
-        return _harvest(ctx, args, work, progress)
+        return _harvest(ctx, args, work, progress, finish_progress)
     with harvest_work(lm.model_id, sae.sae_id, args, root=work_dir) as own:
-        return _harvest(ctx, args, own, progress)
+        return _harvest(ctx, args, own, progress, finish_progress)
 
 
 def default_ctx(n_ctx: int, sae: LoadedSAE | None = None) -> int:
@@ -588,8 +591,8 @@ def check_args(args: HarvestIn, n_ctx: int, sae: LoadedSAE | None = None) -> Non
                          f"{args.reservoir}: raise reservoir or sample fewer per quantile")
 
 
-def _harvest(ctx: ToolContext, args: HarvestIn, owned: HarvestWork,
-             progress: Callable[[int, int], None] | None) -> HarvestOut:
+def _harvest(ctx: ToolContext, args: HarvestIn, owned: HarvestWork, progress: Callable[[int, int], None] | None,
+             finish_progress: Callable[[int, int], None] | None = None) -> HarvestOut:
     from autoexplain.tools.data import iter_texts, iter_windows
 
     assert ctx.sink is not None
@@ -629,7 +632,7 @@ def _harvest(ctx: ToolContext, args: HarvestIn, owned: HarvestWork,
     windows.sync()
     _save_state(state_path, state, args)
     t_stream = time.perf_counter()
-    result = _finish(state, lm, sae, args, windows)
+    result = _finish(state, lm, sae, args, windows, finish_progress)
     result.harvest_id, result.inputs = owned.identity.harvest_id, owned.identity.inputs
     if state.n_tokens < SHORT_DATASET_FRACTION * args.n_tokens:
         result.note = (f"dataset {args.dataset!r} gave only {state.n_tokens:,} of the {args.n_tokens:,} tokens "
@@ -794,7 +797,8 @@ def _feature_chunks(n_features: int, per_feature: int, d_vocab: int) -> list[tup
     return list(itertools.pairwise(edges))
 
 
-def _finish(state: _State, lm: LoadedModel, sae: LoadedSAE, args: HarvestIn, windows: _Windows) -> HarvestResult:
+def _finish(state: _State, lm: LoadedModel, sae: LoadedSAE, args: HarvestIn, windows: _Windows,
+            report: Callable[[int, int], None] | None = None) -> HarvestResult:
     """Turn the state into per-feature statistics (arrays, at once) and a re-iterable stream of feature-complete
     chunks of stats and examples (:class:`HarvestResult`), assembled lazily by :func:`_chunk`."""
     n_tok = max(state.n_tokens, 1)
@@ -812,9 +816,11 @@ def _finish(state: _State, lm: LoadedModel, sae: LoadedSAE, args: HarvestIn, win
             cache["vocab"] = lm.token_strs(range(d_vocab))
             cache["pool_order"] = torch.argsort(state.pool_key)
             cache["refs"] = [FeatureRef(sae_id=sae.sae_id, index=f) for f in range(sae.d_sae)]
-        for lo, hi in ranges:
+        for i, (lo, hi) in enumerate(ranges):
             yield _chunk(state, lm, sae, args, windows, lo, hi, density=density, max_act=max_act,
                          mean_act=mean_act, **cache)
+            if report is not None:  # the sink has taken the chunk (the prefetch runs at most one ahead)
+                report(i + 1, len(ranges))
 
     class _Chunks:
         def __iter__(self) -> Iterator[HarvestChunk]:

@@ -147,6 +147,7 @@ def harvest_into(store: Store, run_id: str, lm: LoadedModel, sae: LoadedSAE, arg
     with progress() as report:
         stage = f"harvest {sae.spec} ({sae.sae_id})"
         return harvest(ToolContext(model=lm, saes={sae.sae_id: sae}, sink=harvest_sink(store, run_id)), args,
-                       progress=lambda done, total: report(stage, done, total), work=work)
+                       progress=lambda done, total: report(stage, done, total), work=work,
+                       finish_progress=lambda done, total: report(f"store {sae.spec}", done, total))
 
 

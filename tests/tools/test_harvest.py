@@ -503,3 +503,21 @@ def test_windows_longer_than_the_saes_training_context_are_refused(planted_ctx, 
     no_bos = dataclasses.replace(sae, prepend_bos=False)
     with pytest.raises(InputError, match="without a BOS token"):
         _run((lm, no_bos), tmp_path / "h2.duckdb", corpus)
+
+
+def test_the_finish_reports_its_progress_chunk_by_chunk(planted_ctx, corpus, tmp_path, monkeypatch) -> None:
+    """The finish (logit effects, example assembly, writes: minutes for a wide SAE) reports each feature chunk."""
+    from autoexplain.tools import harvest as hv
+
+    lm, sae = planted_ctx
+    monkeypatch.setattr(hv, "EXAMPLES_PER_CHUNK", 40)  # 2 features per chunk
+    calls: list[tuple[int, int]] = []
+    store = Store(tmp_path / "f.duckdb")
+    ctx = ToolContext(model=lm, saes={sae.sae_id: sae}, sink=rows_sink(store.upsert))
+    args = HarvestIn(sae_id=sae.sae_id, dataset=str(corpus), n_tokens=3000, ctx=16, batch_size=8, top_k=5,
+                     reservoir=20, n_quantiles=4, per_quantile=2, n_random=5, random_pool=32)
+    per_feature = args.top_k + args.n_quantiles * args.per_quantile + args.n_random
+    n = len(hv._feature_chunks(sae.d_sae, per_feature, lm.model.cfg.d_vocab))
+    assert n > 1
+    harvest(ctx, args, work_dir=tmp_path / "work", finish_progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(i, n) for i in range(1, n + 1)]
