@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from autoexplain.agent.store import queries
 from autoexplain.tools.errors import InputError
 from autoexplain.tools.registry import Cost, Registry, ToolContext, ToolOutput, ToolSpec, default_registry, round_sig
+from autoexplain.tools.vocab import CausalLevel
 
 if TYPE_CHECKING:
     from autoexplain.agent.store import Store
@@ -99,7 +100,8 @@ def feature_examples_spec(store: Store) -> ToolSpec:
                                   top_logits=[tuple(x) for x in json.loads(top_logits)] if top_logits else [],
                                   examples=activating + quiet, n_hidden=hidden)
 
-    return ToolSpec(name="feature_examples", input_model=FeatureExamplesIn, output_model=FeatureExamplesOut, fn=fn,
+    return ToolSpec(name="feature_examples", level=CausalLevel.ASSOCIATION,
+                    input_model=FeatureExamplesIn, output_model=FeatureExamplesOut, fn=fn,
                     cost=Cost.CHEAP,
                     description="A harvested feature's statistics (density, max activation, tokens its decoder "
                                 "promotes) and its explain-split contexts, strongest first, firing tokens marked "

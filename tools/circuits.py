@@ -63,7 +63,7 @@ from autoexplain.tools.patching import (
     summary_fit,
 )
 from autoexplain.tools.registry import Cost, ToolContext, ToolOutput, ToolSpec
-from autoexplain.tools.vocab import Edge, Method
+from autoexplain.tools.vocab import CausalLevel, Edge, Method
 
 if TYPE_CHECKING:
     from autoexplain.tools.data import TokenizedTask
@@ -516,7 +516,8 @@ def circuit_search(ctx: ToolContext, args: CircuitSearchIn) -> CircuitSearchOut:
 
 
 TOOLS = (
-    ToolSpec(name="circuit_search", input_model=CircuitSearchIn, output_model=CircuitSearchOut, fn=circuit_search,
+    ToolSpec(name="circuit_search", level=CausalLevel.INTERVENTION,
+             input_model=CircuitSearchIn, output_model=CircuitSearchOut, fn=circuit_search,
              cost=Cost.FORWARD,
              description="Circuit discovery on a task (clean/corrupt prompt pairs): score every edge of the "
                          "model's graph (embed, heads aL.H, MLPs mL, logits; edges like a0.3->a1.2.k) with EAP-IG "

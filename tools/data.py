@@ -28,6 +28,7 @@ functions that need them, so importing this module stays cheap.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -673,6 +674,17 @@ class TokenizedTask:
     @property
     def n_prompts(self) -> int:
         return int(self.clean.shape[0])
+
+    def subset(self, rows: Sequence[int]) -> TokenizedTask:
+        """The task restricted to prompts ``rows`` (in that order): for held-out splits and resampled prompt sets.
+        Padding beyond the longest kept prompt is left in place (it never changes the logits at ``answer_pos``)."""
+        idx = torch.as_tensor(list(rows), dtype=torch.long)
+        if idx.numel() == 0:
+            raise InputError("a task subset needs at least one prompt")
+        picked = self.prompts.model_copy(update={"prompts": [self.prompts.prompts[int(i)] for i in idx]})
+        return dataclasses.replace(self, clean=self.clean[idx], corrupt=self.corrupt[idx],
+                                   answer_pos=self.answer_pos[idx], answers=self.answers[idx], wrong=self.wrong[idx],
+                                   seq_lens=self.seq_lens[idx], prompts=picked)
 
 
 def tokenize_task(task: TaskFile, tokenizer: Any, *, n_ctx: int, prepend_bos: bool = True) -> TokenizedTask:

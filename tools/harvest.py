@@ -86,7 +86,7 @@ from autoexplain.tools.cache import cache_root
 from autoexplain.tools.errors import InputError
 from autoexplain.tools.locks import exclusive, is_locked
 from autoexplain.tools.registry import Cost, ToolContext, ToolOutput, ToolSpec
-from autoexplain.tools.vocab import FeatureRef, SiteKind
+from autoexplain.tools.vocab import CausalLevel, FeatureRef, SiteKind
 
 if TYPE_CHECKING:
     from autoexplain.tools.models import LoadedModel
@@ -964,7 +964,8 @@ def _logit_effects(lm: LoadedModel, sae: LoadedSAE, n: int, lo: int, hi: int, vo
 
 
 TOOLS = (
-    ToolSpec(name="harvest", input_model=HarvestIn, output_model=HarvestOut, fn=harvest, cost=Cost.DATASET,
+    ToolSpec(name="harvest", level=CausalLevel.ASSOCIATION,
+             input_model=HarvestIn, output_model=HarvestOut, fn=harvest, cost=Cost.DATASET,
              description="Stream a dataset through the model and an SAE once and record, for every feature: "
                          "top activating contexts, samples across activation quantiles, non-activating "
                          "contexts, firing density, max/mean activation, a histogram, and the tokens its decoder "

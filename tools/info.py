@@ -83,10 +83,12 @@ def tokenize(ctx: ToolContext, args: TokenizeIn) -> TokenizeOut:
 
 
 TOOLS = (
-    ToolSpec(name="model_info", input_model=ModelInfoIn, output_model=ModelInfoOut, fn=model_info, cost=Cost.CHEAP,
+    ToolSpec(name="model_info", level=None,
+             input_model=ModelInfoIn, output_model=ModelInfoOut, fn=model_info, cost=Cost.CHEAP,
              description="Describe the model under study: layers, heads, widths, context length, the sites tools "
                          "can read or patch, and the loaded SAEs. Descriptive only: supports no causal claim."),
-    ToolSpec(name="tokenize", input_model=TokenizeIn, output_model=TokenizeOut, fn=tokenize, cost=Cost.CHEAP,
+    ToolSpec(name="tokenize", level=None,
+             input_model=TokenizeIn, output_model=TokenizeOut, fn=tokenize, cost=Cost.CHEAP,
              description="Show how texts split into the model's tokens (with ids). Use it before writing probe "
                          "texts, so the word a hypothesis is about is one token. Descriptive only."),
 )

@@ -55,7 +55,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from autoexplain.tools.errors import InputError
 from autoexplain.tools.registry import Cost, ToolContext, ToolOutput, ToolSpec, round_sig, short_repr
-from autoexplain.tools.vocab import Site, SiteKind
+from autoexplain.tools.vocab import CausalLevel, Site, SiteKind
 
 if TYPE_CHECKING:
     from autoexplain.tools.models import LoadedModel
@@ -498,14 +498,16 @@ def direct_logit_attribution(ctx: ToolContext, args: DLAIn) -> DLAOut:
 
 # ============================================================================= catalogue
 TOOLS = (
-    ToolSpec(name="logit_lens", input_model=LogitLensIn, output_model=LogitLensOut, fn=logit_lens, cost=Cost.FORWARD,
+    ToolSpec(name="logit_lens", level=CausalLevel.ASSOCIATION,
+             input_model=LogitLensIn, output_model=LogitLensOut, fn=logit_lens, cost=Cost.FORWARD,
              description="Logit lens: decode the residual stream before every layer (and after the last) with the "
                          "model's final LayerNorm and unembedding, listing the top tokens and the rank/probability "
                          "of target tokens per layer. Use it to see at which layer an answer becomes readable. "
                          "Caveats: the final LN is an approximation on intermediate residuals and early layers are "
                          "often not in the vocabulary basis. Descriptive of one forward pass: association-level "
                          "evidence only, no intervention."),
-    ToolSpec(name="direct_logit_attribution", input_model=DLAIn, output_model=DLAOut, fn=direct_logit_attribution,
+    ToolSpec(name="direct_logit_attribution", level=CausalLevel.ASSOCIATION,
+             input_model=DLAIn, output_model=DLAOut, fn=direct_logit_attribution,
              cost=Cost.FORWARD,
              description="Direct logit attribution: split a target token's logit (or target minus baseline logit) "
                          "at one position into the direct contribution of every component: embed, each attention "

@@ -102,7 +102,18 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from autoexplain.tools.errors import InputError
 from autoexplain.tools.models import LoadedModel, hook_name
 from autoexplain.tools.registry import Cost, ToolContext, ToolOutput, ToolSpec
-from autoexplain.tools.vocab import HEAD_KINDS, Ablation, Direction, Edge, Node, PatchMetric, PatchType, Site, SiteKind
+from autoexplain.tools.vocab import (
+    HEAD_KINDS,
+    Ablation,
+    CausalLevel,
+    Direction,
+    Edge,
+    Node,
+    PatchMetric,
+    PatchType,
+    Site,
+    SiteKind,
+)
 
 if TYPE_CHECKING:
     from autoexplain.tools.data import TokenizedTask
@@ -482,18 +493,24 @@ class PatchSetup:
     def evaluate_many(self, masks: torch.Tensor | None, *, start_layer: int = 0) -> list[float]:
         """The metric for each of K masks ``[K, n_sources, n_dests]`` (CPU), several masks per forward pass (the
         batch holds K copies of the prompts, up to :func:`row_budget` rows): what ACDC's speculative passes use."""
+        return self.evaluate_prompts(masks, start_layer=start_layer).mean(1).tolist()
+
+    def evaluate_prompts(self, masks: torch.Tensor | None, *, start_layer: int = 0) -> torch.Tensor:
+        """Per-prompt metric values ``[K, n_prompts]`` (float64, CPU) for K masks ``[K, n_sources, n_dests]`` (None:
+        the unpatched model, K = 1). :meth:`evaluate_many` is their mean over prompts; the spread and the share of
+        prompts on which an effect holds come from here."""
         if masks is None:
             masks = torch.zeros(1, len(self.graph.sources), len(self.graph.dests))
-        totals = torch.zeros(masks.shape[0], dtype=torch.float64)
+        out = torch.zeros(masks.shape[0], self.n_prompts, dtype=torch.float64)
         with torch.no_grad():
             for c in self.chunks:
                 per = max(1, row_budget(self.device) // c.size)
                 for k0 in range(0, masks.shape[0], per):
                     block = masks[k0:k0 + per]
                     logits = self.patched_logits(c, block, start_layer=start_layer)
-                    vals = self.chunk_metric(c, logits, block.shape[0]).reshape(block.shape[0], c.size).sum(1)
-                    totals[k0:k0 + block.shape[0]] += vals.double().cpu()
-        return (totals / self.n_prompts).tolist()
+                    vals = self.chunk_metric(c, logits, block.shape[0]).reshape(block.shape[0], c.size)
+                    out[k0:k0 + block.shape[0], c.rows] = vals.double().cpu()
+        return out
 
     def patched_logits(self, chunk: _Chunk, mask: torch.Tensor | None, *, start_layer: int = 0) -> torch.Tensor:
         """Answer-position logits of one chunk with edges patched by ``mask``: ``[n_sources, n_dests]`` gives
@@ -1112,7 +1129,8 @@ def edge_patching(ctx: ToolContext, args: EdgePatchingIn) -> EdgePatchingOut:
 
 
 TOOLS = (
-    ToolSpec(name="activation_patching", input_model=ActivationPatchingIn, output_model=ActivationPatchingOut,
+    ToolSpec(name="activation_patching", level=CausalLevel.INTERVENTION,
+             input_model=ActivationPatchingIn, output_model=ActivationPatchingOut,
              fn=activation_patching, cost=Cost.FORWARD,
              description="Activation (node) patching on a task of clean/corrupt prompt pairs: patch one site at a "
                          "time (each head's output, each head's q/k/v input, attention or MLP outputs, or the "
@@ -1120,7 +1138,8 @@ TOOLS = (
                          "(logit difference, answer probability or KL) at the answer. Noising (ablated values into "
                          "the clean run) tests necessity; denoising (clean into corrupt) tests sufficiency. "
                          "Intervention-level evidence; redundant components hide from noising."),
-    ToolSpec(name="edge_patching", input_model=EdgePatchingIn, output_model=EdgePatchingOut, fn=edge_patching,
+    ToolSpec(name="edge_patching", level=CausalLevel.INTERVENTION,
+             input_model=EdgePatchingIn, output_model=EdgePatchingOut, fn=edge_patching,
              cost=Cost.FORWARD,
              description="Edge or path patching: ablate a set of edges of the model graph (e.g. a0.3->a1.2.k, "
                          "a1.2->logits) together in one forward pass, or treeified paths (a chain of edges ending at "

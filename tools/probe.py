@@ -35,6 +35,7 @@ from autoexplain.tools.errors import InputError
 from autoexplain.tools.registry import Cost, ToolContext, ToolOutput, ToolSpec, round_sig, short_repr
 from autoexplain.tools.saes import LoadedSAE
 from autoexplain.tools.saes import feature_activations as _encode_at_site
+from autoexplain.tools.vocab import CausalLevel
 
 if TYPE_CHECKING:
     from autoexplain.tools.models import LoadedModel
@@ -442,20 +443,23 @@ def steer_feature(ctx: ToolContext, args: SteerFeatureIn) -> SteerFeatureOut:
 
 
 TOOLS = (
-    ToolSpec(name="feature_activations", input_model=FeatureActivationsIn, output_model=FeatureActivationsOut,
+    ToolSpec(name="feature_activations", level=CausalLevel.ASSOCIATION,
+             input_model=FeatureActivationsIn, output_model=FeatureActivationsOut,
              fn=feature_activations, cost=Cost.FORWARD,
              description="Read SAE features on texts you write: per text and feature, the activation at every "
                          "token, the max and the token where it peaks. Use it to test a hypothesis such as "
                          "'feature 12 fires on animal words' with texts that contain and lack the trigger. "
                          "Association only: firing shows correlation on these texts, not what the feature does."),
-    ToolSpec(name="ablate_feature", input_model=AblateFeatureIn, output_model=AblateFeatureOut, fn=ablate_feature,
+    ToolSpec(name="ablate_feature", level=CausalLevel.INTERVENTION,
+             input_model=AblateFeatureIn, output_model=AblateFeatureOut, fn=ablate_feature,
              cost=Cost.FORWARD,
              description="Zero SAE features at every position (SAE spliced with its error term, so nothing else "
                          "changes) and report per text the change in next-token loss, the KL of the next-token "
                          "distribution per position (mean, max) and the tokens whose probability fell/rose most "
                          "where KL peaks. Use it to test whether a feature matters for the model's predictions. "
                          "Intervention: supports causal claims about these texts."),
-    ToolSpec(name="steer_feature", input_model=SteerFeatureIn, output_model=SteerFeatureOut, fn=steer_feature,
+    ToolSpec(name="steer_feature", level=CausalLevel.INTERVENTION,
+             input_model=SteerFeatureIn, output_model=SteerFeatureOut, fn=steer_feature,
              cost=Cost.FORWARD,
              description="Add scale x a feature's decoder direction at every position (mode add), or clamp its "
                          "activation to scale (mode clamp), and report per text KL, change in loss and the tokens "

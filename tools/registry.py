@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ValidationError
 
 from autoexplain.tools.errors import InputError
+from autoexplain.tools.vocab import CausalLevel
 
 if TYPE_CHECKING:
     from autoexplain.tools.harvest import HarvestSink
@@ -92,6 +93,13 @@ class ToolSpec:
     output_model: type[ToolOutput]
     fn: Callable[[ToolContext, Any], ToolOutput]
     cost: Cost
+    #: The rung of Pearl's ladder a result of this tool supports: ``association`` (where something is active:
+    #: activations, lenses, harvests, attention patterns, weight-based scores), ``intervention`` (the output changes
+    #: when the tool changes the model: patching, ablation, steering), ``counterfactual`` (per-example interchange
+    #: interventions whose item-by-item outcome is predicted). None: not evidence about the model's computation
+    #: (metadata such as ``model_info``). An explanation's supported level is the highest level among the calls it
+    #: cites; a claim above it is flagged.
+    level: CausalLevel | None
 
     def json_schema(self) -> dict[str, Any]:
         return self.input_model.model_json_schema()

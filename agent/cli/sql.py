@@ -23,12 +23,14 @@ def sql(query: Annotated[str, typer.Argument(help="a SQL query (read-only)")], d
 
 def tools_cmd(format: Annotated[Fmt, typer.Option("--format", "-o", help="table or json (full schemas)")]
               = Fmt.table) -> None:
-    """The tool catalogue: every tool the agent, the CLI and Python share, with its argument schema."""
+    """The tool catalogue: every tool the agent, the CLI and Python share, with its causal level and argument
+    schema."""
     from autoexplain.tools.registry import default_registry
 
     reg = default_registry()
     if format is Fmt.json:
-        print(json.dumps([{"name": t.name, "cost": t.cost.value, "description": t.description,
+        print(json.dumps([{"name": t.name, "cost": t.cost.value, "causal_level": t.level and t.level.value,
+                           "description": t.description,
                            "input_schema": t.json_schema(), "output_schema": t.output_model.model_json_schema()}
                           for t in reg], indent=1))
         return
@@ -36,7 +38,7 @@ def tools_cmd(format: Annotated[Fmt, typer.Option("--format", "-o", help="table 
     for t in reg:
         props = t.json_schema().get("properties", {})
         args = ", ".join(f"{k}: {v.get('type', 'object')}" for k, v in props.items()) or "-"
-        rows.append((t.name, t.cost.value, args, t.description))
-    print_rows(["tool", "cost", "arguments", "description"], rows, format)
+        rows.append((t.name, t.cost.value, t.level.value if t.level else "-", args, t.description))
+    print_rows(["tool", "cost", "causal level", "arguments", "description"], rows, format)
 
 

@@ -22,6 +22,7 @@ from autoexplain.agent.llm import (
 )
 from autoexplain.tools.errors import InputError
 from autoexplain.tools.registry import Cost, Registry, ToolOutput, ToolSpec
+from autoexplain.tools.vocab import CausalLevel
 
 from fake_openai import (
     FakeOpenAI,
@@ -62,7 +63,8 @@ class Done(ToolOutput):
         return "done"
 
 
-ABLATE = ToolSpec("ablate_feature", "Zero one SAE feature.", Ablate, Done, lambda ctx, a: Done(), Cost.FORWARD)
+ABLATE = ToolSpec("ablate_feature", "Zero one SAE feature.", Ablate, Done, lambda ctx, a: Done(), Cost.FORWARD,
+                  CausalLevel.INTERVENTION)
 
 
 @pytest.fixture

@@ -43,3 +43,16 @@ def test_bad_calls_are_actionable(tiny_model) -> None:
         reg.call(ctx, "tokenize", "{not json")
     with pytest.raises(InputError, match="Extra inputs"):
         reg.call(ctx, "model_info", {"layer": 3})
+
+
+def test_every_tool_declares_its_causal_level():
+    """Explanations derive their supported level from the tools they cite: each tool states its rung, typed."""
+    from autoexplain.tools.registry import default_registry
+    from autoexplain.tools.vocab import CausalLevel
+
+    levels = {s.name: s.level for s in default_registry()}
+    assert all(v is None or isinstance(v, CausalLevel) for v in levels.values())
+    assert levels["model_info"] is None
+    assert levels["feature_activations"] is CausalLevel.ASSOCIATION
+    for name in ("activation_patching", "edge_patching", "circuit_search", "ablate_feature", "steer_feature"):
+        assert levels[name] is CausalLevel.INTERVENTION, name
