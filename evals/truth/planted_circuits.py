@@ -117,9 +117,56 @@ def _task(clean: list[list[int]], corrupt: list[list[int]], answers: list[int], 
 
 # ============================================================================= 1. induction
 def induction(n_prompts: int = 24, seed: int = 0) -> PlantedCircuit:
+    """The induction model on prompts whose corrupt run has no earlier occurrence to match (attention changes)."""
+    model = _induction_model()
+    g = torch.Generator().manual_seed(seed)
+    clean, corrupt, answers, wrong = [], [], [], []
+    for _ in range(n_prompts):
+        k = 6
+        j = int(torch.randint(2, k, (1,), generator=g))
+        toks = (torch.randperm(V - 1, generator=g) + 1).tolist()
+        s, r = toks[:k], toks[k:2 * k]
+        clean.append([0] + s + s[:j])
+        corrupt.append([0] + r + s[:j])
+        answers.append(s[j])
+        wrong.append(r[j])
+    planted = frozenset({"embed->a0.0.v", "a0.0->a1.1.k", "embed->a1.1.v", "a1.1->logits", "a1.1->m1",
+                         "m1->logits"})
+    return PlantedCircuit("induction", _loaded("induction", model), _task(clean, corrupt, answers, wrong), planted)
+
+
+def induction_and(n_prompts: int = 24, seed: int = 0, *, sharpness: float = 12.0) -> PlantedCircuit:
+    """The same induction model, but clean and corrupt are two *different* repeated random sequences
+    (``[BOS] s1..sk s1..sj`` vs ``[BOS] r1..rk r1..rj``): the induction head attends to the same positions on both,
+    so its query (current token) and key (previous token via a0.0) inputs matter only *jointly*, an AND gate.
+    Patching everything outside a circuit that keeps only the value path still reproduces the clean answer
+    (sufficiency cannot see the gate); noising the query or the key alone in the full model breaks the match
+    (necessity can). Planted edges: the previous-token head's value input and its K-composition into a1.1, a1.1's
+    query and value inputs, and the output path. ``sharpness`` scales the induction head's attention logits: at 40
+    its softmax is saturated along the whole EAP-IG interpolation path, so gradients through Q and K vanish and
+    attribution alone misses both (and the previous-token head): the case the issue found."""
+    model = _induction_model(c_ind=sharpness)
+    g = torch.Generator().manual_seed(seed)
+    clean, corrupt, answers, wrong = [], [], [], []
+    for _ in range(n_prompts):
+        k = 6
+        j = int(torch.randint(2, k, (1,), generator=g))
+        toks = (torch.randperm(V - 1, generator=g) + 1).tolist()
+        s, r = toks[:k], toks[k:2 * k]
+        clean.append([0] + s + s[:j])
+        corrupt.append([0] + r + r[:j])
+        answers.append(s[j])
+        wrong.append(r[j])
+    planted = frozenset({"embed->a0.0.v", "a0.0->a1.1.k", "embed->a1.1.q", "embed->a1.1.v", "a1.1->logits",
+                         "a1.1->m1", "m1->logits"})
+    return PlantedCircuit("induction_and", _loaded("induction_and", model), _task(clean, corrupt, answers, wrong),
+                          planted)
+
+
+def _induction_model(*, c_ind: float = 12.0) -> HookedSAETransformer:
     lay = _Layout(("tok", V), ("pos", N_CTX), ("prev", V), ("out", V), ("junk", N_JUNK))
     model = _model(lay.d_model, n_mlp=V + N_JUNK)
-    c_pos, c_ind, c_sink, gain = 20.0, 12.0, 9.0, 4.0
+    c_pos, c_sink, gain = 20.0, 9.0, 4.0
     with torch.no_grad():
         for t in range(V):
             model.W_E[t, lay["tok", t]] = 1.0
@@ -180,20 +227,7 @@ def induction(n_prompts: int = 24, seed: int = 0) -> PlantedCircuit:
             m1.W_out[V + j, lay["junk", (j + 3) % N_JUNK]] = 1.0
         for t in range(V):
             model.W_U[lay["out", t], t] = 1.0
-    g = torch.Generator().manual_seed(seed)
-    clean, corrupt, answers, wrong = [], [], [], []
-    for _ in range(n_prompts):
-        k = 6
-        j = int(torch.randint(2, k, (1,), generator=g))
-        toks = (torch.randperm(V - 1, generator=g) + 1).tolist()
-        s, r = toks[:k], toks[k:2 * k]
-        clean.append([0] + s + s[:j])
-        corrupt.append([0] + r + s[:j])
-        answers.append(s[j])
-        wrong.append(r[j])
-    planted = frozenset({"embed->a0.0.v", "a0.0->a1.1.k", "embed->a1.1.v", "a1.1->logits", "a1.1->m1",
-                         "m1->logits"})
-    return PlantedCircuit("induction", _loaded("induction", model), _task(clean, corrupt, answers, wrong), planted)
+    return model
 
 
 # ============================================================================= 2. suppression
