@@ -11,12 +11,15 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from autoexplain.agent.store import queries
+from autoexplain.evals.mechanism import MediationResult, NodeClaim, mediation, node_claims
 from autoexplain.tools.errors import InputError
+from autoexplain.tools.patching import PatchSetup, TaskArgs, default_metric_for, load_task_for
 from autoexplain.tools.registry import Cost, Registry, ToolContext, ToolOutput, ToolSpec, default_registry, round_sig
-from autoexplain.tools.vocab import CausalLevel
+from autoexplain.tools.vocab import Ablation, CausalLevel, Edge, PatchMetric
 
 if TYPE_CHECKING:
     from autoexplain.agent.store import Store
@@ -109,8 +112,64 @@ def feature_examples_spec(store: Store) -> ToolSpec:
                                 "never shown. Association-level evidence.")
 
 
+class MediationIn(TaskArgs):
+    nodes: list[str] | None = Field(default=None, max_length=64, description="heads aL.H and MLPs mL to analyse "
+                                                                             "(default: every head and MLP)")
+    ablation: Ablation = Field(default=Ablation.RESAMPLE, description="resample (default), mean or zero")
+    metric: PatchMetric | None = Field(default=None, description="logit_diff (default; answer_prob when a prompt "
+                                                                 "has no wrong answers), answer_prob or kl")
+    edges: list[Edge] | None = Field(default=None, max_length=256, description="edges to noise one at a time in "
+                                                                              "the clean model (e.g. a0.0->a1.1.k)")
+
+
+class MediationOut(ToolOutput):
+    result: MediationResult
+    claims: list[NodeClaim] = Field(description="per node, the share of prompts on which noising it moves the "
+                                                "metric toward the corrupt run")
+    edge_effects: dict[str, float] = Field(default_factory=dict, description="edge -> (m(M) - m(that edge alone "
+                                                                             "noised)) / (m(M) - m(∅))")
+
+    def summary_text(self) -> str:
+        shares = {c.node: c.holds_share for c in self.claims}
+        text = self.result.summary_text()
+        held = ", ".join(f"{n} {s:.0%}" for n, s in shares.items() if s is not None)
+        ranked = sorted(self.edge_effects.items(), key=lambda kv: -abs(kv[1]))[:20]
+        edges = ", ".join(f"{e} {v:+.0%}" for e, v in ranked)
+        return (text + (f"\nshare of prompts on which noising the node hurts: {held}" if held else "")
+                + (f"\nedges noised alone (share of the effect lost): {edges}" if edges else ""))
+
+
+def mediation_tool(ctx: ToolContext, args: MediationIn) -> MediationOut:
+    """Causal mediation of each node: total, direct (node->logits only) and indirect effect, per-prompt support."""
+    task = load_task_for(ctx.model, args)
+    metric = args.metric or default_metric_for(task)
+    setup = PatchSetup(ctx.model, task, ablation=args.ablation, metric=metric, position=args.position)
+    result = mediation(setup, args.nodes)
+    effects: dict[str, float] = {}
+    if args.edges:
+        g = setup.graph
+        unknown = [str(e) for e in args.edges if str(e) not in g.index]
+        if unknown:
+            raise InputError(f"edges not in this model's graph: {', '.join(unknown[:5])} (edges look like "
+                             "a0.0->a1.1.k, m0->a1.2.v, a1.1->logits)")
+        values = setup.evaluate_many(torch.stack([g.mask([g.index[str(e)]]) for e in args.edges]))
+        effects = {str(e): (setup.m_clean - v) / setup.effect for e, v in zip(args.edges, values, strict=True)}
+    return MediationOut(result=result, claims=node_claims(setup, [n.node for n in result.nodes]),
+                        edge_effects=effects)
+
+
+MEDIATION = ToolSpec(name="mediation", level=CausalLevel.INTERVENTION, input_model=MediationIn,
+                     output_model=MediationOut, fn=mediation_tool, cost=Cost.FORWARD,
+                     description="Causal mediation per node on a task (clean/corrupt prompt pairs): for each head "
+                                 "or MLP, the total effect of noising its output, the direct effect (only its edge "
+                                 "to the logits noised), the indirect effect (only its edges to later components "
+                                 "noised), their ratio, and the share of prompts on which noising it hurts. "
+                                 "Intervention-level evidence for this task, ablation and metric.")
+
+
 def agent_registry(store: Store) -> Registry:
-    """The built-in tools plus the agent's store readers."""
+    """The built-in tools, the agent's store readers and the tools built on evals (mediation)."""
     reg = default_registry()
     reg.register(feature_examples_spec(store))
+    reg.register(MEDIATION)
     return reg

@@ -13,7 +13,8 @@
 * ``propose``: the policy drafts explanations; each is stored (``explanations``, not final yet).
 * ``score``: each draft is scored on held-out data (:mod:`autoexplain.agent.scoring`); scores are stored.
 * ``decide``: the policy refines (another round) or accepts.
-* ``accept``: the best scored draft (by :func:`~autoexplain.agent.policies.base.overall`) becomes final; the
+* ``accept``: the best scored draft (:func:`rank`: every draft with a correctness above every *unscored* one, then
+  by :func:`~autoexplain.agent.policies.base.overall`) becomes final; the
   work item is marked done — or ``weak`` / ``no_behaviour`` when the chosen draft's scores say so (the scorer's
   verdict), or ``budget_limited`` when a budget ended it early (its reason then also names any verdict).
 
@@ -51,9 +52,11 @@ from autoexplain.agent.state import (
     now,
     stable_id,
 )
+from autoexplain.agent.store import queries
 from autoexplain.agent.store.rows import explanation_row
 from autoexplain.agent.toolrun import ToolRunner
-from autoexplain.tools.vocab import Explanation
+from autoexplain.tools.errors import InputError
+from autoexplain.tools.vocab import CausalLevel, Explanation, supported_level
 
 if TYPE_CHECKING:
     from langgraph.checkpoint.base import BaseCheckpointSaver
@@ -150,12 +153,35 @@ def _store_drafts(env: AgentEnv, item: WorkItem, step: int, drafts: list[Draft])
         eid = stable_id("expl", item.item_id, step, i, d.text)
         out.append({**d.model_dump(mode="json"), "explanation_id": eid})
         expl = Explanation(target=item.target, text=d.text, author=env.policy.name, llm_model=env.policy.llm_model,
-                           causal_level=d.causal_level, evidence=tuple(d.evidence))
+                           causal_level=d.causal_level, evidence=tuple(d.evidence),
+                           supported_level=_supported_level(env, d.evidence))
         rows.append(explanation_row(eid, item.run_id, item.item_id, expl, hypothesis_id=d.hypothesis_id,
                                     dead=d.dead))
     if rows:
         env.out.upsert("explanations", rows)
     return out
+
+
+def _supported_level(env: AgentEnv, call_ids: list[str]) -> CausalLevel | None:
+    """The causal level the cited calls support: the highest level their tools declare, counting only calls that
+    succeeded (a refused call is no evidence). Calls not yet committed are read from the outbox."""
+    outcomes: dict[str, tuple[str, str | None]] = {}
+    missing = []
+    for cid in call_ids:
+        row = env.out.get("tool_calls", (cid,))
+        if row is None:
+            missing.append(cid)
+        else:
+            outcomes[cid] = (row["tool"], row.get("error"))
+    outcomes.update(queries.tool_call_outcomes(env.store, missing))
+    levels = []
+    for tool, error in outcomes.values():
+        if error is None:
+            try:
+                levels.append(env.runner.registry.get(tool).level)
+            except InputError:  # a tool no longer in the registry: it supports nothing now
+                continue
+    return supported_level(levels)
 
 
 def build_graph(env: AgentEnv, checkpointer: BaseCheckpointSaver[Any] | None = None
@@ -265,7 +291,7 @@ def build_graph(env: AgentEnv, checkpointer: BaseCheckpointSaver[Any] | None = N
         stop = state.get("stop")
         dead = [d for d in state.get("drafts") or [] if d.get("dead")]
         scored = state.get("scored") or []
-        best = max(scored, key=lambda s: (s["overall"], -len(s["text"]))) if scored else None
+        best = max(scored, key=rank) if scored else None
         chosen = dead[0]["explanation_id"] if dead else (best["explanation_id"] if best else None)
         verdict = best.get("verdict") if best and not dead else None
         # a verdict replaces "done"; an item a budget cut short stays budget_limited (resumable work was left), and
@@ -275,7 +301,8 @@ def build_graph(env: AgentEnv, checkpointer: BaseCheckpointSaver[Any] | None = N
                                     else None) if x) or None
         # every draft of the item: final or not, budget-limited or not, and its overall score
         marks: dict[str, float | None] = {d["explanation_id"]: None for d in dead}  # dead drafts have no overall
-        marks.update({s["explanation_id"]: s["overall"] for s in scored})
+        # an unscored draft (no correctness) has no overall: a number would rank it as if correctness were 0
+        marks.update({s["explanation_id"]: None if unscored(s) else s["overall"] for s in scored})
         marked: list[ExplanationRow] = []
         for eid, overall_score in marks.items():
             row: ExplanationRow = {"explanation_id": eid, "is_final": eid == chosen, "budget_limited": bool(stop)}
@@ -291,7 +318,7 @@ def build_graph(env: AgentEnv, checkpointer: BaseCheckpointSaver[Any] | None = N
         return {"outcome": {"explanation_id": chosen, "status": status.value, "stopped_by": stop, "why": why,
                             "text": dead[0]["text"] if dead else (best["text"] if best else None),
                             "scores": best["scores"] if best and not dead else {},
-                            "overall": best["overall"] if best and not dead else None}}
+                            "overall": best["overall"] if best and not dead and not unscored(best) else None}}
 
     # -- routing --------------------------------------------------------------------------------------------
     # Each router names the states its node can leave behind and raises GraphStateError on any other: an
@@ -354,6 +381,18 @@ def build_graph(env: AgentEnv, checkpointer: BaseCheckpointSaver[Any] | None = N
     g.add_conditional_edges("decide", after_decide, {"plan": "plan", "accept": "accept"})
     g.add_edge("accept", END)
     return g.compile(checkpointer=checkpointer)
+
+
+def unscored(entry: dict[str, Any]) -> bool:
+    """A scored-state entry whose correctness could not be computed (None): it is *unscored*."""
+    return (entry.get("scores") or {}).get("correctness") is None
+
+
+def rank(entry: dict[str, Any]) -> tuple[bool, float, int]:
+    """How ``accept`` ranks drafts: every scored draft above every unscored one, then by overall score, then the
+    shorter text. An unscored draft's ``overall`` (which counts the missing correctness as 0) only orders unscored
+    drafts among themselves, and is stored as NULL."""
+    return (not unscored(entry), float(entry["overall"]), -len(entry["text"]))
 
 
 def initial_state(item: WorkItem) -> ItemState:

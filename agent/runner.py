@@ -92,10 +92,14 @@ class CircuitEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     task: str = Field(description="task file (auto-circuit layout), or a toy task name (ioi, induction …)")
-    method: Method = Method.EAP_IG
+    method: Method = Method.EAP_IG_NOISING
     ablation: Ablation = Ablation.RESAMPLE
     top_k: int | None = Field(default=None, ge=1)
     threshold: float | None = Field(default=None, ge=0)
+    held_out: bool = Field(default=True, description="find the circuit on half of the prompts and compute every "
+                                                     "score on the other half (tasks with at least 4 prompts)")
+    robustness: int = Field(default=2, ge=0, le=20, description="searches on resampled prompt sets whose agreement "
+                                                               "(edge Jaccard, Spearman) is stored; 0: none")
 
     @model_validator(mode="after")
     def _one_selector(self) -> CircuitEntry:
@@ -619,7 +623,8 @@ def _items(run_id: str, prep: Prepared) -> list[WorkItem]:
                               kind=ItemKind.CIRCUIT, target=name,
                               params={"task_file": path, "method": job.method.value,
                                       "ablation": job.ablation.value, "top_k": job.top_k,
-                                      "threshold": job.threshold}))
+                                      "threshold": job.threshold, "held_out": job.held_out,
+                                      "robustness": job.robustness}))
     return items
 
 
@@ -630,7 +635,7 @@ def _env(store: Store, out: Outbox, run_id: str, prep: Prepared) -> AgentEnv:
     from autoexplain.agent.agent_tools import agent_registry
     from autoexplain.agent.graph import AgentEnv
     from autoexplain.agent.policies import PolicyDeps, make_policy
-    from autoexplain.agent.scoring import CircuitScorer, FeatureScorer
+    from autoexplain.agent.scoring import CircuitScorer, FeatureScorer, ModelBackground
     from autoexplain.agent.toolrun import ToolRunner
     from autoexplain.tools.registry import ToolContext
 
@@ -648,7 +653,9 @@ def _env(store: Store, out: Outbox, run_id: str, prep: Prepared) -> AgentEnv:
         from autoexplain.evals.judges import EmbeddingJudge
 
         embedder = judge if isinstance(judge, EmbeddingJudge) else EmbeddingJudge()
-    scorer = _ByKind(FeatureScorer(store, out, judge, embedder=embedder), CircuitScorer(store, out, prep.lm, run_id))
+    # dense features: non-activating windows from the rest of the dataset (the model and SAE decide, exactly)
+    features = FeatureScorer(store, out, judge, embedder=embedder, background=ModelBackground(store, ctx))
+    scorer = _ByKind(features, CircuitScorer(store, out, prep.lm, run_id))
     policy = make_policy(plan.policy, PolicyDeps(registry=registry, model_id=prep.lm.model_id,
                                                  lexicon=prep.lexicon, llm=llm))
     return AgentEnv(store=store, out=out, runner=runner, policy=policy, scorer=scorer, run_id=run_id,

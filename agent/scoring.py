@@ -16,6 +16,7 @@ A scorer returns, per draft, ``{"correctness", "completeness", "succinctness"}``
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from autoexplain.agent.state import WorkItem
@@ -23,24 +24,38 @@ from autoexplain.agent.store import queries
 
 
 class FeatureScorer:
-    """Scores feature labels with ``judge`` (lexical, embedding or LLM) and optionally an embedding judge."""
+    """Scores feature labels with ``judge`` (lexical, embedding or LLM) and optionally an embedding judge.
+
+    ``background(sae_id, feature_index, examples)``, when given, returns non-activating windows of the feature
+    from elsewhere in the dataset (:class:`~autoexplain.evals.features.Example`, activations computed, all <= 0);
+    it is called once per item, only when the feature's stored examples hold no score-side non-activating one (a
+    dense feature), and its windows become detection's negatives. :class:`ModelBackground` is one (it runs the
+    model on windows stored for the SAE's other features). Without it, such a feature's correctness is token-level
+    detection (see :mod:`autoexplain.evals.features`)."""
 
     def __init__(self, store: Any, out: Any, judge: Any, *, embedder: Any = None, n_activating: int = 50,
-                 n_nonactivating: int = 50) -> None:
+                 n_nonactivating: int = 50, background: Any = None) -> None:
         self.store, self.out, self.judge, self.embedder = store, out, judge, embedder
         self.n_activating, self.n_nonactivating = n_activating, n_nonactivating
+        self.background = background
 
     def score(self, item: WorkItem, drafts: list[dict[str, Any]]) -> list[dict[str, Any]]:
         from autoexplain.agent.store.rows import feature_score_rows, judgement_set_rows
-        from autoexplain.evals.features import score_explanation
+        from autoexplain.evals.features import score_explanation, split_examples
 
         sae_id, f = item.feature.sae_id, item.feature.index
         examples = queries.feature_examples(self.store, sae_id, f)
+        background = None
+        if self.background is not None and drafts:
+            sided = examples if all(e.split for e in examples) else split_examples(examples, sae_id, f)
+            if not any(e.split == "score" and e.kind == "random" and e.max_act <= 0 for e in sided):
+                background = self.background(sae_id, f, examples)
         out = []
         for d in drafts:
             res = score_explanation(d["text"], examples, self.judge, sae_id=sae_id, feature_index=f,
                                     explanation_id=d["explanation_id"], embedder=self.embedder,
-                                    n_activating=self.n_activating, n_nonactivating=self.n_nonactivating)
+                                    n_activating=self.n_activating, n_nonactivating=self.n_nonactivating,
+                                    background=background)
             self.out.upsert_many({"scores": feature_score_rows(res), "judgement_sets": judgement_set_rows(res),
                                   "explanations": [{"explanation_id": d["explanation_id"], "judge": res.judge}]})
             verdict = label_verdict(res)
@@ -52,10 +67,14 @@ class FeatureScorer:
 def label_verdict(res: Any) -> dict[str, str] | None:
     """``{"status": "weak", "why": ...}`` when a label's correctness does not show it beats chance: its confidence
     interval (:attr:`~autoexplain.evals.features.FeatureScores.correctness_interval`) reaches down to 0.5, or it
-    could not be computed at all (the reason the scorer gave is kept). None for a label the data supports."""
+    could not be computed at all — the draft is *unscored* (the reason the scorer gave is kept; the graph ranks
+    it below every scored draft). A token-level correctness (dense feature) says so. None for a label the data
+    supports."""
     if res.correctness is None:
         why = res.reasons.get("correctness") or "no held-out judgement of both classes"
-        return {"status": "weak", "why": f"weak: correctness could not be computed ({why})"}
+        return {"status": "weak", "why": f"weak: unscored, correctness could not be computed ({why})"}
+    unit = ("firing and non-firing tokens" if getattr(res, "correctness_from", None) == "token_detection"
+            else "activating and non-activating held-out contexts")
     iv = res.correctness_interval
     if iv is None:  # correctness needs both classes, and so does its interval: never reached, but not "done"
         return {"status": "weak", "why": f"weak: correctness {res.correctness:.2f} has no confidence interval"}
@@ -63,59 +82,247 @@ def label_verdict(res: Any) -> dict[str, str] | None:
         return None
     return {"status": "weak", "why": f"weak: correctness {res.correctness:.2f} is not distinguishable from chance "
                                      f"(its 95 % interval [{iv[0]:.2f}, {iv[1]:.2f}] includes 0.5; "
-                                     f"{res.n_positive} activating and {res.n_negative} non-activating held-out "
-                                     "contexts judged)"}
+                                     f"{res.n_positive} + {res.n_negative} {unit} judged)"}
+
+
+class ModelBackground:
+    """Non-activating windows of a feature from the rest of the dataset, for :class:`FeatureScorer`'s
+    ``background``: windows stored for the SAE's other features (:func:`queries.background_windows`, random-pool
+    windows first) are run through the model and SAE (``feature_activations``, ``ctx`` a
+    :class:`~autoexplain.tools.registry.ToolContext`), and those where the feature fires on no token (BOS
+    excluded) are kept, up to ``n``. The activations are computed on exactly the text the judge will see (the
+    window's text re-tokenized after BOS), so the label "does not fire" is exact, not assumed. Caveat: the
+    candidates are what the harvest stored, a sample of the dataset, not all of it; a feature that fires in
+    every one gets none (its correctness is then token-level)."""
+
+    def __init__(self, store: Any, ctx: Any, *, n: int = 50, candidates: int = 128) -> None:
+        self.store, self.ctx, self.n, self.candidates = store, ctx, n, candidates
+
+    def __call__(self, sae_id: str, feature_index: int, examples: Any = ()) -> list[Any]:
+        from autoexplain.evals.features import Example
+        from autoexplain.evals.judges import context_text
+        from autoexplain.tools.probe import FeatureActivationsIn, feature_activations
+
+        texts = [t for t in (context_text(w).strip() for w in
+                             queries.background_windows(self.store, sae_id, feature_index, self.candidates)) if t]
+        # a window's text can re-tokenize longer than the window was (merges differ at its cut edges): keep those
+        # that fit the context with BOS, as the probe requires
+        lm = self.ctx.model
+        lengths = lm.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        texts = [t for t, ids in zip(texts, lengths, strict=True) if len(ids) + 1 <= lm.n_ctx]
+        out: list[Example] = []
+        for i in range(0, len(texts), 64):
+            res = feature_activations(self.ctx, FeatureActivationsIn(sae_id=sae_id, features=[feature_index],
+                                                                     texts=texts[i:i + 64]))
+            for item in res.items:
+                acts = item.features[0].activations[1:]  # position 0 is BOS (excluded everywhere, as in harvest)
+                if acts and max(acts) <= 0 and len(out) < self.n:
+                    out.append(Example(kind="background", example_id=len(out), split="score",
+                                       tokens=item.tokens[1:], acts=acts, max_act=0.0))
+        return out
 
 
 class CircuitScorer:
-    """Scores circuit explanations by the circuit they rest on (faithfulness, completeness, minimality)."""
+    """Scores circuit explanations by the circuit they rest on and the mechanism they claim.
+
+    * **Out of sample.** When the search ran on the *fit* part of a seeded prompt split (the offline policy's
+      default), every score is computed on the *held-out* part; the in-sample faithfulness the search reported is
+      kept as ``insample_faithfulness``. A search on all prompts is scored on all of them, and a held-out
+      faithfulness is measured by searching again on one half and scoring the other
+      (:func:`autoexplain.evals.mechanism.held_out`).
+    * **Sufficiency and necessity** (:func:`autoexplain.evals.circuits.score_circuit`): faithfulness, necessity,
+      completeness that fails when a component outside the circuit is necessary, minimality.
+    * **Claims.** Every role and composition claim in the text is read back and checked by its intervention
+      (:mod:`autoexplain.evals.claims`); correctness = faithfulness (clipped to [0, 1]) x the share of claims
+      verified, and the checks are stored with the ``claims_verified`` score.
+    * **Mechanism rows**: mediation per circuit node (``circuit_nodes``), the model's head roles (``head_roles``,
+      once per model), robustness over ``robustness`` resampled prompt sets (edge Jaccard, Spearman).
+    """
 
     def __init__(self, store: Any, out: Any, lm: Any, run_id: str, *,
                  true_edges: dict[str, set[str]] | None = None) -> None:
         self.store, self.out, self.lm, self.run_id = store, out, lm, run_id
         self.true_edges = true_edges or {}
+        self._roles: Any = None  # the model's role table, computed once per scorer
 
-    def _search_output(self, call_id: str) -> Any:
+    def _call(self, call_id: str) -> tuple[str | None, dict[str, Any]]:
+        """(cache key, arguments) of a tool call, from the outbox or the store."""
+        call = self.out.get("tool_calls", (call_id,))
+        if call is not None:
+            args = call.get("args") or {}
+            return call["cache_key"], (json.loads(args) if isinstance(args, str) else dict(args))
+        return queries.tool_call_key_and_args(self.store, call_id)
+
+    def _search_output(self, call_id: str) -> tuple[Any, dict[str, Any]]:
         from autoexplain.agent.store.caches import cached_output
         from autoexplain.tools.circuits import CircuitSearchOut
 
-        call = self.out.get("tool_calls", (call_id,))
-        if call is not None:
-            key = call["cache_key"]
-        else:
-            key = queries.tool_call_cache_key(self.store, call_id)
+        key, args = self._call(call_id)
         output = cached_output(self.store, self.out, key) if key else None
         if output is None:
             raise RuntimeError(f"circuit scoring: no cached circuit_search output for call {call_id}")
-        return CircuitSearchOut.model_validate_json(output)
+        return CircuitSearchOut.model_validate_json(output), args
+
+    def role_table(self) -> Any:
+        """The model's head-role table (computed once; stored in ``head_roles``)."""
+        from autoexplain.agent.store.rows import head_role_rows
+        from autoexplain.tools.heads import role_table
+
+        if self._roles is None:
+            self._roles = role_table(self.lm)
+            self.out.upsert("head_roles", head_role_rows(self.lm.model_id, self._roles, self.run_id))
+        return self._roles
 
     def score(self, item: WorkItem, drafts: list[dict[str, Any]]) -> list[dict[str, Any]]:
         from autoexplain.agent.store.rows import circuit_id as make_circuit_id
-        from autoexplain.agent.store.rows import circuit_rows, circuit_score_rows
+        from autoexplain.agent.store.rows import circuit_node_rows, circuit_rows, circuit_score_rows, score_rows
         from autoexplain.evals.circuits import score_circuit
+        from autoexplain.evals.claims import check_claims, parse_claims, verified_share
+        from autoexplain.evals.mechanism import circuit_per_prompt, held_out, mediation, node_claims, robustness
         from autoexplain.tools.data import load_task_file, tokenize_task
-        from autoexplain.tools.patching import PatchSetup
+        from autoexplain.tools.errors import InputError
+        from autoexplain.tools.patching import PatchSetup, check_effect
 
         out: list[dict[str, Any]] = []
         for d in drafts:
-            search = self._search_output(d["evidence"][0])
+            search, args = self._search_output(d["evidence"][0])
             circ = search.circuit()
             path = item.params["task_file"]
             task = tokenize_task(load_task_file(path), self.lm.tokenizer, n_ctx=self.lm.n_ctx)
-            setup = PatchSetup(self.lm, task, ablation=search.ablation, metric=search.metric)
+            part = args.get("part")
+            fraction, seed = float(args.get("split_fraction", 0.5)), int(args.get("split_seed", 0))
+            fit_rows, held_rows = task.split(fraction, seed) if part else (None, None)
+            score_task = task.subset(held_rows) if part == "fit" else (task.subset(fit_rows) if part else task)
+            fit_task = task.subset(fit_rows) if part == "fit" else task
+            setup = PatchSetup(self.lm, score_task, ablation=search.ablation, metric=search.metric)
             circuit_id = make_circuit_id(self.lm.model_id, setup.fingerprint(), search.method.value,
                                          search.top_k, search.threshold)
             res = score_circuit(setup, circ, true_edges=self.true_edges.get(item.target))
+            sample = {"scored_on": "held-out prompts" if part == "fit" else "the prompts the circuit was found on",
+                      "scored_rows": held_rows if part == "fit" else None, "split_seed": seed if part else None}
+            extra: list[Any] = []
+            held = None
+            if part == "fit":
+                held = res.faithfulness if not res.no_behaviour else None
+            elif item.params.get("held_out", True) and task.n_prompts >= 4:
+                try:
+                    ho = held_out(self.lm, task, search.method, ablation=search.ablation, metric=search.metric,
+                                  top_k=search.top_k, threshold=search.threshold)
+                    held = ho.held_out.faithfulness
+                    extra += ho.scores()
+                except InputError as exc:  # e.g. the fit half does not move the metric: say so, store nothing
+                    sample["held_out_unscored"] = exc.message
+            robust = None
+            n_res = int(item.params.get("robustness", 0) or 0)
+            if n_res and fit_task.n_prompts >= 4 and not res.no_behaviour:
+                try:
+                    robust = robustness(self.lm, fit_task, search.method, n_resamples=n_res,
+                                        ablation=search.ablation, metric=search.metric, top_k=search.top_k,
+                                        threshold=search.threshold)
+                    extra += robust.scores()
+                except InputError as exc:
+                    sample["robustness_unscored"] = exc.message
+            # the mechanism: claims read from the text and checked; mediation of the circuit's nodes
+            kept = {n for e in circ.edges for n in _nodes_of_edge(str(e))}
+            checks = []
+            med = prompt_claims = per_prompt = None
+            if not res.no_behaviour:
+                checks = check_claims(self.lm, setup, parse_claims(d["text"]))
+                try:
+                    check_effect(setup)
+                    nodes = sorted(kept)
+                    per_prompt = circuit_per_prompt(setup, [i for i, k in enumerate(circ.in_circuit) if k])
+                    if nodes:
+                        med = mediation(setup, nodes)
+                        prompt_claims = node_claims(setup, nodes)
+                except InputError:
+                    med = prompt_claims = None
+            share = verified_share(checks)
+            correctness = res.correctness
+            if correctness is not None and share is not None:
+                correctness = min(1.0, max(0.0, correctness)) * share
+            roles = self.role_table() if any(c.claim.kind == "role" for c in checks) else None
             if not circ.curve and res.curve is not None:  # the search skipped its curve: scoring measured it
                 circ = circ.model_copy(update={"curve": res.curve.points})
-            self.out.upsert_many(circuit_rows(circuit_id, self.run_id, self.lm.model_id, item.target, str(path),
-                                              circ, item_id=item.item_id))
-            self.out.upsert("scores", circuit_score_rows(res, d["explanation_id"], circuit_id))
+            rows = circuit_rows(circuit_id, self.run_id, self.lm.model_id, item.target, str(path), circ,
+                                item_id=item.item_id)
+            crow = rows["circuits"][0]
+            crow.update({"held_out_faithfulness": held,  # type: ignore[typeddict-item]
+                         "robustness_jaccard": robust.jaccard_mean if robust else None,
+                         "robustness_spearman": robust.spearman_mean if robust else None})
+            crow["details"] = {**crow["details"], **sample, "insample_faithfulness": search.faithfulness}
+            self.out.upsert_many(rows)
+            nodes_all = sorted(kept | {c.claim.node for c in checks})
+            self.out.upsert("circuit_nodes", circuit_node_rows(circuit_id, nodes_all, kept, mediation=med,
+                                                               claims=prompt_claims or (), checks=checks,
+                                                               roles=roles))
+            score_list = circuit_score_rows(res, d["explanation_id"], circuit_id)
+            for row in score_list:
+                row["details"] = {**(row.get("details") or {}), **sample}
+                if row["metric"] == "correctness" and share is not None and not res.no_behaviour:
+                    row["value"] = correctness
+                    row["details"]["from"] = ("faithfulness (clipped to [0, 1]) x share of the explanation's "
+                                              "mechanistic claims verified by intervention")
+                    row["details"]["faithfulness"] = res.correctness
+                    row["details"]["claims_verified"] = share
+            self.out.upsert("scores", score_list)
+            mech = [*extra, *_claim_scores(checks, share), *_prompt_scores(per_prompt)]
+            if part == "fit":
+                from autoexplain.evals.scores import Score
+
+                common = {"ablation": search.ablation.value, "patch_type": "edge", "metric": search.metric.value,
+                          "method": search.method.value, "seed": seed, "fraction": fraction}
+                mech += [Score(metric="insample_faithfulness", value=search.faithfulness, n=fit_task.n_prompts,
+                               details={**common, "from": "the search's faithfulness on the prompts it was found on"}),
+                         Score(metric="heldout_faithfulness", value=held, n=score_task.n_prompts,
+                               details={**common, "from": "the same edges on the held-out prompts"})]
+            if mech:
+                self.out.upsert("scores", score_rows(d["explanation_id"], mech, details={"circuit_id": circuit_id}))
             if res.no_behaviour:  # nothing to explain: the scores measured noise and are stored as unscored
                 why = next(s.details["unscored"] for s in res.scores() if "unscored" in s.details)
                 out.append({"correctness": None, "completeness": None, "succinctness": None,
                             "verdict": {"status": "no_behaviour", "why": why}})
                 continue
-            out.append({"correctness": res.correctness, "completeness": res.completeness,
+            out.append({"correctness": correctness, "completeness": res.completeness,
                         "succinctness": res.succinctness})
         return out
+
+
+def _nodes_of_edge(edge: str) -> list[str]:
+    """The head/MLP nodes an edge string joins (``a0.0->a1.1.k`` -> a0.0, a1.1; embed and logits left out)."""
+    src, dst = edge.split("->")
+    dst = ".".join(dst.split(".")[:2]) if dst.startswith("a") else dst
+    return [n for n in (src, dst) if n not in ("embed", "logits")]
+
+
+def _prompt_scores(shares: Any) -> list[Any]:
+    """``prompts_recovered``: the share of (scored) prompts on which the circuit recovers at least half of that
+    prompt's own effect, with the per-prompt spread in the details (means hide a behaviour carried by a few
+    prompts)."""
+    from autoexplain.evals.scores import Score
+
+    if shares is None:
+        return []
+    details: dict[str, Any] = {"from": "share of prompts whose own (m_i(C) - m_i(∅)) / (m_i(M) - m_i(∅)) >= 0.5",
+                               "spread": shares.spread.model_dump() if shares.spread else None,
+                               "n_excluded": shares.n_excluded, "min_prompt_effect": shares.min_prompt_effect,
+                               "shares": shares.shares}
+    if shares.share_at_least_half is None:
+        details["unscored"] = shares.note or "no prompt has an effect of its own to recover"
+    return [Score(metric="prompts_recovered", value=shares.share_at_least_half, n=shares.n_used, details=details)]
+
+
+def _claim_scores(checks: list[Any], share: float | None) -> list[Any]:
+    """The ``claims_verified`` score: the share of mechanistic claims in the text whose intervention check held
+    (None with the reason when the text makes no claim the parser recognises)."""
+    from autoexplain.evals.scores import Score
+
+    details: dict[str, Any] = {
+        "claims": [{"kind": c.claim.kind, "node": c.claim.node,
+                    "role": c.claim.role.value if c.claim.role else None,
+                    "edge": str(c.claim.edge) if c.claim.edge else None, "verified": c.verified,
+                    "effect": c.effect, "method": c.method, "why": c.why, "sentence": c.claim.text}
+                   for c in checks]}
+    if share is None:
+        details["unscored"] = "the explanation makes no role or composition claim the claims parser recognises"
+    return [Score(metric="claims_verified", value=share, n=len(checks), details=details)]

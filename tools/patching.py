@@ -94,7 +94,7 @@ import math
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -978,6 +978,13 @@ class TaskArgs(BaseModel):
                                                            "token (the answer position); negative counts from each "
                                                            "prompt's end")
 
+    part: Literal["fit", "held_out"] | None = Field(default=None, description="use only one part of a seeded split "
+                                                                         "of the prompts (TokenizedTask.split): "
+                                                                         "'fit' to find a circuit, 'held_out' to "
+                                                                         "score it; default all prompts")
+    split_fraction: float = Field(default=0.5, gt=0, lt=1, description="share of prompts on the fit side")
+    split_seed: int = Field(default=0, description="seed of the split")
+
     @model_validator(mode="after")
     def _one_source(self) -> TaskArgs:
         if (self.task_file is None) == (self.prompts is None):
@@ -1003,7 +1010,11 @@ def load_task_for(lm: LoadedModel, args: TaskArgs) -> TokenizedTask:
             where = ".".join(str(p) for p in err["loc"])
             raise InputError(f"prompts: {where} is invalid ({err['msg']}); each prompt needs clean, corrupt, "
                              "answers and optional wrong_answers") from None
-    return tokenize_task(tf, lm.tokenizer, n_ctx=lm.n_ctx)
+    task = tokenize_task(tf, lm.tokenizer, n_ctx=lm.n_ctx)
+    if args.part is None:
+        return task
+    fit, held = task.split(args.split_fraction, args.split_seed)
+    return task.subset(fit if args.part == "fit" else held)
 
 
 def summary_fit(header: str, lines: Sequence[str], tail: str = "", budget: int = 1500) -> str:

@@ -162,4 +162,5 @@ def default_registry() -> Registry:
 
 
 #: Modules of ``autoexplain.tools`` that export a ``TOOLS`` tuple of :class:`ToolSpec`.
-TOOL_MODULES: tuple[str, ...] = ("info", "probe", "lens", "harvest", "patching", "circuits")
+TOOL_MODULES: tuple[str, ...] = ("info", "probe", "lens", "harvest", "patching", "circuits", "heads",
+                                 "tracing")

@@ -39,6 +39,7 @@ compares and hashes equal to its string form, so tables keyed by the stored stri
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import cached_property
@@ -184,6 +185,19 @@ class CausalLevel(StrEnum):
     INTERVENTION = "intervention"
     COUNTERFACTUAL = "counterfactual"
 
+    @property
+    def rung(self) -> int:
+        """1, 2, 3: the level's place on the ladder (higher claims more)."""
+        return (CausalLevel.ASSOCIATION, CausalLevel.INTERVENTION, CausalLevel.COUNTERFACTUAL).index(self) + 1
+
+
+def supported_level(levels: Iterable[CausalLevel | None]) -> CausalLevel | None:
+    """The causal level a body of evidence supports: the highest level among the tool results it cites (each tool
+    declares its level, :attr:`autoexplain.tools.registry.ToolSpec.level`). None when nothing cited is evidence
+    about the model's computation. A claim above this level is an overclaim."""
+    known = [lv for lv in levels if lv is not None]
+    return max(known, key=lambda lv: lv.rung) if known else None
+
 
 class Explanation(BaseModel):
     """What someone claims happens: the text, who wrote it (a policy, and the LLM behind it if any), the evidence it
@@ -196,8 +210,19 @@ class Explanation(BaseModel):
     text: str = Field(min_length=1)
     author: str = Field(description="who wrote it: a policy name (offline, llm)")
     llm_model: str | None = None
-    causal_level: CausalLevel = CausalLevel.ASSOCIATION
+    causal_level: CausalLevel = Field(default=CausalLevel.ASSOCIATION, description="the level its author claims")
     evidence: tuple[str, ...] = Field(default=(), description="tool call ids")
+    supported_level: CausalLevel | None = Field(default=None, description="the highest level among the cited tool "
+                                                "calls (see supported_level); None: no evidence cited or not checked")
+
+    @property
+    def overclaimed(self) -> bool | None:
+        """True when the claimed level is above the supported one (a supported level of None, with evidence cited,
+        means the cited calls are no evidence about the computation: any claim is above it). None when nothing is
+        cited (a dead feature's note)."""
+        if not self.evidence:
+            return None
+        return self.causal_level.rung > (self.supported_level.rung if self.supported_level else 0)
 
 
 # ----------------------------------------------------------------------------------------------- interventions
@@ -240,6 +265,8 @@ class Method(StrEnum):
     EAP = "eap"
     EAP_IG = "eap-ig"
     ACDC = "acdc"
+    #: EAP-IG scores, then noising checks of nodes and edges in the full model (finds AND gates)
+    EAP_IG_NOISING = "eap-ig+noising"
 
 
 # ----------------------------------------------------------------------------------------------- graph

@@ -6,8 +6,9 @@ and deterministically (fixed seeds, fixed step counts), everything the demo and 
 * ``corpus/``: a synthetic corpus from word categories (names, animals, colours, foods, places, objects, events)
   and templates: IOI-style sentences ("When Mary and John went to the park, John gave a ball to Mary."), induction
   sequences (a random word list, then the same list again), greater-than sentences ("The war lasted from 32 to
-  57."), and category sentences. ``categories.json`` records every word's category: the ground truth for
-  feature labels.
+  57."), category sentences, and facts: a fixed mapping :data:`FACTS` from each animal to its home, stated in
+  templated sentences ("The red cow lives in the barn."), the toy world's factual-recall task (causal tracing's
+  subject). ``categories.json`` records every word's category: the ground truth for feature labels.
 * ``model/``: a small GPT-2 (transformers ``GPT2LMHeadModel`` + a byte-level BPE tokenizer trained on the
   corpus, every corpus word one token) saved with ``save_pretrained`` — loaded through the same loader as a
   user's model.
@@ -45,7 +46,7 @@ from autoexplain.tools.models import LoadedModel, hook_name, load_model
 if TYPE_CHECKING:
     from autoexplain.tools.data import TokenizedTask
 
-ZOO_FORMAT = 2  # bump when the build recipe changes: the fingerprint changes and everything rebuilds
+ZOO_FORMAT = 3  # bump when the build recipe changes: the fingerprint changes and everything rebuilds
 TASKS_FORMAT = 3  # bump when only the task files change: they are regenerated in place (seconds, no retraining)
 
 # ----------------------------------------------------------------------------- the corpus grammar
@@ -59,6 +60,15 @@ CATEGORIES: dict[str, tuple[str, ...]] = {
     "object": ("ball", "book", "drink", "key", "letter", "ring", "hat", "cup"),
     "event": ("war", "strike", "drought", "festival", "trip", "storm"),
     "number": tuple(str(n) for n in range(10, 100)),
+    "home": ("barn", "den", "nest", "cave", "pond", "hive", "burrow", "stable", "meadow", "forest"),
+}
+#: The toy world's facts: where each animal lives. A fixed, arbitrary permutation (drawn once with
+#: ``random.Random(13).sample(homes, 10)``, then written out so it cannot drift), not the natural one (the owl
+#: lives in the hive), so the model can only know it by memorising the corpus: a factual-recall task whose answer
+#: depends on the subject token alone ("The red owl lives in the" -> " hive").
+FACTS: dict[str, str] = {
+    "cat": "pond", "dog": "forest", "fox": "nest", "owl": "hive", "horse": "den",
+    "bear": "burrow", "wolf": "meadow", "mouse": "stable", "lion": "barn", "duck": "cave",
 }
 #: Words an induction sequence is drawn from (categories whose members carry no order of their own).
 INDUCTION_POOL = CATEGORIES["animal"] + CATEGORIES["color"] + CATEGORIES["food"] + CATEGORIES["object"]
@@ -97,6 +107,21 @@ def _induction(rng: random.Random) -> tuple[str, str, str, str]:
     return clean, f" {seq[k]}", corrupt, f" {other}"
 
 
+def _fact(rng: random.Random) -> tuple[str, str, str, str, str]:
+    """(prompt, answer, corrupt prompt, wrong answer, subject) for a fact: "The red owl lives in the" -> " hive".
+
+    The corrupt prompt names another animal (with a different home, as every home is distinct) in the same frame,
+    so the wrong answer is the other animal's home. The subject ("red owl") is two tokens, the animal last: the
+    colour carries no information about the answer, so causal tracing should find the recall at the last subject
+    token, as ROME found for GPT-2.
+    """
+    animal, other = rng.sample(CATEGORIES["animal"], 2)
+    color = rng.choice(CATEGORIES["color"])
+    frame = "The {color} {animal} lives in the"
+    return (frame.format(color=color, animal=animal), f" {FACTS[animal]}",
+            frame.format(color=color, animal=other), f" {FACTS[other]}", f"{color} {animal}")
+
+
 def _greater_than(rng: random.Random) -> tuple[str, int]:
     x = rng.randint(11, 98)
     return f"The {rng.choice(CATEGORIES['event'])} lasted from {x} to", x
@@ -115,6 +140,13 @@ def _document(rng: random.Random) -> str:
     if r < 0.7:
         prompt, x = _greater_than(rng)
         return f"{prompt} {rng.randint(x + 1, 99)}."
+    if r < 0.8:
+        animal, color = rng.choice(CATEGORIES["animal"]), rng.choice(CATEGORIES["color"])
+        return rng.choice((
+            f"The {animal} lives in the {FACTS[animal]}.",
+            f"The {color} {animal} lives in the {FACTS[animal]}.",
+            f"At night the {color} {animal} goes back to the {FACTS[animal]}.",
+        ))
     c = {k: rng.choice(v) for k, v in CATEGORIES.items()}
     f2 = rng.choice(CATEGORIES["food"])
     return rng.choice((
@@ -147,12 +179,17 @@ def task_prompts(task: str, seed: int, n: int) -> dict[str, Any]:
             prompts.append({"clean": clean, "corrupt": corrupt,
                             "answers": [f" {y}" for y in range(x + 1, 100)],
                             "wrong_answers": [f" {y}" for y in range(10, x + 1)]})
+        elif task == "facts":
+            clean, ans, corrupt, wrong, subject = _fact(rng)
+            # "subject" is an extra key (task-file readers ignore it): the span causal tracing corrupts
+            prompts.append({"clean": clean, "corrupt": corrupt, "answers": [ans], "wrong_answers": [wrong],
+                            "subject": subject})
         else:
             raise ValueError(task)
     return {"name": task, "prompts": prompts}
 
 
-TASKS = ("ioi", "induction", "greater_than")
+TASKS = ("ioi", "induction", "greater_than", "facts")
 
 
 # ----------------------------------------------------------------------------- specs

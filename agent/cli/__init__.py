@@ -17,10 +17,12 @@ from autoexplain.agent.cli.circuit import circuit
 from autoexplain.agent.cli.common import fail
 from autoexplain.agent.cli.demo import demo
 from autoexplain.agent.cli.harvest import check, harvest_cmd
+from autoexplain.agent.cli.heads import heads
 from autoexplain.agent.cli.interventions import ablate, dla, lens, steer
 from autoexplain.agent.cli.run import label, run
 from autoexplain.agent.cli.show import show_app
 from autoexplain.agent.cli.sql import sql, tools_cmd
+from autoexplain.agent.cli.trace import trace
 from autoexplain.agent.cli.zoo import zoo_app
 from autoexplain.tools.errors import InputError, Interrupted
 
@@ -58,6 +60,8 @@ app.command("ablate")(ablate)
 app.command("steer")(steer)
 app.command("lens")(lens)
 app.command("dla")(dla)
+app.command("heads")(heads)
+app.command("trace")(trace)
 
 
 def main() -> None:

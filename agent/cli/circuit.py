@@ -20,6 +20,7 @@ from autoexplain.agent.cli.common import (
     console,
     execute,
     llm_settings,
+    node_table,
     plan_from,
 )
 from autoexplain.tools.errors import InputError
@@ -36,7 +37,9 @@ _SHOWN = 40
 def circuit(
         model: Annotated[str, typer.Option("--model", "-m", help="local HF dir, hub name or toy:NAME")],
         task: Annotated[Path, typer.Option("--task", "-t", help="circuit task file (JSON, auto-circuit layout)")],
-        method: Annotated[Method, typer.Option(help="eap-ig (default), eap or acdc")] = Method.EAP_IG,
+        method: Annotated[Method, typer.Option(help="eap-ig+noising (default: EAP-IG, then noising checks that "
+                                                    "find components needed only jointly), eap-ig, eap or acdc")]
+        = Method.EAP_IG_NOISING,
         ablation: Annotated[Ablation, typer.Option(help="what patched edges carry: resample (the corrupt "
                                                               "prompt's values), mean or zero")]
         = Ablation.RESAMPLE,
@@ -54,8 +57,11 @@ def circuit(
 ) -> None:
     """Find the edges that carry a task's behaviour with the agent, explain and score the circuit, store it.
 
-    Scores every edge of the model's graph (EAP-IG by default), keeps the top-k or those above a threshold, and
-    reports faithfulness (m(C) - m(∅)) / (m(M) - m(∅)) with everything outside the circuit ablated. The metric is
+    Scores every edge of the model's graph (by default EAP-IG plus noising checks of single nodes and edges in the
+    clean model, which find components that matter only jointly, such as an induction head's query and key),
+    keeps the top-k or those above a threshold, and reports both sufficiency (faithfulness: (m(C) - m(∅)) /
+    (m(M) - m(∅)) with everything outside the circuit ablated) and necessity (the share of the effect lost when
+    only the circuit is ablated). The metric is
     the logit difference at the answer (KL divergence to the clean run for ACDC; answer probability when prompts
     lack wrong answers). An interrupted ACDC run resumes when the same command is run again.
     """
@@ -91,6 +97,9 @@ def circuit(
         from autoexplain.agent.store import queries
 
         cid = queries.circuit_of_item(store, o.item_id)
+        nodes = queries.circuit_nodes(store, cid) if cid else []
+        if nodes:
+            con.print(node_table(nodes, circ.scores.m_clean - circ.scores.m_ablated))
         con.print(f"database: {store.path.resolve()}  (run {res.run_id}, circuit {cid or '-'})")
 
 
@@ -115,8 +124,9 @@ def _show(circ: Circuit, task_name: str) -> None:
            else f"|score| >= {circ.threshold:g} x |m(M) - m(∅)|")
     con.print(f"[bold]{s.method.value} circuit for {task_name}[/bold]: {circ.n_edges} of {len(s.edges)} edges "
               f"({sel}); {s.ablation.value} ablation, edge patching, metric {s.metric.value}")
-    con.print(f"faithfulness {circ.faithfulness:.3f}   m(M) {s.m_clean:.4g}   m(∅) {s.m_ablated:.4g}   "
-              f"search {s.seconds:.2f} s")
+    nec = "not measured" if circ.necessity is None else f"{circ.necessity:.3f}"
+    con.print(f"sufficiency (faithfulness) {circ.faithfulness:.3f}   necessity {nec}   m(M) {s.m_clean:.4g}   "
+              f"m(∅) {s.m_ablated:.4g}   search {s.seconds:.2f} s")
     if circ.note:
         con.print(f"[yellow]{circ.note}[/yellow]")
     table = Table("rank", "edge", "score")

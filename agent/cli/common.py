@@ -23,6 +23,7 @@ from autoexplain.tools.errors import InputError
 if TYPE_CHECKING:
     from autoexplain.agent.runner import ItemOutcome, Plan, Prepared, RunResult
     from autoexplain.agent.store import Store
+    from autoexplain.tools.data import TaskFile
     from autoexplain.tools.models import LoadedModel
     from autoexplain.tools.saes import LoadedSAE
     from autoexplain.tools.zoo import BuiltZoo
@@ -362,3 +363,70 @@ def show_summary(res: RunResult, store: Store) -> None:
                   "less than noise); their scores are stored as unscored")
     for note in res.harvest_notes:  # also in the run's summary and the harvests table
         con.print(f"WARNING: {note}")
+
+
+# ----------------------------------------------------------------------------- tasks
+def resolve_task(task: str, model: str) -> tuple[str, Path | None]:
+    """Check a ``--task`` without weights. Returns (label, file): a task file path (validated), or for a toy task
+    ``(toy:WORLD/TASK, None)`` when its world is not built yet (it is built with the model)."""
+    from autoexplain.tools.data import load_task_file
+    from autoexplain.tools.zoo import TASKS, ensure_model, get_spec, zoo_root
+
+    t = task.strip()
+    path = Path(t).expanduser()
+    if path.exists():
+        load_task_file(path)
+        return str(path), path
+    world: str | None = None
+    name = t
+    if t.startswith("toy:"):
+        world, sep, name = t[4:].partition("/")
+        if not sep or not world or not name:
+            raise InputError(f"--task {task!r}: write toy:WORLD/TASK, e.g. toy:small/induction")
+    elif model.strip().startswith("toy:") and t.replace("_", "").isalpha():
+        world = model.strip()[4:]
+    if world is None:
+        load_task_file(path)  # missing file: one line
+        raise AssertionError("unreachable")
+    get_spec(world)  # unknown world: one line
+    if name not in TASKS:
+        raise InputError(f"--task {task!r}: unknown toy task {name!r}; the toy tasks are {', '.join(TASKS)}")
+    if (zoo_root(get_spec(world)) / "manifest.json").exists():
+        return f"toy:{world}/{name}", ensure_model(world).task_file(name)
+    return f"toy:{world}/{name}", None
+
+
+def load_resolved_task(label: str, path: Path | None) -> TaskFile:
+    """The task file a :func:`resolve_task` result names (building its toy world if needed), loaded."""
+    from autoexplain.tools.data import load_task_file
+
+    return load_task_file(resolved_task_path(label, path))
+
+
+def resolved_task_path(label: str, path: Path | None) -> Path:
+    """The file of a :func:`resolve_task` result (a toy world is built when it is not yet)."""
+    from autoexplain.tools.zoo import ensure_model
+
+    if path is None:
+        world, _, name = label[4:].partition("/")
+        path = ensure_model(world).task_file(name)
+    return path
+
+
+# ----------------------------------------------------------------------------- circuits
+def node_table(nodes: list[Any], effect: float | None) -> Any:
+    """The ``circuit_nodes`` rows as a table: role claimed (and whether its intervention check held), total,
+    direct and indirect effect as shares of the full effect ``effect`` (m(M) - m(∅)), and the prompt share."""
+    from rich.table import Table
+
+    def share(x: float | None) -> str:
+        return "-" if x is None or not effect else f"{x / effect:+.0%}"
+
+    t = Table("node", "in circuit", "role (check)", "total", "direct", "indirect", "prompts hurt",
+              title="mechanism: causal mediation per node (shares of m(M) - m(∅)) and claimed roles")
+    for n in nodes:
+        check = {True: "verified", False: "NOT verified", None: "unchecked"}[n.role_verified]
+        t.add_row(n.node, "yes" if n.in_circuit else "", f"{n.role} ({check})" if n.role else "-",
+                  share(n.total_effect), share(n.direct_effect), share(n.indirect_effect),
+                  "-" if n.prompt_share is None else f"{n.prompt_share:.0%}")
+    return t

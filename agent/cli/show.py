@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
 
-from autoexplain.agent.cli.common import DbOpt, console
+from autoexplain.agent.cli.common import DbOpt, console, node_table
 from autoexplain.tools.errors import InputError
 
 if TYPE_CHECKING:
@@ -322,8 +322,11 @@ def sign_convention(method: str, metric: str, ablation: str) -> str:
     else:
         meaning = (f"negative = ablating the edge lowers {metric} (the edge supports the clean behaviour); "
                    f"positive = ablating it raises {metric} (the edge works against it)")
-    return (f"edge score sign ({method}): score = estimated m(edge {ablation}-ablated) - m(clean), the first-order "
-            f"change of {metric} when that one edge is patched; {meaning}; edges are ranked and kept by |score|")
+    how = ("the EAP-IG estimate of m(edge {a}-ablated) - m(clean), replaced by the measured change when noising "
+           "that one edge (or its source node) in the clean model moved the metric more" if method == "eap-ig+noising"
+           else "estimated m(edge {a}-ablated) - m(clean), the first-order change of {m} when that one edge is "
+                "patched").format(a=ablation, m=metric)
+    return f"edge score sign ({method}): score = {how}; {meaning}; edges are ranked and kept by |score|"
 
 
 def circuit(circuit_id: Annotated[str, typer.Argument(metavar="ID", help="a circuit id (circ-…), as printed by "
@@ -354,6 +357,11 @@ def circuit(circuit_id: Annotated[str, typer.Argument(metavar="ID", help="a circ
                 f"{c.n_edges_total} edges kept ({sel})")
     _print(con, f"  faithfulness {_fmt(c.faithfulness)}   m(M) {_fmt(d.get('m_clean'), 4)}   m(empty) "
                 f"{_fmt(d.get('m_ablated'), 4)}   run {c.run_id}   created {c.created_at}")
+    mech = queries.circuit_mechanism_scores(store, c.circuit_id)
+    if mech:
+        _print(con, f"  necessity {_fmt(mech['necessity'])}   held-out faithfulness "
+                    f"{_fmt(mech['held_out_faithfulness'])}   robustness: edge Jaccard "
+                    f"{_fmt(mech['robustness_jaccard'])}, Spearman {_fmt(mech['robustness_spearman'])}")
     if d.get("task_file"):
         _print(con, f"  task file {d['task_file']}")
     if d.get("note"):
@@ -397,7 +405,6 @@ def circuit(circuit_id: Annotated[str, typer.Argument(metavar="ID", help="a circ
     if not all_edges and len(edges) > len(kept):
         _print(con, f"({len(edges) - len(kept)} scored edges outside the circuit: --all-edges lists them)")
 
-    roles = d.get("node_roles") or d.get("roles")
     nodes: dict[str, list[int]] = {}
     for x in kept:
         nodes.setdefault(x.src, [0, 0])[1] += 1
@@ -405,13 +412,13 @@ def circuit(circuit_id: Annotated[str, typer.Argument(metavar="ID", help="a circ
         nodes.setdefault(dst, [0, 0])[0] += 1
     if nodes:
         _print(con, "nodes (edges in, out): " + ", ".join(f"{n} ({i}, {o})" for n, (i, o) in sorted(nodes.items())))
-    if roles:
-        _print(con, "node roles:")
-        items = roles.items() if isinstance(roles, dict) else enumerate(roles)
-        for node, role in items:
-            _print(con, f"  {node}: {role}")
+    mech_nodes = queries.circuit_nodes(store, c.circuit_id)
+    if mech_nodes:
+        effect = d["m_clean"] - d["m_ablated"] if d.get("m_clean") is not None and d.get("m_ablated") is not None \
+            else None
+        con.print(node_table(mech_nodes, effect))
     else:
-        _print(con, "node roles: none stored for this circuit")
+        _print(con, "mechanism: no node roles or mediation stored for this circuit")
     if c.item_id:
         _node_effects(con, store, c.item_id, set(nodes))
 

@@ -37,6 +37,7 @@ from autoexplain.agent.state import (
     WorkItem,
     stable_id,
 )
+from autoexplain.tools.circuits import DEFAULT_METHOD
 from autoexplain.tools.vocab import CausalLevel
 
 if TYPE_CHECKING:
@@ -91,7 +92,8 @@ class LLMPolicy(Policy):
             task = prompt("feature").format(feature_index=p["feature_index"], sae_id=p["sae_id"], model_id=model_id)
         else:
             task = prompt("circuit").format(task=item.target, task_file=p["task_file"], model_id=model_id,
-                                            method=p.get("method", "eap-ig"), ablation=p.get("ablation", "resample"))
+                                            method=p.get("method", DEFAULT_METHOD.value),
+                                            ablation=p.get("ablation", "resample"))
         return [{"role": "system", "content": prompt("system")}, {"role": "user", "content": task}]
 
     # ----------------------------------------------------------------------------------------------- decisions

@@ -22,11 +22,9 @@ Features
 
 Circuits
 --------
-1. ``circuit_search`` (EAP-IG by default) → the circuit and its faithfulness (intervention-level).
-2. ``activation_patching`` of every head output and MLP output (noising, same ablation): each circuit node's
-   own effect on the metric.
-3. One explanation: the strongest paths into ``logits`` and each node's role (share of the full effect when
-   patched alone, what it feeds), at the intervention level.
+See :mod:`autoexplain.agent.policies.offline_circuits`: the circuit (EAP-IG plus noising checks, found on the fit
+half of the prompts), each node's mediation, the heads' roles checked by intervention, and one explanation that
+names the mechanism and claims only what was checked.
 
 The lexicon (category → member words) is the offline stand-in for world knowledge. The default is the lexical
 judge's; a dataset that ships one (the toy world's ``categories.json``) can extend it. Caveat: with a lexicon
@@ -39,6 +37,7 @@ from collections import Counter, defaultdict
 from collections.abc import Mapping
 from typing import Any
 
+from autoexplain.agent.policies import offline_circuits
 from autoexplain.agent.policies.base import Policy, PolicyStep
 from autoexplain.agent.state import (
     Draft,
@@ -323,80 +322,10 @@ class OfflinePolicy(Policy):
 
     # ------------------------------------------------------------------------------------------------ circuits
     def _circuit_plan(self, state: ItemState, item: WorkItem) -> PolicyStep:
-        notes = state.get("notes") or {}
-        p = item.params
-        task = {"task_file": p["task_file"], "ablation": p.get("ablation", "resample")}
-        if "circuit_call" not in notes:
-            # no curve here: scoring measures the same curve (MIB's CPR/CMD) once
-            args = {**task, "method": p.get("method", "eap-ig"), "top_n": 20, "curve": False}
-            for k in ("top_k", "threshold"):
-                if p.get(k) is not None:
-                    args[k] = p[k]
-            return PolicyStep(requests=[ToolRequest(tool="circuit_search", args=args)])
-        if "node_effects" not in notes:
-            return PolicyStep(requests=[ToolRequest(tool="activation_patching", args={**task, "kind": k})
-                                        for k in ("head_out", "mlp_out")])
-        return PolicyStep()
+        return offline_circuits.plan(state, item)
 
     def _circuit_observe(self, state: ItemState, item: WorkItem, results: list[ToolResult]) -> PolicyStep:
-        for r in results:
-            if r.error:
-                raise RuntimeError(f"offline policy: {r.request.tool} failed: {r.error}")
-        if results[0].request.tool == "circuit_search":
-            out = results[0].output
-            f = out.faithfulness
-            status = (HypothesisStatus.CONFIRMED if f >= 0.8 else HypothesisStatus.INCONCLUSIVE if f >= 0.5
-                      else HypothesisStatus.REFUTED)
-            h = Hypothesis(hypothesis_id=stable_id("hyp", item.item_id, "circuit"),
-                           text=f"{out.n_edges} edges ({out.method.value}) carry the behaviour: faithfulness {f:.2f}",
-                           status=status, causal_level=CausalLevel.INTERVENTION, evidence=[results[0].call_id])
-            return PolicyStep(hypotheses=[h], notes={
-                "circuit_call": results[0].call_id, "faithfulness": f, "n_edges": out.n_edges,
-                "n_edges_total": out.n_edges_total, "edges": [[str(e.edge), e.score] for e in out.edges[:40]],
-                "ablation": out.ablation.value, "metric": out.metric.value, "method": out.method.value})
-        effects: dict[str, float] = {}
-        for r in results:
-            for e in r.output.effects:
-                node = _node_of_site(str(e.site))
-                if node is not None:
-                    effects[node] = round(e.effect, 4)
-        return PolicyStep(notes={"node_effects": effects, "patch_calls": [r.call_id for r in results]})
+        return offline_circuits.observe(state, item, results)
 
     def _circuit_propose(self, state: ItemState, item: WorkItem) -> PolicyStep:
-        notes = state.get("notes") or {}
-        edges = notes.get("edges") or []
-        effects = notes.get("node_effects") or {}
-        feeds: dict[str, list[str]] = defaultdict(list)
-        nodes: list[str] = []
-        for name, _ in edges:
-            src, dst = name.split("->")
-            dst_node = ".".join(dst.split(".")[:2]) if dst.startswith("a") else dst
-            port = dst.split(".")[2] if dst.startswith("a") and dst.count(".") == 2 else None
-            feeds[src].append(f"{dst_node}{'.' + port if port else ''}")
-            for n in (src, dst_node):
-                if n not in ("embed", "logits") and n not in nodes:
-                    nodes.append(n)
-        roles = []
-        for n in sorted(nodes, key=lambda n: -abs(effects.get(n, 0.0)))[:6]:
-            eff = effects.get(n)
-            to = ", ".join(dict.fromkeys(feeds.get(n, []))) or "nothing kept"
-            roles.append(f"{n} (alone {eff:+.0%} of the effect; feeds {to})" if eff is not None
-                         else f"{n} (feeds {to})")
-        writers = [e.split("->")[0] for e, _ in edges if e.split("->")[1] == "logits"]
-        text = (f"{item.target}: {notes.get('n_edges')} of {notes.get('n_edges_total')} edges carry the behaviour "
-                f"(faithfulness {notes.get('faithfulness', 0):.2f}, {notes.get('ablation')} ablation, metric "
-                f"{notes.get('metric')}). Writes the answer: {', '.join(dict.fromkeys(writers)) or 'none kept'}. "
-                f"Nodes: {'; '.join(roles) or 'none'}.")
-        evidence = [notes["circuit_call"], *notes.get("patch_calls", [])]
-        return PolicyStep(drafts=[Draft(text=text, causal_level=CausalLevel.INTERVENTION, evidence=evidence,
-                                        hypothesis_id=stable_id("hyp", item.item_id, "circuit"))])
-
-
-def _node_of_site(site: str) -> str | None:
-    """``head_out.1.2`` → ``a1.2``; ``mlp_out.1`` → ``m1``; other sites → None."""
-    parts = site.split(".")
-    if parts[0] == "head_out" and len(parts) == 3:
-        return f"a{parts[1]}.{parts[2]}"
-    if parts[0] == "mlp_out" and len(parts) == 2:
-        return f"m{parts[1]}"
-    return None
+        return offline_circuits.propose(state, item)

@@ -334,6 +334,86 @@ _V7 = (
     """insert into sae_aliases select spec, sae_id, model_id, current_timestamp from saes""",
 )
 
+# mechanisms (issue #13) and claims capped by evidence (issue #14): circuits record necessity next to faithfulness
+# (sufficiency), held-out faithfulness and robustness; circuit nodes their role, its check and causal mediation;
+# head roles per model; causal-tracing grids; explanations the causal level their cited calls support
+_V8 = (
+    """create table circuit_nodes (
+    circuit_id varchar not null,
+    node varchar not null,  -- 'a1.2', 'm0'
+    in_circuit boolean not null,
+    role varchar,  -- the role the explanation claims (head_roles.role vocabulary)
+    role_score double,  -- the detector's score for that role, 0..1
+    role_verified boolean,  -- the role's intervention check; null: not checked or could not run
+    total_effect double,  -- TE = m(M) - m(every outgoing edge noised), metric units
+    direct_effect double,  -- NDE: only the edge to the logits noised
+    indirect_effect double,  -- NIE: every outgoing edge but the one to the logits noised
+    interaction double,  -- TE - NDE - NIE: zero where the paths combine linearly
+    mediation_ratio double,  -- NIE / TE; null when TE is too small to divide by
+    prompt_share double,  -- share of prompts on which noising the node moves the metric toward the corrupt run
+    details json,
+    primary key (circuit_id, node)
+)""",
+    """create table head_roles (
+    model_id varchar not null,
+    node varchar not null,  -- 'a1.2'
+    role varchar not null,  -- previous_token | duplicate_token | induction | copying | suppression | attends_bos
+    score double,  -- 0..1; null: could not be computed (details say why)
+    is_best boolean not null default false,  -- this is the head's best role, above the cut
+    details json,  -- technique, sequences and positions used, raw values
+    run_id varchar,
+    created_at timestamp not null,
+    primary key (model_id, node, role)
+)""",
+    """create table causal_traces (
+    trace_id varchar not null primary key,
+    run_id varchar,
+    model_id varchar not null,
+    task varchar,  -- the task or prompt set traced
+    noise double,  -- noise scale: standard deviations of the token embeddings
+    n_samples integer,  -- noise samples per prompt
+    restore_window integer,  -- layers restored together around each cell (attn and mlp states)
+    p_clean double,  -- answer probability on the clean prompts
+    p_corrupted double,  -- answer probability with the subject noised
+    details json,
+    created_at timestamp not null
+)""",
+    """create table causal_trace_cells (
+    trace_id varchar not null,
+    state varchar not null,  -- resid | attn | mlp
+    layer integer not null,
+    pos integer not null,  -- the grid column: a token position, or a position role when prompts differ
+    label varchar,  -- the column's label: "3 ' owl'" (position) or 'last subject' (role)
+    site varchar,  -- the state restored, e.g. mlp_out.0 (a window's centre layer)
+    effect double,  -- p_restored(answer) - p_corrupted(answer), mean over samples and prompts
+    normalized double,  -- effect / (p_clean - p_corrupted)
+    primary key (trace_id, state, layer, pos)
+)""",
+    """alter table circuits add column necessity double""",
+    """alter table circuits add column held_out_faithfulness double""",
+    """alter table circuits add column robustness_jaccard double""",
+    """alter table circuits add column robustness_spearman double""",
+    """alter table explanations add column supported_level varchar""",
+    """alter table explanations add column overclaimed boolean""",
+    """create or replace view best_explanations as
+        with s as (
+            select explanation_id, details->>'judge' as judge,
+                   max(value) filter (where metric = 'correctness') as correctness,
+                   max(value) filter (where metric = 'completeness') as completeness,
+                   max(value) filter (where metric = 'succinctness') as succinctness
+            from scores group by all
+        ), ranked as (
+            select e.target, e.explanation_id, e.text, e.author, e.causal_level, coalesce(s.judge, e.judge) as judge,
+                   s.correctness, s.completeness, s.succinctness, e.overall, e.is_final, e.budget_limited,
+                   e.run_id, e.created_at, e.supported_level, e.overclaimed,
+                   row_number() over (partition by e.target, coalesce(s.judge, e.judge)
+                                      order by e.is_final desc, e.overall desc nulls last,
+                                               s.correctness desc nulls last, e.created_at desc) as rk
+            from explanations e left join s using (explanation_id)
+        )
+        select * exclude (rk) from ranked where rk = 1""",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (Migration(1, "initial schema", _V1),
                                      Migration(2, "judgements: one row per per-example judge decision", _V2),
                                      Migration(3, "agent: tool cache, LLM calls and cache, overall scores, "
@@ -343,4 +423,7 @@ MIGRATIONS: tuple[Migration, ...] = (Migration(1, "initial schema", _V1),
                                      Migration(5, "llm_calls: mode, HTTP status and retry wait per attempt", _V5),
                                      Migration(6, "harvests: what each harvest was run on; features and "
                                                   "feature_examples record their harvest_id", _V6),
-                                     Migration(7, "sae_aliases: every spec an SAE was loaded under", _V7))
+                                     Migration(7, "sae_aliases: every spec an SAE was loaded under", _V7),
+                                     Migration(8, "mechanisms: circuit necessity, held-out and robustness; "
+                                                  "circuit_nodes, head_roles, causal traces; explanations' "
+                                                  "supported causal level", _V8))

@@ -163,6 +163,24 @@ def tool_call_cache_key(store: Store, call_id: str) -> str | None:
     return rows[0][0] if rows else None
 
 
+def tool_call_key_and_args(store: Store, call_id: str) -> tuple[str | None, dict[str, Any]]:
+    """(cache key, arguments) of stored tool call ``call_id``; (None, {}) for an unknown call."""
+    rows = store.query("select cache_key, args from tool_calls where call_id = ?", [call_id])[1]
+    if not rows:
+        return None, {}
+    key, args = rows[0]
+    return key, (json.loads(args) if isinstance(args, str) else dict(args or {}))
+
+
+def tool_call_outcomes(store: Store, call_ids: Sequence[str]) -> dict[str, tuple[str, str | None]]:
+    """``call_id -> (tool, error)`` of stored tool calls (unknown ids are left out)."""
+    if not call_ids:
+        return {}
+    rows = store.query("select call_id, tool, error from tool_calls where call_id in (select unnest(?))",
+                       [list(call_ids)])[1]
+    return {cid: (tool, err) for cid, tool, err in rows}
+
+
 # ----------------------------------------------------------------------------- features
 class FeatureSummary(NamedTuple):
     density: float | None
@@ -242,6 +260,20 @@ def feature_examples(store: Store, sae_id: str, feature_index: int) -> list[Exam
     return examples_from_query(*store.query(
         "select kind, example_id, quantile, split, tokens, acts, max_act, window_index from feature_examples "
         "where sae_id = ? and feature_index = ? order by kind, example_id", [sae_id, feature_index]))
+
+
+def background_windows(store: Store, sae_id: str, feature_index: int, limit: int = 128) -> list[list[str]]:
+    """Token lists of up to ``limit`` distinct windows stored for *other* features of ``sae_id`` (random-pool
+    windows first, then the rest), none of them a window ``feature_index`` has examples from. Whether the feature
+    fires on them is unknown until computed (:class:`autoexplain.agent.scoring.ModelBackground` does)."""
+    rows = store.query(
+        "select any_value(tokens) from feature_examples where sae_id = ? and feature_index <> ? "
+        "and (window_index is null or window_index not in (select window_index from feature_examples "
+        "where sae_id = ? and feature_index = ? and window_index is not null)) "
+        "group by coalesce(window_index::varchar, tokens::varchar) "
+        "order by min(case when kind = 'random' then 0 else 1 end), min(window_index) limit ?",
+        [sae_id, feature_index, sae_id, feature_index, limit])[1]
+    return [json.loads(t) if isinstance(t, str) else list(t) for (t,) in rows]
 
 
 def unsplit_examples(store: Store, sae_id: str, features: set[int]) -> dict[int, list[Example]]:
@@ -508,6 +540,15 @@ class CircuitRecord(NamedTuple):
     created_at: Any
 
 
+def circuit_mechanism_scores(store: Reads, circuit_id: str) -> dict[str, float | None]:
+    """``necessity``, ``held_out_faithfulness`` and the robustness columns of a circuit ({} before schema 8)."""
+    if not has_table(store, "circuit_nodes"):  # the columns came with the table (migration 8)
+        return {}
+    cols = ("necessity", "held_out_faithfulness", "robustness_jaccard", "robustness_spearman")
+    rows = store.query(f"select {', '.join(cols)} from circuits where circuit_id = ?", [circuit_id])[1]
+    return dict(zip(cols, rows[0], strict=True)) if rows else {}
+
+
 def circuit_record(store: Reads, circuit_id: str) -> CircuitRecord | None:
     rows = store.query("select circuit_id, run_id, item_id, model_id, task, method, ablation, patch_type, metric, "
                        "threshold, top_k, n_edges_total, n_edges, faithfulness, details, created_at from circuits "
@@ -539,6 +580,31 @@ def circuit_edges(store: Reads, circuit_id: str) -> list[StoredEdge]:
     rows = store.query("select edge, src, dst, score, in_circuit, rank from circuit_edges where circuit_id = ? "
                        "order by rank nulls last, edge", [circuit_id])[1]
     return [StoredEdge(*r) for r in rows]
+
+
+class StoredNode(NamedTuple):
+    """One ``circuit_nodes`` row: a node's claimed role and its check, and its causal mediation."""
+
+    node: str
+    in_circuit: bool
+    role: str | None
+    role_score: float | None
+    role_verified: bool | None
+    total_effect: float | None
+    direct_effect: float | None
+    indirect_effect: float | None
+    mediation_ratio: float | None
+    prompt_share: float | None
+
+
+def circuit_nodes(store: Reads, circuit_id: str) -> list[StoredNode]:
+    """The mechanism rows of a circuit, largest |total effect| first (none in a file from before schema 8)."""
+    if not has_table(store, "circuit_nodes"):
+        return []
+    rows = store.query("select node, in_circuit, role, role_score, role_verified, total_effect, direct_effect, "
+                       "indirect_effect, mediation_ratio, prompt_share from circuit_nodes where circuit_id = ? "
+                       "order by abs(total_effect) desc nulls last, node", [circuit_id])[1]
+    return [StoredNode(*r) for r in rows]
 
 
 class RunRecord(NamedTuple):

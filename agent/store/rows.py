@@ -14,10 +14,14 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from autoexplain.agent.store.schema import (
+    CausalTraceCellRow,
+    CausalTraceRow,
     CircuitEdgeRow,
+    CircuitNodeRow,
     CircuitRow,
     ExplanationRow,
     FeatureExampleRow,
+    HeadRoleRow,
     JudgementSetRow,
     ScoreRow,
 )
@@ -25,9 +29,13 @@ from autoexplain.tools.vocab import Edge, Explanation
 
 if TYPE_CHECKING:
     from autoexplain.evals.circuits import CircuitScores
+    from autoexplain.evals.claims import ClaimCheck
     from autoexplain.evals.features import Example, ExampleJudgement, FeatureScores
+    from autoexplain.evals.mechanism import MediationResult, NodeClaim
     from autoexplain.evals.scores import Score
     from autoexplain.tools.circuits import Circuit
+    from autoexplain.tools.heads import RoleTable
+    from autoexplain.tools.tracing import TraceGrid
 
 
 def utc_now() -> dt.datetime:
@@ -41,6 +49,8 @@ def explanation_row(explanation_id: str, run_id: str, item_id: str, expl: Explan
     return {"explanation_id": explanation_id, "run_id": run_id, "item_id": item_id, "target": expl.target,
             "text": expl.text, "author": expl.author, "llm_model": expl.llm_model,
             "causal_level": expl.causal_level.value,
+            "supported_level": expl.supported_level.value if expl.supported_level else None,
+            "overclaimed": expl.overclaimed,
             "evidence": {"calls": list(expl.evidence), "hypothesis": hypothesis_id, "dead": dead},
             "is_final": False, "budget_limited": False, "created_at": utc_now()}
 
@@ -64,10 +74,11 @@ def circuit_rows(circuit_id: str, run_id: str, model_id: str, task_name: str, ta
         "circuit_id": circuit_id, "run_id": run_id, "item_id": item_id, "model_id": model_id, "task": task_name,
         "method": s.method.value, "ablation": s.ablation.value, "patch_type": s.patch_type.value,
         "metric": s.metric.value, "threshold": circ.threshold, "top_k": circ.top_k, "n_edges_total": len(s.edges),
-        "n_edges": circ.n_edges, "faithfulness": circ.faithfulness,
+        "n_edges": circ.n_edges, "faithfulness": circ.faithfulness, "necessity": circ.necessity,
         "details": {"task_file": task_path, "m_clean": s.m_clean, "m_ablated": s.m_ablated, "seconds": s.seconds,
                     "curve": [p.model_dump() for p in circ.curve], "method_details": s.details,
-                    "threshold_is_relative_to": "|m(M) - m(empty)|", "note": circ.note},
+                    "threshold_is_relative_to": "|m(M) - m(empty)|", "note": circ.note,
+                    "pruned": circ.pruned},
         "created_at": utc_now(),
     }
     edges: list[CircuitEdgeRow] = []
@@ -76,6 +87,78 @@ def circuit_rows(circuit_id: str, run_id: str, model_id: str, task_name: str, ta
         edges.append({"circuit_id": circuit_id, "edge": str(name), "src": str(edge.src), "dst": str(edge.dst),
                       "score": s.scores[i], "in_circuit": circ.in_circuit[i], "rank": ranks[i]})
     return {"circuits": [row], "circuit_edges": edges}
+
+
+def circuit_node_rows(circuit_id: str, nodes: Sequence[str], in_circuit: set[str], *,
+                      mediation: MediationResult | None = None, claims: Sequence[NodeClaim] = (),
+                      checks: Sequence[ClaimCheck] = (), roles: RoleTable | None = None) -> list[CircuitNodeRow]:
+    """One ``circuit_nodes`` row per node: its mediation (TE, NDE, NIE, interaction, ratio), the share of prompts
+    on which noising it hurts, and the role the explanation claims for it with the detector's score and whether
+    the claim's intervention check held (several roles claimed for one node: the first, all in details)."""
+    med = mediation.by_node() if mediation is not None else {}
+    share = {c.node: c.holds_share for c in claims}
+    claimed: dict[str, list[ClaimCheck]] = {}
+    for c in checks:
+        if c.claim.kind == "role":
+            claimed.setdefault(c.claim.node, []).append(c)
+    scores = {(str(s.node), s.role.value): s.score for s in roles.scores} if roles is not None else {}
+    rows: list[CircuitNodeRow] = []
+    for n in nodes:
+        m = med.get(n)
+        mine = claimed.get(n, [])
+        first = mine[0] if mine else None
+        role = first.claim.role.value if first is not None and first.claim.role is not None else None
+        rows.append({
+            "circuit_id": circuit_id, "node": n, "in_circuit": n in in_circuit, "role": role,
+            "role_score": scores.get((n, role)) if role else None,
+            "role_verified": first.verified if first is not None else None,
+            "total_effect": m.total if m else None, "direct_effect": m.direct if m else None,
+            "indirect_effect": m.indirect if m else None, "interaction": m.interaction if m else None,
+            "mediation_ratio": m.ratio if m else None, "prompt_share": share.get(n),
+            "details": {"fractions_of_effect": None if m is None else {
+                            "total": m.total_frac, "direct": m.direct_frac, "indirect": m.indirect_frac,
+                            "interaction": m.interaction_frac},
+                        "ratio_note": m.ratio_note if m else None,
+                        "claims": [{"role": c.claim.role.value if c.claim.role else None, "verified": c.verified,
+                                    "effect": c.effect, "method": c.method, "why": c.why} for c in mine],
+                        "ablation": mediation.ablation.value if mediation else None,
+                        "metric": mediation.metric.value if mediation else None}})
+    return rows
+
+
+def head_role_rows(model_id: str, table: RoleTable, run_id: str | None = None) -> list[HeadRoleRow]:
+    """Every (head, role) score of a role table as ``head_roles`` rows; ``is_best`` marks each head's best role."""
+    best = {str(h.node): h.best_role.value if h.best_role else None for h in table.heads}
+    now = utc_now()
+    return [{"model_id": model_id, "node": str(s.node), "role": s.role.value, "score": s.score,
+             "is_best": best.get(str(s.node)) == s.role.value, "details": {**s.details, "cut": table.cut},
+             "run_id": run_id, "created_at": now} for s in table.scores]
+
+
+def trace_rows(trace_id: str, model_id: str, grid: TraceGrid, *, task: str | None = None,
+               run_id: str | None = None) -> dict[str, list[CausalTraceRow] | list[CausalTraceCellRow]]:
+    """A causal trace's header row (probabilities, noise, the per-prompt detail as JSON) and one
+    ``causal_trace_cells`` row per (state, layer, column) of its grids."""
+    head: CausalTraceRow = {"trace_id": trace_id, "run_id": run_id, "model_id": model_id, "task": task,
+                            "noise": grid.noise_scale, "n_samples": grid.n_samples, "restore_window": grid.window,
+                            "p_clean": grid.p_clean, "p_corrupted": grid.p_corrupted,
+                            "details": {"noise_multiple": grid.noise, "embed_std": grid.embed_std,
+                                        "alignment": grid.alignment, "columns": grid.columns, "seed": grid.seed,
+                                        "n_used": grid.n_used, "notes": grid.notes,
+                                        "peak": grid.peak.model_dump(mode="json") if grid.peak else None,
+                                        "prompts": [p.model_dump(mode="json", exclude={"effect"})
+                                                    for p in grid.prompts]},
+                            "created_at": utc_now()}
+    cells: list[CausalTraceCellRow] = []
+    for state, g in grid.grids.items():
+        for layer, row in enumerate(g.effect):
+            for col, value in enumerate(row):
+                norm = g.normalized[layer][col] if g.normalized is not None else None
+                cells.append({"trace_id": trace_id, "state": str(state), "layer": layer, "pos": col,
+                              "label": grid.columns[col] if col < len(grid.columns) else None,
+                              "site": g.sites[layer] if layer < len(g.sites) else None, "effect": value,
+                              "normalized": norm})
+    return {"causal_traces": [head], "causal_trace_cells": cells}
 
 
 # ============================================================================= scores

@@ -64,7 +64,7 @@ class RunRow(TypedDict, total=False):
     """``runs``: one row per command or plan run."""
 
     run_id: Annotated[str, KEY]
-    kind: Annotated[str, NOT_NULL, Doc("demo | zoo | label | harvest | circuit | plan | bench")]
+    kind: Annotated[str, NOT_NULL, Doc("demo | zoo | label | harvest | circuit | plan | bench | heads | trace")]
     status: Annotated[str, NOT_NULL, Doc("running | done | failed | interrupted")]
     policy: Annotated[str | None, Doc("offline | llm")]
     config: Annotated[Json, JSON, Doc("the run's arguments (never secrets)")]
@@ -192,6 +192,9 @@ class ExplanationRow(TypedDict, total=False):
     created_at: Annotated[dt.datetime, NOT_NULL]
     overall: float | None
     judge: str | None
+    supported_level: Annotated[str | None, Doc("the highest causal level among the tool calls it cites (association |"
+                                               " intervention | counterfactual); null: it cites no evidence")]
+    overclaimed: Annotated[bool | None, Doc("true when causal_level (claimed) is above supported_level")]
 
 
 class ScoreRow(TypedDict, total=False):
@@ -225,6 +228,78 @@ class CircuitRow(TypedDict, total=False):
     faithfulness: float | None
     details: Annotated[Json, JSON]
     created_at: Annotated[dt.datetime, NOT_NULL]
+    necessity: Annotated[float | None, Doc("(m(M) - m(circuit noised in the clean model)) / (m(M) - m(empty)): "
+                                           "faithfulness is sufficiency, this is necessity")]
+    held_out_faithfulness: Annotated[float | None, Doc("faithfulness of the same edges on prompts the search never "
+                                                       "saw")]
+    robustness_jaccard: Annotated[float | None, Doc("mean edge Jaccard of circuits found on resampled prompt sets")]
+    robustness_spearman: Annotated[float | None, Doc("mean Spearman correlation of their edge scores")]
+
+
+class CircuitNodeRow(TypedDict, total=False):
+    """``circuit_nodes``: the mechanism of a circuit node by node: the role claimed for it and whether its
+    intervention check held, and causal mediation (total, direct and indirect effect) under the circuit's
+    ablation and metric."""
+
+    circuit_id: Annotated[str, KEY]
+    node: Annotated[str, KEY, Doc("'a1.2', 'm0'")]
+    in_circuit: Annotated[bool, NOT_NULL]
+    role: Annotated[str | None, Doc("the role the explanation claims (head_roles.role vocabulary)")]
+    role_score: Annotated[float | None, Doc("the detector's score for that role, 0..1")]
+    role_verified: Annotated[bool | None, Doc("the role's intervention check; null: not checked or could not run")]
+    total_effect: Annotated[float | None, Doc("TE = m(M) - m(every outgoing edge noised), metric units")]
+    direct_effect: Annotated[float | None, Doc("NDE: only the edge to the logits noised")]
+    indirect_effect: Annotated[float | None, Doc("NIE: every outgoing edge but the one to the logits noised")]
+    interaction: Annotated[float | None, Doc("TE - NDE - NIE: zero where the paths combine linearly")]
+    mediation_ratio: Annotated[float | None, Doc("NIE / TE; null when TE is too small to divide by")]
+    prompt_share: Annotated[float | None, Doc("share of prompts on which noising the node moves the metric toward "
+                                              "the corrupt run")]
+    details: Annotated[Json, JSON]
+
+
+class HeadRoleRow(TypedDict, total=False):
+    """``head_roles``: what each attention head of a model does, detector by detector (previous-token, induction,
+    copying ...). Attention patterns and weights: association-level evidence."""
+
+    model_id: Annotated[str, KEY]
+    node: Annotated[str, KEY, Doc("'a1.2'")]
+    role: Annotated[str, KEY, Doc("previous_token | duplicate_token | induction | copying | suppression | "
+                                  "attends_bos")]
+    score: Annotated[float | None, Doc("0..1; null: could not be computed (details say why)")]
+    is_best: Annotated[bool, NOT_NULL, Default("false"), Doc("this is the head's best role, above the cut")]
+    details: Annotated[Json, JSON, Doc("technique, sequences and positions used, raw values")]
+    run_id: str | None
+    created_at: Annotated[dt.datetime, NOT_NULL]
+
+
+class CausalTraceRow(TypedDict, total=False):
+    """``causal_traces``: one causal-tracing run (ROME): noise on the subject's input embeddings, one clean state
+    restored at a time; its grid is in ``causal_trace_cells``."""
+
+    trace_id: Annotated[str, KEY]
+    run_id: str | None
+    model_id: Annotated[str, NOT_NULL]
+    task: Annotated[str | None, Doc("the task or prompt set traced")]
+    noise: Annotated[float | None, Doc("noise scale: standard deviations of the token embeddings")]
+    n_samples: Annotated[int | None, Doc("noise samples per prompt")]
+    restore_window: Annotated[int | None, Doc("layers restored together around each cell (attn and mlp states)")]
+    p_clean: Annotated[float | None, Doc("answer probability on the clean prompts")]
+    p_corrupted: Annotated[float | None, Doc("answer probability with the subject noised")]
+    details: Annotated[Json, JSON]
+    created_at: Annotated[dt.datetime, NOT_NULL]
+
+
+class CausalTraceCellRow(TypedDict, total=False):
+    """``causal_trace_cells``: the grid of a causal trace, one (state, layer, pos) cell a row."""
+
+    trace_id: Annotated[str, KEY]
+    state: Annotated[str, KEY, Doc("resid | attn | mlp")]
+    layer: Annotated[int, KEY]
+    pos: Annotated[int, KEY, Doc("the grid column: a token position, or a position role when prompts differ")]
+    label: Annotated[str | None, Doc("the column's label: \"3 ' owl'\" (position) or 'last subject' (role)")]
+    site: Annotated[str | None, Doc("the state restored, e.g. mlp_out.0 (a window's centre layer)")]
+    effect: Annotated[float | None, Doc("p_restored(answer) - p_corrupted(answer), mean over samples and prompts")]
+    normalized: Annotated[float | None, Doc("effect / (p_clean - p_corrupted)")]
 
 
 class CircuitEdgeRow(TypedDict, total=False):
@@ -335,7 +410,8 @@ DECLARATIONS: dict[str, type] = {
     "features": FeatureRow, "feature_examples": FeatureExampleRow, "hypotheses": HypothesisRow,
     "explanations": ExplanationRow, "scores": ScoreRow, "circuits": CircuitRow, "circuit_edges": CircuitEdgeRow,
     "judgement_sets": JudgementSetRow, "tool_cache": ToolCacheRow, "llm_calls": LLMCallRow,
-    "llm_cache": LLMCacheRow, "harvests": HarvestRow, "sae_aliases": SaeAliasRow,
+    "llm_cache": LLMCacheRow, "harvests": HarvestRow, "sae_aliases": SaeAliasRow, "circuit_nodes": CircuitNodeRow,
+    "head_roles": HeadRoleRow, "causal_traces": CausalTraceRow, "causal_trace_cells": CausalTraceCellRow,
 }
 #: Views over the tables: read them like tables, never write them.
 VIEWS = ("judgements", "best_explanations")

@@ -33,7 +33,7 @@ import torch
 if TYPE_CHECKING:
     from sae_lens import HookedSAETransformer
 
-    from autoexplain.tools.data import TokenizedTask
+    from autoexplain.tools.data import TaskFile, TokenizedTask
     from autoexplain.tools.models import LoadedModel
 
 V = 24  # vocabulary: 0 = BOS
@@ -319,3 +319,32 @@ def suppression(n_prompts: int = 24, seed: int = 1) -> PlantedCircuit:
     planted = frozenset({"embed->a0.1.q", "a0.1->a1.2.k", "embed->a1.2.v", "a1.2->logits"})
     return PlantedCircuit("suppression", _loaded("suppression", model), _task(clean, corrupt, answers, wrong),
                           planted, constant_head="a1.0")
+
+
+# ============================================================================= with text
+def with_tokenizer(pc: PlantedCircuit) -> tuple[LoadedModel, TaskFile]:
+    """The planted model with a word-level tokenizer over its id vocabulary (``"<7>"`` is token 7, ``"<0>"`` is
+    BOS), and its task as a task file (prompts without their leading BOS, which tokenisation adds back): what the
+    agent, the CLI tools and the scorers need, since they read prompts as text. Tokenising the task file gives
+    back exactly ``pc.task``'s token ids."""
+    import dataclasses
+
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import PreTrainedTokenizerFast
+
+    from autoexplain.tools.data import TaskFile, TaskPrompt
+
+    words = {f"<{i}>": i for i in range(V)}
+    core = Tokenizer(WordLevel(words, unk_token="<0>"))
+    core.pre_tokenizer = WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<0>", eos_token="<0>", pad_token="<0>",
+                                  unk_token="<0>")
+
+    def strip_bos(text: str) -> str:
+        return text[len("<0> "):] if text.startswith("<0> ") else text
+
+    prompts = [TaskPrompt(clean=strip_bos(p.clean), corrupt=strip_bos(p.corrupt), answers=list(p.answers),
+                          wrong_answers=list(p.wrong_answers)) for p in pc.task.prompts.prompts]
+    return dataclasses.replace(pc.lm, tokenizer=tok), TaskFile(prompts=prompts, name=pc.name)

@@ -257,6 +257,124 @@ def write_corpus(path: Path, texts: Sequence[str]) -> Path:
     return path
 
 
+# ============================================================================= every kind of density, without a model
+#: feature index -> the tokens it fires on (weakest first), for :func:`plant_mixed_harvest`. 0: a dense category
+#: (articles: in every window of the harvest's random pool); 1: a category (animals); 2: a single token; 3: a rare
+#: single token (a handful of windows); 4: a dense single token (every line ends with '.'); 5: a position feature
+#: (the first word of every window, whatever it is). 6 and 7 are dead.
+MIXED_FEATURES: Mapping[int, tuple[str, ...]] = MappingProxyType({
+    0: (" the", " a"), 1: (" cat", " dog", " fox", " owl"), 2: (" Mary",), 3: (" zebra",), 4: (".",), 5: ()})
+MIXED_DEAD: tuple[int, ...] = (6, 7)
+MIXED_KINDS: Mapping[int, str] = MappingProxyType({0: "dense category", 1: "category", 2: "single token",
+                                                   3: "rare", 4: "dense single token", 5: "position"})
+#: a true description per live feature, and a wrong one (another feature's, or a category absent from it)
+MIXED_DESCRIPTIONS: Mapping[int, str] = MappingProxyType({
+    0: "articles", 1: "animals", 2: "the word 'Mary'", 3: "the word 'zebra'", 4: "the token '.'",
+    5: "the first token of a text"})
+MIXED_WRONG: Mapping[int, str] = MappingProxyType({
+    0: "colour words", 1: "people's names", 2: "animals", 3: "colour words", 4: "numbers", 5: "colour words"})
+_MIXED_FILLERS = ("sat", "ran", "park", "went", "store", "red", "blue", "John", "10", "12", "on", "to", "big", "old")
+_BOS = "<|endoftext|>"
+
+
+class PlantedHarvest(BaseModel):
+    """A harvest emulated in pure Python over a generated corpus, with exact activations (no model, no SAE).
+
+    ``windows[i]`` is window ``i``'s tokens (BOS first); ``examples[f]`` are feature ``f``'s ``feature_examples``
+    rows as the harvest would store them (kinds top, quantile, random; ``window_index`` set, ``split`` unset);
+    ``pool`` the windows of the random pool. Activations: feature ``f`` fires ``1 + 0.5·rank`` on its ``rank``-th
+    word; the position feature fires 1.0 on the first word after BOS; BOS never fires.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    features: dict[int, tuple[str, ...]]
+    dead: tuple[int, ...]
+    windows: list[list[str]]
+    pool: list[int]
+    examples: dict[int, list[dict[str, object]]]
+
+    def acts(self, feature: int, window: int) -> list[float]:
+        """Feature ``feature``'s exact activation on every token of window ``window``."""
+        return _mixed_acts(self.features, feature, self.windows[window])
+
+    def density(self, feature: int) -> float:
+        """Fraction of (non-BOS) tokens on which ``feature`` fires, over the whole corpus."""
+        fired = sum(a > 0 for w in range(len(self.windows)) for a in self.acts(feature, w)[1:])
+        return fired / sum(len(w) - 1 for w in self.windows)
+
+    def background(self, feature: int, n: int = 40) -> list[dict[str, object]]:
+        """Up to ``n`` windows outside the random pool on which ``feature`` never fires, as ``background``
+        example rows (what a caller computing the feature on more of the dataset would pass to scoring)."""
+        pool = set(self.pool)
+        rows: list[dict[str, object]] = []
+        for w in range(len(self.windows)):
+            a = self.acts(feature, w)
+            if w not in pool and max(a) <= 0 and len(rows) < n:
+                rows.append({"kind": "background", "example_id": w, "quantile": None, "tokens": self.windows[w],
+                             "acts": a, "max_act": 0.0, "window_index": w})
+        return rows
+
+
+def _mixed_acts(features: Mapping[int, Sequence[str]], feature: int, tokens: Sequence[str]) -> list[float]:
+    words = features.get(feature, ())
+    if feature in features and not words:  # the position feature
+        return [1.0 if i == 1 else 0.0 for i in range(len(tokens))]
+    return [1.0 + STEP * words.index(t) if t in words else 0.0 for t in tokens]
+
+
+def plant_mixed_harvest(seed: int = 0, n_windows: int = 600, *, random_pool: int = 256, top_k: int = 20,
+                        n_quantiles: int = 4, per_quantile: int = 5, n_random: int = 20,
+                        rare_windows: int = 4) -> PlantedHarvest:
+    """A corpus and the harvest of :data:`MIXED_FEATURES` over it (see :class:`PlantedHarvest`).
+
+    Lines are 5–10 words from the animal, name and filler words, ending in '.'. Every line in the random pool
+    (the first ``random_pool`` windows) holds an article, so feature 0 has no non-activating pool window (dense);
+    one line in ten outside the pool has none (what ``background`` returns). ' zebra' appears in
+    ``rare_windows`` lines only. Feature 4 ('.') and the position feature 5 fire in every window. Examples are
+    selected like :mod:`autoexplain.tools.harvest` does: the ``top_k`` windows by maximum activation, a seeded
+    uniform sample of firing windows binned into ``n_quantiles`` by activation (``per_quantile`` each), and up
+    to ``n_random`` pool windows where the feature never fires. Deterministic for a seed.
+    """
+    rng = random.Random(seed)
+    content = [" cat", " dog", " fox", " owl", " Mary", *(" " + w for w in _MIXED_FILLERS)]
+    rare_at = set(rng.sample(range(n_windows), rare_windows))
+    windows: list[list[str]] = []
+    for i in range(n_windows):
+        words = [rng.choice(content) for _ in range(rng.randint(4, 9))]
+        if i < random_pool or rng.random() >= 0.1:
+            words.insert(rng.randrange(1, len(words) + 1), rng.choice((" the", " a")))
+        if i in rare_at:
+            words.insert(rng.randrange(1, len(words) + 1), " zebra")
+        first = words[0].strip()
+        windows.append([_BOS, first, *words[1:], "."])
+    features = {int(f): tuple(w) for f, w in MIXED_FEATURES.items()}
+    pool = list(range(min(random_pool, n_windows)))
+    examples: dict[int, list[dict[str, object]]] = {}
+    for f in [*features, *MIXED_DEAD]:
+        acts = [_mixed_acts(features, f, w) for w in windows]
+        peak = [max(a) for a in acts]
+        firing = [w for w in range(n_windows) if peak[w] > 0]
+        rows: list[dict[str, object]] = []
+
+        def add(kind: str, w: int, q: int | None, rows: list[dict[str, object]] = rows,
+                acts: list[list[float]] = acts, peak: list[float] = peak) -> None:
+            rows.append({"kind": kind, "example_id": sum(r["kind"] == kind for r in rows), "quantile": q,
+                         "tokens": windows[w], "acts": acts[w], "max_act": peak[w], "window_index": w})
+
+        for w in sorted(firing, key=lambda w: (-peak[w], w))[:top_k]:
+            add("top", w, None)
+        frng = random.Random(f"{seed}/{f}")
+        sample = sorted(frng.sample(firing, min(len(firing), n_quantiles * per_quantile)), key=lambda w: (peak[w], w))
+        for j, w in enumerate(sample):
+            add("quantile", w, j * n_quantiles // max(1, len(sample)))
+        for w in [w for w in pool if peak[w] <= 0][:n_random]:
+            add("random", w, None)
+        examples[f] = rows
+    return PlantedHarvest(features=features, dead=MIXED_DEAD, windows=windows, pool=pool, examples=examples)
+
+
 __all__ = ["DEFAULT_VOCAB", "PLANTED_DEAD", "PLANTED_DESCRIPTIONS", "PLANTED_FEATURES", "PlantedFeatures",
-           "default_texts", "load_planted", "plant_features", "single_token_ids", "vocab_for",
-           "write_corpus"]
+           "MIXED_DEAD", "MIXED_DESCRIPTIONS", "MIXED_FEATURES", "MIXED_KINDS", "MIXED_WRONG", "PlantedHarvest",
+           "default_texts", "load_planted", "plant_features", "plant_mixed_harvest", "single_token_ids",
+           "vocab_for", "write_corpus"]

@@ -235,16 +235,21 @@ def test_live_features_final_explanation_is_the_best_scored(labelled: dict[str, 
 
 def test_judgements_only_use_the_score_split(labelled: dict[str, Any]) -> None:
     db, run_id = labelled["db"], labelled["res"].run_id
-    n, n_score, n_joined = rows(db, """
+    n, n_score, n_joined, n_background, n_background_true = rows(db, """
         select count(*), count(*) filter (where j.split = 'score'),
-               count(*) filter (where fe.split = 'score')
+               count(*) filter (where fe.split = 'score'),
+               count(*) filter (where j.example_kind = 'background'),
+               count(*) filter (where j.example_kind = 'background' and j.truth)
         from judgements j join explanations e using (explanation_id)
         left join feature_examples fe on fe.sae_id = j.sae_id and fe.feature_index = j.feature_index
              and fe.kind = j.example_kind and fe.example_id = j.example_id
         where e.run_id = ?""", [run_id])[0]
     assert n > 100
     assert n_score == n, "a judgement row not marked split 'score'"
-    assert n_joined == n, "a judged example is not a held-out (score split) example"
+    # background windows (a dense feature's negatives, from other features' stored windows, run through the model
+    # where the feature never fired) are not this feature's examples; every other judged example is held out
+    assert n_joined + n_background == n, "a judged example is not a held-out (score split) example"
+    assert n_background_true == 0, "a background window is a non-activating context"
     # every scored (live) explanation has judgement rows
     _, live = _dead_targets(db, run_id)
     judged = {t for (t,) in rows(db, "select distinct e.target from judgements j join explanations e "
@@ -594,7 +599,7 @@ def test_run_plan_happy_path(tiny_zoo, tmp_path: Path) -> None:
         metrics = {m for (m,) in rows(db, "select metric from scores where explanation_id = ?", [eid])}
         assert set(SCORE_METRICS) <= metrics
         tools = {t for (t,) in rows(db, "select tool from tool_calls where item_id = ?", [item_id])}
-        assert {"circuit_search", "activation_patching"} <= tools
+        assert {"circuit_search", "mediation", "head_roles"} <= tools
     # autoexplain sql answers on the result
     q = run_agent_cli(["sql", "select count(*) as n from best_explanations", "--db", "out.duckdb", "-o", "json"],
                       tmp_path)

@@ -215,8 +215,9 @@ def test_emulated_crashes_then_resume_match_an_uninterrupted_run(kit: dict[str, 
     run_id = None
     finished_before: dict[str, tuple[Any, ...]] = {}
     # nodes per call before the emulated crash: land in different items and at different nodes (a feature item
-    # takes 6 to 15 nodes); each resumed call counts from zero again
-    for n in (2, 5, 9, 14, 4):
+    # takes 6 to 15 nodes); each resumed call counts from zero again. The second lands right after an act whose
+    # tools ran forward passes (the resumed observe must read them from the cache)
+    for n in (2, 3, 9, 14, 4):
         with pytest.MonkeyPatch.context() as mp, pytest.raises(SimulatedCrash):
             run_plan(store, kit["prep"], resume=run_id is not None, on_node=Kill(mp).after_nodes(n), commit=every2)
         runs = plan_runs(store.path)

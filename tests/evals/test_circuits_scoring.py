@@ -22,12 +22,14 @@ from autoexplain.evals.circuits import (
     faithfulness,
     faithfulness_many,
     minimality,
+    necessary_outside,
+    necessity,
     precision,
     rank_auc,
     recall,
     score_circuit,
 )
-from autoexplain.evals.truth.planted_circuits import PlantedCircuit, induction, suppression
+from autoexplain.evals.truth.planted_circuits import PlantedCircuit, induction, induction_and, suppression
 from autoexplain.tools.circuits import Circuit, EdgeScores, faithfulness_curve, find_circuit, score_edges
 from autoexplain.tools.circuits import faithfulness as tool_faithfulness
 from autoexplain.tools.errors import InputError
@@ -41,7 +43,7 @@ DISTRACTORS = {
     "suppression": {"embed->a0.0.v", "a0.0->a1.3.v", "a1.3->logits", "a1.0->logits"},
 }
 PLANTED_NODES = {"induction": ["a0.0", "a1.1", "m1"], "suppression": ["a0.1", "a1.2"]}
-METRICS = {"correctness", "completeness", "succinctness", "faithfulness", "completeness_worst_gap",
+METRICS = {"correctness", "completeness", "necessity", "succinctness", "faithfulness", "completeness_worst_gap",
            "completeness_mean_gap", "edge_fraction", "cpr", "cmd", "edge_roc_auc", "edge_recall", "edge_precision",
            "full_effect"}
 
@@ -67,6 +69,8 @@ def test_planted_circuit_scores_as_a_true_circuit(planted, name) -> None:
     res = score_circuit(setup, _circuit(scores, set(p.planted)), true_edges=p.planted)
     assert res.faithfulness == pytest.approx(1.0, abs=1e-4) and res.correctness == res.faithfulness
     assert res.completeness_worst_gap < 1e-3 and res.completeness == pytest.approx(1.0, abs=1e-3)
+    assert res.necessity == pytest.approx(1.0, abs=1e-3) and res.missing_necessary == []
+    assert res.completeness_ioi == pytest.approx(res.completeness)
     comp = res.completeness_detail
     kinds = [k.kind for k in comp.knockouts]
     assert kinds[:2] == ["empty", "all"] and {f"node:{n}" for n in PLANTED_NODES[name]} <= set(kinds)
@@ -160,6 +164,54 @@ def test_faithfulness_many_matches_the_tool(planted) -> None:
     assert got[-2] == 1.0 and got[-1] == 0.0
     with pytest.raises(InputError, match="outside this graph"):
         faithfulness(setup, [n])
+
+
+# ============================================================================= necessity
+def test_a_sufficient_circuit_missing_an_and_gate_fails_completeness() -> None:
+    """EAP-IG on the sharp AND gate keeps only the value path: faithfulness 1 (sufficient), the IOI knock-outs of its
+    own edges see nothing, necessity 1 (corrupting it removes everything). Yet the previous-token head, the key
+    and the query, each noised alone in the full model, remove half the effect: completeness must fail."""
+    p = induction_and(sharpness=40)
+    setup = PatchSetup(p.lm, p.task)
+    circ = find_circuit(setup, "eap-ig", curve=False)
+    res = score_circuit(setup, circ, true_edges=p.planted, percents=None)
+    assert res.faithfulness == pytest.approx(1.0, abs=1e-3) and res.completeness_ioi > 0.99  # the silent "complete"
+    assert res.necessity == pytest.approx(1.0, abs=1e-3)
+    missing = {c.name: c for c in res.missing_necessary}
+    assert {"a0.0", "embed->a1.1.q", "a0.0->a1.1.k", "embed->a0.0.v"} == set(missing)
+    assert missing["a0.0"].kind == "node" and missing["embed->a1.1.q"].kind == "edge"
+    for c in missing.values():
+        assert c.share == pytest.approx(0.5, abs=1e-3) and c.effect == pytest.approx(-0.5 * setup.effect, rel=1e-3)
+    assert res.completeness == pytest.approx(0.5, abs=1e-3) and res.necessity_detail.n_unchecked == 0
+    by = {s.metric: s for s in res.scores()}
+    comp = by["completeness"].details
+    assert comp["ioi_completeness"] == res.completeness_ioi and comp["largest_missing_share"] == pytest.approx(0.5,
+                                                                                                              abs=1e-3)
+    assert "necessary in the full model" in comp["why"] and len(comp["missing_necessary"]) == 4
+    assert (comp["ablation"], comp["patch_type"], comp["metric"]) == ("resample", "edge", "logit_diff")
+    assert by["necessity"].value == res.necessity and by["necessity"].details["metric"] == "logit_diff"
+    assert "necessary but missing: " in res.summary()
+    # the default search's circuit passes the same checks
+    found = score_circuit(setup, find_circuit(setup, "eap-ig+noising", curve=False), percents=None)
+    assert found.missing_necessary == [] and found.completeness > 0.99 and found.necessity > 0.99
+
+
+def test_necessity_is_the_noising_view(planted) -> None:
+    p, setup, _ = planted["induction"]
+    g = setup.graph
+    part = g.edge_ids(["a1.1->logits"])  # the direct path only: m1 still carries a third of the effect
+    m = setup.evaluate(g.mask(part))
+    assert necessity(setup, part) == pytest.approx((setup.m_clean - m) / setup.effect, abs=1e-6)
+    assert necessity(setup, part) == pytest.approx(1 - faithfulness(setup, sorted(set(range(g.n_edges)) -
+                                                                                   set(part))), abs=1e-6)
+    assert necessity(setup, range(g.n_edges)) == pytest.approx(1.0) and necessity(setup, []) == 0.0
+    out = necessary_outside(setup, part)
+    names = [c.name for c in out]
+    assert "a0.0" in names and "embed->a1.1.v" in names and "a1.1" not in names  # a1.1 is touched by the circuit
+    assert not {"a0.1", "a0.2", "a0.3", "a1.0", "a1.2", "a1.3", "m0"} & set(names)  # distractors are not necessary
+    assert [c.share for c in out] == sorted((c.share for c in out), reverse=True)
+    assert necessary_outside(setup, g.edge_ids(p.planted)) == []
+    assert necessary_outside(setup, part, tau=2.0) == []  # nothing moves the metric by twice the full effect
 
 
 # ============================================================================= MIB curves

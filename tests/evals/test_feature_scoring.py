@@ -475,16 +475,16 @@ def fake_llm():
     server.server_close()
 
 
-def _llm_judge(base_url: str, on_call=None) -> LLMJudge:
+def _llm_judge(base_url: str, on_call=None, **kw) -> LLMJudge:
     """An LLM judge on the agent's client pointed at the scripted server; no retries and no repair rounds, so each
     judge call is exactly one request (the script answers call by call)."""
     cfg = LLMConfig(model="fake-model", base_url=base_url, api_key="sk-fake", timeout_s=10, max_retries=0,
                     max_repairs=0)
-    return LLMJudge(LLMClient(cfg, on_call=on_call), "fake-model")
+    return LLMJudge(LLMClient(cfg, on_call=on_call), "fake-model", **kw)
 
 
 def test_llm_judge_garbage_becomes_failure_rows(harvested, fake_llm: str) -> None:
-    judge = _llm_judge(fake_llm)
+    judge = _llm_judge(fake_llm, batch_size=5, simulation_batch=5)  # small batches: many calls, every fault kind
     res = _score(harvested, "animals", 0, judge, n_activating=15, n_nonactivating=15)
     rows = res.judgements
     assert judge.calls == len(_Script.calls) > 3
@@ -533,11 +533,11 @@ def test_llm_simulation_replies(fake_llm: str) -> None:
         assert [s.ok for s in bad] == [False, False] and all(s.values is None and s.error for s in bad)
     # the prompt listed every token, numbered by text and position
     assert _Script.calls == [2, 2, 2, 2] and _Script.kinds == ["simulation"] * 4
-    # more than five contexts: one call per five
+    # more than SIMULATION_BATCH (40) contexts: one call per 40
     _Script.replies = None
     n0 = judge.calls
-    out = judge.judge_simulation("animals", [[" cat"]] * 7)
-    assert judge.calls - n0 == 2 and len(out) == 7
+    out = judge.judge_simulation("animals", [[" cat"]] * 41)
+    assert judge.calls - n0 == 2 and len(out) == 41
 
 
 def test_llm_judge_all_failures_gives_no_score(harvested) -> None:
@@ -618,7 +618,10 @@ def test_feature_score_rows_have_stable_ids_and_the_judge_in_details(harvested) 
     res = _score(harvested, TRUE[0], 0)
     rows = feature_score_rows(res)
     assert [r["metric"] for r in rows] == ["correctness", "completeness", "succinctness", "detection",
-                                           "quantile_recall", "fuzzing", "embedding_auc", "simulation"]
+                                           "quantile_recall", "fuzzing", "embedding_auc", "simulation",
+                                           "token_detection"]
+    # token level runs only for dense features (no non-activating window): here it says so
+    assert rows[-1]["value"] is None and rows[-1]["details"]["reason"].startswith("not run")
     for r in rows:
         assert r["score_id"] == score_id(res.explanation_id, r["metric"], "lexical")
         assert list(r["details"])[:5] == ["judge", "sae_id", "feature_index", "split", "n_failures"]

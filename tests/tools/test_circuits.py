@@ -15,16 +15,22 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from autoexplain.evals.truth.planted_circuits import PlantedCircuit, induction, suppression
+from autoexplain.evals.truth.planted_circuits import PlantedCircuit, induction, induction_and, suppression
 from autoexplain.tools.circuits import (
     CURVE_PERCENTS,
     METHODS,
+    CircuitSearchIn,
+    CircuitSearchOut,
     EdgeScores,
     Method,
     SearchConfig,
     default_metric,
+    evaluate_masks,
     faithfulness,
     find_circuit,
+    necessity,
+    noising_scan,
+    prune_dangling,
     register,
     score_edges,
 )
@@ -40,7 +46,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def planted() -> dict[str, PlantedCircuit]:
-    return {"induction": induction(), "suppression": suppression()}
+    return {"induction": induction(), "suppression": suppression(), "induction_and": induction_and(),
+            "induction_and_sharp": induction_and(sharpness=40)}
+
+
+#: Heads and MLPs that carry nothing to the answer under resample ablation (planted_circuits.py): no circuit edge may
+#: touch them.
+DISTRACTOR_NODES = {"induction": {"a0.1", "a0.2", "a0.3", "a1.0", "a1.2", "a1.3", "m0"},
+                    "suppression": {"a0.0", "a0.2", "a0.3", "a1.0", "a1.1", "a1.3", "m0", "m1"}}
 
 
 def _auc(p: PlantedCircuit, scores: EdgeScores) -> float:
@@ -49,7 +62,7 @@ def _auc(p: PlantedCircuit, scores: EdgeScores) -> float:
 
 # ============================================================================= known answers
 @pytest.mark.parametrize("name", ["induction", "suppression"])
-@pytest.mark.parametrize("method", ["eap-ig", "acdc"])
+@pytest.mark.parametrize("method", ["eap-ig", "acdc", "eap-ig+noising"])
 def test_planted_circuits_are_recovered(planted, name, method) -> None:
     p = planted[name]
     setup = PatchSetup(p.lm, p.task, metric=default_metric(method, p.task))
@@ -62,6 +75,101 @@ def test_planted_circuits_are_recovered(planted, name, method) -> None:
     assert p.planted <= set(circ.edges), (name, method, p.planted - set(circ.edges))
     assert circ.faithfulness >= 0.95
     assert circ.curve[-1].faithfulness == pytest.approx(1.0, abs=1e-5) and len(circ.curve) == len(CURVE_PERCENTS)
+
+
+@pytest.mark.parametrize("name", ["induction", "induction_and", "induction_and_sharp", "suppression"])
+def test_default_search_finds_every_planted_edge_and_no_distractor(planted, name) -> None:
+    """The default search (EAP-IG + noising checks) on every planted model, the AND gate sharp and soft: every planted
+    edge, no edge touching a distractor, the ranking near perfect, the circuit a graph from embed to logits."""
+    p = planted[name]
+    setup = PatchSetup(p.lm, p.task, metric=default_metric(Method.EAP_IG_NOISING, p.task))
+    assert setup.metric.value == "logit_diff"
+    circ = find_circuit(setup, CircuitSearchIn.model_fields["method"].default, curve=False)
+    assert circ.scores.method is Method.EAP_IG_NOISING
+    kept = {str(e) for e in circ.edges}
+    assert p.planted <= kept, p.planted - kept
+    distractors = DISTRACTOR_NODES["suppression" if name == "suppression" else "induction"]
+    touching = {e for e in circ.edges if {str(e.src), str(e.dst)} & distractors}
+    assert not touching, touching
+    assert _auc(p, circ.scores) >= 0.98
+    assert circ.faithfulness >= 0.95 and circ.necessity is not None and circ.necessity >= 0.95
+    assert prune_dangling(setup, circ.scores.select()) == sorted(setup.graph.edge_ids(kept))
+
+
+def test_eap_ig_misses_the_sharp_and_gate_and_noising_finds_it(planted) -> None:
+    """The issue: at sharpness 40 the induction head's softmax saturates along EAP-IG's whole path, so EAP-IG keeps
+    only the value path (sufficient: faithfulness 1) and misses the query, the key and the previous-token head; each
+    of them, noised alone in the full model, moves the logit difference by half the effect."""
+    p = planted["induction_and_sharp"]
+    setup = PatchSetup(p.lm, p.task)
+    gate = {"embed->a1.1.q", "a0.0->a1.1.k", "embed->a0.0.v"}
+    ig = find_circuit(setup, "eap-ig", curve=False)
+    assert not gate & {str(e) for e in ig.edges} and ig.faithfulness == pytest.approx(1.0, abs=1e-3)
+    found = find_circuit(setup, "eap-ig+noising", curve=False)
+    d = found.scores.details
+    assert set(d["raised_by_noising"]) == gate and d["necessary_nodes"] == ["a0.0", "a1.1", "m1"]
+    g = setup.graph
+    for name in gate:  # the combined score of a raised edge is its measured noising effect
+        e = g.index[name]
+        assert found.scores.scores[e] == pytest.approx(setup.evaluate(g.mask([e])) - setup.m_clean, abs=1e-6)
+        assert found.scores.scores[e] == pytest.approx(-0.5 * setup.effect, rel=1e-3)
+    # edges EAP-IG selected keep their EAP-IG score
+    for e in ig.scores.select():
+        assert found.scores.scores[e] == ig.scores.scores[e]
+    assert d["noising_passes"] == d["noising_checked"] + 10 and d["n_unchecked"] == 0
+
+
+def test_noising_budget_is_honoured_and_reported(planted) -> None:
+    p = planted["induction_and_sharp"]
+    setup = PatchSetup(p.lm, p.task)
+    scores = score_edges(setup, "eap-ig+noising", SearchConfig(noising_edges=0))
+    d = scores.details
+    # only the edges into logits (no forward pass) are checked: the gate's inputs stay unchecked, and it says so
+    assert d["noising_budget"] == 0 and d["n_unchecked"] > 0 and "embed->a1.1.q" in d["unchecked"]
+    assert not {"embed->a1.1.q", "a0.0->a1.1.k"} & {setup.graph.names[i] for i in scores.select()}
+    assert all(name.endswith("->logits") for name in d["raised_by_noising"])
+    with pytest.raises(InputError, match="max_edges"):
+        noising_scan(setup, max_edges=-1)
+
+
+def test_prune_dangling_removes_only_edges_that_cannot_matter(planted) -> None:
+    p = planted["induction"]
+    g = PatchSetup(p.lm, p.task).graph
+    setup = PatchSetup(p.lm, p.task)
+    planted_ids = g.edge_ids(p.planted)
+    dead_end = g.edge_ids(["embed->a1.0.q", "a0.0->a1.0.k"])  # into a1.0, whose output is not kept
+    unfed = g.edge_ids(["a0.2->logits"])  # out of a0.2, whose inputs are all patched
+    keep = planted_ids + dead_end + unfed
+    assert prune_dangling(setup, keep) == sorted(planted_ids)
+    assert faithfulness(setup, keep) == pytest.approx(faithfulness(setup, planted_ids), abs=1e-5)
+    # under zero ablation a node with all inputs zeroed computes f(0), not 0: its outgoing edges stay
+    zero = PatchSetup(p.lm, p.task, ablation="zero")
+    assert prune_dangling(zero, keep) == sorted(planted_ids + unfed)
+    assert prune_dangling(setup, []) == []
+    circ = find_circuit(setup, "eap-ig", top_k=12, curve=False, prune=True)
+    assert circ.n_edges <= 12 and set(circ.pruned).isdisjoint({str(e) for e in circ.edges})
+    assert circ.n_edges + len(circ.pruned) == 12
+
+
+def test_noising_scan_and_necessity_are_measured_values(planted) -> None:
+    p = planted["induction"]
+    setup = PatchSetup(p.lm, p.task)
+    g = setup.graph
+    scan = noising_scan(setup)
+    assert scan.necessary_nodes == ["a0.0", "a1.1", "m1"]
+    for node in DISTRACTOR_NODES["induction"]:
+        assert abs(scan.node_effects[node]) < 1e-4, node
+    assert set(scan.necessary_edges()) == set(p.planted)  # noising alone finds the planted circuit here
+    for name, value in list(scan.edge_effects.items())[:6]:
+        e = g.index[name]
+        assert value == pytest.approx(setup.evaluate(g.mask([e])) - setup.m_clean, abs=1e-6)
+    masks = [g.mask(range(k, g.n_edges, 5)) for k in range(3)] + [g.mask(g.edge_ids(["m1->logits"]))]
+    assert evaluate_masks(setup, masks) == pytest.approx([setup.evaluate(m) for m in masks], abs=1e-5)
+    keep = g.edge_ids(p.planted)
+    assert necessity(setup, keep) == pytest.approx(1.0, abs=1e-3)
+    assert necessity(setup, []) == 0.0
+    half = g.edge_ids(["m1->logits"])
+    assert necessity(setup, half) == pytest.approx((setup.m_clean - setup.evaluate(g.mask(half))) / setup.effect)
 
 
 def test_eap_is_blind_where_attention_saturates(planted) -> None:
@@ -160,8 +268,16 @@ def test_catalogue_and_tool(tiny_model) -> None:
     out = reg.call(ctx, "circuit_search", {"prompts": prompts, "method": "acdc", "top_k": 5, "curve": False})
     assert out.metric.value == "kl" and out.n_edges == 5 and len(out.edges) == 5 and out.n_edges_total == 110
     out = reg.call(ctx, "circuit_search", {"prompts": prompts, "steps": 3})  # no wrong answers everywhere
+    assert out.method is Method.EAP_IG_NOISING and out.necessity is not None
     assert out.metric.value == "answer_prob" and len(out.summary()) <= SUMMARY_MAX_CHARS
     assert "faithfulness" in out.summary() and len(out.curve) == len(CURVE_PERCENTS)
+    assert f"necessity {out.necessity:.3f}" in out.summary() and "noising:" in out.summary()
+    assert out.circuit().necessity == out.necessity
+    # outputs cached before necessity was measured still load, with necessity None ("not measured")
+    old = json.loads(out.model_dump_json())
+    del old["necessity"], old["pruned"]
+    legacy = CircuitSearchOut.model_validate_json(json.dumps(old))
+    assert legacy.necessity is None and "necessity not measured" in legacy.summary()
     # typed edges in Python, the edge strings in JSON (the tool cache), and back
     assert isinstance(out.edges[0].edge, Edge) and out.all_scores is not None
     dumped = json.loads(out.model_dump_json())
@@ -214,18 +330,18 @@ def test_cli_stores_a_circuit_on_the_toy_world(cli_runs) -> None:
 
     res = cli_runs["e2e"]
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "faithfulness" in res.stdout and "eap-ig circuit for induction" in " ".join(res.stdout.split())
+    assert "faithfulness" in res.stdout and "eap-ig+noising circuit for induction" in " ".join(res.stdout.split())
     con = duckdb.connect(str(cli_runs["root"] / "e2e" / "out.duckdb"), read_only=True)
     try:
         (cid, method, ablation, patch, metric, n, total, faith, details), = con.execute(
             "select circuit_id, method, ablation, patch_type, metric, n_edges, n_edges_total, faithfulness, details "
             "from circuits").fetchall()
-        assert (method, ablation, patch, metric, total) == ("eap-ig", "resample", "edge", "logit_diff", 110)
+        assert (method, ablation, patch, metric, total) == ("eap-ig+noising", "resample", "edge", "logit_diff", 110)
         rows = con.execute("select count(*), sum(in_circuit::int), count(distinct rank) from circuit_edges "
                            "where circuit_id = ?", [cid]).fetchall()
         assert rows == [(total, n, total)]  # every scored edge is stored; the circuit's rows are among them
         assert 0 < n < total
-        printed = float(re.search(r"faithfulness (-?[\d.]+)", res.stdout)[1])  # what the user was told is stored
+        printed = float(re.search(r"faithfulness\)? (-?[\d.]+)", res.stdout)[1])  # what the user was told is stored
         assert faith == pytest.approx(printed, abs=5e-4)
         assert len(json.loads(details)["curve"]) == len(CURVE_PERCENTS)
         (status, kind), = con.execute("select status, kind from runs").fetchall()

@@ -17,6 +17,7 @@ def test_an_explanation_is_stored_with_its_author_evidence_and_level(tmp_path: P
                        causal_level=CausalLevel.INTERVENTION, evidence=("call-a", "call-b"))
     row = explanation_row("expl-1", "run-1", "item-1", expl, hypothesis_id="hyp-1")
     assert set(row) == set(schema.table("explanations").column_names) - {"overall", "judge"}
+    assert row["overclaimed"] is True and row["supported_level"] is None  # cites calls, none with a level
     store = Store(tmp_path / "e.duckdb")
     store.upsert("explanations", [row])
     got = store.query("select target, text, author, llm_model, causal_level, evidence->'calls', "
