@@ -465,6 +465,22 @@ def _canonical(edges: Iterable[str | Edge]) -> set[str]:
     return {str(e) if isinstance(e, Edge) else str(Edge.parse(e)) for e in edges}
 
 
+def average_ranks(values: Sequence[float]) -> list[float]:
+    """1-based ranks of ``values``; tied values share the average rank of their group (what ROC AUC by the
+    Mann-Whitney statistic and Spearman correlation both need)."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for t in range(i, j + 1):
+            ranks[order[t]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
 def rank_auc(values: Sequence[float], labels: Sequence[bool]) -> float | None:
     """ROC AUC of ``values`` as a score for ``labels`` by the rank (Mann-Whitney U) formula, ties at average rank
     (counted ½); None unless both classes are present."""
@@ -474,16 +490,7 @@ def rank_auc(values: Sequence[float], labels: Sequence[bool]) -> float | None:
     n_neg = len(labels) - n_pos
     if n_pos == 0 or n_neg == 0:
         return None
-    order = sorted(range(len(values)), key=values.__getitem__)
-    ranks = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for t in range(i, j + 1):
-            ranks[order[t]] = (i + j) / 2 + 1  # 1-based average rank of the tie group
-        i = j + 1
+    ranks = average_ranks(values)
     r_pos = sum(r for r, lab in zip(ranks, labels, strict=True) if lab)
     return (r_pos - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 

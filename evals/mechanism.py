@@ -67,7 +67,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from pydantic import BaseModel, Field
 
-from autoexplain.evals.circuits import Keep, kept_edges
+from autoexplain.evals.circuits import Keep, average_ranks, kept_edges
 from autoexplain.evals.scores import Score
 from autoexplain.tools.circuits import DEFAULT_STEPS, find_circuit
 from autoexplain.tools.errors import InputError
@@ -503,26 +503,11 @@ def held_out(lm: LoadedModel, task: TokenizedTask, method: Method | str, *,
 
 
 # ============================================================================= 4. robustness
-def _ranks(x: Sequence[float]) -> list[float]:
-    """1-based ranks, ties get their average rank."""
-    order = sorted(range(len(x)), key=lambda i: x[i])
-    r = [0.0] * len(x)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and x[order[j + 1]] == x[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            r[order[k]] = (i + j) / 2 + 1
-        i = j + 1
-    return r
-
-
 def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
     """Spearman rank correlation (Pearson on average ranks); None when either side is constant."""
     if len(a) != len(b):
         raise ValueError("spearman needs two sequences of the same length")
-    ra, rb = _ranks(a), _ranks(b)
+    ra, rb = average_ranks(a), average_ranks(b)
     ma, mb = statistics.fmean(ra), statistics.fmean(rb)
     cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb, strict=True))
     va, vb = sum((x - ma) ** 2 for x in ra), sum((y - mb) ** 2 for y in rb)

@@ -119,6 +119,15 @@ def _task(clean: list[list[int]], corrupt: list[list[int]], answers: list[int], 
 def induction(n_prompts: int = 24, seed: int = 0) -> PlantedCircuit:
     """The induction model on prompts whose corrupt run has no earlier occurrence to match (attention changes)."""
     model = _induction_model()
+    planted = frozenset({"embed->a0.0.v", "a0.0->a1.1.k", "embed->a1.1.v", "a1.1->logits", "a1.1->m1",
+                         "m1->logits"})
+    return PlantedCircuit("induction", _loaded("induction", model),
+                          _repeated_task(n_prompts, seed, same_query=True), planted)
+
+
+def _repeated_task(n_prompts: int, seed: int, *, same_query: bool) -> TokenizedTask:
+    """Clean ``[BOS] s1..s6 s1..sj`` -> s(j+1); corrupt ``[BOS] r1..r6`` then ``s1..sj`` (``same_query``: nothing
+    earlier to match) or ``r1..rj`` (another repeated sequence: the same attention pattern), wrong answer r(j+1)."""
     g = torch.Generator().manual_seed(seed)
     clean, corrupt, answers, wrong = [], [], [], []
     for _ in range(n_prompts):
@@ -127,12 +136,10 @@ def induction(n_prompts: int = 24, seed: int = 0) -> PlantedCircuit:
         toks = (torch.randperm(V - 1, generator=g) + 1).tolist()
         s, r = toks[:k], toks[k:2 * k]
         clean.append([0] + s + s[:j])
-        corrupt.append([0] + r + s[:j])
+        corrupt.append([0] + r + (s[:j] if same_query else r[:j]))
         answers.append(s[j])
         wrong.append(r[j])
-    planted = frozenset({"embed->a0.0.v", "a0.0->a1.1.k", "embed->a1.1.v", "a1.1->logits", "a1.1->m1",
-                         "m1->logits"})
-    return PlantedCircuit("induction", _loaded("induction", model), _task(clean, corrupt, answers, wrong), planted)
+    return _task(clean, corrupt, answers, wrong)
 
 
 def induction_and(n_prompts: int = 24, seed: int = 0, *, sharpness: float = 12.0) -> PlantedCircuit:
@@ -146,21 +153,10 @@ def induction_and(n_prompts: int = 24, seed: int = 0, *, sharpness: float = 12.0
     its softmax is saturated along the whole EAP-IG interpolation path, so gradients through Q and K vanish and
     attribution alone misses both (and the previous-token head): the case the issue found."""
     model = _induction_model(c_ind=sharpness)
-    g = torch.Generator().manual_seed(seed)
-    clean, corrupt, answers, wrong = [], [], [], []
-    for _ in range(n_prompts):
-        k = 6
-        j = int(torch.randint(2, k, (1,), generator=g))
-        toks = (torch.randperm(V - 1, generator=g) + 1).tolist()
-        s, r = toks[:k], toks[k:2 * k]
-        clean.append([0] + s + s[:j])
-        corrupt.append([0] + r + r[:j])
-        answers.append(s[j])
-        wrong.append(r[j])
     planted = frozenset({"embed->a0.0.v", "a0.0->a1.1.k", "embed->a1.1.q", "embed->a1.1.v", "a1.1->logits",
                          "a1.1->m1", "m1->logits"})
-    return PlantedCircuit("induction_and", _loaded("induction_and", model), _task(clean, corrupt, answers, wrong),
-                          planted)
+    return PlantedCircuit("induction_and", _loaded("induction_and", model),
+                          _repeated_task(n_prompts, seed, same_query=False), planted)
 
 
 def _induction_model(*, c_ind: float = 12.0) -> HookedSAETransformer:
