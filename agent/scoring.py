@@ -191,18 +191,22 @@ class CircuitScorer:
             task = tokenize_task(load_task_file(path), self.lm.tokenizer, n_ctx=self.lm.n_ctx)
             part = args.get("part")
             fraction, seed = float(args.get("split_fraction", 0.5)), int(args.get("split_seed", 0))
-            fit_rows, held_rows = task.split(fraction, seed) if part else (None, None)
-            score_task = task.subset(held_rows) if part == "fit" else (task.subset(fit_rows) if part else task)
-            fit_task = task.subset(fit_rows) if part == "fit" else task
+            # the search ran on one part of the split: score on the other (either way round)
+            found_rows, other_rows = (None, None)
+            if part:
+                fit_rows, held_rows = task.split(fraction, seed)
+                found_rows, other_rows = (fit_rows, held_rows) if part == "fit" else (held_rows, fit_rows)
+            score_task = task.subset(other_rows) if other_rows is not None else task
+            fit_task = task.subset(found_rows) if found_rows is not None else task
             setup = PatchSetup(self.lm, score_task, ablation=search.ablation, metric=search.metric)
             circuit_id = make_circuit_id(self.lm.model_id, setup.fingerprint(), search.method.value,
                                          search.top_k, search.threshold)
             res = score_circuit(setup, circ, true_edges=self.true_edges.get(item.target))
-            sample = {"scored_on": "held-out prompts" if part == "fit" else "the prompts the circuit was found on",
-                      "scored_rows": held_rows if part == "fit" else None, "split_seed": seed if part else None}
+            sample = {"scored_on": "held-out prompts" if part else "the prompts the circuit was found on",
+                      "scored_rows": other_rows, "split_seed": seed if part else None}
             extra: list[Any] = []
             held = None
-            if part == "fit":
+            if part:
                 held = res.faithfulness if not res.no_behaviour else None
             elif item.params.get("held_out", True) and task.n_prompts >= 4:
                 try:
@@ -267,7 +271,7 @@ class CircuitScorer:
                     row["details"]["claims_verified"] = share
             self.out.upsert("scores", score_list)
             mech = [*extra, *_claim_scores(checks, share), *_prompt_scores(per_prompt)]
-            if part == "fit":
+            if part:
                 from autoexplain.evals.scores import Score
 
                 common = {"ablation": search.ablation.value, "patch_type": "edge", "metric": search.metric.value,
