@@ -44,6 +44,9 @@ Then (from the repository root, our venv)::
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/circuits_bench.py            # all (ACDC medium: ~2-3 min)
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/circuits_bench.py --no-acdc-medium --repeats 1
 
+Each model also times our default search (EAP-IG + noising checks) against auto-circuit's EAP-IG, its nearest
+method (auto-circuit has no noising check).
+
 Writes ``benchmarks/results/circuits.json`` and prints a table.
 
 The default search's cost (no peer needed)::
@@ -204,7 +207,7 @@ def acdc_agreement(ours_kept: set[str], theirs: dict[str, float | str]) -> dict:
 def auc(planted: frozenset[str], scores: dict[str, float]) -> float:
     from sklearn.metrics import roc_auc_score
 
-    names = sorted(scores)
+    names = sorted(scores, key=str)
     vals = [abs(float(scores[n])) if scores[n] != "inf" else float("inf") for n in names]
     finite_max = max([v for v in vals if math.isfinite(v)] + [0.0])
     vals = [v if math.isfinite(v) else finite_max + 1.0 for v in vals]
@@ -426,6 +429,20 @@ def compare(name: str, lm, task, args, tmp: Path, *, acdc: bool, planted: frozen
             e["auc_ours"] = auc(planted, o["scores"])
             e["auc_theirs"] = auc(planted, {our_name(k): v for k, v in t["scores"].items()})
         row["methods"][m] = e
+    if "eap-ig" in theirs["methods"]:
+        # our default search (EAP-IG + noising checks) against auto-circuit's EAP-IG, its nearest method: auto-circuit
+        # has no noising check, so this prices what finding jointly-necessary components costs over its search
+        print(f"[{name}] ours, default search ...", flush=True)
+        dc = default_search_cost(name, lm, task, repeats=args.repeats, steps=args.steps, threshold=args.threshold,
+                                 planted=planted)
+        t = theirs["methods"]["eap-ig"]
+        e = {"ours_s": dc["default_s"], "theirs_s": t["seconds"], "ratio": dc["default_s"] / t["seconds"],
+             "against": "auto-circuit eap-ig (no noising in auto-circuit)", "ours_eap_ig_s": dc["eap_ig_s"],
+             "noising_passes": dc["noising_passes"], "agreement": {}}
+        if planted is not None:
+            e["auc_ours"] = dc["eap-ig+noising"]["auc"]
+            e["auc_theirs"] = auc(planted, {our_name(k): v for k, v in t["scores"].items()})
+        row["methods"]["eap-ig+noising"] = e
     return row
 
 
@@ -479,21 +496,23 @@ def main() -> None:
 
 
 def print_table(results: dict) -> None:
-    print(f"\n{'model':<22}{'method':<8}{'ours s':>9}{'theirs s':>10}{'ratio':>7}  agreement / AUC")
+    print(f"\n{'model':<22}{'method':<15}{'ours s':>9}{'theirs s':>10}{'ratio':>7}  agreement / AUC")
     for mname, row in results["models"].items():
         if "error" in row:
             print(f"{mname:<22} error: {row['error']}")
             continue
         for m, e in row["methods"].items():
             ag = e.get("agreement") or e.get("agreement_info_only") or {}
-            if "pearson" in ag:
+            if "against" in e:
+                s = f"vs {e['against']}"
+            elif "pearson" in ag:
                 s = f"r={ag['pearson']:.4f} rho={ag['spearman']:.3f} maxdiff={ag['max_abs_diff']:.2e}" + \
                     (" (info: IG over masks)" if "agreement_info_only" in e else "")
             else:
                 s = f"kept {ag.get('kept_ours')}/{ag.get('kept_theirs')} jaccard={ag.get('jaccard', float('nan')):.3f}"
             if "auc_ours" in e:
                 s += f" AUC {e['auc_ours']:.3f}/{e['auc_theirs']:.3f}"
-            print(f"{mname:<22}{m:<8}{e['ours_s']:>9.3f}{e['theirs_s']:>10.3f}{e['ratio']:>7.2f}  {s}")
+            print(f"{mname:<22}{m:<15}{e['ours_s']:>9.3f}{e['theirs_s']:>10.3f}{e['ratio']:>7.2f}  {s}")
     for r in results.get("memory_ours_medium", []):
         print(f"memory k={r['patched_edges']!s:>5}: rss +{r['rss_growth_mb']:.2f} MB "
               f"heap +{r['heap_peak_growth_mb']:.2f}"
