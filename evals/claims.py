@@ -40,7 +40,6 @@ if TYPE_CHECKING:
 #: An edge claim holds when noising the edge alone moves the metric by at least this share of |m(M) - m(∅)|.
 DEFAULT_MIN_EFFECT = 0.05
 
-_HEAD = r"a(\d+)\.(\d+)"
 _NODE = r"(a\d+\.\d+|m\d+)"  # a head or an MLP (the source of a composition claim)
 _DST = r"(a\d+\.\d+)"  # a head: composition claims name the head input a source feeds
 #: Role phrases (lower-case text) -> role. Order matters only for overlapping phrases: longer first.
