@@ -203,7 +203,9 @@ class CircuitScorer:
                                          search.top_k, search.threshold)
             res = score_circuit(setup, circ, true_edges=self.true_edges.get(item.target))
             sample = {"scored_on": "held-out prompts" if part else "the prompts the circuit was found on",
-                      "scored_rows": other_rows, "split_seed": seed if part else None}
+                      "scored_rows": other_rows, "split_seed": seed if part else None,
+                      # the effect every scored share (and circuit_nodes' mediation) is relative to
+                      "scored_m_clean": setup.m_clean, "scored_m_ablated": setup.m_ablated}
             extra: list[Any] = []
             held = None
             if part:
@@ -239,8 +241,9 @@ class CircuitScorer:
                     if nodes:
                         med = mediation(setup, nodes)
                         prompt_claims = node_claims(setup, nodes)
-                except InputError:
+                except InputError as exc:  # the scored prompts' ablation moves nothing: say why, in the data
                     med = prompt_claims = None
+                    sample["mechanism_unscored"] = exc.message
             share = verified_share(checks)
             correctness = res.correctness
             if correctness is not None and share is not None:

@@ -22,6 +22,7 @@ from autoexplain.agent.cli.common import (
     llm_settings,
     node_table,
     plan_from,
+    scored_effect,
 )
 from autoexplain.tools.errors import InputError
 from autoexplain.tools.vocab import Ablation, Method
@@ -98,8 +99,9 @@ def circuit(
 
         cid = queries.circuit_of_item(store, o.item_id)
         nodes = queries.circuit_nodes(store, cid) if cid else []
-        if nodes:
-            con.print(node_table(nodes, circ.scores.m_clean - circ.scores.m_ablated))
+        record = queries.circuit_record(store, cid) if cid else None
+        if nodes and record is not None:
+            con.print(node_table(nodes, scored_effect(record.details)))
         con.print(f"database: {store.path.resolve()}  (run {res.run_id}, circuit {cid or '-'})")
 
 

@@ -414,6 +414,15 @@ def resolved_task_path(label: str, path: Path | None) -> Path:
 
 
 # ----------------------------------------------------------------------------- circuits
+def scored_effect(details: dict[str, Any]) -> float | None:
+    """m(M) - m(∅) on the prompts a circuit was scored on (its ``circuits.details``): what its mediation shares
+    are relative to; the search's own effect for circuits stored before scoring recorded it."""
+    for clean, ablated in (("scored_m_clean", "scored_m_ablated"), ("m_clean", "m_ablated")):
+        if details.get(clean) is not None and details.get(ablated) is not None:
+            return float(details[clean]) - float(details[ablated])
+    return None
+
+
 def node_table(nodes: list[Any], effect: float | None) -> Any:
     """The ``circuit_nodes`` rows as a table: role claimed (and whether its intervention check held), total,
     direct and indirect effect as shares of the full effect ``effect`` (m(M) - m(∅)), and the prompt share."""

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
 
-from autoexplain.agent.cli.common import DbOpt, console, node_table
+from autoexplain.agent.cli.common import DbOpt, console, node_table, scored_effect
 from autoexplain.tools.errors import InputError
 
 if TYPE_CHECKING:
@@ -414,9 +414,7 @@ def circuit(circuit_id: Annotated[str, typer.Argument(metavar="ID", help="a circ
         _print(con, "nodes (edges in, out): " + ", ".join(f"{n} ({i}, {o})" for n, (i, o) in sorted(nodes.items())))
     mech_nodes = queries.circuit_nodes(store, c.circuit_id)
     if mech_nodes:
-        effect = d["m_clean"] - d["m_ablated"] if d.get("m_clean") is not None and d.get("m_ablated") is not None \
-            else None
-        con.print(node_table(mech_nodes, effect))
+        con.print(node_table(mech_nodes, scored_effect(d)))
     else:
         _print(con, "mechanism: no node roles or mediation stored for this circuit")
     if c.item_id:

@@ -101,3 +101,22 @@ def test_a_claim_that_fails_its_check_lowers_correctness(tmp_path):
                                  {"explanation_id": "e-bad", "text": bad, "evidence": [call]}])
     assert g["correctness"] > 0.95
     assert b["correctness"] == pytest.approx(g["correctness"] / 3, rel=1e-6)
+
+
+def test_a_suppression_mechanism_is_named_and_the_constant_mover_is_not_blamed(tmp_path):
+    """Another mechanism the rules were not written around: a duplicate-token head whose output keys a suppressor
+    that writes minus the repeated name; the name mover is large but identical on clean and corrupt prompts, so
+    under resample ablation it is not part of the circuit and no role is claimed for it."""
+    from autoexplain.evals.truth.planted_circuits import suppression
+
+    pc = suppression()
+    store, res = _run(tmp_path, pc)
+    (o,) = res.outcomes
+    assert o.status.value == "done", (o.status, o.error)
+    text = o.text or ""
+    assert "a0.1 is a duplicate-token head" in text and "its output feeds a1.2's key" in text, text
+    assert "a1.2 suppresses the token it attends to" in text and "a1.0" not in text, text
+    edges = {e for (e,) in q(store, "select edge from circuit_edges where in_circuit")}
+    assert edges == set(pc.planted)
+    scores = dict(q(store, "select metric, value from scores"))
+    assert scores["claims_verified"] == 1.0 and scores["heldout_faithfulness"] > 0.95 and scores["necessity"] > 0.95
