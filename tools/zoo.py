@@ -16,6 +16,12 @@ and deterministically (fixed seeds, fixed step counts), everything the demo and 
 * ``tasks/*.json``: circuit task files (auto-circuit layout) from a held-out seed, with the model's top-1
   accuracy on each in ``manifest.json``.
 
+Shipped artifacts: training takes minutes on 2 cores (much longer on a busy machine), so the package ships each
+named world's built folder as ``zoo_data/NAME-FINGERPRINT.tar.xz`` (a few MB). On first use :func:`ensure_model`
+unpacks the archive whose fingerprint equals the current spec's into the cache and loads it through the same
+public loaders as a built one; a spec with no matching archive (a changed recipe) is trained as before, and
+``autoexplain zoo build --rebuild`` always retrains. :func:`pack` writes the archive of a built world.
+
 Caveat: a trained toy model solves its tasks, but rarely with the textbook circuit; known-answer circuit tests use
 hand-planted models instead. The build is deterministic for a given machine's thread count; the cache key is the
 spec's fingerprint, not the weights.
@@ -283,23 +289,105 @@ def zoo_root(spec: ZooSpec) -> Path:
     return cache_root() / "zoo" / f"{spec.name}-{spec.fingerprint()}"
 
 
-def ensure_model(name: str, *, progress: Progress | None = None) -> BuiltZoo:
-    """Return the built toy world ``name``, building it first if the cache lacks it."""
+def ensure_model(name: str, *, progress: Progress | None = None, rebuild: bool = False) -> BuiltZoo:
+    """Return the toy world ``name``: from the cache; else unpacked from the package's shipped archive when its
+    fingerprint matches; else (or with ``rebuild``) trained from scratch."""
     spec = get_spec(name)
     root = zoo_root(spec)
     manifest = root / "manifest.json"
-    if not manifest.exists():
+    if rebuild or not manifest.exists():
         root.parent.mkdir(parents=True, exist_ok=True)
         with _lock(root.parent / f".{root.name}.lock"):
-            if not manifest.exists():  # another process may have built it while we waited
-                with contextlib.ExitStack() as stack:
-                    report = progress or stack.enter_context(_stderr_bars(f"building toy:{name} (first use)"))
-                    build(spec, root, progress=report)
+            if rebuild or not manifest.exists():  # another process may have built it while we waited
+                archive = None if rebuild else shipped_archive(spec)
+                if archive is not None:
+                    unpack(archive, spec, root)
+                else:
+                    with contextlib.ExitStack() as stack:
+                        report = progress or stack.enter_context(_stderr_bars(f"building toy:{name} (first use)"))
+                        build(spec, root, progress=report)
     if json.loads(manifest.read_text()).get("tasks_format") != TASKS_FORMAT:
         with _lock(root.parent / f".{root.name}.lock"):
             if json.loads(manifest.read_text()).get("tasks_format") != TASKS_FORMAT:
                 _refresh_tasks(spec, root)
     return BuiltZoo(spec.name, root, spec.fingerprint(), json.loads(manifest.read_text()))
+
+
+#: Where the package keeps the shipped toy worlds (package data of ``autoexplain.tools``).
+SHIPPED_DIR = "zoo_data"
+
+
+def archive_name(spec: ZooSpec) -> str:
+    return f"{spec.name}-{spec.fingerprint()}.tar.xz"
+
+
+def shipped_archive(spec: ZooSpec) -> Path | None:
+    """The package's archive of ``spec``'s built world, or None when it ships none for this fingerprint."""
+    from importlib.resources import as_file, files
+
+    res = files("autoexplain.tools") / SHIPPED_DIR / archive_name(spec)
+    if not res.is_file():
+        return None
+    with as_file(res) as path:  # a plain file for an installed or editable package
+        return Path(path)
+
+
+def unpack(archive: Path, spec: ZooSpec, root: Path) -> None:
+    """Unpack a shipped world into ``root`` atomically (scratch folder, checked, renamed into place). The caller
+    holds the build lock. An archive whose manifest names another fingerprint is refused (a packaging error)."""
+    import tarfile
+
+    tmp = root.with_name(root.name + ".unpacking")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        with tarfile.open(archive, mode="r:xz") as tar:
+            tar.extractall(tmp, filter="data")
+        tops = [d for d in tmp.iterdir() if (d / "manifest.json").is_file()]
+        if len(tops) != 1:
+            raise RuntimeError(f"{archive} is not a packed toy world (one folder with a manifest.json)")
+        src = tops[0]
+        manifest = json.loads((src / "manifest.json").read_text())
+        if manifest.get("fingerprint") != spec.fingerprint():
+            raise RuntimeError(f"{archive} holds toy world {manifest.get('fingerprint')!r}, expected "
+                               f"{spec.fingerprint()!r}: the package's zoo_data is stale (run autoexplain zoo pack)")
+        manifest["installed_from"] = archive.name
+        (src / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        if root.exists():
+            shutil.rmtree(root)
+        src.rename(root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def pack(built: BuiltZoo, out_dir: Path) -> Path:
+    """Write ``built`` as ``out_dir/NAME-FINGERPRINT.tar.xz`` (what the package ships), leaving out the
+    cache-local ``installed_from`` mark. Returns the archive path."""
+    import io
+    import tarfile
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / f"{built.name}-{built.fingerprint}.tar.xz"
+    part = out.with_suffix(".part")
+    with tarfile.open(part, mode="w:xz") as tar:
+        for path in sorted(built.root.rglob("*")):
+            if not path.is_file():
+                continue
+            arc = f"{built.root.name}/{path.relative_to(built.root)}"
+            if path.name == "manifest.json" and path.parent == built.root:
+                manifest = json.loads(path.read_text())
+                manifest.pop("installed_from", None)
+                data = json.dumps(manifest, indent=1).encode()
+                info = tarfile.TarInfo(arc)
+                info.size, info.mtime, info.mode = len(data), 0, 0o644
+                tar.addfile(info, io.BytesIO(data))
+            else:
+                info = tar.gettarinfo(str(path), arc)
+                info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+                with path.open("rb") as fh:
+                    tar.addfile(info, fh)
+    os.replace(part, out)
+    return out
 
 
 @contextlib.contextmanager

@@ -144,11 +144,11 @@ def progress() -> Any:
 
 
 
-def build_zoo(name: str) -> BuiltZoo:
+def build_zoo(name: str, *, rebuild: bool = False) -> BuiltZoo:
     from autoexplain.tools.zoo import ensure_model
 
     with progress() as report:
-        return ensure_model(name, progress=report)
+        return ensure_model(name, progress=report, rebuild=rebuild)
 
 
 def show_zoo(built: BuiltZoo) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -15,18 +16,33 @@ zoo_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
 
 @zoo_app.command("build")
 def zoo_build(name: Annotated[str, typer.Option(help="which toy world (small, tiny)")] = "small",
+              rebuild: Annotated[bool, typer.Option(help="train it from scratch (minutes) instead of using the cache "
+                                                         "or the package's shipped copy")] = False,
               db: DbOpt = None) -> None:
-    """Build the toy world (cached; instant when already built) and record it in the database."""
+    """Get the toy world (cached; unpacked from the package's shipped copy on first use, in seconds) and record it
+    in the database. --rebuild trains it from scratch."""
     from autoexplain.tools.zoo import get_spec
 
     get_spec(name)  # validate before anything is written
     store = open_store(db)
-    built = build_zoo(name)
+    built = build_zoo(name, rebuild=rebuild)
     run_id, _, _ = record_zoo(store, built, kind="zoo")
     store.finish_run(run_id, "done", {"task_accuracy": built.manifest["task_accuracy"],
                                       "timings": built.manifest["timings"]})
     show_zoo(built)
     console().print(f"database: {store.path.resolve()}")
+
+
+@zoo_app.command("pack")
+def zoo_pack(name: Annotated[str, typer.Option(help="which toy world (small, tiny)")] = "small",
+             out: Annotated[Path, typer.Option(help="folder to write NAME-FINGERPRINT.tar.xz into (the package "
+                                                    "ships tools/zoo_data/)")] = Path("tools/zoo_data")) -> None:
+    """Write a built toy world as the archive the package ships (for maintainers, after zoo build --rebuild)."""
+    from autoexplain.tools.zoo import get_spec, pack, zoo_root
+
+    if not (zoo_root(get_spec(name)) / "manifest.json").exists():
+        raise InputError(f"toy world {name!r} is not built yet: run autoexplain zoo build --name {name} --rebuild")
+    print(pack(build_zoo(name), out))
 
 
 @zoo_app.command("show")
