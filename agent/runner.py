@@ -768,6 +768,10 @@ def _run_items(store: Store, env: AgentEnv, items: list[WorkItem], ckpt: Path,
                 if snap.values:  # checkpoints of a process that died: put back the rows it had not committed
                     history = list(graph.get_state_history(cfg))
                     out.replay(e for h in reversed(history) for e in h.values.get("outbox") or [])
+                    # a node whose writes were saved but whose checkpoint was not (killed in between, e.g. right
+                    # after ``accept``): langgraph applies those pending writes instead of running the node again,
+                    # so its rows are in the current state only, never in the history. Replayed last (the newest).
+                    out.replay(snap.values.get("outbox") or [])
                 if not recovered:  # lands with the item's other rows (a query sees it pending, then finished),
                     # travelling in the first checkpoint this attempt writes (so a recovered item keeps its count)
                     before = int(attempts.get(item.item_id) or 0)

@@ -321,6 +321,46 @@ def test_crashes_inside_nodes_then_resume_match_an_uninterrupted_run(kit: dict[s
     assert max(attempts) >= 2 and min(attempts) == 1
 
 
+def test_a_crash_between_a_nodes_writes_and_its_checkpoint_loses_nothing(kit: dict[str, Any],
+                                                                         clean: dict[str, Any], tmp_path: Path) -> None:
+    """The soak's lost item, made deterministic: killed after ``accept``'s writes were saved to the checkpointer
+    but before its checkpoint was, an item reads as finished on resume (langgraph applies the saved writes instead
+    of running the node again) although no checkpoint in its history holds ``accept``'s rows. They must still be
+    replayed: before the fix the item stayed ``running`` with no final explanation while the run said done."""
+    from langgraph.checkpoint.sqlite import SqliteSaver
+
+    from autoexplain.agent.runner import run_plan
+    from autoexplain.agent.store import Store
+
+    store = Store(copy_db(kit["template"], tmp_path / "crash.duckdb"))
+    orig_put = SqliteSaver.put
+    run_id = None
+    for crash_at in (1, 2):  # the first and the second item's final checkpoint of each call
+        seen = [0]
+        with pytest.MonkeyPatch.context() as mp:
+            kill = Kill(mp)
+
+            def put(self: Any, config: Any, checkpoint: Any, metadata: Any, new_versions: Any,
+                    seen: list[int] = seen, crash_at: int = crash_at, kill: Kill = kill) -> Any:
+                if (checkpoint.get("channel_values") or {}).get("outcome"):
+                    seen[0] += 1
+                    if seen[0] == crash_at:
+                        kill.now("emulated crash between a node's saved writes and its checkpoint")
+                return orig_put(self, config, checkpoint, metadata, new_versions)
+
+            mp.setattr(SqliteSaver, "put", put)
+            with pytest.raises(SimulatedCrash):
+                run_plan(store, kit["prep"], resume=run_id is not None)
+        run_id = run_id or plan_runs(store.path)[0][0]
+    res = run_plan(store, kit["prep"], resume=True)
+    assert res.run_id == run_id and plan_runs(store.path) == [(run_id, "done")]
+    assert any(o.skipped for o in res.outcomes), "the crashed items should have been recovered, not run again"
+    got = content(store.path, run_id)
+    for key, want in clean["content"].items():
+        assert got[key] == want, f"{key} differ from an uninterrupted run"
+    assert_no_duplicates(store.path, run_id)
+
+
 # ============================================================================= kill -9 (subprocesses)
 def _wait(cond: Callable[[], bool], proc: subprocess.Popen, timeout: float) -> bool:
     """Poll ``cond`` until it holds (True) or the process ends (False)."""
