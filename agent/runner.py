@@ -25,6 +25,7 @@ Crash safety
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import gc
 import hashlib
@@ -35,7 +36,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -74,6 +75,18 @@ if TYPE_CHECKING:
 #: ``on_node(item_id, node)``: called after each graph node of an item, once its checkpoint is written
 NodeHook = Callable[[str, str], None]
 
+
+class ItemExecutor(Protocol):
+    """Runs a run's work items once they are prepared (harvested, split, listed): the seam between the run and
+    where its items execute. Without one, :func:`run_plan` runs them here, one after another (:func:`_loop`);
+    :mod:`autoexplain.agent.executors` has the serial executor and the Ray one. An executor returns one outcome per
+    item, in ``items`` order, and keeps the run's crash-safety contract (rows through ``env.out``, committed in
+    groups; finished items never redone)."""
+
+    def run_items(self, store: Store, env: AgentEnv, items: list[WorkItem], ckpt: Path, prep: Prepared,
+                  report: Callable[[str, int, int], None], on_item: Callable[[ItemOutcome], None] | None,
+                  on_node: NodeHook | None) -> list[ItemOutcome]: ...
+
 PolicyName = Literal["offline", "llm"]
 JudgeName = Literal["lexical", "embedding", "llm"]
 
@@ -109,16 +122,46 @@ class CircuitEntry(BaseModel):
         return self
 
 
+class FeatureCircuitEntry(BaseModel):
+    """A task's sparse feature circuit over one or more SAEs, explained through its features' labels: the run
+    finds the circuit (on the fit half of the prompts when ``held_out``), labels the ``label`` kept features with
+    the largest |effect| that have no final label yet (ordinary feature items, their SAEs harvested first), then
+    one ``feature_circuit`` item writes and scores the explanation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: str = Field(description="task file (auto-circuit layout), or a toy task name (ioi, induction …)")
+    saes: list[str] = Field(min_length=1, description="SAE specs whose features are the circuit's nodes")
+    threshold: float = Field(default=0.01, ge=0, description="keep nodes with |effect| >= THRESHOLD x |m(M) - m(∅)|")
+    edge_threshold: float = Field(default=0.02, ge=0, description="keep edges with |weight| >= this x |m(M) - m(∅)|")
+    steps: int = Field(default=10, ge=1, le=64, description="integrated-gradient steps")
+    held_out: bool = Field(default=True, description="find the circuit on half of the prompts and score it on the "
+                                                     "other half (tasks with at least 8 prompts)")
+    label: int = Field(default=8, ge=0, le=100, description="label at most this many kept, unlabelled features "
+                                                            "(largest |effect| first); 0: none")
+    dataset: str | None = Field(default=None, description="texts to harvest for the labels (default: the toy "
+                                                          "corpus for toy models)")
+    tokens: int = Field(default=60_000, ge=1, description="tokens to harvest if an SAE is not harvested yet")
+
+    @model_validator(mode="after")
+    def _distinct(self) -> FeatureCircuitEntry:
+        if len({s.strip() for s in self.saes}) != len(self.saes):
+            raise ValueError(f"saes names the same SAE twice ({', '.join(self.saes)})")
+        return self
+
+
 class PlanEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     label: LabelEntry | None = None
     circuit: CircuitEntry | None = None
+    feature_circuit: FeatureCircuitEntry | None = None
 
     @model_validator(mode="after")
     def _one(self) -> PlanEntry:
-        if (self.label is None) == (self.circuit is None):
-            raise ValueError("each item is either {label: {...}} or {circuit: {...}}")
+        if sum(x is not None for x in (self.label, self.circuit, self.feature_circuit)) != 1:
+            raise ValueError("each item is either {label: {...}}, {circuit: {...}} or {feature_circuit: {...}} "
+                             "(exactly one)")
         return self
 
 
@@ -265,6 +308,10 @@ class Prepared:
     label_jobs: list[tuple[LabelEntry, str, list[int]]]  # (entry, dataset, features)
     circuit_jobs: list[tuple[CircuitEntry, str, str]]  # (entry, task name, task path)
     lexicon: dict[str, frozenset[str]] | None = None
+    #: (entry, task name, task path, the indices in ``label_jobs`` of its harvest-only label jobs, one per SAE;
+    #: empty when it labels nothing)
+    feature_circuit_jobs: list[tuple[FeatureCircuitEntry, str, str, list[int]]] = dataclasses.field(
+        default_factory=list)
 
 
 def check_plan(plan: Plan) -> None:
@@ -294,13 +341,23 @@ def check_plan(plan: Plan) -> None:
                 hub.append(e.dataset)
         elif not toy:
             raise InputError(f"label item for {e.sae}: give a dataset (only toy models have a default corpus)")
-    for c in (p.circuit for p in plan.items if p.circuit):
-        path = Path(c.task)
-        if path.exists() or not (toy and re.fullmatch(r"[a-z_]+", c.task)):
+    fcs = [p.feature_circuit for p in plan.items if p.feature_circuit]
+    for fc in fcs:
+        if fc.label and fc.dataset is not None:
+            check_dataset_spec(fc.dataset)
+            if not Path(fc.dataset.strip()).expanduser().exists():
+                hub.append(fc.dataset)
+        elif fc.label and not toy:
+            raise InputError(f"feature_circuit item for {fc.task}: give a dataset to harvest for the labels (only "
+                             "toy models have a default corpus), or label: 0")
+    tasks = [*(p.circuit.task for p in plan.items if p.circuit), *(fc.task for fc in fcs)]
+    for task in tasks:
+        path = Path(task)
+        if path.exists() or not (toy and re.fullmatch(r"[a-z_]+", task)):
             load_task_file(path)  # missing or malformed: refused now (a toy task name is resolved after the build)
     if plan.lexicon:
         load_lexicon(Path(plan.lexicon))
-    check_specs(plan.model, list(dict.fromkeys(e.sae for e in labels)))
+    check_specs(plan.model, list(dict.fromkeys([*(e.sae for e in labels), *(s for fc in fcs for s in fc.saes)])))
     for name in dict.fromkeys(hub):  # last: the only check that may wait on the network
         texts = iter_texts(name)
         try:
@@ -327,7 +384,8 @@ def prepare(plan: Plan) -> Prepared:
     from autoexplain.tools.loading import load_model, load_sae
 
     check_plan(plan)
-    sae_specs = list(dict.fromkeys(p.label.sae for p in plan.items if p.label))
+    sae_specs = list(dict.fromkeys([*(p.label.sae for p in plan.items if p.label),
+                                    *(s for p in plan.items if p.feature_circuit for s in p.feature_circuit.saes)]))
     lm = load_model(plan.model, device=plan.device, sae_specs=sae_specs)
     toy = plan.model.startswith("toy:")
     built = None
@@ -363,12 +421,62 @@ def prepare(plan: Plan) -> Prepared:
         task = load_task_file(path)
         _check_circuit_entry(lm, c, task, path)
         circuit_jobs.append((c, task.name or path.stem, str(path)))
+    fc_jobs = [_feature_circuit_job(fc, lm, saes, built, label_jobs) for fc in
+               (p.feature_circuit for p in plan.items if p.feature_circuit)]
     lexicon = None
     if plan.lexicon:
         lexicon = load_lexicon(Path(plan.lexicon))
     elif built is not None:
         lexicon = load_lexicon(built.root / "corpus" / "categories.json")
-    return Prepared(plan=plan, lm=lm, saes=saes, label_jobs=label_jobs, circuit_jobs=circuit_jobs, lexicon=lexicon)
+    return Prepared(plan=plan, lm=lm, saes=saes, label_jobs=label_jobs, circuit_jobs=circuit_jobs, lexicon=lexicon,
+                    feature_circuit_jobs=fc_jobs)
+
+
+def _feature_circuit_job(fc: FeatureCircuitEntry, lm: LoadedModel, saes: dict[str, LoadedSAE], built: Any,
+                         label_jobs: list[tuple[LabelEntry, str, list[int]]]
+                         ) -> tuple[FeatureCircuitEntry, str, str, list[int]]:
+    """Load a feature-circuit entry's SAEs into ``saes``, resolve its task (a toy task name as circuit entries
+    do), check that it tokenises for the model, and add one harvest-only label job per SAE to ``label_jobs`` (no
+    features yet: :func:`_choose_circuit_features` fills them in once the circuit is known, so the SAEs are
+    harvested and split exactly as a label entry's are). Returns (entry, task name, task path, the indices of
+    those label jobs)."""
+    from autoexplain.tools.data import iter_texts, load_task_file, tokenize_task
+    from autoexplain.tools.feature_circuits import SplicedModel
+    from autoexplain.tools.loading import load_sae
+
+    for spec in fc.saes:
+        if spec not in saes:
+            saes[spec] = load_sae(spec, lm)
+    path = Path(fc.task)
+    if not path.exists() and built is not None and re.fullmatch(r"[a-z_]+", fc.task):
+        path = built.task_file(fc.task)
+        if not path.exists():
+            raise InputError(f"toy task {fc.task!r} does not exist: the toy tasks are "
+                             f"{', '.join(built.manifest['task_accuracy'])}")
+    task = load_task_file(path)
+    if lm.tokenizer is None:
+        raise InputError(f"model {lm.spec!r} has no tokenizer, so the task's text prompts cannot be used with it")
+    try:
+        tokenized = tokenize_task(task, lm.tokenizer, n_ctx=lm.n_ctx)
+    except InputError as exc:
+        raise InputError(exc.message if str(path) in exc.message else f"task file {str(path)!r}: {exc}") from None
+    # the SAEs can be spliced together (one per site, none at the embedding): checked on two prompts, now
+    SplicedModel(lm, tokenized.subset(range(min(2, tokenized.n_prompts))), [saes[s] for s in fc.saes])
+    jobs: list[int] = []
+    if fc.label:
+        dataset = fc.dataset or (str(built.corpus) if built is not None else None)
+        if dataset is None:
+            raise InputError(f"feature_circuit item for {fc.task}: give a dataset (only toy models have a default "
+                             "corpus)")
+        texts = iter_texts(dataset)
+        try:
+            next(texts)  # an unreachable or empty hub dataset fails before any write
+        finally:
+            texts.close()
+        for spec in fc.saes:
+            jobs.append(len(label_jobs))
+            label_jobs.append((LabelEntry(sae=spec, dataset=dataset, features="all", tokens=fc.tokens), dataset, []))
+    return fc, task.name or path.stem, str(path), jobs
 
 
 def _check_circuit_entry(lm: LoadedModel, entry: CircuitEntry, task: TaskFile, path: Path) -> None:
@@ -468,14 +576,15 @@ def _marks_interrupted(store: Store, run_id: str) -> Iterator[None]:
 def run_plan(store: Store, prep: Prepared, *, kind: str = "plan", resume: bool = False,
              run_id: str | None = None, report: Callable[[str, int, int], None] | None = None,
              on_item: Callable[[ItemOutcome], None] | None = None, on_node: NodeHook | None = None,
-             commit: GroupCommit | None = None) -> RunResult:
+             commit: GroupCommit | None = None, executor: ItemExecutor | None = None) -> RunResult:
     """Run (or resume) every item of ``prep``; return what each item ended with.
 
     ``report(stage, done, total)``: progress of the harvest and of the items. ``on_item(outcome)``: after each item
     (finished now or before). ``on_node(item_id, node)``: after each graph node, once its checkpoint is written (a
     finer progress). What it raises counts as raised by that node: a ``KeyboardInterrupt`` stops the run as Ctrl-C
     does (finished items are committed, the item resumes after that node); an ``Exception`` fails the item.
-    ``commit``: when results are committed to DuckDB (default: the plan's ``commit``).
+    ``commit``: when results are committed to DuckDB (default: the plan's ``commit``). ``executor``: where the
+    items run (default: here, serially; see :mod:`autoexplain.agent.executors`).
     """
     # one open connection for the run's many small writes (let go for readers)
     with store.hold(), contextlib.ExitStack() as owned:
@@ -486,13 +595,14 @@ def run_plan(store: Store, prep: Prepared, *, kind: str = "plan", resume: bool =
         owned.enter_context(_marks_interrupted(store, run_id))  # Ctrl-C or SIGTERM: the run reads 'interrupted'
         harvests = _own_harvests(store, prep, owned)  # before anything is written: reuse checked, folders owned
         return _run_plan(store, prep, kind=kind, resume=resume, run_id=run_id, report=report, on_item=on_item,
-                         on_node=on_node, commit=commit or prep.plan.commit, harvests=harvests)
+                         on_node=on_node, commit=commit or prep.plan.commit, harvests=harvests,
+                         executor=executor)
 
 
 def _run_plan(store: Store, prep: Prepared, *, kind: str, resume: bool, run_id: str | None,
               report: Callable[[str, int, int], None] | None, on_item: Callable[[ItemOutcome], None] | None,
               on_node: NodeHook | None, commit: GroupCommit,
-              harvests: dict[str, HarvestWork | str | None]) -> RunResult:
+              harvests: dict[str, HarvestWork | str | None], executor: ItemExecutor | None = None) -> RunResult:
     from autoexplain.agent.store.outbox import Outbox
 
     plan = prep.plan
@@ -506,10 +616,15 @@ def _run_plan(store: Store, prep: Prepared, *, kind: str, resume: bool, run_id: 
     store.record_model_and_saes(prep.lm, list(prep.saes.values()))
     report = report or _no_report
 
-    harvest_s = _harvest_and_split(store, run_id, prep, report, harvests)
-    items = _items(run_id, prep)
     env = _env(store, Outbox(store, commit, keep_rejected=plan.judgements == "all"), run_id, prep)
-    outcomes = _loop(store, env, items, checkpoint_path(store.path), report, on_item, on_node)
+    _choose_circuit_features(store, env, run_id, prep, report)  # before the harvest: it splits what they pick
+    harvest_s = _harvest_and_split(store, run_id, prep, report, harvests, executor)
+    items = _items(run_id, prep)
+    ckpt = checkpoint_path(store.path)
+    outcomes = _loop(store, env, items, ckpt, report, on_item, on_node) if executor is None else \
+        executor.run_items(store, env, items, ckpt, prep, report, on_item, on_node)
+    if prep.feature_circuit_jobs:
+        _prune_committed(store, run_id, ckpt)
     seconds = time.monotonic() - t_start
     left = sum(o.status is ItemStatus.PENDING for o in outcomes)
     summary = {"items": len(outcomes), "by_status": _count(o.status.value for o in outcomes),
@@ -574,9 +689,10 @@ def _harvest_notes(store: Store, run_id: str, harvests: dict[str, HarvestWork | 
 
 
 def _harvest_and_split(store: Store, run_id: str, prep: Prepared, report: Callable[[str, int, int], None],
-                       harvests: dict[str, HarvestWork | str | None]) -> float:
+                       harvests: dict[str, HarvestWork | str | None], executor: ItemExecutor | None = None) -> float:
     """Harvest each SAE that needs it (into the work folder :func:`_own_harvests` owns; resumable), and fix the
-    held-out split of the features to label."""
+    held-out split of the features to label. An ``executor`` with a ``harvest`` method (same arguments and result
+    as :func:`autoexplain.tools.harvest.harvest`) runs the harvests: the Ray one shards them (exact merge)."""
     from autoexplain.agent.store.harvest import harvest_sink
     from autoexplain.agent.store.rows import split_rows
     from autoexplain.evals.features import split_examples
@@ -590,10 +706,11 @@ def _harvest_and_split(store: Store, run_id: str, prep: Prepared, report: Callab
         if sae.sae_id not in done:
             work = harvests.get(sae.sae_id)
             if isinstance(work, HarvestWork):
-                harvest(ToolContext(model=prep.lm, saes={sae.sae_id: sae}, sink=harvest_sink(store, run_id)),
-                        _harvest_args(prep, entry, dataset), work=work,
-                        progress=functools.partial(report, f"harvest {sae.spec}"),
-                        finish_progress=functools.partial(report, f"store {sae.spec}"))
+                run_harvest = getattr(executor, "harvest", None) or harvest
+                run_harvest(ToolContext(model=prep.lm, saes={sae.sae_id: sae}, sink=harvest_sink(store, run_id)),
+                            _harvest_args(prep, entry, dataset), work=work,
+                            progress=functools.partial(report, f"harvest {sae.spec}"),
+                            finish_progress=functools.partial(report, f"store {sae.spec}"))
             done.add(sae.sae_id)
         n_live = live_selection(entry.features)
         if n_live is not None:  # 'live' / 'live:N': now that the SAE is harvested
@@ -609,7 +726,76 @@ def _harvest_and_split(store: Store, run_id: str, prep: Prepared, report: Callab
     return time.monotonic() - t0
 
 
+def _choose_circuit_features(store: Store, env: AgentEnv, run_id: str, prep: Prepared,
+                             report: Callable[[str, int, int], None]) -> None:
+    """Labels on demand: for each feature-circuit entry, find its circuit (through the run's tool cache, so a
+    resumed run, or the item's own ``feature_circuit`` call later, reads it back instead of computing it again),
+    and put into its harvest-only label jobs the kept features with no final label from another run, at most
+    ``label`` of them, largest |effect| first (ties by key). Labels this run writes do not count, so a resumed run
+    picks the same features and lists the same items. A circuit that cannot be found (e.g. no behaviour) picks
+    nothing here; the feature-circuit item then fails with the tool's reason."""
+    from autoexplain.agent.feature_labels import labelled_elsewhere
+    from autoexplain.agent.policies.offline_feature_circuits import tool_args
+    from autoexplain.agent.store.caches import cache_key, cached_output
+    from autoexplain.tools.feature_circuits import FeatureCircuitOut
+
+    runner = env.runner
+    spec = runner.registry.get("feature_circuit")
+    for n, (entry, _, path, jobs) in enumerate(prep.feature_circuit_jobs):
+        if not jobs:
+            continue
+        report("feature circuits", n, len(prep.feature_circuit_jobs))
+        params = _feature_circuit_params(prep, entry, path)
+        args = runner.registry.parse_args("feature_circuit", tool_args(params)).model_dump(mode="json")
+        key = cache_key(runner.ctx.model.model_id, list(runner.ctx.saes), "feature_circuit", args)
+        hit = cached_output(store, env.out, key)
+        if hit is not None:
+            circ = FeatureCircuitOut.model_validate_json(hit).circuit
+        else:
+            try:
+                output = spec.fn(runner.ctx, runner.registry.parse_args("feature_circuit", args))
+            except InputError:
+                continue  # the item's own call gets the same error, and fails with it
+            # written at once: a forward-and-backward search is never computed twice, even after a crash
+            store.upsert("tool_cache", [{"cache_key": key, "tool": "feature_circuit",
+                                         "output": output.model_dump_json(), "created_at": now()}])
+            circ = FeatureCircuitOut.model_validate(output).circuit
+        kept = sorted((x for x in circ.kept() if x.node.kind.value == "feature"), key=lambda x: (-abs(x.effect), x.key))
+        features = list(dict.fromkeys((str(x.node.sae_id), int(x.node.index or 0)) for x in kept))
+        done = labelled_elsewhere(store, [f"{s}#{i}" for s, i in features], run_id)
+        chosen = [(s, i) for s, i in features if f"{s}#{i}" not in done][:entry.label]
+        for j in jobs:
+            job_entry, dataset, _ = prep.label_jobs[j]
+            sae_id = prep.saes[job_entry.sae].sae_id
+            prep.label_jobs[j] = (job_entry, dataset, sorted(i for s, i in chosen if s == sae_id))
+
+
+def _prune_committed(store: Store, run_id: str, ckpt: Path) -> None:
+    """Delete the checkpoints of this run's committed items. A feature-circuit item reading labels this run wrote
+    commits the finished feature items itself (``feature_labels``); the loop prunes only what its own commits
+    wrote, so their checkpoints are pruned here."""
+    from langgraph.checkpoint.sqlite import SqliteSaver
+
+    finished = {s.value for s in FINISHED}
+    status = {i: st.status for i, st in queries.item_states(store, run_id).items()}
+    if not ckpt.exists():
+        return
+    with SqliteSaver.from_conn_string(str(ckpt)) as saver:
+        for item_id in {c.config["configurable"]["thread_id"] for c in saver.list(None)}:
+            if status.get(item_id) in finished:
+                saver.delete_thread(item_id)
+
+
+def _feature_circuit_params(prep: Prepared, entry: FeatureCircuitEntry, path: str) -> dict[str, Any]:
+    return {"task_file": path, "sae_ids": [prep.saes[s].sae_id for s in entry.saes], "threshold": entry.threshold,
+            "edge_threshold": entry.edge_threshold, "steps": entry.steps, "held_out": entry.held_out,
+            "label": entry.label}
+
+
 def _items(run_id: str, prep: Prepared) -> list[WorkItem]:
+    """The run's work items, in order: features (a feature-circuit entry's features after the label entries'),
+    circuits, then one item per feature circuit (after the features it reads the labels of). An item listed
+    twice (a feature both a label entry and a feature circuit ask for) is listed once."""
     items: list[WorkItem] = []
     for entry, _, features in prep.label_jobs:
         sae = prep.saes[entry.sae]
@@ -625,7 +811,15 @@ def _items(run_id: str, prep: Prepared) -> list[WorkItem]:
                                       "ablation": job.ablation.value, "top_k": job.top_k,
                                       "threshold": job.threshold, "held_out": job.held_out,
                                       "robustness": job.robustness}))
-    return items
+    for fc, name, path, _ in prep.feature_circuit_jobs:
+        params = _feature_circuit_params(prep, fc, path)
+        identity = {k: v for k, v in params.items() if k != "task_file"}  # SAEs, thresholds, steps, split, label
+        items.append(WorkItem(item_id=stable_id("item", run_id, "feature_circuit", name, identity),
+                              run_id=run_id, kind=ItemKind.FEATURE_CIRCUIT, target=name, params=params))
+    first: dict[str, WorkItem] = {}
+    for it in items:
+        first.setdefault(it.item_id, it)
+    return list(first.values())
 
 
 def _env(store: Store, out: Outbox, run_id: str, prep: Prepared) -> AgentEnv:
@@ -633,9 +827,10 @@ def _env(store: Store, out: Outbox, run_id: str, prep: Prepared) -> AgentEnv:
     and scorers, the policy, and the budgets."""
     from autoexplain.agent import llm_session
     from autoexplain.agent.agent_tools import agent_registry
+    from autoexplain.agent.feature_labels import feature_labels_spec
     from autoexplain.agent.graph import AgentEnv
     from autoexplain.agent.policies import PolicyDeps, make_policy
-    from autoexplain.agent.scoring import CircuitScorer, FeatureScorer, ModelBackground
+    from autoexplain.agent.scoring import CircuitScorer, FeatureCircuitScorer, FeatureScorer, ModelBackground
     from autoexplain.agent.toolrun import ToolRunner
     from autoexplain.tools.registry import ToolContext
 
@@ -646,6 +841,7 @@ def _env(store: Store, out: Outbox, run_id: str, prep: Prepared) -> AgentEnv:
         llm = llm_session.make_client(plan.llm_model or "", store, run_id, meter, **plan.llm.overrides())
     ctx = ToolContext(model=prep.lm, saes={s.sae_id: s for s in prep.saes.values()}, sink=None)
     registry = agent_registry(store)
+    registry.register(feature_labels_spec(store, out, run_id))
     runner = ToolRunner(store, out, registry, ctx, run_id)
     judge = _judge(plan, prep, llm)
     embedder = None
@@ -655,7 +851,8 @@ def _env(store: Store, out: Outbox, run_id: str, prep: Prepared) -> AgentEnv:
         embedder = judge if isinstance(judge, EmbeddingJudge) else EmbeddingJudge()
     # dense features: non-activating windows from the rest of the dataset (the model and SAE decide, exactly)
     features = FeatureScorer(store, out, judge, embedder=embedder, background=ModelBackground(store, ctx))
-    scorer = _ByKind(features, CircuitScorer(store, out, prep.lm, run_id))
+    scorer = _ByKind(features, CircuitScorer(store, out, prep.lm, run_id),
+                     FeatureCircuitScorer(store, out, prep.lm, list(prep.saes.values()), run_id))
     policy = make_policy(plan.policy, PolicyDeps(registry=registry, model_id=prep.lm.model_id,
                                                  lexicon=prep.lexicon, llm=llm))
     return AgentEnv(store=store, out=out, runner=runner, policy=policy, scorer=scorer, run_id=run_id,
@@ -682,11 +879,16 @@ def _dead_features(store: Store) -> Callable[[WorkItem], str | None]:
 class _ByKind:
     """A :class:`~autoexplain.agent.graph.Scorer` that hands each item to the scorer of its kind."""
 
-    def __init__(self, feature: Scorer, circuit: Scorer) -> None:
-        self.feature, self.circuit = feature, circuit
+    def __init__(self, feature: Scorer, circuit: Scorer, feature_circuit: Scorer | None = None) -> None:
+        self.feature, self.circuit, self.feature_circuit = feature, circuit, feature_circuit
 
     def score(self, item: WorkItem, drafts: list[dict[str, Any]]) -> list[dict[str, float | None]]:
-        return (self.feature if item.kind is ItemKind.FEATURE else self.circuit).score(item, drafts)
+        by = {ItemKind.FEATURE: self.feature, ItemKind.CIRCUIT: self.circuit,
+              ItemKind.FEATURE_CIRCUIT: self.feature_circuit}
+        scorer = by.get(item.kind)
+        if scorer is None:
+            raise ValueError(f"no scorer for {item.kind.value} items")
+        return scorer.score(item, drafts)
 
 
 def _judge(plan: Plan, prep: Prepared, llm: LLMClient | None) -> Judge:

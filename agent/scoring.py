@@ -31,16 +31,24 @@ class FeatureScorer:
     it is called once per item, only when the feature's stored examples hold no score-side non-activating one (a
     dense feature), and its windows become detection's negatives. :class:`ModelBackground` is one (it runs the
     model on windows stored for the SAE's other features). Without it, such a feature's correctness is token-level
-    detection (see :mod:`autoexplain.evals.features`)."""
+    detection (see :mod:`autoexplain.evals.features`).
+
+    ``output(sae_id, feature_index, text, examples) -> Score`` (:class:`OutputScorer`) scores a label's output
+    side by intervention; its ``output`` row is stored for every draft (NULL with the reason when the label names
+    no output tokens). Default: an :class:`OutputScorer` on the model of a :class:`ModelBackground` given as
+    ``background`` (the run's model and SAEs), none otherwise."""
 
     def __init__(self, store: Any, out: Any, judge: Any, *, embedder: Any = None, n_activating: int = 50,
-                 n_nonactivating: int = 50, background: Any = None) -> None:
+                 n_nonactivating: int = 50, background: Any = None, output: Any = None) -> None:
         self.store, self.out, self.judge, self.embedder = store, out, judge, embedder
         self.n_activating, self.n_nonactivating = n_activating, n_nonactivating
         self.background = background
+        if output is None and isinstance(background, ModelBackground):
+            output = OutputScorer(background.ctx)
+        self.output = output
 
     def score(self, item: WorkItem, drafts: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        from autoexplain.agent.store.rows import feature_score_rows, judgement_set_rows
+        from autoexplain.agent.store.rows import feature_score_rows, judgement_set_rows, score_rows
         from autoexplain.evals.features import score_explanation, split_examples
 
         sae_id, f = item.feature.sae_id, item.feature.index
@@ -56,11 +64,16 @@ class FeatureScorer:
                                     explanation_id=d["explanation_id"], embedder=self.embedder,
                                     n_activating=self.n_activating, n_nonactivating=self.n_nonactivating,
                                     background=background)
-            self.out.upsert_many({"scores": feature_score_rows(res), "judgement_sets": judgement_set_rows(res),
+            rows = feature_score_rows(res)
+            output = self.output(sae_id, f, d["text"], examples) if self.output is not None else None
+            if output is not None:
+                rows += score_rows(d["explanation_id"], [output])
+            self.out.upsert_many({"scores": rows, "judgement_sets": judgement_set_rows(res),
                                   "explanations": [{"explanation_id": d["explanation_id"], "judge": res.judge}]})
             verdict = label_verdict(res)
+            extra = {"output": output.value} if output is not None and output.value is not None else {}
             out.append({"correctness": res.correctness, "completeness": res.completeness,
-                        "succinctness": res.succinctness, **({"verdict": verdict} if verdict else {})})
+                        "succinctness": res.succinctness, **extra, **({"verdict": verdict} if verdict else {})})
         return out
 
 
@@ -120,6 +133,73 @@ class ModelBackground:
                     out.append(Example(kind="background", example_id=len(out), split="score",
                                        tokens=item.tokens[1:], acts=acts, max_act=0.0))
         return out
+
+
+class OutputScorer:
+    """The ``output`` score of a feature label: does the feature push the model toward the tokens the label says
+    it promotes (and away from those it says it suppresses)?
+
+    Output-centric evaluation in the spirit of Gur-Arieh et al. (2025): the label's output clause ("…; promotes
+    'a', 'b'", read by :func:`autoexplain.evals.judges.output_tokens`) names tokens; the feature is steered up by
+    its natural maximum activation (the largest in its harvested examples) at every position of the feature's
+    **held-out** (score-split) contexts, and each named token's change in next-token log-probability is compared
+    with ``n_random`` random vocabulary tokens (:func:`autoexplain.tools.probe.output_effect`). The value is the
+    AUC that a promoted token rises more than a random one (for suppressed tokens, that it falls more), averaged
+    over the two lists; 0.5 is chance. The zero-ablation AUC at the positions where the feature fires is kept in
+    the details (None where it fires in none of the contexts). NULL, with the reason, when the label names no
+    output tokens, none of them is one token of the vocabulary, or there is no held-out context.
+    Intervention-level: the only difference between the compared runs is the feature's value."""
+
+    def __init__(self, ctx: Any, *, n_texts: int = 16, n_random: int = 64) -> None:
+        self.ctx, self.n_texts, self.n_random = ctx, n_texts, n_random
+
+    def __call__(self, sae_id: str, feature_index: int, text: str, examples: Any) -> Any:
+        from autoexplain.evals.judges import _SPECIAL_TOKEN, output_tokens
+        from autoexplain.evals.scores import Score
+        from autoexplain.tools.errors import InputError
+        from autoexplain.tools.probe import OutputEffectIn, output_effect
+
+        promoted, suppressed = output_tokens(text)
+        if not promoted and not suppressed:
+            return Score(metric="output", value=None, n=0,
+                         details={"unscored": "the label names no output tokens (no 'promotes …' clause)"})
+        held = sorted((e for e in examples if e.split == "score" and e.kind != "background"),
+                      key=lambda e: -e.max_act)
+        texts = []
+        for e in held:
+            real = [t for t in e.tokens if not _SPECIAL_TOKEN.match(t.strip())]
+            cut = "".join(real[: max(1, 3 * len(real) // 4)])  # re-tokenized windows can outgrow the context
+            if cut.strip():
+                texts.append(cut)
+        texts = texts[: self.n_texts]
+        if not texts:
+            return Score(metric="output", value=None, n=0, details={"unscored": "no held-out context to steer on"})
+        scale = max((e.max_act for e in examples), default=0.0) or 1.0
+        parts: dict[str, Any] = {}
+        aucs: list[float] = []
+        for sign, tokens in (("promotes", promoted), ("suppresses", suppressed)):
+            if not tokens:
+                continue
+            try:
+                res = output_effect(self.ctx, OutputEffectIn(sae_id=sae_id, feature=feature_index,
+                                                             tokens=list(tokens)[:20], texts=texts, scale=scale,
+                                                             n_random=self.n_random))
+            except InputError as exc:
+                parts[sign] = {"unscored": exc.message}
+                continue
+            steer = res.steer_auc if sign == "promotes" else 1.0 - res.steer_auc
+            abl = res.ablate_auc if sign == "promotes" or res.ablate_auc is None else 1.0 - res.ablate_auc
+            aucs.append(steer)
+            parts[sign] = {"tokens": res.tokens, "unresolved": res.unresolved, "steer_auc": round(steer, 4),
+                           "ablate_auc": None if abl is None else round(abl, 4), "steer_delta": res.steer_delta,
+                           "random_steer_mean": res.random_steer_mean,
+                           "n_firing_positions": res.n_firing_positions}
+        details: dict[str, Any] = {"from": "steering AUC of the named tokens vs random tokens on held-out contexts",
+                                   "scale": scale, "n_texts": len(texts), "n_random": self.n_random, **parts}
+        if not aucs:
+            details["unscored"] = "none of the named output tokens is one token of the vocabulary"
+            return Score(metric="output", value=None, n=0, details=details)
+        return Score(metric="output", value=round(sum(aucs) / len(aucs), 4), n=len(texts), details=details)
 
 
 class CircuitScorer:
@@ -333,3 +413,124 @@ def _claim_scores(checks: list[Any], share: float | None) -> list[Any]:
     if share is None:
         details["unscored"] = "the explanation makes no role or composition claim the claims parser recognises"
     return [Score(metric="claims_verified", value=share, n=len(checks), details=details)]
+
+
+class FeatureCircuitScorer:
+    """Scores feature-circuit explanations (:class:`~autoexplain.agent.state.ItemKind.FEATURE_CIRCUIT` items) by
+    the sparse feature circuit they rest on, by intervention, on prompts the circuit was not found on.
+
+    The circuit is the draft's first evidence call (``feature_circuit``), read back from the tool cache. It is
+    evaluated with :func:`autoexplain.evals.feature_circuits.score_feature_circuit`: every node outside a set at
+    its corrupt value (resample ablation; SAE error terms are nodes and are ablated too). When the call ran on the
+    *fit* part of the task's seeded split (the offline policy's default), the scores come from the *held-out* part;
+    otherwise from the prompts it was found on (said so in each score's details).
+
+    * correctness = held-out sufficiency (faithfulness) ``F(C)``, clipped to [0, 1] (the raw value is kept as
+      ``heldout_faithfulness``, with ``insample_faithfulness``);
+    * completeness = IOI-style completeness over knock-out sets (an upper bound: sampled sets);
+    * succinctness = ``1 - kept nodes / all nodes`` (features, error terms, embeddings; read it with correctness:
+      the empty circuit is perfectly succinct);
+    * ``necessity`` = ``1 - F(M∖C)``.
+
+    Stored through the outbox: the circuit (``feature_circuits``, ``feature_circuit_nodes``,
+    ``feature_circuit_edges``, tagged with the work item; in-sample and held-out scores in its row) and the
+    ``scores`` rows, each naming the ``feature_circuit_id``. Causal level: intervention. A task whose held-out
+    prompts show no behaviour (m(M) = m(∅)) is a ``no_behaviour`` verdict with its reason, never a score of 0.
+    """
+
+    def __init__(self, store: Any, out: Any, lm: Any, saes: Any, run_id: str) -> None:
+        self.store, self.out, self.lm, self.run_id = store, out, lm, run_id
+        self.saes = {s.sae_id: s for s in saes}  # sae_id -> LoadedSAE
+
+    def _circuit_output(self, call_id: str) -> tuple[Any, dict[str, Any]]:
+        from autoexplain.agent.store.caches import cached_output
+        from autoexplain.tools.feature_circuits import FeatureCircuitOut
+
+        call = self.out.get("tool_calls", (call_id,))
+        if call is not None:
+            args = call.get("args") or {}
+            key, args = call["cache_key"], (json.loads(args) if isinstance(args, str) else dict(args))
+        else:
+            key, args = queries.tool_call_key_and_args(self.store, call_id)
+        output = cached_output(self.store, self.out, key) if key else None
+        if output is None:
+            raise RuntimeError(f"feature-circuit scoring: no cached feature_circuit output for call {call_id}")
+        return FeatureCircuitOut.model_validate_json(output).circuit, args
+
+    def score(self, item: WorkItem, drafts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        import hashlib
+
+        from autoexplain.agent.store.rows import feature_circuit_id, feature_circuit_rows, score_rows
+        from autoexplain.evals.feature_circuits import FeatureCircuitScores, score_feature_circuit
+        from autoexplain.evals.scores import Score
+        from autoexplain.tools.data import load_task_file, tokenize_task
+        from autoexplain.tools.errors import InputError
+        from autoexplain.tools.feature_circuits import SplicedModel
+
+        out: list[dict[str, Any]] = []
+        for d in drafts:
+            circ, args = self._circuit_output(d["evidence"][0])
+            saes = [self.saes[s] for s in circ.saes]
+            task = tokenize_task(load_task_file(item.params["task_file"]), self.lm.tokenizer, n_ctx=self.lm.n_ctx)
+            part = args.get("part")
+            fraction, seed = float(args.get("split_fraction", 0.5)), int(args.get("split_seed", 0))
+            fit_task = score_task = task
+            if part:
+                fit_rows, held_rows = task.split(fraction, seed)
+                if part != "fit":
+                    fit_rows, held_rows = held_rows, fit_rows
+                fit_task, score_task = task.subset(fit_rows), task.subset(held_rows)
+            fp = hashlib.sha256()
+            for t in (fit_task.clean, fit_task.corrupt, fit_task.answers, fit_task.wrong):
+                fp.update(t.cpu().numpy().tobytes())
+            settings = {"threshold": circ.node_threshold, "edge_threshold": circ.edge_threshold,
+                        "per_position": circ.per_position, "steps": circ.steps, "prompts": fit_task.n_prompts}
+            fid = feature_circuit_id(self.lm.model_id, fp.hexdigest()[:16], circ.saes, settings)
+            sample = {"scored_on": "held-out prompts" if part else "the prompts the circuit was found on",
+                      "scored_prompts": score_task.n_prompts, "split_seed": seed if part else None,
+                      "feature_circuit_id": fid, "ablation": "resample (every node outside, error terms included)",
+                      "metric": circ.metric.value}
+            insample = score_feature_circuit(SplicedModel(self.lm, fit_task, saes, metric=circ.metric), circ)
+            held: FeatureCircuitScores | None = insample
+            why: str | None = None
+            if part:
+                try:
+                    held = score_feature_circuit(SplicedModel(self.lm, score_task, saes, metric=circ.metric), circ)
+                except InputError as exc:  # the held-out prompts show no behaviour: nothing to score
+                    held, why = None, exc.message
+            self.out.upsert_many(feature_circuit_rows(
+                fid, self.run_id, item.target, circ, insample, held_out=held if part else None,
+                item_id=item.item_id, details={"task_file": item.params["task_file"], "sae_ids": list(circ.saes),
+                                               "held_out_prompts": score_task.n_prompts if part else 0,
+                                               "held_out_note": why, "explanation_id": d["explanation_id"]}))
+            if held is None or held.faithfulness is None:
+                why = why or "the circuit keeps no node: there is nothing to score"
+                self.out.upsert("scores", score_rows(d["explanation_id"], [
+                    Score(metric=m, value=None, n=score_task.n_prompts, details={"unscored": why})
+                    for m in ("correctness", "completeness", "succinctness")], details=sample))
+                out.append({"correctness": None, "completeness": None, "succinctness": None,
+                            "verdict": {"status": "no_behaviour" if held is None else "weak", "why": why}})
+                continue
+            n_total = len(circ.nodes)
+            succinct = 1.0 - held.n_nodes / n_total if n_total else None
+            correctness = min(1.0, max(0.0, held.faithfulness))
+            scores = [
+                Score(metric="correctness", value=correctness, n=score_task.n_prompts,
+                      details={"from": "sufficiency (faithfulness) F(C) of the feature circuit, clipped to [0, 1]",
+                               "faithfulness": held.faithfulness}),
+                Score(metric="completeness", value=held.completeness, n=held.n_knockouts,
+                      details={"from": "max(0, 1 - worst |F(C\\K) - F(M\\K)|) over sampled knock-out sets K",
+                               "worst_gap": held.worst_gap, "worst_knockout": held.worst_knockout}),
+                Score(metric="succinctness", value=succinct, n=n_total,
+                      details={"from": "1 - kept nodes / all nodes (features, error terms, embeddings)",
+                               "kept": held.n_nodes, "nodes": n_total}),
+                Score(metric="necessity", value=held.necessity, n=score_task.n_prompts,
+                      details={"from": "1 - F(M\\C): the share of the effect lost when only the circuit is ablated"}),
+                Score(metric="heldout_faithfulness" if part else "faithfulness", value=held.faithfulness,
+                      n=score_task.n_prompts, details={"from": "F(C), not clipped"}),
+                Score(metric="insample_faithfulness", value=insample.faithfulness, n=fit_task.n_prompts,
+                      details={"from": "F(C) on the prompts the circuit was found on"}),
+            ]
+            self.out.upsert("scores", score_rows(d["explanation_id"], scores, details=sample))
+            out.append({"correctness": correctness, "completeness": held.completeness, "succinctness": succinct})
+        return out

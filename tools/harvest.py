@@ -41,11 +41,11 @@ first, so the re-run resumes right after them.
 Results
 -------
 The finished harvest is a :class:`HarvestResult`: per-feature arrays (density, max, mean) and a stream of
-feature-complete :class:`HarvestChunk` values holding per-feature :class:`FeatureStats` and per-example
-:class:`FeatureExample` values (plain dataclasses: hundreds of thousands of examples are built without per-row
-validation). It goes to ``ctx.sink`` (a :class:`HarvestSink`), which pulls the chunks; tools know nothing of
-tables: the store turns the results into rows (:mod:`autoexplain.agent.store.harvest`), chunk by chunk in one
-transaction.
+feature-complete :class:`HarvestChunk` values holding per-feature :class:`FeatureStats` and the examples
+(:class:`ExampleColumns`: column lists, no object per example unless one asks for :attr:`HarvestChunk.examples`;
+hundreds of thousands of examples are built without per-row validation). It goes to ``ctx.sink`` (a
+:class:`HarvestSink`), which pulls the chunks; tools know nothing of tables: the store turns the results into
+rows (:mod:`autoexplain.agent.store.harvest`), chunk by chunk in one transaction.
 
 Memory
 ------
@@ -55,12 +55,23 @@ Nothing grows with the dataset, and nothing but the running state grows with the
   feature width) and keeps only the non-zero entries (:class:`_Firings`); no ``[batch, ctx, d_sae]`` tensor exists;
 * the state keeps, per kept example, the ``left + right + 1`` activations around its max (all an example shows),
   not the whole window, and the random pool as firing flags: about 0.57 GB at 98,304 features with the defaults;
-* the finish assembles, and the sink writes, :data:`EXAMPLES_PER_CHUNK` examples at a time (logit effects of the
-  same features only), the next chunk prepared in a background thread while the sink writes this one.
+* the finish assembles, and the sink writes, :data:`EXAMPLES_PER_CHUNK` examples at a time, the next chunk
+  prepared in a background thread while the sink writes this one; logit effects are kept as top-``n_logits``
+  index/value arrays (a few MB), computed on another background thread while the pass runs
+  (:class:`_LogitTables`), one feature range at a time.
 
 The result is bit-identical to encoding whole batches and assembling everything at once (same random keys, drawn
 per batch; same example order; the CPU sgemm gives each row the same bits whatever the sub-batch; see
 :func:`_batch_firings`).
+
+Shards
+------
+Every kept set is "the best ``K`` under a total order" (ties by window: :func:`_admit`), every random key
+is seeded by the global batch index, and activation sums are added pairwise in a tree fixed by batch indices
+(:func:`_push_sum`). So the pass can be split into shards of consecutive batches run by separate workers and merged
+into exactly the state of one pass: :mod:`autoexplain.tools.harvest_merge` (result version 2; version 1 broke
+ties as ``torch.topk`` happened to, and summed activations in one running float64 sum, which differs from the
+pairwise sum in the last bit of ``mean_act``).
 """
 
 from __future__ import annotations
@@ -98,11 +109,13 @@ HIST_EDGES: tuple[float, ...] = tuple(float(x) for x in np.logspace(-3, 3, 25))
 _RESIDUAL_WRITERS = {SiteKind.RESID_PRE, SiteKind.RESID_MID, SiteKind.RESID_POST, SiteKind.ATTN_OUT,
                      SiteKind.MLP_OUT}
 #: The checkpoint layout (2: per-token activations kept as the example slice, not the whole window; pool as
-#: firing flags). A checkpoint of another version is not resumed: the pass starts again.
-STATE_VERSION = 2
+#: firing flags; 3: activation sums as pairwise blocks over batch indices, see _push_sum). A checkpoint of
+#: another version is not resumed: the pass starts again.
+STATE_VERSION = 3
 #: What a harvest's results mean, part of its identity (:func:`harvest_identity`): bumped only when the same inputs
 #: would give other rows, not when the checkpoint layout changes.
-RESULT_VERSION = 1
+#: 2: ties among kept examples broken by window (the earlier kept), sums pairwise over batches (shard-exact).
+RESULT_VERSION = 2
 #: Unlocked work folders older than this are removed when a harvest starts (crashed harvests never resumed).
 STALE_WORK_DAYS = 7.0
 #: A harvest whose dataset gives less than this fraction of the tokens asked for carries a note saying so.
@@ -141,8 +154,9 @@ class HarvestOut(ToolOutput):
     resumed_from_batch: int
     seconds: float
     stream_seconds: float = Field(description="the pass over the data (this run's batches)")
-    finish_seconds: float = Field(description="once per SAE: logit effects (W_dec @ W_U), example assembly and "
-                                            "the sink storing them (interleaved, chunk by chunk)")
+    finish_seconds: float = Field(description="once per SAE: example assembly and the sink storing it "
+                                            "(interleaved, chunk by chunk), plus any logit effects (W_dec @ W_U, "
+                                            "on a background thread during the pass) not done when it ended")
     density_quantiles: dict[str, float]
     densest: list[tuple[int, float]]
     harvest_id: str = Field("", description="which harvest the stored rows come from (features.harvest_id)")
@@ -185,7 +199,10 @@ class _State:
     windows_done: int
     n_tokens: int
     fire_count: torch.Tensor  # [F] int64
-    act_sum: torch.Tensor  # [F] float64
+    # sums of activations: per maximal aligned block of batches [start, start + len) (see _push_sum), [F] float64
+    sum_start: list[int]
+    sum_len: list[int]
+    sum_val: list[torch.Tensor]
     act_max: torch.Tensor  # [F]
     hist: torch.Tensor  # [F, len(HIST_EDGES)+1] int64
     top_val: torch.Tensor  # [F, K]  (-inf = empty)
@@ -207,7 +224,7 @@ class _State:
         _, n = _slice_len(args)
         return cls(
             batches_done=0, windows_done=0, n_tokens=0,
-            fire_count=torch.zeros(f, dtype=torch.int64), act_sum=torch.zeros(f, dtype=torch.float64),
+            fire_count=torch.zeros(f, dtype=torch.int64), sum_start=[], sum_len=[], sum_val=[],
             act_max=torch.zeros(f), hist=torch.zeros(f, len(HIST_EDGES) + 1, dtype=torch.int64),
             top_val=torch.full((f, k), -torch.inf), top_win=torch.full((f, k), -1, dtype=torch.int64),
             top_pos=torch.zeros(f, k, dtype=torch.int64), top_acts=torch.zeros(f, k, n, dtype=torch.float16),
@@ -221,39 +238,93 @@ class _State:
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
+    def act_sum(self) -> torch.Tensor:
+        """[F] float64: every feature's sum of activations, the blocks' sums added left to right."""
+        total = torch.zeros(self.fire_count.shape[0], dtype=torch.float64)
+        for i, val in enumerate(self.sum_val):
+            total = val.clone() if i == 0 else total + val
+        return total
 
-def _admit(keys: torch.Tensor, cand: torch.Tensor, largest: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+
+def _push_sum(state: _State, start: int, length: int, val: torch.Tensor) -> None:
+    """Add the activation sums ``val`` of batches ``start .. start + length - 1`` (an aligned block) to the state.
+
+    The sum over batches is pairwise in a fixed tree over *global* batch indices: two adjacent blocks of equal
+    length ``n``, the left one starting at a multiple of ``2n``, are replaced by their sum (left + right). So every
+    float64 addition is fixed by the batch indices alone, and a sharded harvest whose shards push their blocks in
+    order gets the same bits as one pass (floating-point addition is not associative: a plain running sum would
+    differ in the last bit). The stack holds O(log batches) blocks."""
+    state.sum_start.append(start)
+    state.sum_len.append(length)
+    state.sum_val.append(val)
+    while len(state.sum_len) >= 2:
+        ls, ll, rs, rl = state.sum_start[-2], state.sum_len[-2], state.sum_start[-1], state.sum_len[-1]
+        if not (ll == rl and ls % (2 * ll) == 0 and rs == ls + ll):
+            break
+        right = state.sum_val.pop()
+        state.sum_start.pop()
+        state.sum_len.pop()
+        state.sum_val[-1] = state.sum_val[-1] + right
+        state.sum_len[-1] = 2 * ll
+
+
+def _admit(keys: torch.Tensor, cand: torch.Tensor, largest: bool, kept_win: torch.Tensor,
+           cand_win: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Which batch candidates enter a per-row set of ``K`` best keys, and which slots they evict.
 
-    ``keys`` [F, K] is the kept set (unordered), ``cand`` [F, B] the batch's candidates. Returns flat index
-    triples ``(row, slot, b)``: candidate ``b`` of ``row`` replaces slot ``slot``. Survivors stay where they are,
-    so per-batch data movement is proportional to the entries that change, not to the whole store.
+    ``keys`` [F, K] is the kept set (unordered) and ``kept_win`` [F, K] the windows of its entries (-1: empty);
+    ``cand`` [F, B] the batch's candidates, of windows ``cand_win`` [B]. Returns flat index triples
+    ``(row, slot, b)``: candidate ``b`` of ``row`` replaces slot ``slot``. Survivors stay where they are, so
+    per-batch data movement is proportional to the entries that change, not to the whole store.
+
+    Ties are broken by window (:func:`_tie_rank`: a fixed scramble of its index): the kept set is the best ``K``
+    under the total order (key, tie rank), a function of the candidates alone — whatever batches or shards they
+    come in (:mod:`autoexplain.tools.harvest_merge` relies on this; ``torch.topk`` alone picks among equal keys as it
+    likes). An empty slot (window -1) beats a candidate of the same sentinel key, so a window where the feature
+    never fires never enters.
     """
     # only rows where some candidate beats the worst kept key can change (after warm-up: few rows)
+    # (a candidate equal to the worst kept key may still win on its tie rank; sentinel keys never do)
     if largest:
-        live = (cand.max(1).values > keys.min(1).values).nonzero().flatten()
+        best, worst = cand.max(1).values, keys.min(1).values
+        live = ((best > worst) | ((best == worst) & torch.isfinite(worst))).nonzero().flatten()
     else:
-        live = (cand.min(1).values < keys.max(1).values).nonzero().flatten()
+        best, worst = cand.min(1).values, keys.max(1).values
+        live = ((best < worst) | ((best == worst) & torch.isfinite(worst))).nonzero().flatten()
     if live.numel() == 0:
         empty = torch.empty(0, dtype=torch.long)
         return empty, empty, empty
     if live.numel() > _ADMIT_ROWS:  # warm-up of a wide SAE: every row changes; bound the [rows, K + B] temporaries
-        parts = [_admit_rows(keys, cand, live[i : i + _ADMIT_ROWS], largest)
+        parts = [_admit_rows(keys, cand, live[i : i + _ADMIT_ROWS], largest, kept_win, cand_win)
                  for i in range(0, live.numel(), _ADMIT_ROWS)]
         return tuple(torch.cat(p) for p in zip(*parts, strict=True))  # type: ignore[return-value]
-    return _admit_rows(keys, cand, live, largest)
+    return _admit_rows(keys, cand, live, largest, kept_win, cand_win)
 
 
 #: Rows of the kept sets that :func:`_admit` updates at once.
 _ADMIT_ROWS = 8192
 
 
-def _admit_rows(keys: torch.Tensor, cand: torch.Tensor, live: torch.Tensor,
-                largest: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _tie_rank(wins: torch.Tensor) -> torch.Tensor:
+    """How ties between equal keys are broken: by a fixed scramble of the global window index (a bijection of
+    indices below 2^32: multiplication by an odd constant modulo 2^32), so a feature whose activation is the same
+    in many windows keeps a spread of them, not the first ones of the dataset; empty slots (window -1) first."""
+    return torch.where(wins < 0, torch.full_like(wins, -1), (wins * 2654435761) % 2**32)
+
+
+def _best_order(keys: torch.Tensor, wins: torch.Tensor, largest: bool) -> torch.Tensor:
+    """Per row, the column order of ``keys`` best first (largest or smallest), ties by :func:`_tie_rank`."""
+    by_win = torch.argsort(_tie_rank(wins), dim=1, stable=True)
+    return by_win.gather(1, torch.argsort(keys.gather(1, by_win), dim=1, stable=True, descending=largest))
+
+
+def _admit_rows(keys: torch.Tensor, cand: torch.Tensor, live: torch.Tensor, largest: bool, kept_win: torch.Tensor,
+                cand_win: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`_admit` for the rows ``live`` (row-wise, so blocks of rows give the triples of all rows at once)."""
     k = keys.shape[1]
     keys, cand = keys[live], cand[live]
-    sel = torch.topk(torch.cat([keys, cand], 1), k, dim=1, largest=largest, sorted=False).indices
+    wins = torch.cat([kept_win[live], cand_win[None, :].expand(len(live), -1)], 1)
+    sel = _best_order(torch.cat([keys, cand], 1), wins, largest)[:, :k]
     chosen = torch.zeros(len(live), k + cand.shape[1], dtype=torch.bool)
     chosen.scatter_(1, sel, True)
     kept, entering = chosen[:, :k], chosen[:, k:]
@@ -281,8 +352,8 @@ class _Firings:
 
 
 def _update(state: _State, fired: _Firings, mask: torch.Tensor, win_offset: int, gen: torch.Generator,
-            args: HarvestIn) -> None:
-    """Fold one batch of firings into the state; ``mask`` [B, T] marks the counted tokens.
+            args: HarvestIn, batch: int) -> None:
+    """Fold one batch (global index ``batch``) of firings into the state; ``mask`` [B, T] marks the counted tokens.
 
     Works on the non-zero entries only: the statistics cost O(firings), and nothing of size B x T x F is built
     (per (window, feature) maxima are B x F). The per-token activations of an admitted (feature, window) pair are
@@ -291,7 +362,7 @@ def _update(state: _State, fired: _Firings, mask: torch.Tensor, win_offset: int,
     b, t, f = fired.shape
     nz_b, nz_t, nz_f, vals = fired.b, fired.t, fired.f, fired.val
     state.fire_count += torch.bincount(nz_f, minlength=f)
-    state.act_sum += torch.bincount(nz_f, weights=vals.double(), minlength=f)
+    _push_sum(state, batch, 1, torch.bincount(nz_f, weights=vals.double(), minlength=f))
     bins = torch.bucketize(vals, torch.tensor(HIST_EDGES, dtype=vals.dtype))
     state.hist.view(-1).index_add_(0, nz_f * state.hist.shape[1] + bins, torch.ones_like(nz_f))
     # per (window, feature): the max and the first position reaching it
@@ -324,7 +395,8 @@ def _update(state: _State, fired: _Firings, mask: torch.Tensor, win_offset: int,
 
     # running top-k by window max (windows where the feature never fires never enter)
     cand = torch.where(wm > 0, wm, torch.full_like(wm, -torch.inf))
-    rows, slots, bb = _admit(state.top_val, cand, largest=True)
+    cand_win = win_offset + torch.arange(b)
+    rows, slots, bb = _admit(state.top_val, cand, True, state.top_win, cand_win)
     state.top_val[rows, slots] = cand[rows, bb]
     state.top_win[rows, slots] = win_offset + bb
     state.top_pos[rows, slots] = wa[rows, bb]
@@ -333,7 +405,7 @@ def _update(state: _State, fired: _Firings, mask: torch.Tensor, win_offset: int,
     # the same draws whatever the sub-batching of the encoder)
     keys = torch.rand(wm.shape, generator=gen)
     keys = torch.where(wm > 0, keys, torch.full_like(keys, torch.inf))
-    rows, slots, bb = _admit(state.res_key, keys, largest=False)
+    rows, slots, bb = _admit(state.res_key, keys, False, state.res_win, cand_win)
     state.res_key[rows, slots] = keys[rows, bb]
     state.res_val[rows, slots] = wm[rows, bb]
     state.res_win[rows, slots] = win_offset + bb
@@ -341,7 +413,7 @@ def _update(state: _State, fired: _Firings, mask: torch.Tensor, win_offset: int,
     state.res_acts[rows, slots] = per_token(bb, rows, wa[rows, bb])
     # a uniform pool of windows, for non-activating examples
     pkeys = torch.rand(1, b, generator=gen)
-    _, slots, bb = _admit(state.pool_key[None, :], pkeys, largest=False)
+    _, slots, bb = _admit(state.pool_key[None, :], pkeys, False, state.pool_win[None, :], cand_win)
     state.pool_key[slots] = pkeys[0, bb]
     state.pool_win[slots] = win_offset + bb
     state.pool_fires[slots] = win_max[bb] != 0
@@ -395,12 +467,47 @@ class FeatureExample:
 
 
 @dataclass(frozen=True, slots=True)
+class ExampleColumns:
+    """A chunk's examples column by column: entry ``i`` of every list is example ``i`` (the fields of
+    :class:`FeatureExample`), ordered by feature, kind (top, quantile, random) and ``example_id``. A sink that
+    writes columns (the store's Arrow insert) never builds an object per example."""
+
+    refs: list[FeatureRef]
+    kind: list[ExampleKind]
+    example_id: list[int]
+    quantile: list[int | None]
+    tokens: list[list[str]]
+    acts: list[list[float]]
+    max_act: list[float]
+    window_index: list[int]
+
+    @classmethod
+    def empty(cls) -> ExampleColumns:
+        return cls([], [], [], [], [], [], [], [])
+
+    def __len__(self) -> int:
+        return len(self.kind)
+
+    def rows(self) -> list[FeatureExample]:
+        return [FeatureExample(feature=f, kind=k, example_id=j, quantile=q, tokens=t, acts=a, max_act=m,
+                               window_index=w)
+                for f, k, j, q, t, a, m, w in zip(self.refs, self.kind, self.example_id, self.quantile,
+                                                  self.tokens, self.acts, self.max_act, self.window_index,
+                                                  strict=True)]
+
+
+@dataclass(frozen=True, slots=True)
 class HarvestChunk:
     """The statistics and examples of a run of consecutive features (``features[i]`` and every example of it are
     in the same chunk: a chunk is feature-complete)."""
 
     features: list[FeatureStats]
-    examples: list[FeatureExample]
+    columns: ExampleColumns
+
+    @property
+    def examples(self) -> list[FeatureExample]:
+        """The examples as objects (built on each access: a bulk writer reads :attr:`columns`)."""
+        return self.columns.rows()
 
 
 @dataclass
@@ -606,19 +713,15 @@ def _harvest(ctx: ToolContext, args: HarvestIn, owned: HarvestWork, progress: Ca
     windows.truncate(state.windows_done)
     total_batches = -(-args.n_tokens // (args.ctx * args.batch_size))
     t0 = time.perf_counter()
+    logits = _LogitTables(lm, sae, args)
+    logits.start()  # on a second thread, while the pass runs (see _LogitTables)
     stream = _prefetch(iter_windows(iter_texts(args.dataset), lm.tokenizer, ctx=args.ctx, n_ctx=lm.n_ctx,
                                     batch_windows=args.batch_size, max_tokens=args.n_tokens))
     for i, batch in enumerate(stream):
         if i < state.batches_done:
             continue  # finished before the interruption: tokenised again (cheap), not recomputed
-        fired, mask = _batch_firings(lm, sae, batch.tokens, batch.valid)
-        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + i)  # per batch: resume-independent
-        _update(state, fired, mask, state.windows_done, gen, args)
-        del fired
+        fold_batch(lm, sae, args, state, batch, i, state.windows_done)
         windows.append(batch.tokens)
-        state.windows_done += batch.n_windows
-        state.n_tokens += int(mask.sum())  # the counted tokens: valid and not BOS
-        state.batches_done = i + 1
         if progress:
             try:
                 progress(state.batches_done, total_batches)
@@ -631,21 +734,52 @@ def _harvest(ctx: ToolContext, args: HarvestIn, owned: HarvestWork, progress: Ca
             _save_state(state_path, state, args)
     windows.sync()
     _save_state(state_path, state, args)
+    out = deliver(ctx, args, state, windows, owned.identity, started=t0, finish_progress=finish_progress,
+                  logits=logits)
+    out.resumed_from_batch = resumed_from
+    shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def fold_batch(lm: LoadedModel, sae: LoadedSAE, args: HarvestIn, state: _State, batch: Any, index: int,
+               first_window: int) -> None:
+    """Run batch ``index`` (a :class:`~autoexplain.tools.data.TokenWindows`, the ``index``-th of the dataset's
+    stream, its first window the ``first_window``-th) through model and SAE and fold it into ``state``. Its random
+    keys are seeded by ``args.seed`` and ``index`` alone, so a batch gives the same draws in a resumed pass or in a
+    shard (:mod:`autoexplain.tools.harvest_merge`)."""
+    fired, mask = _batch_firings(lm, sae, batch.tokens, batch.valid)
+    gen = torch.Generator().manual_seed(args.seed * 1_000_003 + index)  # per batch: resume- and shard-independent
+    _update(state, fired, mask, first_window, gen, args, index)
+    del fired
+    state.windows_done += batch.n_windows
+    state.n_tokens += int(mask.sum())  # the counted tokens: valid and not BOS
+    state.batches_done = index + 1
+
+
+def deliver(ctx: ToolContext, args: HarvestIn, state: _State, windows: _Windows, identity: HarvestIdentity, *,
+            started: float, finish_progress: Callable[[int, int], None] | None = None,
+            logits: _LogitTables | None = None) -> HarvestOut:
+    """Finish a completed pass (or the exact merge of its shards: :mod:`autoexplain.tools.harvest_merge`): turn
+    ``state`` into a :class:`HarvestResult`, hand it to ``ctx.sink`` (which assembles and writes it chunk by chunk)
+    and return the summary. ``started``: ``time.perf_counter()`` when the pass began (for the timings)."""
+    assert ctx.sink is not None
+    lm, sae = ctx.model, ctx.sae(args.sae_id)
+    n_features = sae.d_sae
+    t0 = started
     t_stream = time.perf_counter()
-    result = _finish(state, lm, sae, args, windows, finish_progress)
-    result.harvest_id, result.inputs = owned.identity.harvest_id, owned.identity.inputs
+    result = _finish(state, lm, sae, args, windows, finish_progress, logits=logits)
+    result.harvest_id, result.inputs = identity.harvest_id, identity.inputs
     if state.n_tokens < SHORT_DATASET_FRACTION * args.n_tokens:
         result.note = (f"dataset {args.dataset!r} gave only {state.n_tokens:,} of the {args.n_tokens:,} tokens "
                        "asked for: its statistics and examples rest on that little text")
     ctx.sink(result)  # assembles the examples chunk by chunk as it writes them
     seconds = time.perf_counter() - t0
-    shutil.rmtree(work, ignore_errors=True)
     dens = result.density
     alive = dens[dens > 0]
     qs = {f"p{q}": float(np.quantile(alive, q / 100)) for q in (10, 50, 90)} if alive.size else {}
     order = np.argsort(-dens)[:10]
     out = HarvestOut(sae_id=sae.sae_id, n_tokens=state.n_tokens, n_windows=state.windows_done,
-                     n_features=n_features, n_dead=len(result.dead), resumed_from_batch=resumed_from,
+                     n_features=n_features, n_dead=len(result.dead), resumed_from_batch=0,
                      seconds=round(seconds, 2), stream_seconds=round(t_stream - t0, 2),
                      finish_seconds=round(seconds - (t_stream - t0), 2), density_quantiles=qs,
                      densest=[(int(i), float(dens[i])) for i in order], harvest_id=result.harvest_id,
@@ -695,8 +829,11 @@ def _prefetch(it: Iterator[_T], depth: int = 2) -> Iterator[_T]:
 
 
 #: Bytes of dense activations ([tokens, d_sae] float32) encoded at once; a batch is encoded in token sub-batches
-#: of this size and only its non-zero entries are kept (see :func:`_batch_firings`).
-ENCODE_BYTES = 32 * 2**20
+#: of this size and only its non-zero entries are kept (see :func:`_batch_firings`). Above glibc's largest dynamic
+#: mmap threshold (32 MiB) on purpose: blocks that size are always mapped and unmapped, never carved from the heap,
+#: where the small long-lived tensors kept between them fragmented it (measured at 98,304 features: 32 MiB
+#: sub-batches peaked about 600 MB above the state after a few batches, 64 MiB ones about 150 MB).
+ENCODE_BYTES = 64 * 2**20
 #: Fewest tokens in an encoder sub-batch (a one-row matrix product may take another BLAS path: see _token_chunks).
 MIN_ENCODE_ROWS = 8
 
@@ -798,23 +935,26 @@ def _feature_chunks(n_features: int, per_feature: int, d_vocab: int) -> list[tup
 
 
 def _finish(state: _State, lm: LoadedModel, sae: LoadedSAE, args: HarvestIn, windows: _Windows,
-            report: Callable[[int, int], None] | None = None) -> HarvestResult:
+            report: Callable[[int, int], None] | None = None, *,
+            logits: _LogitTables | None = None) -> HarvestResult:
     """Turn the state into per-feature statistics (arrays, at once) and a re-iterable stream of feature-complete
     chunks of stats and examples (:class:`HarvestResult`), assembled lazily by :func:`_chunk`."""
     n_tok = max(state.n_tokens, 1)
     count = state.fire_count.numpy()
     density = count / n_tok
-    mean_act = np.where(count > 0, state.act_sum.numpy() / np.maximum(count, 1), 0.0)
+    mean_act = np.where(count > 0, state.act_sum().numpy() / np.maximum(count, 1), 0.0)
     max_act = state.act_max.numpy().astype(np.float64)
     per_feature = args.top_k + args.n_quantiles * args.per_quantile + args.n_random
     d_vocab = lm.model.cfg.d_vocab
     ranges = _feature_chunks(sae.d_sae, per_feature, d_vocab)
-    cache: dict[str, Any] = {}
+    tables = logits if logits is not None else _LogitTables(lm, sae, args)
+    cache: dict[str, Any] = {"logits": tables}
 
     def assemble() -> Iterator[HarvestChunk]:
         if "vocab" not in cache:
             cache["vocab"] = lm.token_strs(range(d_vocab))
-            cache["pool_order"] = torch.argsort(state.pool_key)
+            # pool in (key, window) order: a function of the pooled set, not of the slots (see _admit)
+            cache["pool_order"] = _best_order(state.pool_key[None, :], state.pool_win[None, :], False)[0]
             cache["refs"] = [FeatureRef(sae_id=sae.sae_id, index=f) for f in range(sae.d_sae)]
         for i, (lo, hi) in enumerate(ranges):
             yield _chunk(state, lm, sae, args, windows, lo, hi, density=density, max_act=max_act,
@@ -835,12 +975,12 @@ def _finish(state: _State, lm: LoadedModel, sae: LoadedSAE, args: HarvestIn, win
 
 def _chunk(state: _State, lm: LoadedModel, sae: LoadedSAE, args: HarvestIn, windows: _Windows, lo: int, hi: int, *,
            density: np.ndarray, max_act: np.ndarray, mean_act: np.ndarray, vocab: list[str],
-           pool_order: torch.Tensor, refs: list[FeatureRef]) -> HarvestChunk:
+           pool_order: torch.Tensor, refs: list[FeatureRef], logits: _LogitTables) -> HarvestChunk:
     """Stats and examples of features ``lo .. hi-1``, in the order the store has always received them: per
     feature its top contexts (by activation, ties: earlier window first), then its quantile samples (weakest bin
     first), then its non-activating windows (in pool order). Window tokens are read from the window file for this
     chunk only; per-token activations come from the state's slices (:func:`_slice_len`)."""
-    promote, suppress = _logit_effects(lm, sae, args.n_logits, lo, hi, vocab)
+    promote, suppress = logits.effects(lo, hi, vocab)
     hist = state.hist[lo:hi].numpy()
     features = [
         FeatureStats(feature=refs[f], density=float(density[f]), max_act=float(max_act[f]),
@@ -876,7 +1016,7 @@ def _chunk(state: _State, lm: LoadedModel, sae: LoadedSAE, args: HarvestIn, wind
     # non-activating windows: the first n_random pooled windows (in key order) where the feature never fires
     if args.n_random:
         pwin = state.pool_win[pool_order]
-        silent = (pwin >= 0)[:, None] & ~state.pool_fires[pool_order][:, lo:hi]  # [P, n]
+        silent = (pwin >= 0)[:, None] & ~state.pool_fires[:, lo:hi][pool_order]  # [P, n]
         take = silent & (silent.cumsum(0) <= args.n_random)
         f_r, p_r = take.T.nonzero(as_tuple=True)  # by feature, then pool order
         if len(f_r):
@@ -884,21 +1024,24 @@ def _chunk(state: _State, lm: LoadedModel, sae: LoadedSAE, args: HarvestIn, wind
             n = len(f_r)
             cols.append(np.stack([(lo + f_r).numpy(), np.full(n, 2), j_r.numpy(), np.full(n, -1),
                                   pwin[p_r].numpy(), np.full(n, -1), np.full(n, -1)], 1))
-    examples: list[FeatureExample] = []
+    examples = ExampleColumns.empty()
     if cols:
         picks = np.concatenate(cols).astype(np.int64)
         picks = picks[np.lexsort((picks[:, 2], picks[:, 1], picks[:, 0]))]
         examples = _examples(picks, torch.cat(act_rows) if act_rows else None, args, windows, vocab, refs)
-    return HarvestChunk(features=features, examples=examples)
+    return HarvestChunk(features=features, columns=examples)
 
 
 _KINDS = (ExampleKind.TOP, ExampleKind.QUANTILE, ExampleKind.RANDOM)
 
 
 def _examples(picks: np.ndarray, acts: torch.Tensor | None, args: HarvestIn, windows: _Windows, vocab: list[str],
-              refs: list[FeatureRef]) -> list[FeatureExample]:
+              refs: list[FeatureRef]) -> ExampleColumns:
     """Cut each pick's window around its max (``left`` tokens before, ``right`` after; BOS never shown; random
-    windows whole) and pair it with its per-token activations (rounded to 4 decimals; zeros for random windows)."""
+    windows whole) and pair it with its per-token activations (rounded to 4 decimals; zeros for random windows).
+
+    Column by column: every example's tokens and activations are gathered into one flat array each (one numpy
+    gather, one ``tolist``), then cut into per-example lists by offset; no Python work per token."""
     win = picks[:, 4]
     ids, inv = np.unique(win, return_inverse=True)
     toks = windows.rows(ids)  # [unique windows, ctx]
@@ -907,16 +1050,27 @@ def _examples(picks: np.ndarray, acts: torch.Tensor | None, args: HarvestIn, win
     hi = np.where(pos < 0, args.ctx, np.minimum(args.ctx, pos + args.right + 1))
     left, _ = _slice_len(args)
     start = lo - (pos - left)  # where lo falls in the stored slice
-    rounded = np.round(acts.double().numpy(), 4) if acts is not None else None
-    out: list[FeatureExample] = []
-    get = vocab.__getitem__
-    for (f, kind, j, q, w, _, a), row, s_lo, s_hi, st in zip(picks.tolist(), inv.tolist(), lo.tolist(), hi.tolist(),
-                                                            start.tolist(), strict=True):
-        per_tok = [0.0] * (s_hi - s_lo) if a < 0 else rounded[a, st : st + s_hi - s_lo].tolist()  # type: ignore[index]
-        out.append(FeatureExample(feature=refs[f], kind=_KINDS[kind], example_id=j, quantile=None if q < 0 else q,
-                                  tokens=list(map(get, toks[row, s_lo:s_hi].tolist())), acts=per_tok,
-                                  max_act=max(per_tok) if per_tok else 0.0, window_index=w))
-    return out
+    n = hi - lo  # >= 1: the max is never at BOS, random windows are whole
+    offsets = np.concatenate([[0], np.cumsum(n)])
+    within = np.arange(offsets[-1]) - np.repeat(offsets[:-1], n)  # position inside each example
+    row = np.repeat(np.arange(len(picks)), n)
+    flat_tok = toks[inv[row], lo[row] + within]
+    flat_act = np.zeros(offsets[-1], dtype=np.float64)
+    a = picks[:, 6]
+    if acts is not None:
+        rounded = np.round(acts.double().numpy(), 4)
+        has = a[row] >= 0
+        flat_act[has] = rounded[a[row][has], (start[row] + within)[has]]
+    max_act = np.maximum.reduceat(flat_act, offsets[:-1]) if len(picks) else np.zeros(0)
+    tok_strs = np.asarray(vocab, dtype=object)[flat_tok].tolist()
+    act_vals = flat_act.tolist()
+    cuts = list(itertools.pairwise(offsets.tolist()))
+    q = picks[:, 3]
+    return ExampleColumns(
+        refs=[refs[f] for f in picks[:, 0].tolist()], kind=[_KINDS[k] for k in picks[:, 1].tolist()],
+        example_id=picks[:, 2].tolist(), quantile=[None if x < 0 else x for x in q.tolist()],
+        tokens=[tok_strs[i:j] for i, j in cuts], acts=[act_vals[i:j] for i, j in cuts],
+        max_act=max_act.tolist(), window_index=win.tolist())
 
 
 def _quantile_picks(state: _State, lo: int, hi: int,
@@ -925,14 +1079,18 @@ def _quantile_picks(state: _State, lo: int, hi: int,
     activation (weakest first) and take the ``per_quantile`` samples of smallest key from each. Returns arrays
     (feature, j, quantile, reservoir slot)."""
     keys_all, vals_all = state.res_key[lo:hi].numpy(), state.res_val[lo:hi].numpy()
+    wins_all = state.res_win[lo:hi].numpy()
     out: list[tuple[int, int, int, int]] = []
     for r in range(hi - lo):
-        keys = keys_all[r]
+        keys, wins = keys_all[r], wins_all[r]
         idx = np.flatnonzero(np.isfinite(keys))
         if not idx.size:
             continue
+        # slots in (key, window) order first: the picks depend on the sampled set, not on which slot holds what
+        idx = idx[np.lexsort((wins[idx], keys[idx]))]
         order = idx[np.argsort(vals_all[r, idx], kind="stable")].tolist()
-        key_of = keys.tolist().__getitem__
+        rank = {m: i for i, m in enumerate(idx.tolist())}
+        key_of = rank.__getitem__
         n_bins = min(args.n_quantiles, len(order))
         j = 0
         for q in range(n_bins):
@@ -944,23 +1102,73 @@ def _quantile_picks(state: _State, lo: int, hi: int,
     return arr[:, 0], arr[:, 1], arr[:, 2], arr[:, 3]
 
 
-def _logit_effects(lm: LoadedModel, sae: LoadedSAE, n: int, lo: int, hi: int, vocab: list[str],
-                   ) -> tuple[list[list[LogitEffect]] | None, list[list[LogitEffect]] | None]:
-    """For features ``lo .. hi-1``, the ``n`` tokens whose logits the decoder row raises (lowers) most:
-    ``W_dec @ W_U`` (one product of the chunk's rows; no more than the chunk's ``[features, vocab]`` at once)."""
-    if sae.site.kind not in _RESIDUAL_WRITERS:
-        return None, None
-    w_u = lm.model.W_U.detach()
-    with torch.no_grad():
-        eff = sae.sae.W_dec[lo:hi].to(w_u.dtype) @ w_u  # [chunk, vocab]
-        top = torch.topk(eff, n, dim=1)
-        bot = torch.topk(eff, n, dim=1, largest=False)
-        del eff
-    promote, suppress = (
-        [[(vocab[i], round(v, 4)) for i, v in zip(r_i, r_v, strict=True)]
-         for r_i, r_v in zip(res.indices.tolist(), res.values.tolist(), strict=True)]
-        for res in (top, bot))
-    return promote, suppress
+class _LogitTables:
+    """Every feature's ``n_logits`` most promoted and suppressed tokens (``W_dec @ W_U``), as index and value
+    arrays ``[d_sae, n]`` (a few MB), computed once — by default on a background thread started with the pass.
+
+    The product is the finish's largest fixed cost (1.9 TFLOP at 24,576 features and GPT-2's vocabulary: about 20 s
+    on one core). Started with the pass, it runs on a second core while the model runs on the first, so the finish
+    only looks the rows up; on a machine with one free core it simply competes with the pass (same total work).
+    The product is taken over the same feature ranges as the finish's chunks (:func:`_feature_chunks`), so every
+    value has the bits a per-chunk product gives. ``start()`` is optional: ``effects`` computes what is missing.
+    """
+
+    def __init__(self, lm: LoadedModel, sae: LoadedSAE, args: HarvestIn) -> None:
+        import threading
+
+        self.lm, self.sae, self.n = lm, sae, args.n_logits
+        per_feature = args.top_k + args.n_quantiles * args.per_quantile + args.n_random
+        self.ranges = _feature_chunks(sae.d_sae, per_feature, lm.model.cfg.d_vocab)
+        self.residual = sae.site.kind in _RESIDUAL_WRITERS
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._done: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def start(self) -> None:
+        import threading
+
+        if not self.residual or self._thread is not None:
+            return
+
+        def run() -> None:
+            try:
+                for lo, _ in self.ranges:
+                    self._range(lo)
+            except BaseException as exc:  # re-raised by effects() (it recomputes the missing ranges itself)
+                self._error = exc
+
+        self._thread = threading.Thread(target=run, daemon=True, name="harvest-logit-effects")
+        self._thread.start()
+
+    def _range(self, lo: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        with self._lock:
+            if lo not in self._done:
+                hi = dict(self.ranges)[lo]
+                w_u = self.lm.model.W_U.detach()
+                with torch.no_grad():
+                    eff = self.sae.sae.W_dec[lo:hi].to(w_u.dtype) @ w_u  # [chunk, vocab]
+                    top = torch.topk(eff, self.n, dim=1)
+                    bot = torch.topk(eff, self.n, dim=1, largest=False)
+                    del eff
+                self._done[lo] = (top.indices.cpu(), top.values.cpu(), bot.indices.cpu(), bot.values.cpu())
+            return self._done[lo]
+
+    def effects(self, lo: int, hi: int, vocab: list[str],
+                ) -> tuple[list[list[LogitEffect]] | None, list[list[LogitEffect]] | None]:
+        """The logit effects of features ``lo .. hi-1`` (a range of :func:`_feature_chunks`), as token strings
+        and values rounded to 4 decimals; ``(None, None)`` for an SAE that does not write the residual stream."""
+        if not self.residual:
+            return None, None
+        if self._error is not None:
+            raise self._error
+        ti, tv, bi, bv = self._range(lo)
+        assert dict(self.ranges)[lo] == hi
+        promote, suppress = (
+            [[(vocab[i], round(v, 4)) for i, v in zip(r_i, r_v, strict=True)]
+             for r_i, r_v in zip(idx.tolist(), val.tolist(), strict=True)]
+            for idx, val in ((ti, tv), (bi, bv)))
+        return promote, suppress
 
 
 TOOLS = (

@@ -1,13 +1,18 @@
-"""Probe SAE features on texts the agent writes: read them, ablate them, steer with them.
+"""Probe SAE features on texts the agent writes: read them, ablate them, steer with them, test their output side;
+and probe a site linearly for a concept.
 
-Three tools, two causal levels
-------------------------------
+Tools and their causal levels
+-----------------------------
 * ``feature_activations`` reads what chosen features do on chosen texts. That is **association**: a feature that
   fires on " cat" and " dog" is correlated with animal words on these texts; it says nothing about what the model
   does with the feature.
 * ``ablate_feature`` and ``steer_feature`` change a feature's activation inside the running model and measure how
   the next-token distribution moves. That is **intervention**: the change is caused by the edit, because nothing
   else differs between the two runs.
+* ``output_effect`` (intervention) tests a label's output side ("promotes 'T'"): steering and zero-ablation,
+  the named tokens compared with random ones (see :func:`output_effect`).
+* ``linear_probe`` (association) trains a logistic regression for a concept (token set or token class) on one
+  split of the texts and reports accuracy on the other (see :func:`linear_probe`).
 
 Splicing
 --------
@@ -442,7 +447,7 @@ def steer_feature(ctx: ToolContext, args: SteerFeatureIn) -> SteerFeatureOut:
     return SteerFeatureOut(sae_id=sae.sae_id, feature=args.feature, scale=args.scale, mode=args.mode, items=items)
 
 
-TOOLS = (
+TOOLS: tuple[ToolSpec, ...] = (
     ToolSpec(name="feature_activations", level=CausalLevel.ASSOCIATION,
              input_model=FeatureActivationsIn, output_model=FeatureActivationsOut,
              fn=feature_activations, cost=Cost.FORWARD,
@@ -467,3 +472,320 @@ TOOLS = (
                          "promotes. Intervention, but large scales are off-distribution: they show what the "
                          "direction does, not what the model does with the feature naturally."),
 )
+
+
+# ============================================================================= tool 4: output_effect
+class OutputEffectIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sae_id: str = Field(description="id of a loaded SAE (see model_info)")
+    feature: Feature = Field(description="the feature whose output side is tested")
+    tokens: list[Annotated[str, Field(min_length=1)]] = Field(
+        min_length=1, max_length=20, description="the tokens a label says the feature promotes (or suppresses); "
+                                                 "each must be one token, as written or with a leading space")
+    texts: list[Text] = Field(min_length=1, max_length=64, description="non-empty texts to run (1-64)")
+    scale: float = Field(default=4.0, gt=0, le=1000, allow_inf_nan=False,
+                         description="activation added to the feature at every position when steering")
+    n_random: int = Field(default=64, ge=8, le=1000, description="random vocabulary tokens to compare with")
+    seed: int = Field(default=0, description="seed of the random comparison tokens")
+    prepend_bos: bool = Field(default=True, description="prepend the BOS token, as the model's tools do")
+
+
+class OutputEffectOut(ToolOutput):
+    sae_id: str
+    feature: int
+    scale: float
+    tokens: list[str] = Field(description="the named tokens that are single tokens of the vocabulary (as used)")
+    unresolved: list[str] = Field(description="named strings that are not one token: left out")
+    steer_delta: dict[str, float] = Field(description="per named token: mean change of its log-probability over "
+                                                      "every real position when the feature is steered up")
+    random_steer_mean: float
+    steer_auc: float = Field(description="P(a named token's change > a random token's change) when steering; "
+                                         "1 = every named token rises more than every random one, 0.5 = chance")
+    ablate_delta: dict[str, float] | None = Field(description="per named token: mean change of its log-probability "
+                                                              "at the positions where the feature fires, when "
+                                                              "it is zeroed; None when it fires nowhere here")
+    ablate_auc: float | None = Field(description="P(a named token falls more than a random one) when the feature "
+                                                 "is zeroed where it fires; None when it fires nowhere here")
+    n_texts: int
+    n_positions: int
+    n_firing_positions: int
+    n_random: int
+
+    def summary_text(self) -> str:
+        named = ", ".join(f"{t!r}({self.steer_delta[t]:+.3g})" for t in self.tokens[:8])
+        abl = ("feature fires nowhere in these texts: no ablation evidence" if self.ablate_auc is None else
+               f"zeroing it where it fires ({self.n_firing_positions} positions): AUC {self.ablate_auc:.2f} that "
+               "the named tokens fall more than random ones")
+        miss = f"; not single tokens (left out): {', '.join(map(repr, self.unresolved))}" if self.unresolved else ""
+        return (f"output side of f{self.feature} of {self.sae_id} (intervention; SAE spliced with its error term) "
+                f"on {self.n_texts} texts: steering +{self.scale:g} moves the named tokens' log-prob {named} vs "
+                f"{self.random_steer_mean:+.3g} for {self.n_random} random tokens: AUC {self.steer_auc:.2f} "
+                f"(0.5 = chance); {abl}{miss}")
+
+
+def _token_id(lm: LoadedModel, text: str) -> int | None:
+    """The vocabulary id of ``text`` as one token. Written with a leading space, that form first; a bare word
+    (letters or digits, as labels quote tokens) is read as the word in running text, with its leading space,
+    before the bare form; anything else (punctuation) as written first."""
+    bare = text.strip()
+    order = ((text, bare) if text.startswith(" ") else (" " + bare, bare) if bare.isalnum() else (bare, " " + bare))
+    for cand in order:
+        ids = lm.tokenizer(cand, add_special_tokens=False)["input_ids"]
+        if len(ids) == 1:
+            return int(ids[0])
+    return None
+
+
+def _auc(pos: Sequence[float], neg: Sequence[float]) -> float:
+    """P(x > y) for x from ``pos`` and y from ``neg``, ties counted half (Mann-Whitney)."""
+    wins = sum((x > y) + 0.5 * (x == y) for x in pos for y in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def output_effect(ctx: ToolContext, args: OutputEffectIn) -> OutputEffectOut:
+    """Does the feature push the model's next-token predictions toward the tokens a label names?
+
+    Technique (output-centric evaluation in the spirit of Gur-Arieh et al. 2025, "Enhancing automated
+    interpretability with output-centric feature descriptions"): splice the SAE in with its error term and run
+    every text three times — unedited, with ``scale`` added to the feature at every position (steering), and with
+    the feature zeroed (ablation). Per vocabulary token the change of its next-token log-probability is averaged
+    over the real positions (steering) or over the positions where the feature fires (ablation: effects of
+    removing the feature appear where it was active). The named tokens are compared with ``n_random`` tokens drawn
+    uniformly from the vocabulary (seeded): ``steer_auc`` is the probability that a named token rises more than a
+    random one, ``ablate_auc`` that it falls more. Log-probabilities, not logits, so a shift shared by every
+    token cancels.
+
+    Caveats: steering at a large scale measures what the decoder direction does when written into the residual
+    stream (compare the scale with the feature's natural maximum); ablation says something only on texts where the
+    feature fires; a few named tokens give a coarse AUC (it is exact over the pairs, not a population estimate).
+    """
+    import random as _random
+
+    lm = ctx.model
+    sae = ctx.sae(args.sae_id)
+    _check_features(sae, [args.feature])
+    ids: dict[str, int] = {}
+    unresolved = []
+    for t in dict.fromkeys(args.tokens):
+        tid = _token_id(lm, t)
+        if tid is None:
+            unresolved.append(t)
+        elif tid not in ids.values():
+            ids[lm.token_str(tid)] = tid
+    if not ids:
+        raise InputError(f"none of the named tokens is one token of this model's vocabulary: {args.tokens[:5]}")
+    d_vocab = int(lm.model.cfg.d_vocab)
+    pool = [i for i in range(d_vocab) if i not in set(ids.values())]
+    rand = _random.Random(args.seed).sample(pool, min(args.n_random, len(pool)))
+    watch = torch.tensor([*ids.values(), *rand], dtype=torch.long)
+    seqs = _tokenize(lm, args.texts, args.prepend_bos)
+    steer_sum = torch.zeros(len(watch), dtype=torch.float64)
+    abl_sum = torch.zeros(len(watch), dtype=torch.float64)
+    n_pos = n_fire = 0
+    for idx, tokens in _batches(lm, seqs, d_vocab):
+        lengths = torch.tensor([len(seqs[i]) for i in idx])
+        real = torch.arange(tokens.shape[1])[None, :] < lengths[:, None]  # [rows, pos]
+        fires = _encode_at_site(lm, sae, tokens)[..., args.feature].float().cpu() > 0
+        fires &= real
+        clean = _spliced_logits(lm, sae, tokens, None).float().log_softmax(-1)[..., watch].cpu()
+        up = _spliced_logits(lm, sae, tokens, _add(args.feature, args.scale)).float().log_softmax(-1)[..., watch]
+        off = _spliced_logits(lm, sae, tokens, _zero([args.feature])).float().log_softmax(-1)[..., watch]
+        steer_sum += (up.cpu() - clean)[real].double().sum(0)
+        abl_sum += (off.cpu() - clean)[fires].double().sum(0)
+        n_pos += int(real.sum())
+        n_fire += int(fires.sum())
+    k = len(ids)
+    steer = (steer_sum / n_pos).tolist()
+    abl = (abl_sum / n_fire).tolist() if n_fire else None
+    names = list(ids)
+    return OutputEffectOut(
+        sae_id=sae.sae_id, feature=args.feature, scale=args.scale, tokens=names, unresolved=unresolved,
+        steer_delta={n: round_sig(v) for n, v in zip(names, steer[:k])},
+        random_steer_mean=round_sig(sum(steer[k:]) / len(rand)), steer_auc=round(_auc(steer[:k], steer[k:]), 4),
+        ablate_delta=None if abl is None else {n: round_sig(v) for n, v in zip(names, abl[:k])},
+        ablate_auc=None if abl is None else round(_auc([-v for v in abl[:k]], [-v for v in abl[k:]]), 4),
+        n_texts=len(args.texts), n_positions=n_pos, n_firing_positions=n_fire, n_random=len(rand))
+
+
+OUTPUT_EFFECT = ToolSpec(
+    name="output_effect", level=CausalLevel.INTERVENTION, input_model=OutputEffectIn, output_model=OutputEffectOut,
+    fn=output_effect, cost=Cost.FORWARD,
+    description="Test a label's output side ('promotes tokens T'): steer the feature up at every position and zero "
+                "it where it fires (SAE spliced with its error term), and compare the named tokens' change in "
+                "next-token log-probability with random vocabulary tokens (AUC: 1 = every named token moves more "
+                "than every random one, 0.5 = chance). Intervention-level evidence about what the feature does.")
+TOOLS = (*TOOLS, OUTPUT_EFFECT)
+
+
+# ============================================================================= tool 5: linear_probe
+#: token classes a probe's concept can be (the same readings as the lexical judge's)
+TOKEN_CLASSES: dict[str, str] = {"capitalised": r"[A-Z][A-Za-z'-]*", "number": r"\d+([.,]\d+)?",
+                                 "punctuation": r"[.,;:!?'\"()-]+"}
+
+
+class LinearProbeIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    site: str = Field(description="where to read activations: a layer site such as resid_post.1, mlp_out.0 "
+                                  "(per-head sites and attention patterns are not supported)")
+    texts: list[Text] = Field(min_length=4, max_length=256, description="texts whose tokens are the examples")
+    tokens: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        default=None, max_length=200, description="the concept as a token set: a token is positive when its text "
+                                                  "(spaces stripped, case ignored) is one of these")
+    category: Literal["capitalised", "number", "punctuation"] | None = Field(
+        default=None, description="the concept as a token class instead of a token set")
+    train_fraction: float = Field(default=0.5, gt=0, lt=1, description="share of the texts to train on")
+    seed: int = Field(default=0, description="seed of the train/test split of the texts")
+    l2: float = Field(default=1e-3, ge=0, le=10, description="L2 penalty of the logistic regression")
+    prepend_bos: bool = Field(default=True, description="prepend the BOS token (never an example)")
+
+
+class LinearProbeOut(ToolOutput):
+    site: str
+    concept: str
+    n_train: int
+    n_test: int
+    n_positive_train: int
+    n_positive_test: int
+    train_accuracy: float
+    test_accuracy: float
+    test_balanced_accuracy: float
+    majority_baseline: float = Field(description="test accuracy of always answering the training majority class")
+
+    def summary_text(self) -> str:
+        return (f"linear probe for {self.concept} at {self.site} (association): trained on {self.n_train} tokens "
+                f"({self.n_positive_train} positive), tested on {self.n_test} tokens of other texts "
+                f"({self.n_positive_test} positive): accuracy {self.test_accuracy:.3f} (train "
+                f"{self.train_accuracy:.3f}), balanced {self.test_balanced_accuracy:.3f}, majority baseline "
+                f"{self.majority_baseline:.3f}")
+
+
+def site_activations(lm: LoadedModel, site_text: str, seqs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Activations ``[len, d]`` at a layer site for each token sequence (float32, CPU), run only as deep as
+    needed. Per-head sites and attention patterns are refused (their shape is not one vector per token)."""
+    from autoexplain.tools.models import hook_name
+    from autoexplain.tools.vocab import HEAD_KINDS, Site, SiteKind
+
+    site = Site.parse(site_text)
+    if site.kind in HEAD_KINDS or site.kind in (SiteKind.PATTERN, SiteKind.Z):
+        raise InputError(f"site {site_text!r} is not one vector per token: use resid_pre/mid/post, attn_out, "
+                         "mlp_in/out or mlp_post")
+    if site.layer >= lm.model.cfg.n_layers:
+        raise InputError(f"site {site_text!r}: the model has layers 0..{lm.model.cfg.n_layers - 1}")
+    name = hook_name(site)
+    if name not in lm.model.hook_dict:
+        raise InputError(f"site {site_text!r} does not exist in this model (no hook {name})")
+    out: list[torch.Tensor] = [torch.zeros(0)] * len(seqs)
+    for idx, tokens in _batches(lm, list(seqs), int(lm.model.cfg.d_model)):
+        grabbed: list[torch.Tensor] = []
+
+        def grab(act: torch.Tensor, hook: object, into: list[torch.Tensor] = grabbed) -> None:
+            into.append(act)
+
+        with torch.no_grad():
+            lm.model.run_with_hooks(tokens, fwd_hooks=[(name, grab)], stop_at_layer=site.layer + 1)
+        for row, i in enumerate(idx):
+            out[i] = grabbed[0][row, : len(seqs[i])].float().cpu()
+    return out
+
+
+def _concept_labels(lm: LoadedModel, seq: torch.Tensor, tokens: set[str] | None, pattern: str | None,
+                    skip_first: bool) -> list[bool | None]:
+    """Per token: in the concept or not; None for the BOS (never an example)."""
+    import re
+
+    strs = lm.token_strs(seq.tolist())
+    out: list[bool | None] = []
+    for i, t in enumerate(strs):
+        if i == 0 and skip_first:
+            out.append(None)
+        elif tokens is not None:
+            out.append(t.strip().lower() in tokens)
+        else:
+            out.append(bool(re.fullmatch(pattern or "", t.strip())))
+    return out
+
+
+def _fit_logistic(x: torch.Tensor, y: torch.Tensor, l2: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights and bias of an L2-penalised logistic regression (full-batch L-BFGS on standardised inputs)."""
+    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(x @ w + b, y) + l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return w.detach(), b.detach()
+
+
+def linear_probe(ctx: ToolContext, args: LinearProbeIn) -> LinearProbeOut:
+    """Is a concept linearly readable at a site? Train a logistic regression on one split of the texts, report
+    accuracy on the other.
+
+    Technique: every real token (BOS excluded) of every text is an example, labelled by the concept (a token set,
+    or a token class: capitalised words, numbers, punctuation). The texts, not the tokens, are split (seeded), so
+    no text contributes to both sides. Inputs are standardised with the training side's mean and deviation; the
+    probe is an L2-penalised logistic regression (L-BFGS). Reported: train and test accuracy, test balanced
+    accuracy, and the majority-class baseline on the test side (a probe that does not beat it has learnt nothing).
+
+    Association only: a readable concept is encoded (correlated with the activations), not necessarily used by
+    the model; with as many dimensions as examples a probe can fit anything on its training side — trust the test
+    side, and compare with the baseline.
+    """
+    import random as _random
+
+    if (args.tokens is None) == (args.category is None):
+        raise InputError("give the concept as tokens (a token set) or as a category, exactly one of the two")
+    lm = ctx.model
+    seqs = _tokenize(lm, args.texts, args.prepend_bos)
+    acts = site_activations(lm, args.site, seqs)
+    wanted = {t.strip().lower() for t in args.tokens} if args.tokens is not None else None
+    pattern = TOKEN_CLASSES[args.category] if args.category else None
+    order = list(range(len(args.texts)))
+    _random.Random(args.seed).shuffle(order)
+    n_train = max(1, min(len(order) - 1, round(args.train_fraction * len(order))))
+    sides: dict[str, tuple[list[torch.Tensor], list[bool]]] = {"train": ([], []), "test": ([], [])}
+    for rank, i in enumerate(order):
+        side = "train" if rank < n_train else "test"
+        for pos, lab in enumerate(_concept_labels(lm, seqs[i], wanted, pattern, args.prepend_bos)):
+            if lab is not None:
+                sides[side][0].append(acts[i][pos])
+                sides[side][1].append(lab)
+    for side, (_, labels) in sides.items():
+        if not labels or all(labels) or not any(labels):
+            raise InputError(f"the {side} texts hold {'no' if not any(labels) else 'only'} positive tokens of the "
+                             "concept: write texts with and without it (both sides need both)")
+    x_tr, x_te = (torch.stack(sides[s][0]).double() for s in ("train", "test"))
+    y_tr, y_te = (torch.tensor(sides[s][1], dtype=torch.float64) for s in ("train", "test"))
+    mu, sd = x_tr.mean(0), x_tr.std(0).clamp_min(1e-6)
+    w, b = _fit_logistic((x_tr - mu) / sd, y_tr, args.l2)
+    pred_tr = ((x_tr - mu) / sd @ w + b) > 0
+    pred_te = ((x_te - mu) / sd @ w + b) > 0
+    truth = y_te > 0.5
+    recall = (pred_te & truth).sum().item() / truth.sum().item()
+    specificity = (~pred_te & ~truth).sum().item() / (~truth).sum().item()
+    majority = bool(y_tr.mean().item() > 0.5)
+    concept = (f"tokens {{{', '.join(sorted(wanted))[:200]}}}" if wanted is not None else f"{args.category} tokens")
+    return LinearProbeOut(
+        site=args.site, concept=concept, n_train=len(y_tr), n_test=len(y_te),
+        n_positive_train=int(y_tr.sum().item()), n_positive_test=int(y_te.sum().item()),
+        train_accuracy=round((pred_tr == (y_tr > 0.5)).double().mean().item(), 4),
+        test_accuracy=round((pred_te == truth).double().mean().item(), 4),
+        test_balanced_accuracy=round((recall + specificity) / 2, 4),
+        majority_baseline=round((truth == majority).double().mean().item(), 4))
+
+
+LINEAR_PROBE = ToolSpec(
+    name="linear_probe", level=CausalLevel.ASSOCIATION, input_model=LinearProbeIn, output_model=LinearProbeOut,
+    fn=linear_probe, cost=Cost.FORWARD,
+    description="Train a linear probe (logistic regression) for a concept — a token set or a token class "
+                "(capitalised, number, punctuation) — on the activations at a site, on one split of the texts, "
+                "and report accuracy on the other split with the majority baseline. Association only: a readable "
+                "concept is encoded there, not necessarily used.")
+TOOLS = (*TOOLS, LINEAR_PROBE)

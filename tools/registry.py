@@ -163,4 +163,4 @@ def default_registry() -> Registry:
 
 #: Modules of ``autoexplain.tools`` that export a ``TOOLS`` tuple of :class:`ToolSpec`.
 TOOL_MODULES: tuple[str, ...] = ("info", "probe", "lens", "harvest", "patching", "circuits", "heads",
-                                 "tracing")
+                                 "tracing", "attribution", "feature_circuits", "identifiability")

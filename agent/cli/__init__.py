@@ -16,9 +16,13 @@ from autoexplain.agent.cli.bench import bench_app
 from autoexplain.agent.cli.circuit import circuit
 from autoexplain.agent.cli.common import fail
 from autoexplain.agent.cli.demo import demo
+from autoexplain.agent.cli.export_graph import export_graph
+from autoexplain.agent.cli.feature_circuit import feature_circuit
 from autoexplain.agent.cli.harvest import check, harvest_cmd
 from autoexplain.agent.cli.heads import heads
 from autoexplain.agent.cli.interventions import ablate, dla, lens, steer
+from autoexplain.agent.cli.mcp import mcp
+from autoexplain.agent.cli.report import report
 from autoexplain.agent.cli.run import label, run
 from autoexplain.agent.cli.show import show_app
 from autoexplain.agent.cli.sql import sql, tools_cmd
@@ -62,6 +66,10 @@ app.command("lens")(lens)
 app.command("dla")(dla)
 app.command("heads")(heads)
 app.command("trace")(trace)
+app.command("feature-circuit")(feature_circuit)
+app.command("export-graph")(export_graph)
+app.command("report")(report)
+app.command("mcp")(mcp)
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ import typer
 from autoexplain.tools.errors import InputError
 
 if TYPE_CHECKING:
-    from autoexplain.agent.runner import ItemOutcome, Plan, Prepared, RunResult
+    from autoexplain.agent.runner import ItemExecutor, ItemOutcome, Plan, Prepared, RunResult
     from autoexplain.agent.store import Store
     from autoexplain.tools.data import TaskFile
     from autoexplain.tools.models import LoadedModel
@@ -289,8 +289,10 @@ def plan_from(data: dict[str, Any]) -> Plan:
 
 
 def execute(plan: Plan, db: Path | None, *, kind: str, resume: bool = False,
-            resume_hint: str = "run the same command with --resume to continue") -> tuple[RunResult, Store, Prepared]:
-    """Validate, open the store, run with a live display; return the RunResult. Ctrl-C (or SIGTERM) ends in one
+            resume_hint: str = "run the same command with --resume to continue",
+            executor: ItemExecutor | None = None) -> tuple[RunResult, Store, Prepared]:
+    """Validate, open the store, run with a live display (the items on ``executor``: default serial, here);
+    return the RunResult. Ctrl-C (or SIGTERM) ends in one
     line (:class:`~autoexplain.tools.errors.Interrupted`, exit code 130) saying what was kept and ``resume_hint``."""
     from autoexplain.agent.runner import prepare, run_plan
 
@@ -315,7 +317,8 @@ def execute(plan: Plan, db: Path | None, *, kind: str, resume: bool = False,
 
     try:
         with progress() as report:
-            res = run_plan(store, prep, kind=kind, resume=resume, report=report, on_item=on_item)
+            res = run_plan(store, prep, kind=kind, resume=resume, report=report, on_item=on_item,
+                           executor=executor)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the runner marked the run interrupted and committed what finished
         from autoexplain.agent.store import queries
         from autoexplain.tools.errors import Interrupted

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 if TYPE_CHECKING:
     from autoexplain.agent.store import Store
+    from autoexplain.tools.models import LoadedModel
 
 from autoexplain.agent.cli.common import (
     DbOpt,
@@ -33,10 +35,13 @@ def demo(db: DbOpt = None,
     """The main job on the toy world, offline: build it, then let the agent label live features of both toy SAEs
     and find and explain the circuit of every toy task, scoring everything on held-out data, all into the
     database."""
+    from autoexplain.agent.report import check_out_dir
     from autoexplain.tools.zoo import get_spec
 
     get_spec(world)  # an unknown world: one line, before anything is built or written
     check_db_path(db)  # before the toy world builds or loads
+    report_dir = demo_report_dir(db)
+    check_out_dir(report_dir)
     built = build_zoo(world)
     plan = plan_from({"name": "demo", "model": f"toy:{world}",
                       "items": [*({"label": {"sae": f"toy:{world}/{s['name']}", "features": DEMO_FEATURES,
@@ -54,6 +59,7 @@ def demo(db: DbOpt = None,
     path = store.path.resolve()
     flag = f" --db {path}" if db else ""
     con.print(f"\n[bold]results[/bold]: {path}  (run {res.run_id})")
+    con.print(f"[bold]report[/bold]: {_write_report(store, report_dir, prep.lm)}  (open it in a browser; offline)")
     con.print("try:")
     for q in ("select target, text, round(correctness, 2) as correctness, round(completeness, 2) as completeness, "
               "round(succinctness, 2) as succinctness from best_explanations order by correctness desc nulls last "
@@ -63,6 +69,25 @@ def demo(db: DbOpt = None,
               "select c.task, e.rank, e.edge, round(e.score, 3) as score from circuits c join circuit_edges e "
               "using (circuit_id) where e.in_circuit order by c.task, e.rank"):
         con.print(f'  autoexplain sql "{q}"{flag}')
+
+
+def demo_report_dir(db: Path | None) -> Path:
+    """Where the demo writes its HTML report: next to the database, named after it (``autoexplain-report/``
+    beside ``autoexplain.duckdb``)."""
+    from autoexplain.agent.store import default_db_path
+
+    path = db or default_db_path()
+    return path.with_name(f"{path.stem}-report")
+
+
+def _write_report(store: Store, out: Path, lm: LoadedModel) -> Path:
+    """The report of the whole database (this run and any earlier ones), its index page's path returned (the
+    circuits' attention patterns and logit lens computed with the demo's model, already loaded)."""
+    from autoexplain.agent.report import build_report
+
+    err = console(stderr=True)
+    res = build_report(store, out, loaded={lm.spec: lm}, progress=lambda msg: err.print(f"[dim]report: {msg}[/dim]"))
+    return res.index.resolve()
 
 
 def _show_labels(store: Store, run_id: str, specs: dict[str, str]) -> None:

@@ -414,6 +414,57 @@ _V8 = (
         select * exclude (rk) from ranked where rk = 1""",
 )
 
+_V9 = (
+    """create table feature_circuits (
+    feature_circuit_id varchar not null primary key,
+    run_id varchar not null,
+    item_id varchar,  -- the work item that found it (agent runs); null: the CLI
+    model_id varchar not null,
+    task varchar not null,
+    saes varchar[] not null,  -- sae_ids in forward order
+    sites varchar[] not null,  -- their sites, e.g. resid_post.0
+    metric varchar not null,
+    ablation varchar not null,  -- resample: nodes outside take their corrupt-prompt values
+    per_position boolean not null,  -- one node per (feature, position) instead of summed
+    steps integer,  -- integrated-gradient steps
+    node_threshold double,  -- kept nodes: |effect| >= this x |m(M) - m(empty)|
+    edge_threshold double,  -- kept edges: |weight| >= this x |m(M) - m(empty)|
+    n_prompts integer,
+    m_clean double,  -- m(M): the model (SAEs spliced, error terms kept)
+    m_ablated double,  -- m(empty): every node at its corrupt value
+    n_nodes integer,  -- nodes kept
+    n_nodes_total integer,
+    n_edges integer,  -- edges kept
+    faithfulness double,  -- sufficiency F(C) = (m(C) - m(empty)) / (m(M) - m(empty))
+    necessity double,  -- 1 - F(M minus C)
+    completeness double,  -- max(0, 1 - worst |F(C minus K) - F(M minus K)|) over knock-outs K
+    held_out_faithfulness double,  -- F(C) on prompts the search never saw; null: no held-out split
+    details json,
+    created_at timestamp not null
+)""",
+    """create table feature_circuit_nodes (
+    feature_circuit_id varchar not null,
+    node varchar not null,  -- 'embed', 'SAE_ID#12', 'SAE_ID#err', with '@POS' for per-position nodes
+    kind varchar not null,  -- embed | feature | error
+    sae_id varchar,
+    feature_index integer,  -- features only
+    site varchar,
+    position integer,  -- null: summed over positions
+    effect double,  -- IG estimate of m(clean) - m(node at its corrupt value)
+    activation double,  -- clean activation (features): summed over positions, mean over prompts
+    in_circuit boolean not null,
+    primary key (feature_circuit_id, node)
+)""",
+    """create table feature_circuit_edges (
+    feature_circuit_id varchar not null,
+    src varchar not null,
+    dst varchar not null,  -- a node, or 'logits'
+    weight double,  -- linear approximation of src's effect through dst, directly
+    in_circuit boolean not null,
+    primary key (feature_circuit_id, src, dst)
+)""",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (Migration(1, "initial schema", _V1),
                                      Migration(2, "judgements: one row per per-example judge decision", _V2),
                                      Migration(3, "agent: tool cache, LLM calls and cache, overall scores, "
@@ -426,4 +477,6 @@ MIGRATIONS: tuple[Migration, ...] = (Migration(1, "initial schema", _V1),
                                      Migration(7, "sae_aliases: every spec an SAE was loaded under", _V7),
                                      Migration(8, "mechanisms: circuit necessity, held-out and robustness; "
                                                   "circuit_nodes, head_roles, causal traces; explanations' "
-                                                  "supported causal level", _V8))
+                                                  "supported causal level", _V8),
+                                     Migration(9, "sparse feature circuits: feature_circuits, feature_circuit_nodes, "
+                                                  "feature_circuit_edges", _V9))

@@ -708,3 +708,470 @@ def item_tool_outputs(store: Reads, item_id: str, tool: str) -> list[str]:
     rows = store.query("select c.output from tool_calls t join tool_cache c using (cache_key) where t.item_id = ? "
                        "and t.tool = ? and t.error is null order by t.created_at", [item_id, tool])[1]
     return [str(r[0]) for r in rows]
+
+
+# ----------------------------------------------------------------------------- the HTML report (bulk reads)
+# The report reads whole tables at a time (one query per table, or per slice of features), never one feature at a
+# time: a ReadOnlyStore opens the file for every query, and a report covers tens of thousands of features.
+class ReportRun(NamedTuple):
+    run_id: str
+    kind: str
+    status: str
+    policy: str | None
+    started_at: Any
+    finished_at: Any
+    config: dict[str, Any]
+    summary: dict[str, Any]
+
+
+def report_runs(store: Reads, run_id: str | None = None) -> list[ReportRun]:
+    """Every run (or only ``run_id``), newest first, JSON decoded."""
+    where, params = ("where run_id = ?", [run_id]) if run_id else ("", [])
+    rows = store.query(f"select run_id, kind, status, policy, started_at, finished_at, config, summary from runs "
+                       f"{where} order by started_at desc", params)[1]
+    return [ReportRun(r[0], r[1], r[2], r[3], r[4], r[5], _json(r[6]) or {}, _json(r[7]) or {}) for r in rows]
+
+
+class ReportItem(NamedTuple):
+    """A work item with its final explanation (if any)."""
+
+    item_id: str
+    run_id: str
+    kind: str  #: feature | circuit
+    target: str
+    status: str
+    error: str | None
+    budget: dict[str, Any]
+
+
+def report_items(store: Reads, run_id: str | None = None) -> list[ReportItem]:
+    """Every work item (or those of ``run_id``), by run, kind and target."""
+    where, params = ("where run_id = ?", [run_id]) if run_id else ("", [])
+    rows = store.query(f"select item_id, run_id, kind, target, status, error, budget from work_items {where} "
+                       "order by run_id, kind, target", params)[1]
+    return [ReportItem(r[0], r[1], r[2], r[3], r[4], r[5], _json(r[6]) or {}) for r in rows]
+
+
+class ReportExplanation(NamedTuple):
+    """An explanation with its claimed and supported causal level and the three scores (None: not computed)."""
+
+    explanation_id: str
+    run_id: str
+    item_id: str
+    target: str
+    text: str
+    author: str
+    llm_model: str | None
+    causal_level: str
+    supported_level: str | None
+    overclaimed: bool | None
+    is_final: bool
+    budget_limited: bool
+    overall: float | None
+    judge: str | None
+
+
+def report_explanations(store: Reads, run_id: str | None = None) -> list[ReportExplanation]:
+    """Every explanation (or those of ``run_id``'s items): per target, final ones first (newest first), then by
+    overall score."""
+    where, params = ("where run_id = ?", [run_id]) if run_id else ("", [])
+    rows = store.query("select explanation_id, run_id, item_id, target, text, author, llm_model, causal_level, "
+                       "supported_level, overclaimed, is_final, budget_limited, overall, judge from explanations "
+                       f"{where} order by target, is_final desc, case when is_final then epoch(created_at) else 0 "
+                       "end desc, overall desc nulls last, created_at desc", params)[1]
+    return [ReportExplanation(*r) for r in rows]
+
+
+def report_scores(store: Reads, run_id: str | None = None, *, with_details: bool = False
+                  ) -> dict[str, list[StoredScore]]:
+    """The ``scores`` rows of every explanation (or of ``run_id``'s), by explanation id; details decoded only when
+    asked (they are large and the feature pages need few of them)."""
+    where, params = ("where e.run_id = ?", [run_id]) if run_id else ("", [])
+    det = "s.details" if with_details else "null"
+    rows = store.query(f"select s.explanation_id, s.metric, s.value, s.n, {det} from scores s join explanations e "
+                       f"using (explanation_id) {where} order by s.explanation_id, case s.metric when 'correctness' "
+                       "then 0 when 'completeness' then 1 when 'succinctness' then 2 else 3 end, s.metric",
+                       params)[1]
+    out: dict[str, list[StoredScore]] = {}
+    for eid, metric, value, n, details in rows:
+        out.setdefault(eid, []).append(StoredScore(metric, value, n, _json(details) or {}))
+    return out
+
+
+class ReportJudgementSet(NamedTuple):
+    """One scorer's per-example judge decisions on one explanation, as parallel lists (``judgement_sets``)."""
+
+    scorer: str
+    judge: str
+    example_kinds: list[str]
+    example_ids: list[int]
+    truths: list[bool]
+    predictions: list[bool | None]  #: None where the judge's reply could not be parsed (ok false)
+    oks: list[bool]
+
+
+def report_judgements(store: Reads, explanation_ids: Sequence[str]) -> dict[str, list[ReportJudgementSet]]:
+    """The judgement sets of each of ``explanation_ids`` (the final labels), by explanation id: the sets' parallel
+    lists as stored, not the unnesting ``judgements`` view (several times faster for thousands of labels)."""
+    if not explanation_ids or not has_table(store, "judgement_sets"):
+        return {}
+    rows = store.query("select explanation_id, scorer, judge, example_kinds, example_ids, truths, predictions, oks "
+                       "from judgement_sets where explanation_id in (select unnest(?)) order by explanation_id, "
+                       "scorer, judge", [list(explanation_ids)])[1]
+    out: dict[str, list[ReportJudgementSet]] = {}
+    for eid, scorer, judge, kinds, ids, truths, preds, oks in rows:
+        out.setdefault(eid, []).append(ReportJudgementSet(scorer, judge, list(kinds), [int(i) for i in ids],
+                                                          list(truths), list(preds), list(oks)))
+    return out
+
+
+class ReportHypothesis(NamedTuple):
+    hypothesis_id: str
+    item_id: str
+    text: str
+    status: str
+    causal_level: str | None
+    evidence: list[str]  #: tool call ids
+
+
+class ReportToolCall(NamedTuple):
+    call_id: str
+    item_id: str | None
+    tool: str
+    args: dict[str, Any]
+    summary: str | None
+    error: str | None
+    duration_s: float | None
+
+
+def report_hypotheses(store: Reads, run_id: str | None = None) -> list[ReportHypothesis]:
+    """Every hypothesis (or ``run_id``'s), by item and time."""
+    where, params = ("where run_id = ?", [run_id]) if run_id else ("", [])
+    rows = store.query(f"select hypothesis_id, item_id, text, status, causal_level, evidence from hypotheses {where} "
+                       "order by item_id, created_at, hypothesis_id", params)[1]
+    return [ReportHypothesis(r[0], r[1], r[2], r[3], r[4], [str(x) for x in (_json(r[5]) or [])]) for r in rows]
+
+
+def report_tool_calls(store: Reads, run_id: str | None = None) -> list[ReportToolCall]:
+    """Every tool call (or ``run_id``'s), by item and time, with the bounded summary the policy saw."""
+    where, params = ("where run_id = ?", [run_id]) if run_id else ("", [])
+    rows = store.query(f"select call_id, item_id, tool, args, summary, error, duration_s from tool_calls {where} "
+                       "order by item_id, created_at, call_id", params)[1]
+    return [ReportToolCall(r[0], r[1], r[2], _json(r[3]) or {}, *r[4:]) for r in rows]
+
+
+class ReportFeature(NamedTuple):
+    """One feature's harvested statistics (JSON decoded)."""
+
+    sae_id: str
+    feature_index: int
+    density: float | None
+    max_act: float | None
+    mean_act: float | None
+    n_tokens: int | None
+    is_dead: bool | None
+    histogram: dict[str, Any] | None
+    top_logits: list[tuple[str, float]] | None
+    bottom_logits: list[tuple[str, float]] | None
+
+
+def report_features(store: Reads, sae_id: str, lo: int = 0, hi: int | None = None) -> list[ReportFeature]:
+    """The stored statistics of ``sae_id``'s features with index in [lo, hi), by index."""
+    rows = store.query("select sae_id, feature_index, density, max_act, mean_act, n_tokens, is_dead, histogram, "
+                       "top_logits, bottom_logits from features where sae_id = ? and feature_index >= ? and "
+                       "feature_index < ? order by feature_index", [sae_id, lo, hi if hi is not None else 2**31 - 1])[1]
+    out = []
+    for r in rows:
+        logits = [None if v is None else [(str(t), float(x)) for t, x in _json(v)] for v in (r[8], r[9])]
+        out.append(ReportFeature(r[0], int(r[1]), r[2], r[3], r[4], r[5], r[6], _json(r[7]), logits[0], logits[1]))
+    return out
+
+
+def report_feature_range(store: Reads, sae_id: str) -> tuple[int, int, int]:
+    """(smallest index, largest index, count) of ``sae_id``'s stored features ((0, -1, 0) when none)."""
+    lo, hi, n = store.query("select min(feature_index), max(feature_index), count(*) from features where sae_id = ?",
+                            [sae_id])[1][0]
+    return (0, -1, 0) if not n else (int(lo), int(hi), int(n))
+
+
+#: A stored context as read, its tokens and activations still JSON text (decoded per feature by
+#: :func:`decode_examples`, so a slice of thousands of features holds text, not millions of Python objects).
+RawExample = tuple[str, int, int | None, str | None, float | None, Any, Any]
+
+
+def report_examples(store: Reads, sae_id: str, lo: int, hi: int) -> dict[int, list[RawExample]]:
+    """Every stored context of ``sae_id``'s features with index in [lo, hi), per feature, in the order of
+    :func:`stored_examples` (top, quantile by bin, random), undecoded: pass a feature's list to
+    :func:`decode_examples`."""
+    rows = store.query("select feature_index, kind, example_id, quantile, split, max_act, tokens, acts from "
+                       "feature_examples where sae_id = ? and feature_index >= ? and feature_index < ? order by "
+                       "feature_index, case kind when 'top' then 0 when 'quantile' then 1 else 2 end, quantile desc "
+                       "nulls last, max_act desc nulls last, example_id", [sae_id, lo, hi])[1]
+    out: dict[int, list[RawExample]] = {}
+    for f, k, i, q, s, m, t, a in rows:
+        out.setdefault(int(f), []).append((k, int(i), q, s, m, t, a))
+    return out
+
+
+def decode_examples(rows: Sequence[RawExample]) -> list[StoredExample]:
+    """:func:`report_examples`' rows of one feature as :class:`StoredExample` (a context whose maximum is 0 gets
+    zeros without parsing its activations: most stored contexts are non-activating samples)."""
+    import orjson
+
+    def load(v: Any) -> Any:
+        return orjson.loads(v) if isinstance(v, str | bytes) else v
+
+    out = []
+    for k, i, q, s, m, t, a in rows:
+        tokens = list(load(t))
+        acts = [0.0] * len(tokens) if m == 0 else list(load(a))
+        out.append(StoredExample(k, i, q, s, m, tokens, acts))
+    return out
+
+
+def report_circuits(store: Reads, run_id: str | None = None) -> list[CircuitRecord]:
+    """Every stored circuit (or ``run_id``'s), newest first."""
+    where, params = ("where run_id = ?", [run_id]) if run_id else ("", [])
+    ids = [str(r[0]) for r in store.query(f"select circuit_id from circuits {where} order by created_at desc",
+                                          params)[1]]
+    return [c for c in (circuit_record(store, i) for i in ids) if c is not None]
+
+
+def model_spec(store: Reads, model_id: str) -> str | None:
+    """The spec model ``model_id`` was loaded from (``models.spec``), if the database recorded it."""
+    rows = store.query("select spec from models where model_id = ?", [model_id])[1]
+    return str(rows[0][0]) if rows else None
+
+
+class ReportTrace(NamedTuple):
+    trace_id: str
+    task: str | None
+    p_clean: float | None
+    p_corrupted: float | None
+    cells: list[tuple[str, int, int, str | None, float | None]]  #: (state, layer, pos, label, normalized)
+
+
+def report_traces(store: Reads, model_id: str, task: str) -> list[ReportTrace]:
+    """The causal traces stored for ``model_id`` on ``task`` (none before the tables existed), newest first."""
+    if not has_table(store, "causal_traces"):
+        return []
+    rows = store.query("select trace_id, task, p_clean, p_corrupted from causal_traces where model_id = ? and "
+                       "task = ? order by created_at desc", [model_id, task])[1]
+    out = []
+    for tid, t, pc, pk in rows:
+        cells = store.query("select state, layer, pos, label, normalized from causal_trace_cells where trace_id = ? "
+                            "order by state, layer, pos", [tid])[1]
+        out.append(ReportTrace(tid, t, pc, pk, [(str(c[0]), int(c[1]), int(c[2]), c[3], c[4]) for c in cells]))
+    return out
+
+
+class ReportFeatureCircuit(NamedTuple):
+    """A feature circuit (``feature_circuits``) with its kept nodes and edges."""
+
+    feature_circuit_id: str
+    saes: list[str]
+    sites: list[str]
+    metric: str
+    ablation: str
+    n_nodes: int | None
+    n_nodes_total: int | None
+    n_edges: int | None
+    faithfulness: float | None
+    necessity: float | None
+    completeness: float | None
+    #: (node, kind, sae_id, feature_index, position, effect) of the kept nodes, largest |effect| first
+    nodes: list[tuple[str, str, str | None, int | None, int | None, float | None]]
+    edges: list[tuple[str, str, float | None]]  #: (src, dst, weight) of the kept edges
+
+
+def report_feature_circuits(store: Reads, model_id: str, task: str) -> list[ReportFeatureCircuit] | None:
+    """The feature circuits stored for ``model_id`` on ``task``, newest first; None when the file has no
+    ``feature_circuits`` table (written before it existed)."""
+    if not has_table(store, "feature_circuits"):
+        return None
+    rows = store.query("select feature_circuit_id, saes, sites, metric, ablation, n_nodes, n_nodes_total, n_edges, "
+                       "faithfulness, necessity, completeness from feature_circuits where model_id = ? and task = ? "
+                       "order by created_at desc", [model_id, task])[1]
+    out = []
+    for r in rows:
+        nodes = store.query("select node, kind, sae_id, feature_index, position, effect from feature_circuit_nodes "
+                            "where feature_circuit_id = ? and in_circuit order by abs(effect) desc nulls last, node",
+                            [r[0]])[1]
+        edges = store.query("select src, dst, weight from feature_circuit_edges where feature_circuit_id = ? and "
+                            "in_circuit order by abs(weight) desc nulls last", [r[0]])[1]
+        out.append(ReportFeatureCircuit(str(r[0]), list(r[1]), list(r[2]), r[3], r[4], r[5], r[6], r[7], r[8], r[9],
+                                        r[10], [(str(n[0]), str(n[1]), n[2], n[3], n[4], n[5]) for n in nodes],
+                                        [(str(e[0]), str(e[1]), e[2]) for e in edges]))
+    return out
+
+
+def report_sae_specs(store: Reads) -> dict[str, KnownSae]:
+    """Every SAE the database knows, by sae_id."""
+    return {s.sae_id: s for s in known_saes(store)}
+
+
+# ----------------------------------------------------------------------------- sparse feature circuits
+class FeatureCircuitRecord(NamedTuple):
+    """One ``feature_circuits`` row, details decoded."""
+
+    feature_circuit_id: str
+    run_id: str
+    model_id: str
+    task: str
+    saes: list[str]
+    sites: list[str]
+    metric: str
+    ablation: str
+    per_position: bool
+    node_threshold: float | None
+    edge_threshold: float | None
+    n_prompts: int | None
+    m_clean: float | None
+    m_ablated: float | None
+    n_nodes: int | None
+    n_edges: int | None
+    faithfulness: float | None
+    necessity: float | None
+    completeness: float | None
+    held_out_faithfulness: float | None
+    details: dict[str, Any]
+
+
+def feature_circuit_record(store: Reads, fc_id: str) -> FeatureCircuitRecord | None:
+    """A stored feature circuit (None when the id is unknown or the file predates schema 9)."""
+    if not has_table(store, "feature_circuits"):
+        return None
+    rows = store.query("select feature_circuit_id, run_id, model_id, task, saes, sites, metric, ablation, "
+                       "per_position, node_threshold, edge_threshold, n_prompts, m_clean, m_ablated, n_nodes, "
+                       "n_edges, faithfulness, necessity, completeness, held_out_faithfulness, details "
+                       "from feature_circuits where feature_circuit_id = ?", [fc_id])[1]
+    if not rows:
+        return None
+    r = list(rows[0])
+    r[4], r[5] = list(r[4] or []), list(r[5] or [])
+    r[20] = _json(r[20]) or {}
+    return FeatureCircuitRecord(*r)
+
+
+def feature_circuit_listing(store: Reads) -> list[tuple[str, str, int | None]]:
+    """(feature_circuit_id, task, kept nodes) of every stored feature circuit, newest first."""
+    if not has_table(store, "feature_circuits"):
+        return []
+    rows = store.query("select feature_circuit_id, task, n_nodes from feature_circuits order by created_at desc")[1]
+    return [(str(i), str(t), n) for i, t, n in rows]
+
+
+class LabelledNode(NamedTuple):
+    """A ``feature_circuit_nodes`` row with its feature's best stored label and scores (None: unlabelled)."""
+
+    node: str
+    kind: str
+    sae_id: str | None
+    feature_index: int | None
+    site: str | None
+    position: int | None
+    effect: float | None
+    activation: float | None
+    in_circuit: bool
+    label: str | None
+    correctness: float | None
+    completeness: float | None
+    succinctness: float | None
+    density: float | None
+
+
+def feature_circuit_nodes(store: Reads, fc_id: str, *, kept_only: bool = True) -> list[LabelledNode]:
+    """The nodes of a feature circuit, largest |effect| first, each feature joined to its best explanation
+    (``best_explanations``, the final one first, then the best overall, across judges) and to ``features``."""
+    if not has_table(store, "feature_circuit_nodes"):
+        return []
+    rows = store.query(
+        "with b as (select target, text, correctness, completeness, succinctness, row_number() over ("
+        "partition by target order by is_final desc, overall desc nulls last, correctness desc nulls last) as rk "
+        "from best_explanations) "
+        "select n.node, n.kind, n.sae_id, n.feature_index, n.site, n.position, n.effect, n.activation, "
+        "n.in_circuit, b.text, b.correctness, b.completeness, b.succinctness, f.density "
+        "from feature_circuit_nodes n "
+        "left join b on b.rk = 1 and b.target = n.sae_id || '#' || cast(n.feature_index as varchar) "
+        "left join features f on f.sae_id = n.sae_id and f.feature_index = n.feature_index "
+        "where n.feature_circuit_id = ?" + (" and n.in_circuit" if kept_only else "") +
+        " order by abs(n.effect) desc nulls last, n.node", [fc_id])[1]
+    return [LabelledNode(*r) for r in rows]
+
+
+def feature_circuit_edges(store: Reads, fc_id: str, *, kept_only: bool = True) -> list[tuple[str, str, float | None,
+                                                                                              bool]]:
+    """(src, dst, weight, in_circuit) of a feature circuit's edges, largest |weight| first."""
+    if not has_table(store, "feature_circuit_edges"):
+        return []
+    rows = store.query("select src, dst, weight, in_circuit from feature_circuit_edges where feature_circuit_id = ?"
+                       + (" and in_circuit" if kept_only else "") + " order by abs(weight) desc nulls last, src, dst",
+                       [fc_id])[1]
+    return [(str(s), str(d), w, bool(k)) for s, d, w, k in rows]
+
+
+def report_feature_saes(store: Reads) -> list[str]:
+    """Every sae_id with harvested features (an SAE harvested by a run that never recorded it in ``saes`` too)."""
+    return [str(r[0]) for r in store.query("select distinct sae_id from features order by 1")[1]]
+
+
+# ----------------------------------------------------------------------------- MCP server (agent/mcp_server.py)
+def labelled_features(store: Reads, limit: int = 500) -> list[tuple[str, int, str]]:
+    """(sae_id, feature index, final label) of the features of known SAEs that have a final label, newest first,
+    at most ``limit``."""
+    rows = store.query("select s.sae_id, e.target, e.text from explanations e join saes s on starts_with(e.target, "
+                       "s.sae_id || '#') where e.is_final order by e.created_at desc, e.target limit ?", [limit])[1]
+    return [(str(sae_id), int(str(target).rpartition("#")[2]), str(text)) for sae_id, target, text in rows]
+
+
+def statement_types(sql: str) -> list[str]:
+    """The kind of each statement in ``sql`` by DuckDB's own parser (``SELECT``, ``INSERT``, ``CREATE``, ``SET``,
+    ``COPY``, ``ATTACH``, ...), read without opening any database; SELECT covers WITH, FROM-first, VALUES, SHOW,
+    DESCRIBE and SUMMARIZE. A parse error is one :class:`~autoexplain.tools.errors.InputError` line."""
+    import duckdb
+
+    from autoexplain.tools.errors import InputError
+
+    con = duckdb.connect(":memory:")
+    try:
+        return [s.type.name for s in con.extract_statements(sql)]
+    except duckdb.Error as exc:
+        raise InputError(f"query failed: {str(exc).strip().splitlines()[0]}") from None
+    finally:
+        con.close()
+
+
+def sae_widths(store: Reads) -> dict[str, int]:
+    """d_sae of every SAE the database knows, by sae_id."""
+    rows = store.query("select sae_id, d_sae from saes")[1] if has_table(store, "saes") else []
+    return {str(i): int(w) for i, w in rows if w is not None}
+
+
+def targets_labelled_elsewhere(store: Store, targets: Sequence[str], run_id: str) -> set[str]:
+    """The features among ``targets`` (``SAE_ID#INDEX``) with a final label written by another run than
+    ``run_id`` (a feature circuit's labels on demand: what was stored before the run started)."""
+    if not targets:
+        return set()
+    rows = store.query("select distinct target from explanations where is_final and run_id <> ? and target in "
+                       f"({', '.join('?' for _ in targets)})", [run_id, *targets])[1]
+    return {str(t) for (t,) in rows}
+
+
+def final_labels_of(store: Store, targets: Sequence[str]) -> dict[str, tuple[str, float | None]]:
+    """target -> (final label, its best correctness), the newest final label of each of ``targets``."""
+    if not targets:
+        return {}
+    rows = store.query(
+        "select e.target, e.text, max(b.correctness) from explanations e left join best_explanations b "
+        "using (explanation_id) where e.is_final and e.target in "
+        f"({', '.join('?' for _ in targets)}) group by e.target, e.text, e.created_at order by e.created_at desc",
+        list(targets))[1]
+    out: dict[str, tuple[str, float | None]] = {}
+    for target, text, corr in rows:
+        out.setdefault(str(target), (str(text), None if corr is None else float(corr)))
+    return out
+
+
+def fold_wal(store: Store) -> None:
+    """DuckDB's ``CHECKPOINT``: the write-ahead log folded into the database file (before copying the file)."""
+    store.query("checkpoint")

@@ -20,6 +20,9 @@ from autoexplain.agent.store.schema import (
     CircuitNodeRow,
     CircuitRow,
     ExplanationRow,
+    FeatureCircuitEdgeRow,
+    FeatureCircuitNodeRow,
+    FeatureCircuitRow,
     FeatureExampleRow,
     HeadRoleRow,
     JudgementSetRow,
@@ -30,10 +33,12 @@ from autoexplain.tools.vocab import Edge, Explanation
 if TYPE_CHECKING:
     from autoexplain.evals.circuits import CircuitScores
     from autoexplain.evals.claims import ClaimCheck
+    from autoexplain.evals.feature_circuits import FeatureCircuitScores
     from autoexplain.evals.features import Example, ExampleJudgement, FeatureScores
     from autoexplain.evals.mechanism import MediationResult, NodeClaim
     from autoexplain.evals.scores import Score
     from autoexplain.tools.circuits import Circuit
+    from autoexplain.tools.feature_circuits import FeatureCircuit
     from autoexplain.tools.heads import RoleTable
     from autoexplain.tools.tracing import TraceGrid
 
@@ -250,3 +255,46 @@ def with_split(example_rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]
         for i, side in zip(idx, sides, strict=True):
             out[i]["split"] = side
     return out
+
+
+# ----------------------------------------------------------------------------- sparse feature circuits
+def feature_circuit_id(model_id: str, task_fingerprint: str, saes: Sequence[str], settings: Mapping[str, Any]) -> str:
+    """Deterministic, so finding the same feature circuit again replaces its rows instead of adding new ones."""
+    key = json.dumps([model_id, task_fingerprint, list(saes), dict(sorted(settings.items()))], default=str)
+    return "fcirc-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def feature_circuit_rows(fc_id: str, run_id: str, task_name: str, circ: FeatureCircuit,
+                         scores: FeatureCircuitScores | None = None, *, details: Mapping[str, Any] | None = None,
+                         held_out: FeatureCircuitScores | None = None, item_id: str | None = None
+                         ) -> dict[str, list[Any]]:
+    """The ``feature_circuits`` row, a ``feature_circuit_nodes`` row for every node whose effect is not exactly 0
+    (kept or not), and a ``feature_circuit_edges`` row for every computed edge. ``scores``: on the prompts the
+    circuit was found on; ``held_out``: on prompts it never saw."""
+    row: FeatureCircuitRow = {
+        "feature_circuit_id": fc_id, "run_id": run_id, "item_id": item_id, "model_id": circ.model_id,
+        "task": task_name,
+        "saes": list(circ.saes), "sites": [str(s) for s in circ.sites], "metric": circ.metric.value,
+        "ablation": circ.ablation, "per_position": circ.per_position, "steps": circ.steps,
+        "node_threshold": circ.node_threshold, "edge_threshold": circ.edge_threshold, "n_prompts": circ.n_prompts,
+        "m_clean": circ.m_clean, "m_ablated": circ.m_ablated, "n_nodes": len(circ.kept()),
+        "n_nodes_total": len(circ.nodes), "n_edges": len(circ.circuit_edges()),
+        "faithfulness": scores.faithfulness if scores is not None else circ.faithfulness,
+        "necessity": scores.necessity if scores is not None else None,
+        "completeness": scores.completeness if scores is not None else None,
+        "held_out_faithfulness": held_out.faithfulness if held_out is not None else None,
+        "details": {"seconds": circ.seconds, "threshold_is_relative_to": "|m(M) - m(empty)|",
+                    "scores": scores.model_dump(mode="json") if scores is not None else None,
+                    "held_out_scores": held_out.model_dump(mode="json") if held_out is not None else None,
+                    **(details or {})},
+        "created_at": utc_now(),
+    }
+    nodes: list[FeatureCircuitNodeRow] = [
+        {"feature_circuit_id": fc_id, "node": n.key, "kind": n.node.kind.value, "sae_id": n.node.sae_id,
+         "feature_index": n.node.index, "site": None if n.node.site is None else str(n.node.site),
+         "position": n.node.position, "effect": n.effect, "activation": n.activation, "in_circuit": n.in_circuit}
+        for n in circ.nodes if n.effect != 0.0 or n.in_circuit]
+    edges: list[FeatureCircuitEdgeRow] = [
+        {"feature_circuit_id": fc_id, "src": e.src, "dst": e.dst, "weight": e.weight, "in_circuit": e.in_circuit}
+        for e in circ.edges]
+    return {"feature_circuits": [row], "feature_circuit_nodes": nodes, "feature_circuit_edges": edges}

@@ -404,6 +404,65 @@ class SaeAliasRow(TypedDict, total=False):
     seen_at: Annotated[dt.datetime, NOT_NULL, Doc("when an SAE was last loaded under this spec")]
 
 
+class FeatureCircuitRow(TypedDict, total=False):
+    """``feature_circuits``: a sparse feature circuit (Marks et al.) found for a task over one or more SAEs: nodes
+    are SAE features, SAE error terms and the embeddings; node effects by integrated gradients, edges by the linear
+    approximation; scores by ablating every node outside (error terms included), resample ablation."""
+
+    feature_circuit_id: Annotated[str, KEY]
+    run_id: Annotated[str, NOT_NULL]
+    item_id: Annotated[str | None, Doc("the work item that found it (agent runs); null: the CLI")]
+    model_id: Annotated[str, NOT_NULL]
+    task: Annotated[str, NOT_NULL]
+    saes: Annotated[list[str], NOT_NULL, Doc("sae_ids in forward order")]
+    sites: Annotated[list[str], NOT_NULL, Doc("their sites, e.g. resid_post.0")]
+    metric: Annotated[str, NOT_NULL]
+    ablation: Annotated[str, NOT_NULL, Doc("resample: nodes outside take their corrupt-prompt values")]
+    per_position: Annotated[bool, NOT_NULL, Doc("one node per (feature, position) instead of summed")]
+    steps: Annotated[int | None, Doc("integrated-gradient steps")]
+    node_threshold: Annotated[float | None, Doc("kept nodes: |effect| >= this x |m(M) - m(empty)|")]
+    edge_threshold: Annotated[float | None, Doc("kept edges: |weight| >= this x |m(M) - m(empty)|")]
+    n_prompts: int | None
+    m_clean: Annotated[float | None, Doc("m(M): the model (SAEs spliced, error terms kept)")]
+    m_ablated: Annotated[float | None, Doc("m(empty): every node at its corrupt value")]
+    n_nodes: Annotated[int | None, Doc("nodes kept")]
+    n_nodes_total: int | None
+    n_edges: Annotated[int | None, Doc("edges kept")]
+    faithfulness: Annotated[float | None, Doc("sufficiency F(C) = (m(C) - m(empty)) / (m(M) - m(empty))")]
+    necessity: Annotated[float | None, Doc("1 - F(M minus C)")]
+    completeness: Annotated[float | None, Doc("max(0, 1 - worst |F(C minus K) - F(M minus K)|) over knock-outs K")]
+    held_out_faithfulness: Annotated[float | None, Doc("F(C) on prompts the search never saw; null: no held-out "
+                                                       "split")]
+    details: Annotated[Json, JSON]
+    created_at: Annotated[dt.datetime, NOT_NULL]
+
+
+class FeatureCircuitNodeRow(TypedDict, total=False):
+    """``feature_circuit_nodes``: every node of a feature circuit with a nonzero effect, kept or not. Feature nodes
+    join ``features`` on (sae_id, feature_index) and ``best_explanations`` on target = sae_id || '#' || index."""
+
+    feature_circuit_id: Annotated[str, KEY]
+    node: Annotated[str, KEY, Doc("'embed', 'SAE_ID#12', 'SAE_ID#err', with '@POS' for per-position nodes")]
+    kind: Annotated[str, NOT_NULL, Doc("embed | feature | error")]
+    sae_id: str | None
+    feature_index: Annotated[int | None, Doc("features only")]
+    site: str | None
+    position: Annotated[int | None, Doc("null: summed over positions")]
+    effect: Annotated[float | None, Doc("IG estimate of m(clean) - m(node at its corrupt value)")]
+    activation: Annotated[float | None, Doc("clean activation (features): summed over positions, mean over prompts")]
+    in_circuit: Annotated[bool, NOT_NULL]
+
+
+class FeatureCircuitEdgeRow(TypedDict, total=False):
+    """``feature_circuit_edges``: edges computed between a feature circuit's nodes (and into 'logits')."""
+
+    feature_circuit_id: Annotated[str, KEY]
+    src: Annotated[str, KEY]
+    dst: Annotated[str, KEY, Doc("a node, or 'logits'")]
+    weight: Annotated[float | None, Doc("linear approximation of src's effect through dst, directly")]
+    in_circuit: Annotated[bool, NOT_NULL]
+
+
 #: Every table and its row declaration, in creation order.
 DECLARATIONS: dict[str, type] = {
     "runs": RunRow, "work_items": WorkItemRow, "tool_calls": ToolCallRow, "models": ModelRow, "saes": SaeRow,
@@ -412,6 +471,8 @@ DECLARATIONS: dict[str, type] = {
     "judgement_sets": JudgementSetRow, "tool_cache": ToolCacheRow, "llm_calls": LLMCallRow,
     "llm_cache": LLMCacheRow, "harvests": HarvestRow, "sae_aliases": SaeAliasRow, "circuit_nodes": CircuitNodeRow,
     "head_roles": HeadRoleRow, "causal_traces": CausalTraceRow, "causal_trace_cells": CausalTraceCellRow,
+    "feature_circuits": FeatureCircuitRow, "feature_circuit_nodes": FeatureCircuitNodeRow,
+    "feature_circuit_edges": FeatureCircuitEdgeRow,
 }
 #: Views over the tables: read them like tables, never write them.
 VIEWS = ("judgements", "best_explanations")

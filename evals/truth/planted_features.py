@@ -32,10 +32,12 @@ and in the toy zoo's (where every category word is one token): feature 0 animals
 from __future__ import annotations
 
 import random
+import re
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -81,6 +83,8 @@ class PlantedFeatures(BaseModel):
     hook_site: str = SUPPORTED_SITE
     hook_name: str = "blocks.0.hook_resid_pre"
     d_sae: int
+    #: output-side features: feature -> the words it promotes (see :func:`plant_features`' ``outputs``)
+    outputs: dict[int, tuple[str, ...]] = {}
 
     def activation(self, feature: int, token_id: int) -> float:
         """The exact activation of ``feature`` on a token (0 when the token is not one of its words)."""
@@ -138,12 +142,20 @@ def single_token_ids(tokenizer: object, words: Sequence[str]) -> list[int]:
 def plant_features(base_model_dir: Path, out_dir: Path,
                    features: Mapping[int, Sequence[str]] = PLANTED_FEATURES,
                    dead: Sequence[int] = PLANTED_DEAD, *, hook_site: str = SUPPORTED_SITE,
+                   outputs: Mapping[int, Sequence[str]] | None = None,
                    overwrite: bool = False) -> PlantedFeatures:
     """Build ``out_dir/model`` (the edited GPT-2) and ``out_dir/sae`` (the planted SAE); see the module docstring.
 
     ``base_model_dir`` is a GPT-2 directory written by ``save_pretrained`` (weights, config and tokenizer), e.g.
     a toy-zoo model's ``BuiltZoo.model_dir``. It is only read. ``out_dir/planted.json`` records the ground truth
     (:func:`load_planted` reads it back). Existing output is refused unless ``overwrite``.
+
+    ``outputs`` plants output-side features: feature ``f`` (planted, with its input words) promotes the given
+    words (each one token). The unembedding is untied from the embedding (``tie_word_embeddings=False``; the
+    copy starts equal to ``wte``), dimensions ``0 … D−1`` of the copy are zeroed, and ``lm_head[id(w), f] =``
+    :data:`OUTPUT_WEIGHT`: dimension ``f`` of the final residual stream then raises exactly those words' logits
+    (directly; the layers in between also read it), and no planted input feature promotes anything directly. The
+    words need not be planted anywhere else; a word's weight stays below the SAE bias, so nothing fires on it.
     """
     from transformers import AutoConfig, AutoTokenizer, GPT2LMHeadModel
 
@@ -165,6 +177,12 @@ def plant_features(base_model_dir: Path, out_dir: Path,
     token_ids = {int(f): single_token_ids(tok, words) for f, words in features.items()}
 
     hf = GPT2LMHeadModel.from_pretrained(str(base_model_dir))
+    out_ids = {int(f): single_token_ids(tok, words) for f, words in (outputs or {}).items()}
+    missing = sorted(set(out_ids) - set(token_ids))
+    if missing:
+        raise ValueError(f"output features {missing} are not planted: give them input words in features too")
+    if out_ids:
+        _untie_and_plant_outputs(hf, out_ids, d_sae)
     strengths = _edit_embeddings(hf, token_ids, d_sae)
     shutil.copytree(base_model_dir, model_dir)
     hf.save_pretrained(str(model_dir))
@@ -172,9 +190,29 @@ def plant_features(base_model_dir: Path, out_dir: Path,
     planted = PlantedFeatures(model_dir=model_dir, sae_dir=sae_dir,
                               features={int(f): tuple(w) for f, w in features.items()},
                               dead=tuple(sorted(int(d) for d in dead)), token_ids=token_ids, strengths=strengths,
-                              d_sae=d_sae)
+                              d_sae=d_sae, outputs={int(f): tuple(w) for f, w in (outputs or {}).items()})
     (out_dir / MANIFEST).write_text(planted.model_dump_json(indent=1))
     return planted
+
+
+OUTPUT_WEIGHT = 1.0  # lm_head weight of a promoted word on its feature's dimension (< 1 - SAE_BIAS: never fires)
+
+
+def _untie_and_plant_outputs(hf: object, out_ids: Mapping[int, Sequence[int]], d_sae: int) -> None:
+    """Give the model its own unembedding (a copy of wte), zero dimensions ``0 … d_sae−1`` there, and write each
+    output feature's promoted words."""
+    import torch
+
+    with torch.no_grad():
+        wte = hf.transformer.wte.weight  # type: ignore[attr-defined]
+        head = torch.nn.Linear(wte.shape[1], wte.shape[0], bias=False)
+        head.weight.copy_(wte)
+        head.weight[:, :d_sae] = 0.0
+        for f, ids in out_ids.items():
+            for tid in ids:
+                head.weight[tid, f] = OUTPUT_WEIGHT
+    hf.config.tie_word_embeddings = False  # type: ignore[attr-defined]
+    hf.lm_head = head  # type: ignore[attr-defined]
 
 
 def _edit_embeddings(hf: object, token_ids: Mapping[int, Sequence[int]], d_sae: int) -> dict[int, float]:
@@ -277,6 +315,42 @@ _MIXED_FILLERS = ("sat", "ran", "park", "went", "store", "red", "blue", "John", 
 _BOS = "<|endoftext|>"
 
 
+class PlantedRule(BaseModel):
+    """When a planted feature of :func:`plant_kinds_harvest` fires (exactly; activation ``1 + 0.5·rank`` of the
+    firing token in ``words``, 1.0 for any other token a rule lets fire).
+
+    * ``tokens``: on the ``words``, anywhere;
+    * ``after``: on the ``words`` (empty: any word, i.e. any token with a letter or digit) right after one of
+      ``neighbours``;
+    * ``position``: on whatever token sits at positions ``1..band`` after BOS;
+    * ``pattern``: on every token matching the regular expression ``pattern`` (a token class).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: Literal["tokens", "after", "position", "pattern"]
+    words: tuple[str, ...] = ()
+    neighbours: tuple[str, ...] = ()
+    band: int = 1
+    pattern: str | None = None
+
+    def acts(self, tokens: Sequence[str]) -> list[float]:
+        out = []
+        for i, t in enumerate(tokens):
+            strength = 1.0 + STEP * self.words.index(t) if t in self.words else None
+            if self.kind == "tokens":
+                a = strength or 0.0
+            elif self.kind == "after":
+                word = strength if self.words else (1.0 if re.search(r"\w", t) and t != _BOS else None)
+                a = word if word and i > 0 and tokens[i - 1] in self.neighbours else 0.0
+            elif self.kind == "position":
+                a = 1.0 if 1 <= i <= self.band else 0.0
+            else:
+                a = 1.0 if t != _BOS and re.fullmatch(self.pattern or "", t.strip()) else 0.0
+            out.append(a)
+        return out
+
+
 class PlantedHarvest(BaseModel):
     """A harvest emulated in pure Python over a generated corpus, with exact activations (no model, no SAE).
 
@@ -293,10 +367,17 @@ class PlantedHarvest(BaseModel):
     windows: list[list[str]]
     pool: list[int]
     examples: dict[int, list[dict[str, object]]]
+    rules: dict[int, PlantedRule] = {}
 
     def acts(self, feature: int, window: int) -> list[float]:
         """Feature ``feature``'s exact activation on every token of window ``window``."""
-        return _mixed_acts(self.features, feature, self.windows[window])
+        return self.acts_on(feature, self.windows[window])
+
+    def acts_on(self, feature: int, tokens: Sequence[str]) -> list[float]:
+        """Feature ``feature``'s exact activation on every token of any token list (BOS first), e.g. a probe."""
+        if feature in self.rules:
+            return self.rules[feature].acts(tokens)
+        return _mixed_acts(self.features, feature, tokens)
 
     def density(self, feature: int) -> float:
         """Fraction of (non-BOS) tokens on which ``feature`` fires, over the whole corpus."""
@@ -317,6 +398,7 @@ class PlantedHarvest(BaseModel):
 
 
 def _mixed_acts(features: Mapping[int, Sequence[str]], feature: int, tokens: Sequence[str]) -> list[float]:
+    """The activation rule of :data:`MIXED_FEATURES` (words, or the position feature when its word list is empty)."""
     words = features.get(feature, ())
     if feature in features and not words:  # the position feature
         return [1.0 if i == 1 else 0.0 for i in range(len(tokens))]
@@ -350,9 +432,20 @@ def plant_mixed_harvest(seed: int = 0, n_windows: int = 600, *, random_pool: int
         windows.append([_BOS, first, *words[1:], "."])
     features = {int(f): tuple(w) for f, w in MIXED_FEATURES.items()}
     pool = list(range(min(random_pool, n_windows)))
+    examples = _select_examples(windows, pool, [*features, *MIXED_DEAD],
+                                lambda f, w: _mixed_acts(features, f, w), seed=seed, top_k=top_k,
+                                n_quantiles=n_quantiles, per_quantile=per_quantile, n_random=n_random)
+    return PlantedHarvest(features=features, dead=MIXED_DEAD, windows=windows, pool=pool, examples=examples)
+
+
+def _select_examples(windows: list[list[str]], pool: list[int], feats: Sequence[int],
+                     rule: Callable[[int, list[str]], list[float]], *, seed: int, top_k: int, n_quantiles: int,
+                     per_quantile: int, n_random: int) -> dict[int, list[dict[str, object]]]:
+    """Examples per feature as :mod:`autoexplain.tools.harvest` selects them (see :func:`plant_mixed_harvest`)."""
+    n_windows = len(windows)
     examples: dict[int, list[dict[str, object]]] = {}
-    for f in [*features, *MIXED_DEAD]:
-        acts = [_mixed_acts(features, f, w) for w in windows]
+    for f in feats:
+        acts = [rule(f, w) for w in windows]
         peak = [max(a) for a in acts]
         firing = [w for w in range(n_windows) if peak[w] > 0]
         rows: list[dict[str, object]] = []
@@ -371,10 +464,100 @@ def plant_mixed_harvest(seed: int = 0, n_windows: int = 600, *, random_pool: int
         for w in [w for w in pool if peak[w] <= 0][:n_random]:
             add("random", w, None)
         examples[f] = rows
-    return PlantedHarvest(features=features, dead=MIXED_DEAD, windows=windows, pool=pool, examples=examples)
+    return examples
 
 
-__all__ = ["DEFAULT_VOCAB", "PLANTED_DEAD", "PLANTED_DESCRIPTIONS", "PLANTED_FEATURES", "PlantedFeatures",
+# ============================================================================= every kind of explanation
+#: the lexical judge's animal words (a category feature fires on members the corpus never shows, as probes test)
+_ANIMALS = tuple(f" {w}" for w in ("cat dog fox owl wolf bird horse cow pig sheep mouse rat lion tiger bear fish duck "
+                                   "goat rabbit deer kitten puppy").split())
+#: feature -> its rule, for :func:`plant_kinds_harvest`: one feature per kind of explanation the offline policy
+#: can write. 12 and 13 are dead. (The output-side kind needs a model: :func:`plant_features` with ``outputs``.)
+KIND_RULES: Mapping[int, PlantedRule] = MappingProxyType({
+    0: PlantedRule(kind="tokens", words=(" the", " a", " an")),                # dense category (articles)
+    1: PlantedRule(kind="tokens", words=_ANIMALS),                              # category (every animal word)
+    2: PlantedRule(kind="tokens", words=(" Mary",)),                            # single token
+    3: PlantedRule(kind="tokens", words=(" zebra",)),                           # rare single token
+    4: PlantedRule(kind="position", band=1),                                    # first token of a text
+    5: PlantedRule(kind="after", neighbours=(" on",)),                          # any word after ' on'
+    6: PlantedRule(kind="after", words=(" cat", " dog", " fox", " owl"), neighbours=(" big",)),  # animals after big
+    7: PlantedRule(kind="pattern", pattern=r"\d+"),                             # numbers
+    8: PlantedRule(kind="pattern", pattern=r"[A-Z][a-z]+"),                      # capitalised words
+    9: PlantedRule(kind="after", words=(" store",), neighbours=(" went",)),     # the n-gram 'went store'
+    10: PlantedRule(kind="tokens", words=(".",)),                               # dense single token
+    11: PlantedRule(kind="position", band=3),                                   # a position band (1-3)
+})
+KIND_DEAD: tuple[int, ...] = (12, 13)
+#: the kind of explanation each live feature should get (as :func:`label_kind` classifies a label)
+KIND_EXPECTED: Mapping[int, str] = MappingProxyType({
+    0: "category", 1: "category", 2: "tokens", 3: "tokens", 4: "position", 5: "context", 6: "context",
+    7: "class", 8: "class", 9: "ngram", 10: "tokens", 11: "position"})
+#: a true description per live feature and a wrong one of the same kind
+KIND_TRUE: Mapping[int, str] = MappingProxyType({
+    0: "articles", 1: "animals", 2: "the word 'Mary'", 3: "the word 'zebra'", 4: "the first token of a text",
+    5: "any word after 'on'", 6: "animals after 'big'", 7: "numbers", 8: "capitalised words",
+    9: "the end of the phrase 'went store'", 10: "the token '.'", 11: "tokens at positions 1-3 of a text"})
+KIND_WRONG: Mapping[int, str] = MappingProxyType({
+    0: "colour words", 1: "people's names", 2: "the word 'John'", 3: "the word 'fox'",
+    4: "tokens at positions 4-5 of a text", 5: "any word after 'big'", 6: "animals after 'on'",
+    7: "punctuation", 8: "numbers", 9: "the end of the phrase 'went park'", 10: "the token ','",
+    11: "tokens at positions 5-7 of a text"})
+_KIND_CONTENT = (" cat", " dog", " fox", " owl", " Mary", " John", " Paris", " Rome", " 10", " 12", " 7", " 3",
+                 " sat", " ran", " park", " went", " store", " on", " big", " old", " red", ",")
+
+
+def label_kind(text: str) -> str:
+    """The kind of an explanation's input side: position, ngram, context, class, category or tokens (the first
+    that applies, in that order). An output clause ("; promotes 'T'") is not looked at: test it separately."""
+    low = text.lower()
+    if re.search(r"\bfirst token\b|\bpositions? \d", low):
+        return "position"
+    if "end of the phrase" in low:
+        return "ngram"
+    if re.search(r" (after|before) '", low):
+        return "context"
+    if re.fullmatch(r"(numbers|capitalised words|punctuation)", low.strip()):
+        return "class"
+    if re.search(r"\bwords?\b", low) and "'" not in low:
+        return "category"
+    return "tokens"
+
+
+def plant_kinds_harvest(seed: int = 0, n_windows: int = 800, *, random_pool: int = 256, top_k: int = 20,
+                        n_quantiles: int = 4, per_quantile: int = 5, n_random: int = 20,
+                        rare_windows: int = 4) -> PlantedHarvest:
+    """A corpus and the harvest of :data:`KIND_RULES` over it: one feature per kind of explanation.
+
+    Lines are 4–9 words from animals, names, digits, city names and fillers (' on', ' big', ' went', ' store'
+    among them), ending in '.'; every random-pool line holds an article (feature 0 is dense); ' zebra' is in
+    ``rare_windows`` lines; ' went store' is written as a phrase in one line in five (and both words also occur
+    alone). Exact activations (:class:`PlantedRule`), examples selected as the harvest does. Deterministic.
+    """
+    rng = random.Random(seed)
+    rare_at = set(rng.sample(range(n_windows), rare_windows))
+    windows: list[list[str]] = []
+    for i in range(n_windows):
+        words = [rng.choice(_KIND_CONTENT) for _ in range(rng.randint(4, 9))]
+        if i < random_pool or rng.random() >= 0.1:
+            words.insert(rng.randrange(1, len(words) + 1), rng.choice((" the", " a")))
+        if rng.random() < 0.2:
+            at = rng.randrange(1, len(words) + 1)
+            words[at:at] = [" went", " store"]
+        if i in rare_at:
+            words.insert(rng.randrange(1, len(words) + 1), " zebra")
+        windows.append([_BOS, words[0].strip() if words[0] != "," else "so", *words[1:], "."])
+    pool = list(range(min(random_pool, n_windows)))
+    rules = dict(KIND_RULES)
+    examples = _select_examples(windows, pool, [*rules, *KIND_DEAD],
+                                lambda f, w: rules[f].acts(w) if f in rules else [0.0] * len(w), seed=seed,
+                                top_k=top_k, n_quantiles=n_quantiles, per_quantile=per_quantile, n_random=n_random)
+    return PlantedHarvest(features={f: r.words for f, r in rules.items()}, dead=KIND_DEAD, windows=windows,
+                          pool=pool, examples=examples, rules=rules)
+
+
+__all__ = ["KIND_DEAD", "KIND_EXPECTED", "KIND_RULES", "KIND_TRUE", "KIND_WRONG", "PlantedRule", "label_kind",
+           "plant_kinds_harvest", "DEFAULT_VOCAB", "PLANTED_DEAD", "PLANTED_DESCRIPTIONS", "PLANTED_FEATURES",
+           "PlantedFeatures",
            "MIXED_DEAD", "MIXED_DESCRIPTIONS", "MIXED_FEATURES", "MIXED_KINDS", "MIXED_WRONG", "PlantedHarvest",
            "default_texts", "load_planted", "plant_features", "plant_mixed_harvest", "single_token_ids",
            "vocab_for", "write_corpus"]

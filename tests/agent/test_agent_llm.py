@@ -389,7 +389,8 @@ def test_llm_path_end_to_end_fills_every_table(world, tmp_path, monkeypatch) -> 
                     f"({','.join(map(str, feats))}) and split is not null", [world.res0]) == [(0,)]
     # circuits (and their mechanism tables): a label-only run; harvests: the world was harvested outside any run,
     # through a bare rows sink
-    quiet = ("circuits", "circuit_edges", "harvests", *CIRCUIT_ONLY)
+    quiet = ("circuits", "circuit_edges", "harvests", "feature_circuits", "feature_circuit_nodes",
+             "feature_circuit_edges", *CIRCUIT_ONLY)
     empty = [t for t, n in all_tables(store).items() if n == 0 and t not in quiet]
     assert not empty, f"tables left empty by an LLM run: {empty}"
 

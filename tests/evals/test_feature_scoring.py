@@ -217,12 +217,15 @@ def test_too_broad_description_loses_on_correctness(harvested, f: int) -> None:
     assert true.correctness > broad.correctness + 0.3
 
 
-@pytest.mark.parametrize(("f", "narrow"), [(0, "the word ' owl'"), (0, "the word ' cat'"), (1, "the word ' blue'"),
-                                           (2, "the token ' John'")])
-def test_too_narrow_description_loses_on_completeness(harvested, f: int, narrow: str) -> None:
+# ' Mary' and ' John' fire equally (2.0) and share most windows of the planted corpus ("Mary and John went …"), so
+# how much of feature 2 the narrow ' John' label covers depends on which of the tied windows the harvest keeps
+# (a fixed scramble of the window index since result version 2): a smaller margin there
+@pytest.mark.parametrize(("f", "narrow", "margin"), [(0, "the word ' owl'", 0.3), (0, "the word ' cat'", 0.3),
+                                                     (1, "the word ' blue'", 0.3), (2, "the token ' John'", 0.15)])
+def test_too_narrow_description_loses_on_completeness(harvested, f: int, narrow: str, margin: float) -> None:
     true, part = _score(harvested, TRUE[f], f), _score(harvested, narrow, f)
     assert true.completeness is not None and true.completeness > 0.9
-    assert part.completeness < true.completeness - 0.3
+    assert part.completeness < true.completeness - margin
     assert min(part.quantile_recall.values()) < 0.5 < true.quantile_recall_mean
 
 

@@ -209,7 +209,8 @@ def test_ctrl_c_says_what_was_kept_and_the_same_command_resumes(planted, planted
     assert "resumed after batch" in " ".join(again.stdout.split())
 
 
-def _assert_rows_equal_an_uninterrupted_harvest(planted_ctx, corpus: Path, tmp_path: Path, db: Path) -> None:
+def _assert_rows_equal_an_uninterrupted_harvest(planted_ctx, corpus: Path, tmp_path: Path, db: Path, *,
+                                                n_tokens: int = 30000) -> None:
     """``db``'s feature rows equal those of one uninterrupted in-process harvest of the same inputs (the CLI's
     30,000 tokens, ctx 16, batch 8, top 5), written as the CLI writes them (examples with their held-out split)."""
     from autoexplain.agent.store.harvest import harvest_sink
@@ -217,7 +218,7 @@ def _assert_rows_equal_an_uninterrupted_harvest(planted_ctx, corpus: Path, tmp_p
     lm, sae = planted_ctx
     ref = Store(tmp_path / "ref.duckdb")
     harvest(ToolContext(model=lm, saes={sae.sae_id: sae}, sink=harvest_sink(ref, "ref")),
-            HarvestIn(sae_id=sae.sae_id, dataset=str(corpus), n_tokens=30000, ctx=16, batch_size=8, top_k=5),
+            HarvestIn(sae_id=sae.sae_id, dataset=str(corpus), n_tokens=n_tokens, ctx=16, batch_size=8, top_k=5),
             work_dir=tmp_path / "refwork")
     got = Store(db)
     for q in ("select * exclude (run_id) from features order by all",
@@ -255,13 +256,14 @@ def test_two_harvest_processes_of_the_same_inputs(planted, planted_ctx, tmp_path
     the report). The second is refused with one line and exit code 2, writing nothing; the first stores exactly
     what a harvest alone stores."""
     corpus = tmp_path / "big.txt"
-    corpus.write_text("\n".join(SENTENCES[(i * 7) % len(SENTENCES)] for i in range(3000)) + "\n")
+    # enough text that the first harvest still holds its folder while the second starts (seconds under load)
+    corpus.write_text("\n".join(SENTENCES[(i * 7) % len(SENTENCES)] for i in range(30000)) + "\n")
     cache = tmp_path / "cache"
     env = {**os.environ, "AUTOEXPLAIN_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
 
     def cmd(db: str) -> list[str]:
         return [sys.executable, "-m", "autoexplain.agent.cli", "harvest", "--model", str(planted.model_dir),
-                "--sae", str(planted.sae_dir), "--dataset", str(corpus), "--tokens", "30000", "--ctx", "16",
+                "--sae", str(planted.sae_dir), "--dataset", str(corpus), "--tokens", "300000", "--ctx", "16",
                 "--batch-size", "8", "--top-k", "5", "--checkpoint-every", "2", "--db", str(tmp_path / db),
                 "--device", "cpu"]
 
@@ -281,7 +283,8 @@ def test_two_harvest_processes_of_the_same_inputs(planted, planted_ctx, tmp_path
     assert len(lines) == 1 and "another process is harvesting the same SAE" in lines[0], lines
     assert not (tmp_path / "b.duckdb").exists()  # refused before the database was opened
     assert not list(cache.glob("harvest/*"))  # the work folder and its lock are gone
-    _assert_rows_equal_an_uninterrupted_harvest(planted_ctx, corpus, tmp_path, tmp_path / "a.duckdb")
+    _assert_rows_equal_an_uninterrupted_harvest(planted_ctx, corpus, tmp_path, tmp_path / "a.duckdb",
+                                                n_tokens=300000)
 
 
 def test_stored_harvest_is_reused_only_for_the_same_inputs(planted_ctx, corpus, tmp_path) -> None:
@@ -459,7 +462,7 @@ def test_a_checkpoint_of_the_old_layout_is_not_resumed(planted_ctx, corpus, tmp_
     from autoexplain.tools.harvest import STATE_VERSION, harvest_work
 
     lm, sae = planted_ctx
-    assert STATE_VERSION == 2
+    assert STATE_VERSION == 3
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     store_a, _ = _run(planted_ctx, tmp_path / "a" / "h.duckdb", corpus)
@@ -521,3 +524,24 @@ def test_the_finish_reports_its_progress_chunk_by_chunk(planted_ctx, corpus, tmp
     assert n > 1
     harvest(ctx, args, work_dir=tmp_path / "work", finish_progress=lambda done, total: calls.append((done, total)))
     assert calls == [(i, n) for i in range(1, n + 1)]
+
+
+def test_the_columnar_store_writer_equals_the_row_path(planted_ctx, corpus, tmp_path) -> None:
+    """harvest_sink writes examples as one Arrow table per chunk (examples_table: no dict per row); its rows equal,
+    value for value and JSON text for JSON text, those of the row path (example_row + with_split + upsert)."""
+    from autoexplain.agent.store.harvest import harvest_sink
+
+    lm, sae = planted_ctx
+    args = _args(sae, corpus)
+    by_rows = Store(tmp_path / "rows.duckdb")
+    harvest(ToolContext(model=lm, saes={sae.sae_id: sae}, sink=rows_sink(by_rows.upsert, split=True)), args,
+            work_dir=tmp_path / "w1")
+    by_table = Store(tmp_path / "table.duckdb")
+    harvest(ToolContext(model=lm, saes={sae.sae_id: sae}, sink=harvest_sink(by_table, "r")), args,
+            work_dir=tmp_path / "w2")
+    for q, n in (("select * exclude (run_id, harvest_id) from features order by all", 8),
+                 ("select * exclude (run_id, harvest_id) from feature_examples order by all", 50)):
+        got, want = by_table.query(q)[1], by_rows.query(q)[1]
+        assert got == want and len(want) >= n
+    splits = dict(by_table.query("select split, count(*) from feature_examples group by 1")[1])
+    assert splits.get("explain") and splits.get("score") and None not in splits
