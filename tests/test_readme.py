@@ -68,3 +68,18 @@ def test_the_demo_labels_live_features_and_shows_them_in_full(demo_db: tuple[Pat
     flat = " ".join(stdout.split())
     assert "toy:tiny/res0#" in flat and "toy:tiny/mlp1#" in flat  # features named by the spec the user knows
     assert "…" not in flat  # no explanation cut short
+
+
+def test_the_demo_writes_its_report_and_prints_where(demo_db: tuple[Path, str]) -> None:
+    """The demo ends with the report's path; the site is there, with a page for every labelled feature and every
+    circuit (the browser checks of its pages are in tests/agent/report)."""
+    root, stdout = demo_db
+    found = re.findall(r"report:\s*(\S+index\.html)", " ".join(stdout.split()))
+    assert found, stdout[-2000:]
+    index = Path(found[-1]) if Path(found[-1]).is_absolute() else root / found[-1]
+    assert index.is_file()
+    site = index.parent
+    n_features = len(_query(root, "select distinct w.target from work_items w where w.kind = 'feature'"))
+    n_circuits = len(_query(root, "select circuit_id from circuits"))
+    assert len(list((site / "features").rglob("*.html"))) >= n_features > 0
+    assert len(list((site / "circuits").rglob("*.html"))) >= n_circuits > 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import html
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 
 #: Content-Security-Policy of every page: scripts and styles only from files (``file:`` too: browsers disagree on
@@ -82,16 +82,7 @@ def context_html(tokens: Sequence[str], acts: Sequence[float], peak: float | Non
     positive activations (the browser test counts both)."""
     if not acts or max(acts) <= 0:
         return '<span class="ctx">' + "".join(map(_cold, tokens)) + "</span>"
-    top = peak if peak and peak > 0 else max(acts)
-    parts = ['<span class="ctx">']
-    add = parts.append
-    for tok, a in zip(tokens, acts, strict=False):
-        if a > 0:
-            add(f'<i class="h" style="--a:{max(min(1.0, a / top), 0.08):.2f}" title="{a:.3g}">{_tok_text(tok)}</i>')
-        else:
-            add(_cold(tok))
-    add("</span>")
-    return "".join(parts)
+    return _highlighted(tokens, acts, peak, _cold)
 
 
 def context_compact(tokens: Sequence[str], acts: Sequence[float], peak: float | None) -> str:
@@ -99,6 +90,13 @@ def context_compact(tokens: Sequence[str], acts: Sequence[float], peak: float | 
     contexts), a fraction of :func:`context_html`'s size."""
     if not acts or max(acts) <= 0:
         return '<span class="ctx">' + esc("".join(tokens).replace("\n", "↵")) + "</span>"
+    return _highlighted(tokens, acts, peak, _tok_text)
+
+
+def _highlighted(tokens: Sequence[str], acts: Sequence[float], peak: float | None,
+                 cold: Callable[[str], str]) -> str:
+    """A context whose firing tokens are ``i.h`` (opacity: activation over ``peak``, else over the context's
+    maximum) and whose other tokens are rendered by ``cold``."""
     top = peak if peak and peak > 0 else max(a for a in acts if a > 0)
     parts = ['<span class="ctx">']
     add = parts.append
@@ -106,7 +104,7 @@ def context_compact(tokens: Sequence[str], acts: Sequence[float], peak: float | 
         if a > 0:
             add(f'<i class="h" style="--a:{max(min(1.0, a / top), 0.08):.2f}" title="{a:.3g}">{_tok_text(tok)}</i>')
         else:
-            add(_tok_text(tok))
+            add(cold(tok))
     add("</span>")
     return "".join(parts)
 
