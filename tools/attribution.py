@@ -41,7 +41,7 @@ removes the position embedding too.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
@@ -180,6 +180,12 @@ class SiteUnits:
     ``state(act)`` gives the units' values as a tuple of tensors (an SAE: features ``[b, p, d_sae]`` and the error
     ``[b, p, d_in]``; neurons and tokens: the activation itself); ``compose(state)`` rebuilds the activation, so
     ``compose(state(act)) == act`` (for an SAE exactly, since the error term is what the reconstruction misses).
+
+    A transcoder (:class:`~autoexplain.tools.saes.LoadedTranscoder`) reads ``site`` (its input, ``in_hook``) but is
+    spliced at its output hook (``hook``): ``state(act, act_in)`` is ``(encode(act_in), act - decode(f))`` with
+    ``act`` the output activation and ``act_in`` the input activation of the same forward pass, so the error term
+    is true output - transcoder(input) and ``compose(state) == act`` again. ``read_hooks`` lists the hooks a state
+    needs; :meth:`state_from` builds one from captured activations.
     """
 
     def __init__(self, lm: LoadedModel, site: Site, sae: LoadedSAE | None = None) -> None:
@@ -187,8 +193,12 @@ class SiteUnits:
         self.site = site
         self.sae = sae
         self.hook = lm.validate_site(site)
+        #: a transcoder's input hook (``hook`` is then its output hook); None otherwise
+        self.in_hook: str | None = None
         if sae is not None and sae.site != site:
             raise InputError(f"SAE {sae.spec!r} reads {sae.site}, not {site}")
+        if sae is not None and sae.is_transcoder:
+            self.in_hook, self.hook = self.hook, lm.validate_site(sae.out_site)
         if sae is not None and getattr(sae.sae.cfg, "reshape_activations", "none") == "hook_z":
             raise InputError(f"SAE {sae.spec!r} reads hook_z (per-head values): attribution supports SAEs on "
                              "residual, attention-output and MLP sites only")
@@ -201,13 +211,32 @@ class SiteUnits:
 
     @property
     def layer(self) -> int:
+        """The layer a re-run must start from: the site's (a transcoder's input layer)."""
         return self.site.layer
 
-    def state(self, act: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    @property
+    def sites(self) -> list[Site]:
+        """Every site the units touch (a transcoder: input and output), for ``sites_enabled``."""
+        return [self.site] if self.sae is None or not self.sae.is_transcoder else [self.site, self.sae.out_site]
+
+    @property
+    def read_hooks(self) -> list[str]:
+        """The hooks whose activations a state is computed from (``hook`` last)."""
+        return [self.hook] if self.in_hook is None else [self.in_hook, self.hook]
+
+    def state(self, act: torch.Tensor, act_in: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """The units' values from the activation at ``hook`` (a transcoder also needs ``act_in``, the activation at
+        its input hook in the same forward pass)."""
         if self.sae is None:
             return (act,)
-        f = self.sae.sae.encode(act)
+        if self.in_hook is not None and act_in is None:
+            raise RuntimeError(f"transcoder {self.sae.spec!r}: its state needs the input activation at {self.in_hook}")
+        f = self.sae.sae.encode(act if act_in is None else act_in)
         return (f, act - self.sae.sae.decode(f))
+
+    def state_from(self, got: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """The units' values from captured activations keyed by hook name (see :meth:`read_hooks`)."""
+        return self.state(got[self.hook], None if self.in_hook is None else got[self.in_hook])
 
     def compose(self, state: Sequence[torch.Tensor]) -> torch.Tensor:
         if self.sae is None:
@@ -377,14 +406,14 @@ def attribute(lm: LoadedModel, task: TokenizedTask, site: Site, *, sae: LoadedSA
     m_clean: list[torch.Tensor] = []
     m_base: list[torch.Tensor] = []
     kept: list[tuple[Chunk, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], torch.Tensor | None]] = []
-    with lm.sites_enabled([site]):
+    with lm.sites_enabled(units.sites):
         for chunk in chunks:
             layers = [site.layer] if site.layer > 0 else []
-            got = capture(lm, chunk.clean, chunk.attn, [units.hook], resid_pre_layers=layers)
+            got = capture(lm, chunk.clean, chunk.attn, units.read_hooks, resid_pre_layers=layers)
             with torch.no_grad():
-                clean = units.state(got[units.hook])
+                clean = units.state_from(got)
                 if baseline is Baseline.CORRUPT:
-                    base = units.state(capture(lm, chunk.corrupt, chunk.attn, [units.hook])[units.hook])
+                    base = units.state_from(capture(lm, chunk.corrupt, chunk.attn, units.read_hooks))
                 else:
                     base = tuple(torch.zeros_like(t) for t in clean)
             resid = got.get(hook_name(Site(kind=SiteKind.RESID_PRE, layer=site.layer))) if layers else None
@@ -432,7 +461,7 @@ def _verify(lm: LoadedModel, units: SiteUnits, kept: list[Any], res: Attribution
     """``m_clean - m(unit at baseline)`` for the top-k units by |attribution|, one ablation per unit."""
     top = res.top(k)
     sums = torch.zeros(len(top), dtype=torch.float64)
-    with lm.sites_enabled([units.site]):
+    with lm.sites_enabled(units.sites):
         for chunk, clean, base, resid in kept:
             states = [clean] + [_ablated_state(units, clean, base, u) for u in top]
             vals = site_metric(lm, chunk, units, states, metric, resid).double().cpu()

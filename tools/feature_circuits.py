@@ -15,6 +15,17 @@ computes exactly what it computes without them). Nodes:
 With ``per_position`` each node exists once per (padded) position (``SAE_ID#i@3``); otherwise a node is summed over
 positions (Marks et al.'s choice for prompts that do not share a template).
 
+Transcoders
+~~~~~~~~~~~
+A transcoder (:class:`~autoexplain.tools.saes.LoadedTranscoder`, e.g. MLP input -> MLP output) is spliced at its
+*output* site: its features are encoded from the activation at its input site in the same forward pass, and its
+error node is true output - transcoder(input) (a skip transcoder's skip term included), so the output, and the
+model, are unchanged when it is spliced. Its nodes are ``SAE_ID#i`` / ``SAE_ID#err`` like an SAE's (their
+``site`` is the input site); it sits in the forward order at its output site, so its features take edges from
+nodes before its input and give edges to nodes after its output: the computation it replaces (the MLP) is then
+explained by its features instead of being cut. Another SAE spliced strictly between its input and output is
+refused (its features would feed the error node only).
+
 Node effects
 ~~~~~~~~~~~~
 A node's effect is ``m(clean) - m(clean with the node at its value on the corrupt prompt)`` (positive: it supports
@@ -156,6 +167,9 @@ class FeatureCircuit(BaseModel):
                                                                  "ablating every node outside (error terms "
                                                                  "included); None: not evaluated")
     n_positions: int
+    transcoders: dict[str, Site] = Field(default_factory=dict, description="the transcoders among saes: sae_id -> "
+                                                                           "the output site it writes (its features "
+                                                                           "are read at its site in sites)")
 
     @property
     def effect(self) -> float:
@@ -202,39 +216,63 @@ class SplicedModel:
         ids = [s.sae_id for s in saes]
         if len(set(ids)) != len(ids):
             raise InputError(f"the same SAE was given twice ({', '.join(ids)})")
-        sites = [s.site for s in saes]
+        sites = [s.out_site for s in saes]  # where each is spliced (a transcoder: its output site)
         if len(set(map(str, sites))) != len(sites):
             raise InputError(f"two SAEs read the same site ({', '.join(map(str, sites))}): give one SAE per site")
         for s in saes:
-            if s.site == EMBED_SITE:
+            if s.out_site == EMBED_SITE:
                 raise InputError(f"SAE {s.spec!r} reads resid_pre.0, which is the embed node of a feature circuit: "
                                  "use SAEs at later sites")
-            if s.site.kind not in _KIND_ORDER:
-                raise InputError(f"SAE {s.spec!r} reads {s.site}: feature circuits support residual, attention-"
-                                 "output and MLP sites")
+            for site in (s.site, s.out_site):
+                if site.kind not in _KIND_ORDER:
+                    raise InputError(f"SAE {s.spec!r} reads {site}: feature circuits support residual, attention-"
+                                     "output and MLP sites")
+        for t in saes:
+            if not t.is_transcoder:
+                continue
+            for s in saes:
+                if _order(t.site) < _order(s.out_site) < _order(t.out_site):
+                    raise InputError(f"SAE {s.spec!r} is spliced at {s.out_site}, inside the computation transcoder "
+                                     f"{t.spec!r} replaces ({t.site} -> {t.out_site}): drop one of them")
         self.lm = lm
         self.task = task
-        self.saes = sorted(saes, key=lambda s: (s.site.layer, _KIND_ORDER[s.site.kind]))
+        self.saes = sorted(saes, key=lambda s: _order(s.out_site))
         self.metric = PatchMetric(metric) if metric is not None else default_metric_for(task)
         self.units = [SiteUnits(lm, EMBED_SITE)] + [SiteUnits(lm, s.site, s) for s in self.saes]
         self.hooks = [u.hook for u in self.units]
+        #: every site the units touch (transcoder inputs included), for ``sites_enabled``
+        self.all_sites = [site for u in self.units for site in u.sites]
         self.chunks = task_chunks(lm, task, self.metric, position=position, batch_size=batch_size)
         layers = sorted({u.layer for u in self.units if u.layer > 0})
         self.clean: list[list[tuple[torch.Tensor, ...]]] = []  # per chunk, per site
         self.base: list[list[tuple[torch.Tensor, ...]]] = []
         self.resid_pre: list[dict[int, torch.Tensor]] = []
-        with torch.no_grad(), lm.sites_enabled([u.site for u in self.units]):
+        reads = list(dict.fromkeys(h for u in self.units for h in u.read_hooks))
+        with torch.no_grad(), lm.sites_enabled(self.all_sites):
             for c in self.chunks:
-                got = capture(lm, c.clean, c.attn, self.hooks, resid_pre_layers=layers)
-                bad = capture(lm, c.corrupt, c.attn, self.hooks)
-                self.clean.append([u.state(got[u.hook]) for u in self.units])
-                self.base.append([u.state(bad[u.hook]) for u in self.units])
+                got = capture(lm, c.clean, c.attn, reads, resid_pre_layers=layers)
+                bad = capture(lm, c.corrupt, c.attn, reads)
+                self.clean.append([u.state_from(got) for u in self.units])
+                self.base.append([u.state_from(bad) for u in self.units])
                 self.resid_pre.append({L: got[hook_name(Site(kind=SiteKind.RESID_PRE, layer=L))] for L in layers})
         self.n_positions = int(task.clean.shape[1])
 
     @property
     def n_prompts(self) -> int:
         return self.task.n_prompts
+
+    def stash_hooks(self, store: dict[int, torch.Tensor]) -> list[tuple[str, Any]]:
+        """Hooks that keep each transcoder's input activation of the current forward pass in ``store`` (by unit
+        index), for its state at its output hook. Register them after the splicing hooks, so that an input hook
+        shared with another unit's splice sees the spliced value."""
+        hooks: list[tuple[str, Any]] = []
+        for i, u in enumerate(self.units):
+            if u.in_hook is not None:
+                def keep(act: torch.Tensor, hook: Any, i: int = i) -> None:
+                    store[i] = act
+
+                hooks.append((u.in_hook, keep))
+        return hooks
 
     def unit_count(self, i: int) -> int:
         """Nodes per position at site i: 1 for embed, d_sae + 1 (features, error) for an SAE."""
@@ -290,7 +328,7 @@ class SplicedModel:
             masks = [torch.where(flip[:, None, None], ~m, m) for m in masks]
         dev = torch.device(self.lm.device)
         totals = torch.zeros(len(sets), dtype=torch.float64)
-        with torch.no_grad(), self.lm.sites_enabled([u.site for u in self.units]):
+        with torch.no_grad(), self.lm.sites_enabled(self.all_sites):
             for ci, chunk in enumerate(self.chunks):
                 per = max(1, rows_per_pass(dev) // chunk.size)
                 for k0 in range(0, len(sets), per):
@@ -303,26 +341,33 @@ class SplicedModel:
     def _masked_run(self, ci: int, chunk: Chunk, masks: list[torch.Tensor], reps: int) -> torch.Tensor:
         b = chunk.size
         hooks = []
+        inputs: dict[int, torch.Tensor] = {}
         for i, u in enumerate(self.units):
             base = [_rep(t, reps) for t in self.base[ci][i]]
             width = int(chunk.clean.shape[1])
             keep = masks[i][:, :width].repeat_interleave(b, 0)  # [reps * b, p, units]
 
-            def fn(act: torch.Tensor, hook: Any, u: SiteUnits = u, base: list[torch.Tensor] = base,
+            def fn(act: torch.Tensor, hook: Any, i: int = i, u: SiteUnits = u, base: list[torch.Tensor] = base,
                    keep: torch.Tensor = keep) -> torch.Tensor:
                 if u.sae is None:
                     return torch.where(keep[..., :1], act, base[0].to(act.dtype))
-                f, err = u.state(act)
+                f, err = u.state(act, inputs.get(i))
                 d = u.sae.d_sae
                 f = torch.where(keep[..., :d], f, base[0].to(f.dtype))
                 err = torch.where(keep[..., d:], err, base[1].to(err.dtype))
                 return u.compose([f, err]).to(act.dtype)
 
             hooks.append((u.hook, fn))
+        hooks += self.stash_hooks(inputs)
         attn = chunk.attn.repeat(reps, 1)
         resid = self.lm.model.run_with_hooks(chunk.clean.repeat(reps, 1), fwd_hooks=hooks, attention_mask=attn,
                                              stop_at_layer=self.lm.n_layers)
         return chunk.metric(answer_logits(self.lm, chunk, resid, reps), self.metric, reps)
+
+
+def _order(site: Site) -> tuple[int, int]:
+    """A layer-level site's place in the forward pass."""
+    return site.layer, _KIND_ORDER[site.kind]
 
 
 def _rep(t: torch.Tensor, reps: int) -> torch.Tensor:
@@ -380,7 +425,8 @@ def find_feature_circuit(lm: LoadedModel, task: TokenizedTask, saes: Sequence[Lo
                           metric=sm.metric, per_position=cfg.per_position, steps=cfg.steps,
                           node_threshold=cfg.node_threshold, edge_threshold=cfg.edge_threshold, n_prompts=sm.n_prompts,
                           m_clean=m_clean, m_ablated=m_ablated, nodes=nodes, edges=edges,
-                          seconds=time.perf_counter() - t0, faithfulness=faith, n_positions=sm.n_positions)
+                          seconds=time.perf_counter() - t0, faithfulness=faith, n_positions=sm.n_positions,
+                          transcoders={s.sae_id: s.out_site for s in sm.saes if s.is_transcoder})
 
 
 def node_effects(sm: SplicedModel, alphas: Sequence[float]) -> tuple[list[torch.Tensor], list[torch.Tensor],
@@ -393,7 +439,7 @@ def node_effects(sm: SplicedModel, alphas: Sequence[float]) -> tuple[list[torch.
     effects = [torch.zeros(sm.n_positions, sm.unit_count(i), dtype=torch.float64) for i in range(n_sites)]
     acts = [torch.zeros(sm.n_positions, sm.unit_count(i), dtype=torch.float64) for i in range(n_sites)]
     grads: list[list[tuple[torch.Tensor, ...]]] = []
-    with lm.sites_enabled([u.site for u in sm.units]):
+    with lm.sites_enabled(sm.all_sites):
         for ci, chunk in enumerate(sm.chunks):
             per_site = []
             for i, u in enumerate(sm.units):
@@ -416,9 +462,9 @@ def edge_weights(sm: SplicedModel, grads: list[list[tuple[torch.Tensor, ...]]], 
     integrated over ``alphas``: every site's leaves at ``corrupt + alpha (clean - corrupt)`` together."""
     lm = sm.lm
     out: dict[tuple[str, str], float] = {}
-    site_index = {str(u.site): i for i, u in enumerate(sm.units)}
+    site_index = {u.sae.sae_id: i for i, u in enumerate(sm.units) if u.sae is not None}
     dev = torch.device(lm.device)
-    with torch.enable_grad(), lm.sites_enabled([u.site for u in sm.units]):
+    with torch.enable_grad(), lm.sites_enabled(sm.all_sites):
         for ci, chunk in enumerate(sm.chunks):
             deltas = [[c - b for c, b in zip(sm.clean[ci][i], sm.base[ci][i], strict=True)]
                       for i in range(len(sm.units))]
@@ -449,21 +495,23 @@ def _edge_pass(sm: SplicedModel, chunk: Chunk, ci: int, grads: list[list[tuple[t
     per target; adds ``sum over rows of grad . delta`` per (source, target) into ``out``."""
     lm = sm.lm
     pre: dict[int, tuple[torch.Tensor, ...]] = {}
+    inputs: dict[int, torch.Tensor] = {}
     hooks = []
     for i, u in enumerate(sm.units):
         def fn(act: torch.Tensor, hook: Any, i: int = i, u: SiteUnits = u) -> torch.Tensor:
             if u.sae is not None:
-                pre[i] = u.state(act)
+                pre[i] = u.state(act, inputs.get(i))
             return u.compose(leaves[i]).to(act.dtype)
 
         hooks.append((u.hook, fn))
+    hooks += sm.stash_hooks(inputs)
     resid = lm.model.run_with_hooks(chunk.clean.repeat(reps, 1), fwd_hooks=hooks,
                                     attention_mask=chunk.attn.repeat(reps, 1), stop_at_layer=lm.n_layers)
     metric = chunk.metric(answer_logits(lm, chunk, resid, reps), sm.metric, reps).sum()
     jobs: list[tuple[str, torch.Tensor, int]] = [("logits", metric, len(sm.units))]
     for t in targets:
-        assert t.site is not None
-        i = site_index[str(t.site)]
+        assert t.sae_id is not None
+        i = site_index[t.sae_id]
         g = [_rep(x, reps) for x in grads[ci][i]]
         if t.kind is NodeKind.FEATURE:
             assert t.index is not None

@@ -19,7 +19,11 @@ How autoexplain's circuits map onto it
 * Feature circuits: a feature of an SAE at layer L is a ``cross layer transcoder`` node (the type the UIs draw for
   dictionary features) at layer L; when two SAEs share a layer (``attn_out.1`` and ``mlp_out.1``), the later
   one's indices are offset by the earlier one's width (``metadata.info.feature_offsets`` says by how much). Error
-  terms are error nodes; ``embed`` is the token node; ``logits`` is the answer's logit node.
+  terms are error nodes; ``embed`` is the token node; ``logits`` is the answer's logit node. A transcoder's
+  features (``ExportNode.transcoder``) are what that node type means in circuit-tracer (features read at the MLP
+  input, written to its output; its error node is the ``mlp reconstruction error`` of that MLP): the transcoder's
+  ids are listed in ``metadata.transcoder_list``, and ``metadata.info.dictionaries`` says, per dictionary id,
+  whether it is a ``transcoder`` or an ``sae`` (whose features the UIs draw with the same node type).
 * Head-level circuits: ``a{L}.{H}`` is a node at layer L with index H, ``m{L}`` one at layer L with index
   ``n_heads``; edges into a head's q, k and v inputs become one link whose weight is their sum.
 * Positions: the graph shows one prompt (the task's first). Per-position nodes keep their position; nodes summed
@@ -65,6 +69,8 @@ class ExportNode(BaseModel):
     label: str | None = None
     effect: float | None = None
     activation: float | None = None
+    transcoder: bool = Field(default=False, description="a feature or error node of a transcoder (read at its input "
+                                                        "site, written at its output site), not of an SAE")
 
 
 class ExportLink(BaseModel):
@@ -144,9 +150,13 @@ def build_graph(*, slug: str, scan: str, prompt: ExportPrompt, nodes: Sequence[E
         if key[0] == key[1]:
             continue
         merged[key] = merged.get(key, 0.0) + float(link.weight)
-    meta = {"slug": slug, "scan": scan, "transcoder_list": [], "prompt_tokens": list(prompt.tokens),
+    dictionaries = {n.key.partition("#")[0]: "transcoder" if n.transcoder else "sae" for n in nodes
+                    if n.kind in ("feature", "error")}
+    transcoders = sorted(k for k, v in dictionaries.items() if v == "transcoder")
+    meta = {"slug": slug, "scan": scan, "transcoder_list": transcoders, "prompt_tokens": list(prompt.tokens),
             "prompt": prompt.text, "node_threshold": node_threshold, "schema_version": SCHEMA_VERSION,
-            "info": {"generator": "autoexplain", "feature_offsets": offsets, **(info or {})}}
+            "info": {"generator": "autoexplain", "feature_offsets": offsets, "dictionaries": dictionaries,
+                     **(info or {})}}
     return {"metadata": meta,
             "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""},
             "nodes": out_nodes,

@@ -156,7 +156,10 @@ def _spliced_logits(lm: LoadedModel, sae: LoadedSAE, tokens: torch.Tensor, edit:
     out_hook = getattr(sae.sae.cfg.metadata, "hook_name_out", None) or sae.hook_name
     point = f"{out_hook}.hook_sae_acts_post"
     hooks = [] if edit is None else [(point, lambda acts, hook: edit(acts))]
-    with torch.no_grad(), lm.model.saes(saes=[sae.sae], use_error_term=True):
+    # an SAE (or a transcoder's input) at an optional hook (mlp_in, attn_in, …) reads nothing unless the hook is
+    # switched on: the splice would silently do nothing and every edit would measure 0
+    with torch.no_grad(), lm.sites_enabled([sae.site, sae.out_site]), \
+            lm.model.saes(saes=[sae.sae], use_error_term=True):
         if point not in lm.model.hook_dict:
             raise RuntimeError(f"sae-lens did not splice {sae.sae_id} at {out_hook}: no hook {point}")
         return lm.model.run_with_hooks(tokens, fwd_hooks=hooks, return_type="logits")

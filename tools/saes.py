@@ -40,6 +40,18 @@ load and report every feature dead) and the encoder and decoder shaped ``[d_in, 
 config says; a corrupt or truncated weights file is refused rather than raising from deep inside safetensors.
 Each failure is one :class:`InputError` line.
 
+Transcoders
+-----------
+A sae-lens transcoder (architectures ``transcoder``, ``skip_transcoder``, ``jumprelu_transcoder``,
+``jumprelu_skip_transcoder``) encodes the activation at its input hook (``metadata.hook_name``) and decodes to the
+activation at an output hook (``metadata.hook_name_out``), typically MLP input -> MLP output: it replaces a
+computation rather than reconstructing an activation. It loads as a :class:`LoadedTranscoder` (a
+:class:`LoadedSAE` whose ``site`` is the input site, plus ``site_out``), with the same checks at both ends: each hook
+is a site of this model, fires, and has the width the config says (``d_in`` at the input, ``d_out`` at the output),
+and the output site comes after the input site in the forward pass. A transcoder without ``hook_name_out`` or with
+``hook_head_index_out`` is refused. Everything that reads features (harvests, labels) reads them at the input site,
+as for an SAE; splicing it (attribution, feature circuits) writes at the output site.
+
 The ``sae_id`` is a content hash of the config and weights, so the same SAE gets the same id wherever its files
 live.
 """
@@ -70,7 +82,7 @@ from autoexplain.tools.models import (
     normalize_processing,
     site_from_hook_name,
 )
-from autoexplain.tools.vocab import Site
+from autoexplain.tools.vocab import Site, SiteKind
 
 if TYPE_CHECKING:
     from sae_lens import SAE
@@ -82,6 +94,13 @@ CFG_FILE = "cfg.json"
 #: numeric precision): ignored. Any key neither here nor in PROCESSING_FLAGS is refused.
 IGNORED_MODEL_KWARGS = frozenset({"n_devices", "device", "device_map", "move_to_device", "dtype", "torch_dtype",
                                   "trust_remote_code", "low_cpu_mem_usage"})
+#: sae-lens architectures whose decoder writes another hook than their encoder reads (loaded as
+#: :class:`LoadedTranscoder`; for code that sees only a stored architecture name)
+TRANSCODER_ARCHITECTURES = frozenset({"transcoder", "skip_transcoder", "jumprelu_transcoder",
+                                      "jumprelu_skip_transcoder"})
+#: Forward order of layer-level site kinds inside one block (a transcoder's output must come after its input).
+FORWARD_ORDER = {SiteKind.RESID_PRE: 0, SiteKind.ATTN_OUT: 1, SiteKind.RESID_MID: 2, SiteKind.MLP_IN: 3,
+                 SiteKind.MLP_POST: 4, SiteKind.MLP_OUT: 5, SiteKind.RESID_POST: 6}
 
 
 @dataclass
@@ -113,11 +132,60 @@ class LoadedSAE:
     def architecture(self) -> str:
         return str(self.sae.cfg.architecture())
 
+    @property
+    def is_transcoder(self) -> bool:
+        """Whether the decoder writes another site than the encoder reads (see :class:`LoadedTranscoder`)."""
+        return False
+
+    @property
+    def out_site(self) -> Site:
+        """The site the decoder reconstructs: the SAE's own site (a transcoder's output site)."""
+        return self.site
+
+    @property
+    def out_hook(self) -> str:
+        return self.hook_name
+
+    @property
+    def d_out(self) -> int:
+        """Width of the decoder's output: ``d_in`` for an SAE."""
+        return self.d_in
+
     def describe(self) -> dict[str, Any]:
         return {"spec": self.spec, "sae_id": self.sae_id, "site": str(self.site), "hook_name": self.hook_name,
                 "d_in": self.d_in, "d_sae": self.d_sae, "architecture": self.architecture,
                 "model_settings": sorted(self.model_settings), "prepend_bos": self.prepend_bos,
                 "context_size": self.context_size}
+
+
+@dataclass(kw_only=True)
+class LoadedTranscoder(LoadedSAE):
+    """A sae-lens transcoder: features encoded from the activation at ``site`` (``hook_name``), decoded into the
+    activation at ``site_out`` (``hook_name_out``). A skip transcoder's skip connection (a linear map of the input)
+    is not a feature: spliced, its contribution counts in the error term."""
+
+    site_out: Site
+    hook_name_out: str
+
+    @property
+    def is_transcoder(self) -> bool:
+        return True
+
+    @property
+    def out_site(self) -> Site:
+        return self.site_out
+
+    @property
+    def out_hook(self) -> str:
+        return self.hook_name_out
+
+    @property
+    def d_out(self) -> int:
+        return int(self.sae.cfg.d_out)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "site_out": str(self.site_out), "hook_name_out": self.hook_name_out,
+                "d_out": self.d_out}
 
 
 def check_sae_spec(spec: str) -> None:
@@ -358,10 +426,35 @@ def _wrap(sae: Any, spec: str, sae_id: str, source: Path | None, cfg: dict[str, 
     check_weights(sae, spec)
     prepend_bos, context_size = _meta(cfg, "prepend_bos"), _meta(cfg, "context_size")
     seqpos = _meta(cfg, "seqpos_slice")
-    return LoadedSAE(spec=spec, sae_id=sae_id, sae=sae, site=site, hook_name=hook, source_dir=source,
-                     model_settings=settings, prepend_bos=None if prepend_bos is None else bool(prepend_bos),
-                     context_size=None if context_size is None else int(context_size),
-                     seqpos_slice=None if seqpos is None else tuple(seqpos))
+    common: dict[str, Any] = dict(
+        spec=spec, sae_id=sae_id, sae=sae, site=site, hook_name=hook, source_dir=source, model_settings=settings,
+        prepend_bos=None if prepend_bos is None else bool(prepend_bos),
+        context_size=None if context_size is None else int(context_size),
+        seqpos_slice=None if seqpos is None else tuple(seqpos))
+    if not _is_transcoder(sae):
+        return LoadedSAE(**common)
+    hook_out = getattr(sae.cfg.metadata, "hook_name_out", None)
+    if not hook_out:
+        raise InputError(f"transcoder {spec!r} names no output hook (cfg.json metadata.hook_name_out is empty): "
+                         "set it to the hook its decoder reconstructs, e.g. blocks.0.hook_mlp_out")
+    if getattr(sae.cfg.metadata, "hook_head_index_out", None) is not None:
+        raise InputError(f"transcoder {spec!r} writes one head (hook_head_index_out) of {hook_out}, which "
+                         "autoexplain cannot honour: its sites splice whole hooks")
+    try:
+        site_out = site_from_hook_name(str(hook_out))
+    except InputError as exc:
+        raise InputError(f"transcoder {spec!r} output: {exc}") from None
+    if site.kind not in FORWARD_ORDER or site_out.kind not in FORWARD_ORDER or (
+            (site_out.layer, FORWARD_ORDER[site_out.kind]) <= (site.layer, FORWARD_ORDER[site.kind])):
+        raise InputError(f"transcoder {spec!r} reads {hook} and writes {hook_out}: its output must be a residual, "
+                         "attention-output or MLP site after its input in the forward pass")
+    return LoadedTranscoder(**common, site_out=site_out, hook_name_out=str(hook_out))
+
+
+def _is_transcoder(sae: Any) -> bool:
+    from sae_lens.saes.transcoder import Transcoder
+
+    return isinstance(sae, Transcoder)
 
 
 def check_window(sae: LoadedSAE, ctx: int) -> None:
@@ -402,16 +495,20 @@ def check_model_settings(sae: LoadedSAE, lm: LoadedModel) -> None:
 
 
 def check_weights(sae: Any, spec: str) -> None:
-    """Every parameter of ``sae`` is finite, and ``W_enc``/``W_dec``/``b_enc``/``b_dec`` have the shapes its config
-    (``d_in``, ``d_sae``) says; else one :class:`InputError` line."""
+    """Every parameter of ``sae`` is finite, and ``W_enc``/``W_dec``/``b_enc``/``b_dec`` (a skip transcoder's
+    ``W_skip``) have the shapes its config (``d_in``, ``d_sae``; a transcoder's ``d_out``) says; else one
+    :class:`InputError` line."""
     d_in, d_sae = int(sae.cfg.d_in), int(sae.cfg.d_sae)
-    expected = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,)}
+    d_out = int(getattr(sae.cfg, "d_out", d_in))  # only transcoder configs have d_out
+    expected = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_out), "b_enc": (d_sae,), "b_dec": (d_out,),
+                "W_skip": (d_out, d_in)}
     with torch.no_grad():
         for name, param in sae.named_parameters():
             want = expected.get(name)
             if want is not None and tuple(param.shape) != want:
+                out = f", d_out {d_out}" if hasattr(sae.cfg, "d_out") else ""
                 raise InputError(f"SAE {spec!r}: {name} has shape {list(param.shape)} but cfg.json says d_in {d_in}, "
-                                 f"d_sae {d_sae} (expected {list(want)}): the weights do not match the config")
+                                 f"d_sae {d_sae}{out} (expected {list(want)}): the weights do not match the config")
             if param.is_floating_point() and not bool(torch.isfinite(param).all()):
                 bad = int((~torch.isfinite(param)).sum())
                 raise InputError(f"SAE {spec!r}: {name} holds {bad:,} NaN or infinite values of {param.numel():,}: "
@@ -420,23 +517,41 @@ def check_weights(sae: Any, spec: str) -> None:
 
 def _check_fits(loaded: LoadedSAE, lm: LoadedModel) -> None:
     """``lm`` has the SAE's processing settings, the SAE's site exists in ``lm``, its hook fires, and the
-    activation width there equals ``d_in``."""
+    activation width there equals ``d_in`` (a transcoder: the same at its output site, width ``d_out``)."""
     check_model_settings(loaded, lm)
     try:
         lm.validate_site(loaded.site)
     except InputError as exc:
         raise InputError(f"SAE {loaded.spec!r} reads hook {loaded.hook_name}, which this model lacks: {exc}") from None
-    shape: list[int] = []
+    if loaded.is_transcoder:
+        try:
+            lm.validate_site(loaded.out_site)
+        except InputError as exc:
+            raise InputError(f"transcoder {loaded.spec!r} writes hook {loaded.out_hook}, which this model lacks: "
+                             f"{exc}") from None
+    shapes: dict[str, list[int]] = {}
 
     def grab(act: torch.Tensor, hook: Any) -> None:
-        shape[:] = list(act.shape)
+        shapes[hook.name] = list(act.shape)
 
     probe = torch.arange(1, 3, device=lm.device)[None, :]
-    with torch.no_grad(), lm.sites_enabled([loaded.site]):  # one pass checks that the hook fires and its width
-        lm.model.run_with_hooks(probe, fwd_hooks=[(loaded.hook_name, grab)], stop_at_layer=loaded.site.layer + 1)
-    if not shape:
+    hooks = list(dict.fromkeys([loaded.hook_name, loaded.out_hook]))
+    last = max(loaded.site.layer, loaded.out_site.layer) + 1
+    with torch.no_grad(), lm.sites_enabled([loaded.site, loaded.out_site]):  # one pass: the hooks fire, widths
+        lm.model.run_with_hooks(probe, fwd_hooks=[(h, grab) for h in hooks], stop_at_layer=last)
+    if loaded.hook_name not in shapes:
         raise InputError(f"SAE {loaded.spec!r} reads hook {loaded.hook_name}, which exists in this model but never "
                          "fires: this runtime cannot feed the SAE; use an SAE trained on another site")
+    if loaded.is_transcoder:
+        out_shape = shapes.get(loaded.out_hook)
+        if out_shape is None:
+            raise InputError(f"transcoder {loaded.spec!r} writes hook {loaded.out_hook}, which exists in this model "
+                             "but never fires: its output cannot be spliced; use a transcoder of another site")
+        if out_shape[-1] != loaded.d_out:
+            raise InputError(f"transcoder {loaded.spec!r} has d_out {loaded.d_out} but the model's activation at "
+                             f"{loaded.out_site} ({loaded.out_hook}) has width {out_shape[-1]}: the transcoder was "
+                             "trained on another model or site")
+    shape = shapes[loaded.hook_name]
     width = shape[-1]
     if getattr(loaded.sae.cfg, "reshape_activations", "none") == "hook_z":
         width = shape[-1] * shape[-2]  # sae-lens flattens [.., head, d_head] for hook_z SAEs

@@ -60,6 +60,9 @@ def _feature_graph(store: Any, fc_id: str, slug: str | None) -> dict[str, Any]:
     if not display or rec.details.get("n_layers") is None:
         raise InputError(f"feature circuit {fc_id} was stored without its display prompt: find it again with "
                          "autoexplain feature-circuit")
+    from autoexplain.tools.saes import TRANSCODER_ARCHITECTURES
+
+    arch = queries.sae_architectures(store)
     nodes: list[ExportNode] = []
     for n in queries.feature_circuit_nodes(store, fc_id):
         layer = Site.parse(n.site).layer if n.site else None
@@ -68,7 +71,8 @@ def _feature_graph(store: Any, fc_id: str, slug: str | None) -> dict[str, Any]:
         if n.kind == "feature":
             text = f"{n.label} ({n.node})" if n.label else f"unlabelled ({n.node})"
         nodes.append(ExportNode(key=n.node, kind=kind, layer=layer, index=n.feature_index, position=n.position,
-                                label=text, effect=n.effect, activation=n.activation))
+                                label=text, effect=n.effect, activation=n.activation,
+                                transcoder=arch.get(str(n.sae_id)) in TRANSCODER_ARCHITECTURES))
     nodes.append(ExportNode(key="logits", kind="logits"))
     links = [ExportLink(src=s, dst=d, weight=w or 0.0) for s, d, w, _ in queries.feature_circuit_edges(store, fc_id)]
     offsets = _offsets(rec.saes, rec.sites, store)

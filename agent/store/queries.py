@@ -1175,3 +1175,10 @@ def final_labels_of(store: Store, targets: Sequence[str]) -> dict[str, tuple[str
 def fold_wal(store: Store) -> None:
     """DuckDB's ``CHECKPOINT``: the write-ahead log folded into the database file (before copying the file)."""
     store.query("checkpoint")
+
+
+def sae_architectures(store: Reads) -> dict[str, str]:
+    """The sae-lens architecture of every SAE the database knows (``standard``, ``topk``, ``transcoder`` …), by
+    sae_id."""
+    rows = store.query("select sae_id, architecture from saes")[1] if has_table(store, "saes") else []
+    return {str(i): str(a) for i, a in rows if a is not None}

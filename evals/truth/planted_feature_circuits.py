@@ -20,12 +20,16 @@ fixed), so attribution and ablation effects agree exactly. Distractors: head ``a
 reads TOK[B] and writes JUNK (``res1#JUNK`` fires on corrupt prompts; nothing reads it); the token features of B
 and of the fillers change between clean and corrupt; ``res1``'s token features copy the residual but nothing after
 layer 1 reads TOK.
+
+:func:`build_transcoder` plants a second, 1-layer model with an MLP whose behaviour runs through a sae-lens
+transcoder (``mlp_in.0 -> mlp_out.0``, saved and loaded back with the real loaders); see its docstring.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -150,3 +154,119 @@ def _task(n_prompts: int, seed: int) -> TokenizedTask:
                          answers=torch.full((n, 1), YES, dtype=torch.long),
                          wrong=torch.full((n, 1), NO, dtype=torch.long),
                          seq_lens=torch.full((n,), 5, dtype=torch.long), prompts=prompts)
+
+
+# ============================================================================= a planted transcoder
+#: the transcoder model's extra residual dimensions: what head 0.0 moves from position 1 (A-ness), and head 0.1 (B)
+MOV_A = JUNK + 1
+MOV_B = JUNK + 2
+D_MODEL_TC = JUNK + 3
+#: the MLP writes OUT through two neurons that both read MOV_A: the transcoder's feature 0 models the first
+#: (weight 1), the second (weight W_MISSED) is left to its error node
+W_MISSED = 0.5
+
+
+@dataclass
+class PlantedTranscoder:
+    """The transcoder model (see :func:`build_transcoder`), its transcoder and a resid_post.0 SAE, both saved with
+    sae-lens' ``save_model`` and loaded back with :func:`autoexplain.tools.saes.load_sae`, and the task."""
+
+    lm: LoadedModel
+    transcoder: LoadedSAE
+    sae: LoadedSAE
+    task: TokenizedTask
+    #: the transcoder feature that carries the behaviour through the MLP (``SAE_ID#0``)
+    feature: str
+    #: the transcoder's error node: the missed neuron's share
+    error: str
+    #: m(clean) = W_YES * (1 + W_MISSED); the feature carries W_YES of it, the error node W_YES * W_MISSED
+    m_clean: float = W_YES * (1.0 + W_MISSED)
+
+
+def build_transcoder(out_dir: Path, n_prompts: int = 8, seed: int = 0) -> PlantedTranscoder:
+    """A 1-layer model with an MLP whose planted feature circuit runs through a transcoder.
+
+    Head ``a0.0`` moves TOK[A] from position 1 to every later position into MOV_A (head ``a0.1``: TOK[B] into
+    MOV_B); MLP neurons 0 and 1 read MOV_A and write OUT (weights 1 and :data:`W_MISSED`), neuron 2 reads MOV_B and
+    writes JUNK (nothing reads it); the unembedding reads OUT into YES. The transcoder ``mlp_in.0 -> mlp_out.0``
+    has feature 0 (MOV_A -> OUT: neuron 0 exactly), feature 1 (MOV_B -> JUNK) and one feature per token (reads TOK,
+    writes nothing): its error node holds neuron 1's output. The SAE on ``resid_post.0`` has one feature per
+    residual dimension (feature :data:`OUT` reads OUT). Linear end to end, so the planted circuit is
+    ``embed -> tc#0 -> res#OUT -> logits`` plus ``embed -> tc#err -> res#OUT``, with the feature the transcoder's
+    top node (effect W_YES against W_YES * W_MISSED for the error node)."""
+    from sae_lens.saes.sae import SAEMetadata
+    from sae_lens.saes.transcoder import Transcoder, TranscoderConfig
+
+    from autoexplain.tools.saes import load_sae
+
+    lm = _mlp_model()
+    tc = Transcoder(TranscoderConfig(d_in=D_MODEL_TC, d_sae=2 + V, d_out=D_MODEL_TC, apply_b_dec_to_input=False,
+                                     metadata=SAEMetadata(hook_name="blocks.0.hook_mlp_in",
+                                                          hook_name_out="blocks.0.hook_mlp_out")))
+    with torch.no_grad():
+        for p in tc.parameters():
+            p.zero_()
+        tc.W_enc[MOV_A, 0] = 1.0
+        tc.W_dec[0, OUT] = 1.0
+        tc.W_enc[MOV_B, 1] = 1.0
+        tc.W_dec[1, JUNK] = 1.0
+        for t in range(V):
+            tc.W_enc[TOK.start + t, 2 + t] = 1.0
+    tc.save_model(str(out_dir / "transcoder"))
+    sae = _identity_sae("blocks.0.hook_resid_post", D_MODEL_TC)
+    sae.save_model(str(out_dir / "res0"))
+    transcoder = load_sae(str(out_dir / "transcoder"), lm)
+    res = load_sae(str(out_dir / "res0"), lm)
+    return PlantedTranscoder(lm=lm, transcoder=transcoder, sae=res, task=_task(n_prompts, seed),
+                             feature=f"{transcoder.sae_id}#0", error=f"{transcoder.sae_id}#err")
+
+
+def _identity_sae(hook: str, d: int) -> Any:
+    from sae_lens import StandardSAE, StandardSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    sae = StandardSAE(StandardSAEConfig(d_in=d, d_sae=d, metadata=SAEMetadata(hook_name=hook)))
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.zero_()
+        sae.W_enc.copy_(torch.eye(d))
+        sae.W_dec.copy_(torch.eye(d))
+    return sae
+
+
+def _mlp_model() -> LoadedModel:
+    import warnings
+
+    from sae_lens import HookedSAETransformer
+    from transformer_lens import HookedTransformerConfig
+
+    from autoexplain.tools.models import LoadedModel
+
+    cfg = HookedTransformerConfig(n_layers=1, d_model=D_MODEL_TC, n_heads=2, d_head=D_HEAD, d_mlp=3,
+                                  attn_only=False, d_vocab=V, n_ctx=N_CTX, normalization_type=None,
+                                  use_attn_scale=False, positional_embedding_type="standard", device="cpu", seed=0,
+                                  act_fn="relu")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        model = HookedSAETransformer(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        for t in range(V):
+            model.W_E[t, TOK.start + t] = 1.0
+        for p in range(N_CTX):
+            model.W_pos[p, POS.start + p] = 1.0
+        attn = model.blocks[0].attn
+        for h, (reads, writes) in enumerate(((A, MOV_A), (B, MOV_B))):
+            attn.b_Q[h, 0] = 1.0
+            attn.W_K[h, POS.start + 1, 0] = SCORE
+            attn.W_V[h, TOK.start + reads, 0] = 1.0
+            attn.W_O[h, 0, writes] = 1.0
+        mlp = model.blocks[0].mlp
+        for n, (reads, writes, w) in enumerate(((MOV_A, OUT, 1.0), (MOV_A, OUT, W_MISSED), (MOV_B, JUNK, 1.0))):
+            mlp.W_in[reads, n] = 1.0
+            mlp.W_out[n, writes] = w
+        model.W_U[OUT, YES] = W_YES
+    model.eval()
+    return LoadedModel(spec="planted:transcoder", model_id="planted-transcoder", model=model, tokenizer=None,
+                       device=torch.device("cpu"))
