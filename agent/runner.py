@@ -412,12 +412,7 @@ def prepare(plan: Plan) -> Prepared:
                            else parse_features(e.features, saes[e.sae].d_sae)))
     circuit_jobs = []
     for c in (p.circuit for p in plan.items if p.circuit):
-        path = Path(c.task)
-        if not path.exists() and built is not None and re.fullmatch(r"[a-z_]+", c.task):
-            path = built.task_file(c.task)
-            if not path.exists():
-                raise InputError(f"toy task {c.task!r} does not exist: the toy tasks are "
-                                 f"{', '.join(built.manifest['task_accuracy'])}")
+        path = _task_path(c.task, built)
         task = load_task_file(path)
         _check_circuit_entry(lm, c, task, path)
         circuit_jobs.append((c, task.name or path.stem, str(path)))
@@ -430,6 +425,17 @@ def prepare(plan: Plan) -> Prepared:
         lexicon = load_lexicon(built.root / "corpus" / "categories.json")
     return Prepared(plan=plan, lm=lm, saes=saes, label_jobs=label_jobs, circuit_jobs=circuit_jobs, lexicon=lexicon,
                     feature_circuit_jobs=fc_jobs)
+
+
+def _task_path(task: str, built: Any) -> Path:
+    """A plan entry's task: a task file, or (on a toy model) a toy task name resolved in the built world."""
+    path = Path(task)
+    if not path.exists() and built is not None and re.fullmatch(r"[a-z_]+", task):
+        path = built.task_file(task)
+        if not path.exists():
+            raise InputError(f"toy task {task!r} does not exist: the toy tasks are "
+                             f"{', '.join(built.manifest['task_accuracy'])}")
+    return path
 
 
 def _feature_circuit_job(fc: FeatureCircuitEntry, lm: LoadedModel, saes: dict[str, LoadedSAE], built: Any,
@@ -447,12 +453,7 @@ def _feature_circuit_job(fc: FeatureCircuitEntry, lm: LoadedModel, saes: dict[st
     for spec in fc.saes:
         if spec not in saes:
             saes[spec] = load_sae(spec, lm)
-    path = Path(fc.task)
-    if not path.exists() and built is not None and re.fullmatch(r"[a-z_]+", fc.task):
-        path = built.task_file(fc.task)
-        if not path.exists():
-            raise InputError(f"toy task {fc.task!r} does not exist: the toy tasks are "
-                             f"{', '.join(built.manifest['task_accuracy'])}")
+    path = _task_path(fc.task, built)
     task = load_task_file(path)
     if lm.tokenizer is None:
         raise InputError(f"model {lm.spec!r} has no tokenizer, so the task's text prompts cannot be used with it")

@@ -79,9 +79,7 @@ def build(n_prompts: int = 16, seed: int = 0) -> PlantedFeatureCircuit:
 
 
 def _model() -> LoadedModel:
-    import warnings
 
-    from sae_lens import HookedSAETransformer
     from transformer_lens import HookedTransformerConfig
 
     from autoexplain.tools.models import LoadedModel
@@ -89,16 +87,8 @@ def _model() -> LoadedModel:
     cfg = HookedTransformerConfig(n_layers=2, d_model=D_MODEL, n_heads=2, d_head=D_HEAD, attn_only=True,
                                   d_vocab=V, n_ctx=N_CTX, normalization_type=None, use_attn_scale=False,
                                   positional_embedding_type="standard", device="cpu", seed=0, act_fn="relu")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        model = HookedSAETransformer(cfg)
+    model = _one_hot_model(cfg)
     with torch.no_grad():
-        for p in model.parameters():
-            p.zero_()
-        for t in range(V):
-            model.W_E[t, TOK.start + t] = 1.0
-        for p in range(N_CTX):
-            model.W_pos[p, POS.start + p] = 1.0
         attn = model.blocks[1].attn
         for h, (reads, writes) in enumerate(((A, OUT), (B, JUNK))):
             attn.b_Q[h, 0] = 1.0  # a constant query ...
@@ -235,9 +225,7 @@ def _identity_sae(hook: str, d: int) -> Any:
 
 
 def _mlp_model() -> LoadedModel:
-    import warnings
 
-    from sae_lens import HookedSAETransformer
     from transformer_lens import HookedTransformerConfig
 
     from autoexplain.tools.models import LoadedModel
@@ -246,16 +234,8 @@ def _mlp_model() -> LoadedModel:
                                   attn_only=False, d_vocab=V, n_ctx=N_CTX, normalization_type=None,
                                   use_attn_scale=False, positional_embedding_type="standard", device="cpu", seed=0,
                                   act_fn="relu")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        model = HookedSAETransformer(cfg)
+    model = _one_hot_model(cfg)
     with torch.no_grad():
-        for p in model.parameters():
-            p.zero_()
-        for t in range(V):
-            model.W_E[t, TOK.start + t] = 1.0
-        for p in range(N_CTX):
-            model.W_pos[p, POS.start + p] = 1.0
         attn = model.blocks[0].attn
         for h, (reads, writes) in enumerate(((A, MOV_A), (B, MOV_B))):
             attn.b_Q[h, 0] = 1.0
@@ -270,3 +250,23 @@ def _mlp_model() -> LoadedModel:
     model.eval()
     return LoadedModel(spec="planted:transcoder", model_id="planted-transcoder", model=model, tokenizer=None,
                        device=torch.device("cpu"))
+
+
+def _one_hot_model(cfg: Any) -> Any:
+    """A HookedSAETransformer of ``cfg`` with every weight zero but one-hot token (TOK) and position (POS)
+    embeddings: the base every planted model here writes its mechanism into."""
+    import warnings
+
+    from sae_lens import HookedSAETransformer
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        model = HookedSAETransformer(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        for t in range(V):
+            model.W_E[t, TOK.start + t] = 1.0
+        for p in range(N_CTX):
+            model.W_pos[p, POS.start + p] = 1.0
+    return model
