@@ -7,9 +7,12 @@ Held-out split
 of assignment is a *context group*: examples that share a harvested window (``window_index``) or have identical
 tokens always land on the same side, so no scored context was shown to the explainer, even when the same window
 is both a top and a quantile example (delphi's leak). Groups are stratified (quantile bin, else top, else random),
-ordered by a hash of ``(sae_id, feature_index, group, seed)`` and dealt to the two sides in the ratio
+ordered by a 64-bit hash of ``(sae_id, seed, feature_index, group)`` and dealt to the two sides in the ratio
 ``explain_fraction`` — deterministic, and independent of the order rows come in. Write the result back with
 :func:`autoexplain.agent.store.rows.split_rows` (``feature_examples.split``) so the split can be checked in SQL.
+One vectorised function (:func:`split_explain_mask`) splits any number of features' examples at once, so a
+harvest's millions of rows are split as they are written; splits already stored (an older autoexplain ordered
+groups by sha256) are kept as they are, never recomputed.
 
 Rare features: within a stratum the first group dealt goes to ``score``, so a feature whose few activating
 windows each sit alone in their stratum (≤ 10 windows is typical) would have *every* activating group scored and
@@ -123,6 +126,7 @@ from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
+import numpy as np
 from pydantic import BaseModel, Field
 
 from autoexplain.evals.judges import (
@@ -209,58 +213,128 @@ class SplitKey(NamedTuple):
 def split_sides(keys: Sequence[SplitKey], sae_id: str, feature_index: int, *, explain_fraction: float = 0.5,
                 seed: int = 0) -> list[str]:
     """'explain' or 'score' for each example of one feature (see the module docstring), in order."""
+    texts: dict[Hashable, int] = {}
+    explain = split_explain_mask(
+        sae_id, np.full(len(keys), feature_index, dtype=np.int64),
+        kind=np.array([KIND_CODES.get(k.kind, OTHER_KIND) for k in keys], dtype=np.int64),
+        example_id=np.array([k.example_id for k in keys], dtype=np.int64),
+        quantile=np.array([-1 if k.quantile is None else k.quantile for k in keys], dtype=np.int64),
+        text=np.array([texts.setdefault(k.text, len(texts)) for k in keys], dtype=np.int64),
+        window=np.array([-1 if k.window_index is None else k.window_index for k in keys], dtype=np.int64),
+        activating=np.array([k.activating for k in keys], dtype=bool),
+        explain_fraction=explain_fraction, seed=seed)
+    return [SPLITS[0] if e else SPLITS[1] for e in explain.tolist()]
+
+
+#: Example kinds as :func:`split_explain_mask` reads them (any other kind: :data:`OTHER_KIND`).
+KIND_CODES = {"top": 0, "quantile": 1, "random": 2}
+OTHER_KIND = 3
+_M64 = (1 << 64) - 1
+
+
+def mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on uint64 values (wrapping arithmetic): a fixed, well-mixed 64-bit hash."""
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def _pair_ids(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """An id per entry, equal exactly when both ``a`` and ``b`` are equal (ids 0, 1, ... in sorted order)."""
+    order = np.lexsort((b, a))
+    new = np.r_[True, (a[order][1:] != a[order][:-1]) | (b[order][1:] != b[order][:-1])]
+    ids = np.empty(len(a), dtype=np.int64)
+    ids[order] = np.cumsum(new) - 1
+    return ids
+
+
+def _components(n: int, links: Sequence[np.ndarray]) -> np.ndarray:
+    """Connected components of ``n`` items joined when they share a value of any ``links`` array (-1: no link):
+    each item's label is the smallest item index of its component (min-label propagation with pointer jumping)."""
+    label = np.arange(n, dtype=np.int64)
+    groups = []
+    for link in links:
+        idx = np.flatnonzero(link >= 0)
+        if not idx.size:
+            continue
+        idx = idx[np.argsort(link[idx], kind="stable")]
+        starts = np.flatnonzero(np.r_[True, link[idx][1:] != link[idx][:-1]])
+        groups.append((idx, starts, np.repeat(np.arange(starts.size), np.diff(np.r_[starts, idx.size]))))
+    while True:
+        before = label.copy()
+        for idx, starts, member in groups:
+            low = np.minimum.reduceat(label[idx], starts)
+            np.minimum.at(label, label[idx], low[member])  # join the roots too, so chains collapse quickly
+            label[idx] = np.minimum(label[idx], low[member])
+        while True:  # pointer jumping: every label to its root
+            nxt = label[label]
+            if np.array_equal(nxt, label):
+                break
+            label = nxt
+        if np.array_equal(label, before):
+            return label
+
+
+def split_explain_mask(sae_id: str, feature: np.ndarray, *, kind: np.ndarray, example_id: np.ndarray,
+                       quantile: np.ndarray, text: np.ndarray, window: np.ndarray, activating: np.ndarray,
+                       explain_fraction: float = 0.5, seed: int = 0) -> np.ndarray:
+    """The held-out split of many features' examples at once, column by column: ``True`` = explain side.
+
+    One entry per example: ``feature`` its feature index, ``kind`` a :data:`KIND_CODES` value, ``example_id``,
+    ``quantile`` (-1: none), ``text`` an id equal for equal token sequences (within a feature), ``window`` the
+    harvested window (-1: unknown) and ``activating`` (a top/quantile example that fired). Context groups (shared
+    window or text, within a feature) are stratified (quantile bin, else top, else the rest), ordered by a 64-bit
+    hash of (``sae_id``, ``seed``, feature, the group's smallest (kind, example_id)) and dealt in the ratio
+    ``explain_fraction``; then the rare-feature rule (module docstring). Vectorised: no Python work per example,
+    so a harvest's millions of rows are split as they are written; :func:`split_sides` is the same function for one
+    feature's list of keys. Depends only on the examples' values, not on their order."""
     if not 0.0 < explain_fraction < 1.0:
         raise ValueError("explain_fraction must be in (0, 1)")
-    n = len(keys)
-    parent = list(range(n))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    first: dict[tuple[str, Any], int] = {}
-    for i, e in enumerate(keys):
-        links: list[tuple[str, Any]] = [("text", e.text)]
-        if e.window_index is not None:
-            links.append(("window", e.window_index))
-        for k in links:
-            if k in first:
-                parent[find(i)] = find(first[k])
-            else:
-                first[k] = i
-    groups: dict[int, list[int]] = {}
-    for i in range(n):
-        groups.setdefault(find(i), []).append(i)
-
-    def stratum(members: list[int]) -> tuple[int, int]:
-        qs = [keys[i].quantile for i in members if keys[i].kind == "quantile"]
-        if qs:
-            return (0, min(q if q is not None else 0 for q in qs))
-        if any(keys[i].kind == "top" for i in members):
-            return (1, 0)
-        return (2, 0)
-
-    strata: dict[tuple[int, int], list[tuple[str, list[int]]]] = {}
-    for members in groups.values():
-        ident = min(f"{keys[i].kind}#{keys[i].example_id}" for i in members)
-        strata.setdefault(stratum(members), []).append((_h(sae_id, feature_index, seed, ident), members))
-    side = [""] * n
-    ordered: list[list[int]] = []  # groups in dealing order (strata in order, hash order within)
-    for _, items in sorted(strata.items()):
-        items.sort()
-        for j, (_, members) in enumerate(items):
-            to_explain = math.floor((j + 1) * explain_fraction) > math.floor(j * explain_fraction)
-            for i in members:
-                side[i] = "explain" if to_explain else "score"
-            ordered.append(members)
-    # a rare feature (one group per stratum) would otherwise have every activating group dealt to score
-    firing = [m for m in ordered if any(keys[i].activating for i in m)]
-    if firing and not any(side[m[0]] == "explain" for m in firing):
-        for i in firing[0]:
-            side[i] = "explain"
-    return side
+    n = len(feature)
+    if n == 0:
+        return np.zeros(0, dtype=bool)
+    feature = feature.astype(np.int64)
+    # context groups: examples of one feature that share a window or a text
+    win_key = np.where(window >= 0, _pair_ids(feature, window), -1)
+    text_key = _pair_ids(feature, text)
+    group = np.unique(_components(n, [win_key, text_key]), return_inverse=True)[1].reshape(-1)
+    n_groups = int(group.max()) + 1
+    # per group: its feature, stratum (quantile bin < top < the rest), identity and whether it fires
+    g_feature = np.zeros(n_groups, dtype=np.int64)
+    g_feature[group] = feature
+    big = np.int64(1 << 32)
+    is_q = kind == KIND_CODES["quantile"]
+    member_stratum = np.where(is_q, np.maximum(quantile, 0),
+                              np.where(kind == KIND_CODES["top"], big, 2 * big))
+    g_stratum = np.full(n_groups, 3 * big, dtype=np.int64)
+    np.minimum.at(g_stratum, group, member_stratum)
+    g_ident = np.full(n_groups, np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(g_ident, group, kind.astype(np.int64) * (np.int64(1) << 40) + example_id)
+    g_fires = np.zeros(n_groups, dtype=bool)
+    np.logical_or.at(g_fires, group, activating.astype(bool))
+    base = int.from_bytes(hashlib.sha256(f"split\x1f{sae_id}\x1f{seed}".encode()).digest()[:8], "little")
+    h = mix64(mix64(np.uint64(base) ^ g_feature.astype(np.uint64)) ^ g_ident.astype(np.uint64))
+    order = np.lexsort((g_ident, h, g_stratum, g_feature))  # dealing order: feature, stratum, hash
+    f_o, s_o = g_feature[order], g_stratum[order]
+    new_run = np.r_[True, (f_o[1:] != f_o[:-1]) | (s_o[1:] != s_o[:-1])]
+    run_start = np.maximum.accumulate(np.where(new_run, np.arange(n_groups), 0))
+    j = (np.arange(n_groups) - run_start).astype(np.float64)  # rank within (feature, stratum)
+    explain_o = np.floor((j + 1) * explain_fraction) > np.floor(j * explain_fraction)
+    # rare features: no firing group explained -> the first firing group (dealing order) is
+    fires_o = g_fires[order]
+    new_feature = np.r_[True, f_o[1:] != f_o[:-1]]
+    feat_run = np.cumsum(new_feature) - 1
+    has_explained = np.zeros(int(feat_run[-1]) + 1, dtype=bool)
+    np.logical_or.at(has_explained, feat_run, fires_o & explain_o)
+    first_firing = np.full(has_explained.size, n_groups, dtype=np.int64)
+    firing_pos = np.flatnonzero(fires_o)
+    np.minimum.at(first_firing, feat_run[firing_pos], firing_pos)
+    fix = first_firing[(first_firing < n_groups) & ~has_explained]
+    explain_o[fix] = True
+    g_explain = np.empty(n_groups, dtype=bool)
+    g_explain[order] = explain_o
+    return g_explain[group]
 
 
 def split_examples(examples: Sequence[Example], sae_id: str, feature_index: int, *,

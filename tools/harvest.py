@@ -55,10 +55,13 @@ Nothing grows with the dataset, and nothing but the running state grows with the
   feature width) and keeps only the non-zero entries (:class:`_Firings`); no ``[batch, ctx, d_sae]`` tensor exists;
 * the state keeps, per kept example, the ``left + right + 1`` activations around its max (all an example shows),
   not the whole window, and the random pool as firing flags: about 0.57 GB at 98,304 features with the defaults;
-* the finish assembles, and the sink writes, :data:`EXAMPLES_PER_CHUNK` examples at a time, the next chunk
-  prepared in a background thread while the sink writes this one; logit effects are kept as top-``n_logits``
-  index/value arrays (a few MB), computed on another background thread while the pass runs
-  (:class:`_LogitTables`), one feature range at a time.
+* the finish does not hold the state: it reads the final checkpoint memory-mapped, anew for each chunk of
+  features (:func:`deliver`), so the state's memory goes back to the system when the pass ends;
+* the finish assembles, and the sink writes, :data:`EXAMPLES_PER_CHUNK` examples at a time as numpy columns
+  (:class:`ExampleColumns`: no Python object per example or token), the next chunk prepared in a background
+  thread while the sink writes this one; logit effects are kept as top-``n_logits`` index/value arrays (a few
+  MB), computed on another background thread while the pass runs (:class:`_LogitTables`), one feature range at a
+  time.
 
 The result is bit-identical to encoding whole batches and assembling everything at once (same random keys, drawn
 per batch; same example order; the CPU sgemm gives each row the same bits whatever the sub-batch; see
@@ -83,11 +86,11 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -96,6 +99,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 from autoexplain.tools.cache import cache_root
 from autoexplain.tools.errors import InputError
 from autoexplain.tools.locks import exclusive, is_locked
+from autoexplain.tools.prefetch import prefetch
 from autoexplain.tools.registry import Cost, ToolContext, ToolOutput, ToolSpec
 from autoexplain.tools.vocab import CausalLevel, FeatureRef, SiteKind
 
@@ -103,7 +107,6 @@ if TYPE_CHECKING:
     from autoexplain.tools.models import LoadedModel
     from autoexplain.tools.saes import LoadedSAE
 
-_T = TypeVar("_T")
 #: Histogram bin edges (activation values); counts has one more bin below the first edge and one above the last.
 HIST_EDGES: tuple[float, ...] = tuple(float(x) for x in np.logspace(-3, 3, 25))
 _RESIDUAL_WRITERS = {SiteKind.RESID_PRE, SiteKind.RESID_MID, SiteKind.RESID_POST, SiteKind.ATTN_OUT,
@@ -468,32 +471,63 @@ class FeatureExample:
 
 @dataclass(frozen=True, slots=True)
 class ExampleColumns:
-    """A chunk's examples column by column: entry ``i`` of every list is example ``i`` (the fields of
-    :class:`FeatureExample`), ordered by feature, kind (top, quantile, random) and ``example_id``. A sink that
-    writes columns (the store's Arrow insert) never builds an object per example."""
+    """A chunk's examples column by column, as numpy arrays: entry ``i`` of every per-example array is example
+    ``i`` (the fields of :class:`FeatureExample`), ordered by feature, kind (top, quantile, random) and
+    ``example_id``; example ``i``'s tokens and activations are ``token_ids[offsets[i]:offsets[i + 1]]`` and
+    ``acts[...]`` of the flat arrays. A sink that writes columns (the store's Arrow insert) does no Python work
+    per example or per token; :meth:`rows` gives the objects.
 
-    refs: list[FeatureRef]
-    kind: list[ExampleKind]
-    example_id: list[int]
-    quantile: list[int | None]
-    tokens: list[list[str]]
-    acts: list[list[float]]
-    max_act: list[float]
-    window_index: list[int]
+    ``vocab`` maps token ids to strings and ``vocab_canon`` ids to a canonical id shared by ids of equal strings
+    (so equal token-string sequences can be found from ids: the held-out split groups identical texts); both are
+    the harvest's own, shared by its chunks."""
+
+    sae_id: str
+    feature: np.ndarray  # int64
+    kind: np.ndarray  # int64: index into EXAMPLE_KINDS
+    example_id: np.ndarray  # int64
+    quantile: np.ndarray  # int64; -1 = none
+    window_index: np.ndarray  # int64
+    max_act: np.ndarray  # float64
+    offsets: np.ndarray  # int64 [n + 1]
+    token_ids: np.ndarray  # int64, flat
+    acts: np.ndarray  # float64, flat, rounded to 4 decimals (0 for random windows)
+    vocab: Sequence[str]
+    vocab_canon: np.ndarray
 
     @classmethod
-    def empty(cls) -> ExampleColumns:
-        return cls([], [], [], [], [], [], [], [])
+    def empty(cls, sae_id: str = "", vocab: Sequence[str] = (), vocab_canon: np.ndarray | None = None,
+              ) -> ExampleColumns:
+        i, x = np.zeros(0, np.int64), np.zeros(0, np.float64)
+        canon = canonical_ids(vocab) if vocab_canon is None else vocab_canon
+        return cls(sae_id, i, i, i, i, i, x, np.zeros(1, np.int64), i, x, vocab, canon)
 
     def __len__(self) -> int:
         return len(self.kind)
 
+    def token_lists(self) -> list[list[str]]:
+        strs = np.asarray(self.vocab, dtype=object)[self.token_ids].tolist()
+        return [strs[i:j] for i, j in itertools.pairwise(self.offsets.tolist())]
+
+    def act_lists(self) -> list[list[float]]:
+        vals = self.acts.tolist()
+        return [vals[i:j] for i, j in itertools.pairwise(self.offsets.tolist())]
+
     def rows(self) -> list[FeatureExample]:
-        return [FeatureExample(feature=f, kind=k, example_id=j, quantile=q, tokens=t, acts=a, max_act=m,
+        return [FeatureExample(feature=FeatureRef(sae_id=self.sae_id, index=f), kind=EXAMPLE_KINDS[k],
+                               example_id=j, quantile=None if q < 0 else q, tokens=t, acts=a, max_act=m,
                                window_index=w)
-                for f, k, j, q, t, a, m, w in zip(self.refs, self.kind, self.example_id, self.quantile,
-                                                  self.tokens, self.acts, self.max_act, self.window_index,
-                                                  strict=True)]
+                for f, k, j, q, t, a, m, w in zip(self.feature.tolist(), self.kind.tolist(),
+                                                  self.example_id.tolist(), self.quantile.tolist(),
+                                                  self.token_lists(), self.act_lists(), self.max_act.tolist(),
+                                                  self.window_index.tolist(), strict=True)]
+
+
+def canonical_ids(vocab: Sequence[str]) -> np.ndarray:
+    """For each token id, the smallest id of a token with the same string (tokenizers may render two ids alike)."""
+    if not len(vocab):
+        return np.zeros(0, np.int64)
+    _, first, inverse = np.unique(np.asarray(vocab, dtype=object), return_index=True, return_inverse=True)
+    return first[inverse.reshape(-1)].astype(np.int64)
 
 
 @dataclass(frozen=True, slots=True)
@@ -704,6 +738,7 @@ def _harvest(ctx: ToolContext, args: HarvestIn, owned: HarvestWork, progress: Ca
 
     assert ctx.sink is not None
     lm, sae = ctx.model, ctx.sae(args.sae_id)
+    map_large_blocks()
     work = owned.path
     windows = _Windows(work / "windows.i32", args.ctx)
     state_path = work / "state.pt"
@@ -715,8 +750,8 @@ def _harvest(ctx: ToolContext, args: HarvestIn, owned: HarvestWork, progress: Ca
     t0 = time.perf_counter()
     logits = _LogitTables(lm, sae, args)
     logits.start()  # on a second thread, while the pass runs (see _LogitTables)
-    stream = _prefetch(iter_windows(iter_texts(args.dataset), lm.tokenizer, ctx=args.ctx, n_ctx=lm.n_ctx,
-                                    batch_windows=args.batch_size, max_tokens=args.n_tokens))
+    stream = prefetch(iter_windows(iter_texts(args.dataset), lm.tokenizer, ctx=args.ctx, n_ctx=lm.n_ctx,
+                                    batch_windows=args.batch_size, max_tokens=args.n_tokens), name="harvest-prefetch")
     for i, batch in enumerate(stream):
         if i < state.batches_done:
             continue  # finished before the interruption: tokenised again (cheap), not recomputed
@@ -734,7 +769,8 @@ def _harvest(ctx: ToolContext, args: HarvestIn, owned: HarvestWork, progress: Ca
             _save_state(state_path, state, args)
     windows.sync()
     _save_state(state_path, state, args)
-    out = deliver(ctx, args, state, windows, owned.identity, started=t0, finish_progress=finish_progress,
+    del state  # the finish reads the final checkpoint, mapped from disk (see deliver): its memory goes back now
+    out = deliver(ctx, args, state_path, windows, owned.identity, started=t0, finish_progress=finish_progress,
                   logits=logits)
     out.resumed_from_batch = resumed_from
     shutil.rmtree(work, ignore_errors=True)
@@ -756,18 +792,25 @@ def fold_batch(lm: LoadedModel, sae: LoadedSAE, args: HarvestIn, state: _State, 
     state.batches_done = index + 1
 
 
-def deliver(ctx: ToolContext, args: HarvestIn, state: _State, windows: _Windows, identity: HarvestIdentity, *,
-            started: float, finish_progress: Callable[[int, int], None] | None = None,
+def deliver(ctx: ToolContext, args: HarvestIn, source: _State | Path, windows: _Windows,
+            identity: HarvestIdentity, *, started: float, finish_progress: Callable[[int, int], None] | None = None,
             logits: _LogitTables | None = None) -> HarvestOut:
     """Finish a completed pass (or the exact merge of its shards: :mod:`autoexplain.tools.harvest_merge`): turn
-    ``state`` into a :class:`HarvestResult`, hand it to ``ctx.sink`` (which assembles and writes it chunk by chunk)
-    and return the summary. ``started``: ``time.perf_counter()`` when the pass began (for the timings)."""
+    its state into a :class:`HarvestResult`, hand it to ``ctx.sink`` (which assembles and writes it chunk by chunk)
+    and return the summary. ``started``: ``time.perf_counter()`` when the pass began (for the timings).
+
+    ``source`` is the state, or the path of its checkpoint: then nothing of it is held in memory during the
+    finish — the checkpoint is memory-mapped, anew for each chunk of features, so only the rows that chunk reads
+    become resident, and they are let go with it (the state is the largest thing a harvest of a wide SAE holds:
+    0.57 GB at 98,304 features)."""
     assert ctx.sink is not None
     lm, sae = ctx.model, ctx.sae(args.sae_id)
     n_features = sae.d_sae
     t0 = started
     t_stream = time.perf_counter()
-    result = _finish(state, lm, sae, args, windows, finish_progress, logits=logits)
+    state = _mapped_state(source) if isinstance(source, Path) else source
+    result = _finish(state, lm, sae, args, windows, finish_progress, logits=logits,
+                     chunk_state=(lambda: _mapped_state(source)) if isinstance(source, Path) else None)
     result.harvest_id, result.inputs = identity.harvest_id, identity.inputs
     if state.n_tokens < SHORT_DATASET_FRACTION * args.n_tokens:
         result.note = (f"dataset {args.dataset!r} gave only {state.n_tokens:,} of the {args.n_tokens:,} tokens "
@@ -788,52 +831,33 @@ def deliver(ctx: ToolContext, args: HarvestIn, state: _State, windows: _Windows,
     return out
 
 
-def _prefetch(it: Iterator[_T], depth: int = 2) -> Iterator[_T]:
-    """Run ``it`` (reading and tokenising) in a background thread, ``depth`` items ahead of the model.
-
-    Order is preserved and an exception from the producer (e.g. an InputError on a bad row) is raised here.
-    """
-    import queue
-    import threading
-
-    q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            for item in it:
-                while not stop.is_set():
-                    try:
-                        q.put(("item", item), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            q.put(("end", None))
-        except BaseException as exc:  # handed to the consumer
-            q.put(("error", exc))
-
-    thread = threading.Thread(target=produce, daemon=True, name="harvest-prefetch")
-    thread.start()
-    try:
-        while True:
-            kind, value = q.get()
-            if kind == "end":
-                return
-            if kind == "error":
-                raise value
-            yield value
-    finally:
-        stop.set()
-
-
 #: Bytes of dense activations ([tokens, d_sae] float32) encoded at once; a batch is encoded in token sub-batches
 #: of this size and only its non-zero entries are kept (see :func:`_batch_firings`). Above glibc's largest dynamic
 #: mmap threshold (32 MiB) on purpose: blocks that size are always mapped and unmapped, never carved from the heap,
 #: where the small long-lived tensors kept between them fragmented it (measured at 98,304 features: 32 MiB
 #: sub-batches peaked about 600 MB above the state after a few batches, 64 MiB ones about 150 MB).
 ENCODE_BYTES = 64 * 2**20
+#: Blocks at least this large are served by their own memory mapping during a harvest (see :func:`map_large_blocks`).
+MMAP_THRESHOLD = 2**20
+
+
+def map_large_blocks() -> None:
+    """Have glibc's malloc serve every block of :data:`MMAP_THRESHOLD` bytes or more by its own memory mapping,
+    given back to the system when freed. By default glibc raises that threshold as large blocks are freed (up to
+    32 MiB), after which the pass's per-batch temporaries (tens of MB at 98,304 features) are carved from the heap
+    of whichever thread allocated them and stay resident after they are freed; with several threads (model,
+    prefetch, logit effects, finish) that retained memory added hundreds of MB to the peak. Process-wide and
+    lasting (it fixes the threshold, which turns glibc's adjustment off; blocks this large cost one mapping each,
+    negligible next to filling them). A no-op where the C library has no ``mallopt`` (macOS, Windows)."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
+
+
 #: Fewest tokens in an encoder sub-batch (a one-row matrix product may take another BLAS path: see _token_chunks).
 MIN_ENCODE_ROWS = 8
 
@@ -905,6 +929,11 @@ def _save_state(path: Path, state: _State, args: HarvestIn) -> None:
     os.replace(tmp, path)
 
 
+def _mapped_state(path: Path) -> _State:
+    """The checkpoint at ``path`` with its tensors memory-mapped from the file (pages are read when touched)."""
+    return _State(**torch.load(path, mmap=True, weights_only=True)["state"])
+
+
 def _load_state(path: Path, args: HarvestIn) -> _State | None:
     if not path.exists():
         return None
@@ -936,9 +965,10 @@ def _feature_chunks(n_features: int, per_feature: int, d_vocab: int) -> list[tup
 
 def _finish(state: _State, lm: LoadedModel, sae: LoadedSAE, args: HarvestIn, windows: _Windows,
             report: Callable[[int, int], None] | None = None, *,
-            logits: _LogitTables | None = None) -> HarvestResult:
+            logits: _LogitTables | None = None, chunk_state: Callable[[], _State] | None = None) -> HarvestResult:
     """Turn the state into per-feature statistics (arrays, at once) and a re-iterable stream of feature-complete
-    chunks of stats and examples (:class:`HarvestResult`), assembled lazily by :func:`_chunk`."""
+    chunks of stats and examples (:class:`HarvestResult`), assembled lazily by :func:`_chunk` — from the state
+    ``chunk_state()`` gives for each chunk when given (a fresh mapping of the checkpoint), else from ``state``."""
     n_tok = max(state.n_tokens, 1)
     count = state.fire_count.numpy()
     density = count / n_tok
@@ -956,9 +986,11 @@ def _finish(state: _State, lm: LoadedModel, sae: LoadedSAE, args: HarvestIn, win
             # pool in (key, window) order: a function of the pooled set, not of the slots (see _admit)
             cache["pool_order"] = _best_order(state.pool_key[None, :], state.pool_win[None, :], False)[0]
             cache["refs"] = [FeatureRef(sae_id=sae.sae_id, index=f) for f in range(sae.d_sae)]
+            cache["vocab_canon"] = canonical_ids(cache["vocab"])
         for i, (lo, hi) in enumerate(ranges):
-            yield _chunk(state, lm, sae, args, windows, lo, hi, density=density, max_act=max_act,
-                         mean_act=mean_act, **cache)
+            # a fresh mapping of the checkpoint per chunk (when given): its pages are let go with the chunk
+            yield _chunk(chunk_state() if chunk_state is not None else state, lm, sae, args, windows, lo, hi,
+                         density=density, max_act=max_act, mean_act=mean_act, **cache)
             if report is not None:  # the sink has taken the chunk (the prefetch runs at most one ahead)
                 report(i + 1, len(ranges))
 
@@ -967,7 +999,7 @@ def _finish(state: _State, lm: LoadedModel, sae: LoadedSAE, args: HarvestIn, win
             # the next chunk is assembled in a background thread while the sink stores this one: its logit
             # effects (a matrix product and top-k, outside the GIL) overlap the sink's Python and DuckDB's insert;
             # at most two chunks wait (bounded memory)
-            return _prefetch(assemble(), depth=1)
+            return prefetch(assemble(), depth=1, name="harvest-assemble")
 
     return HarvestResult(sae_id=sae.sae_id, n_tokens=state.n_tokens, n_windows=state.windows_done,
                          density=density, max_act=max_act, mean_act=mean_act, chunks=_Chunks())
@@ -975,7 +1007,8 @@ def _finish(state: _State, lm: LoadedModel, sae: LoadedSAE, args: HarvestIn, win
 
 def _chunk(state: _State, lm: LoadedModel, sae: LoadedSAE, args: HarvestIn, windows: _Windows, lo: int, hi: int, *,
            density: np.ndarray, max_act: np.ndarray, mean_act: np.ndarray, vocab: list[str],
-           pool_order: torch.Tensor, refs: list[FeatureRef], logits: _LogitTables) -> HarvestChunk:
+           pool_order: torch.Tensor, refs: list[FeatureRef], vocab_canon: np.ndarray,
+           logits: _LogitTables) -> HarvestChunk:
     """Stats and examples of features ``lo .. hi-1``, in the order the store has always received them: per
     feature its top contexts (by activation, ties: earlier window first), then its quantile samples (weakest bin
     first), then its non-activating windows (in pool order). Window tokens are read from the window file for this
@@ -1024,24 +1057,26 @@ def _chunk(state: _State, lm: LoadedModel, sae: LoadedSAE, args: HarvestIn, wind
             n = len(f_r)
             cols.append(np.stack([(lo + f_r).numpy(), np.full(n, 2), j_r.numpy(), np.full(n, -1),
                                   pwin[p_r].numpy(), np.full(n, -1), np.full(n, -1)], 1))
-    examples = ExampleColumns.empty()
+    examples = ExampleColumns.empty(sae.sae_id, vocab, vocab_canon)
     if cols:
         picks = np.concatenate(cols).astype(np.int64)
         picks = picks[np.lexsort((picks[:, 2], picks[:, 1], picks[:, 0]))]
-        examples = _examples(picks, torch.cat(act_rows) if act_rows else None, args, windows, vocab, refs)
+        examples = _examples(picks, torch.cat(act_rows) if act_rows else None, args, windows, vocab, vocab_canon,
+                             sae.sae_id)
     return HarvestChunk(features=features, columns=examples)
 
 
-_KINDS = (ExampleKind.TOP, ExampleKind.QUANTILE, ExampleKind.RANDOM)
+#: The kinds in the order of :attr:`ExampleColumns.kind` codes (and of the examples of a feature).
+EXAMPLE_KINDS = (ExampleKind.TOP, ExampleKind.QUANTILE, ExampleKind.RANDOM)
 
 
 def _examples(picks: np.ndarray, acts: torch.Tensor | None, args: HarvestIn, windows: _Windows, vocab: list[str],
-              refs: list[FeatureRef]) -> ExampleColumns:
+              vocab_canon: np.ndarray, sae_id: str) -> ExampleColumns:
     """Cut each pick's window around its max (``left`` tokens before, ``right`` after; BOS never shown; random
     windows whole) and pair it with its per-token activations (rounded to 4 decimals; zeros for random windows).
 
     Column by column: every example's tokens and activations are gathered into one flat array each (one numpy
-    gather, one ``tolist``), then cut into per-example lists by offset; no Python work per token."""
+    gather) with per-example offsets; no Python work per example or token."""
     win = picks[:, 4]
     ids, inv = np.unique(win, return_inverse=True)
     toks = windows.rows(ids)  # [unique windows, ctx]
@@ -1051,10 +1086,10 @@ def _examples(picks: np.ndarray, acts: torch.Tensor | None, args: HarvestIn, win
     left, _ = _slice_len(args)
     start = lo - (pos - left)  # where lo falls in the stored slice
     n = hi - lo  # >= 1: the max is never at BOS, random windows are whole
-    offsets = np.concatenate([[0], np.cumsum(n)])
+    offsets = np.concatenate([[0], np.cumsum(n)]).astype(np.int64)
     within = np.arange(offsets[-1]) - np.repeat(offsets[:-1], n)  # position inside each example
     row = np.repeat(np.arange(len(picks)), n)
-    flat_tok = toks[inv[row], lo[row] + within]
+    flat_tok = toks[inv.reshape(-1)[row], lo[row] + within].astype(np.int64)
     flat_act = np.zeros(offsets[-1], dtype=np.float64)
     a = picks[:, 6]
     if acts is not None:
@@ -1062,15 +1097,10 @@ def _examples(picks: np.ndarray, acts: torch.Tensor | None, args: HarvestIn, win
         has = a[row] >= 0
         flat_act[has] = rounded[a[row][has], (start[row] + within)[has]]
     max_act = np.maximum.reduceat(flat_act, offsets[:-1]) if len(picks) else np.zeros(0)
-    tok_strs = np.asarray(vocab, dtype=object)[flat_tok].tolist()
-    act_vals = flat_act.tolist()
-    cuts = list(itertools.pairwise(offsets.tolist()))
-    q = picks[:, 3]
-    return ExampleColumns(
-        refs=[refs[f] for f in picks[:, 0].tolist()], kind=[_KINDS[k] for k in picks[:, 1].tolist()],
-        example_id=picks[:, 2].tolist(), quantile=[None if x < 0 else x for x in q.tolist()],
-        tokens=[tok_strs[i:j] for i, j in cuts], acts=[act_vals[i:j] for i, j in cuts],
-        max_act=max_act.tolist(), window_index=win.tolist())
+    return ExampleColumns(sae_id=sae_id, feature=picks[:, 0].copy(), kind=picks[:, 1].copy(),
+                          example_id=picks[:, 2].copy(), quantile=picks[:, 3].copy(), window_index=win.copy(),
+                          max_act=max_act, offsets=offsets, token_ids=flat_tok, acts=flat_act, vocab=vocab,
+                          vocab_canon=vocab_canon)
 
 
 def _quantile_picks(state: _State, lo: int, hi: int,

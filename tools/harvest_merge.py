@@ -68,6 +68,7 @@ from autoexplain.tools.harvest import (
     deliver,
     fold_batch,
     harvest_work,
+    map_large_blocks,
 )
 from autoexplain.tools.registry import ToolContext
 
@@ -144,6 +145,7 @@ def harvest_shard(lm: LoadedModel, sae: LoadedSAE, args: HarvestIn, shard: Shard
     from autoexplain.tools.data import iter_texts, iter_windows
 
     check_args(args, lm.n_ctx, sae)
+    map_large_blocks()
     state = _State.empty(sae.d_sae, args)
     first_window = 0
     tokens: list[np.ndarray] = []

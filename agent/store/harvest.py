@@ -18,12 +18,13 @@ stored rows fit what it asks for.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import duckdb
 
 from autoexplain.tools.errors import InputError
+from autoexplain.tools.prefetch import prefetch
 
 if TYPE_CHECKING:
     from autoexplain.agent.store.db import Store
@@ -38,7 +39,9 @@ if TYPE_CHECKING:
     )
 
 #: DuckDB's memory limit while a harvest is written (see :func:`harvest_sink`); the rows spill to its temporary
-#: files beyond it. A 98,304-feature harvest of 50k tokens peaked at 3,199 MB with 512 MB, 3,026 MB with 256 MB.
+#: files beyond it. A 98,304-feature harvest of 50k tokens peaked at 3,199 MB with 512 MB, 3,026 MB with 256 MB;
+#: 128 MB fails (the open transaction's primary-key index must stay in memory: about 350 MB for its 4.6 M rows, the
+#: one part of a harvest's memory that still grows with the SAE's width).
 WRITE_MEMORY_LIMIT = "256MB"
 #: Writes rows to a table: ``Store.upsert`` or anything shaped like it.
 TableWriter = Callable[[str, list[dict[str, Any]]], object]
@@ -118,11 +121,13 @@ def harvest_sink(store: Store, run_id: str) -> HarvestSink:
             # what RESET gives back; if the transaction was aborted by an error the RESET may fail, and the cap
             # then lasts until the connection closes.
             con.execute(f"set memory_limit = '{WRITE_MEMORY_LIMIT}'")
+            con.execute("set threads = 1")  # measured at 98,304 features: 70 MB less and no slower
             try:
                 _write(con, result)
             finally:
                 with contextlib.suppress(duckdb.Error):
                     con.execute("reset memory_limit")
+                    con.execute("reset threads")
 
     def _write(con: duckdb.DuckDBPyConnection, result: HarvestResult) -> None:
         for table in ("feature_examples", "features"):  # every stored row of the SAE (this harvest's too: a re-run
@@ -130,56 +135,137 @@ def harvest_sink(store: Store, run_id: str) -> HarvestSink:
         if result.harvest_id:
             store.upsert("harvests", [harvest_row(result, run_id)], con=con)
         tag = {"run_id": run_id, "harvest_id": result.harvest_id or None}
-        for chunk in result.chunks:
-            # the SAE's rows were deleted above, so every key is new: plain bulk inserts (see Store.insert_new)
-            store.insert_new("features", [{**feature_row(s), **tag} for s in chunk.features], con=con)
-            if len(chunk.columns):
-                arrow_rows = examples_table(chunk.columns, **tag)  # noqa: F841 (scanned by name)
+        # the Arrow tables of the next chunk are built in a background thread (numpy and Arrow, mostly outside the
+        # GIL) while DuckDB inserts this one's (outside the GIL too); the chunks themselves are assembled one
+        # step further ahead (HarvestResult.chunks)
+        for features, examples in prefetch(_tables(result, tag), depth=1, name="harvest-tables"):
+            # the SAE's rows were deleted above, so every key is new: plain bulk inserts (see Store.insert_new);
+            # DuckDB scans each Arrow table by its variable name (measured: con.register held GBs instead)
+            arrow_rows = features
+            con.execute("insert into features by name select * from arrow_rows")
+            if examples is not None:
+                arrow_rows = examples  # noqa: F841
                 con.execute("insert into feature_examples by name select * from arrow_rows")
 
     return sink
 
 
-def examples_table(examples: ExampleColumns, *, run_id: str | None, harvest_id: str | None) -> Any:
-    """The ``feature_examples`` rows of a feature-complete chunk's examples as one Arrow table, each with its
-    held-out split (:func:`~autoexplain.evals.features.split_sides`, per feature, as
-    :func:`autoexplain.agent.store.rows.with_split` gives it) and tagged with ``run_id`` and ``harvest_id``.
+def _tables(result: HarvestResult, tag: dict[str, Any]) -> Iterator[tuple[Any, Any | None]]:
+    """Per chunk of ``result``: its ``features`` and ``feature_examples`` rows as Arrow tables (None: no
+    examples), tagged with ``tag`` (run and harvest)."""
+    vocab_json: dict[int, Any] = {}  # one per vocabulary (every chunk of a harvest shares one)
+    for chunk in result.chunks:
+        cols = chunk.columns
+        examples = None
+        if len(cols):
+            if id(cols.vocab) not in vocab_json:
+                vocab_json[id(cols.vocab)] = token_json(cols.vocab)
+            examples = examples_table(cols, vocab_json=vocab_json[id(cols.vocab)], **tag)
+        yield features_table(chunk.features, **tag), examples
 
-    Column by column, with no object or dict per row: the same values, JSON text included (orjson, as ``Store``
-    writes JSON columns), as :func:`example_row` + ``with_split`` + ``Store.insert_new`` (tested) — several times
-    faster for the million-row harvests of a wide SAE."""
+
+def features_table(stats: Sequence[FeatureStats], *, run_id: str | None, harvest_id: str | None) -> Any:
+    """The ``features`` rows of a chunk's statistics as one Arrow table tagged with ``run_id`` and ``harvest_id``:
+    the values and JSON texts of :func:`feature_row` + ``Store.insert_new`` (tested), without a dict per row."""
     import orjson
     import pyarrow as pa
 
-    from autoexplain.evals.features import SplitKey, split_sides
+    opts = orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY
+
+    def text(value: Any) -> str | None:
+        return None if value is None else orjson.dumps(value, option=opts).decode()
+
+    n = len(stats)
+    return pa.table({
+        "sae_id": pa.array([s.feature.sae_id for s in stats], pa.string()),
+        "feature_index": pa.array([s.feature.index for s in stats], pa.int64()),
+        "density": pa.array([s.density for s in stats], pa.float64()),
+        "max_act": pa.array([s.max_act for s in stats], pa.float64()),
+        "mean_act": pa.array([s.mean_act for s in stats], pa.float64()),
+        "n_tokens": pa.array([s.n_tokens for s in stats], pa.int64()),
+        "is_dead": pa.array([s.is_dead for s in stats], pa.bool_()),
+        "histogram": pa.array([text({"edges": list(s.hist_edges), "counts": s.hist_counts}) for s in stats],
+                              pa.string()),
+        "top_logits": pa.array([text(s.top_logits) for s in stats], pa.string()),
+        "bottom_logits": pa.array([text(s.bottom_logits) for s in stats], pa.string()),
+        "run_id": pa.array([run_id] * n, pa.string()),
+        "harvest_id": pa.array([harvest_id] * n, pa.string()),
+    })
+
+
+def examples_table(examples: ExampleColumns, *, run_id: str | None, harvest_id: str | None,
+                   vocab_json: Any | None = None) -> Any:
+    """The ``feature_examples`` rows of a feature-complete chunk's examples as one Arrow table, each with its
+    held-out split (:func:`~autoexplain.evals.features.split_explain_mask`: the same sides
+    :func:`autoexplain.agent.store.rows.with_split` gives, feature by feature) and tagged with ``run_id`` and
+    ``harvest_id``.
+
+    Column by column, with no Python work per row or per token: the JSON texts of ``tokens`` and ``acts`` are
+    joined by Arrow from the JSON text of each distinct token (``vocab_json``: :func:`token_json` of the
+    harvest's vocabulary, made once per harvest) and of each distinct activation value (orjson, as ``Store``
+    writes JSON columns) — the same text, byte for byte, as :func:`example_row` + ``with_split`` +
+    ``Store.insert_new`` (tested)."""
+    import numpy as np
+    import orjson
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from autoexplain.evals.features import KIND_CODES, mix64, split_explain_mask
+    from autoexplain.tools.harvest import EXAMPLE_KINDS
 
     e = examples
     n = len(e)
-    kinds = [k.value for k in e.kind]
-    by_feature: dict[tuple[str, int], list[int]] = {}
-    for i, ref in enumerate(e.refs):
-        by_feature.setdefault((ref.sae_id, ref.index), []).append(i)
-    split = [""] * n
-    for (sae_id, f), idx in by_feature.items():
-        keys = [SplitKey(kinds[i], e.example_id[i], e.quantile[i], tuple(e.tokens[i]), e.window_index[i],
-                         kinds[i] != "random" and e.max_act[i] > 0) for i in idx]
-        for i, side in zip(idx, split_sides(keys, sae_id, f), strict=True):
-            split[i] = side
-    dumps = orjson.dumps
+    kind_names = np.array([k.value for k in EXAMPLE_KINDS], dtype=object)
+    codes = np.array([KIND_CODES[k] for k in kind_names], dtype=np.int64)[e.kind]
+    lengths = np.diff(e.offsets)
+    within = np.arange(len(e.token_ids)) - np.repeat(e.offsets[:-1], lengths)
+    # equal token-string sequences get equal ids (the split keeps identical texts on one side): a 64-bit hash of
+    # each example's canonical token ids by position; two texts sharing a hash by chance would only be kept on one
+    # side together (the safe direction), at odds of about n^2 / 2^64
+    with np.errstate(over="ignore"):
+        term = mix64(e.vocab_canon[e.token_ids].astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+                     + within.astype(np.uint64))
+        text = (mix64(np.add.reduceat(term, e.offsets[:-1]) ^ lengths.astype(np.uint64)).view(np.int64)
+                if n else np.zeros(0, np.int64))
+    explain = split_explain_mask(e.sae_id, e.feature, kind=codes, example_id=e.example_id, quantile=e.quantile,
+                                 text=text, window=e.window_index,
+                                 activating=(codes != KIND_CODES["random"]) & (e.max_act > 0))
+    offsets = pa.array(e.offsets, pa.int64())
+    tokens_json = vocab_json if vocab_json is not None else token_json(e.vocab)
+    # distinct activation values by their bits (so -0.0 keeps its sign, as orjson writes it); most are +0.0
+    bits = e.acts.view(np.int64)
+    nonzero = bits != 0
+    distinct, inverse = np.unique(bits[nonzero], return_inverse=True)
+    act_index = np.zeros(len(bits), dtype=np.int64)  # 0: "0.0"
+    act_index[nonzero] = inverse.reshape(-1) + 1
+    act_text = pa.array(["0.0"] + [orjson.dumps(v).decode() for v in distinct.view(np.float64).tolist()],
+                        pa.string())
+    def json_lists(values: Any) -> Any:
+        joined = pc.binary_join(pa.LargeListArray.from_arrays(offsets, values), ",")
+        return pc.binary_join_element_wise("[", joined, "]", "")
+
     return pa.table({
-        "sae_id": pa.array([r.sae_id for r in e.refs], pa.string()),
-        "feature_index": pa.array([r.index for r in e.refs], pa.int64()),
-        "kind": pa.array(kinds, pa.string()),
+        "sae_id": pa.array([e.sae_id] * n, pa.string()),
+        "feature_index": pa.array(e.feature, pa.int64()),
+        "kind": pa.array(kind_names[e.kind].tolist(), pa.string()),
         "example_id": pa.array(e.example_id, pa.int64()),
-        "quantile": pa.array(e.quantile, pa.int64()),
-        "split": pa.array(split, pa.string()),
-        "tokens": pa.array([dumps(t).decode() for t in e.tokens], pa.string()),
-        "acts": pa.array([dumps(a).decode() for a in e.acts], pa.string()),
+        "quantile": pa.array(e.quantile, pa.int64(), mask=e.quantile < 0),
+        "split": pa.array(np.where(explain, "explain", "score").tolist(), pa.string()),
+        "tokens": json_lists(tokens_json.take(pa.array(e.token_ids))),
+        "acts": json_lists(act_text.take(pa.array(act_index))),
         "max_act": pa.array(e.max_act, pa.float64()),
         "window_index": pa.array(e.window_index, pa.int64()),
         "run_id": pa.array([run_id] * n, pa.string()),
         "harvest_id": pa.array([harvest_id] * n, pa.string()),
     })
+
+
+def token_json(vocab: Sequence[str]) -> Any:
+    """Each token's JSON text (orjson, as ``Store`` writes JSON), as an Arrow string array indexed by token id."""
+    import orjson
+    import pyarrow as pa
+
+    return pa.array([orjson.dumps(t).decode() for t in vocab], pa.string())
 
 
 def reuse_decision(store: Store, identity: HarvestIdentity, *, sae_spec: str, d_sae: int) -> str | None:

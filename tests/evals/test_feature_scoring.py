@@ -233,7 +233,8 @@ def test_top_only_description_misses_the_weak_quantiles(harvested) -> None:
     """The strongest token (' owl') explains the top bins; the weakest bins are where it fails."""
     part = _score(harvested, "the word ' owl'", 0)
     q = part.quantile_recall
-    assert q[max(q)] > 0.8 and q[min(q)] < 0.2
+    weak = [q[b] for b in sorted(q)[: len(q) // 2]]  # the weaker half of the bins (a few held-out samples each)
+    assert q[max(q)] > 0.8 and sum(weak) / len(weak) < 0.2
 
 
 def test_long_token_list_loses_on_succinctness(harvested) -> None:

@@ -481,7 +481,7 @@ def test_the_write_memory_cap_does_not_outlive_the_harvest(planted_ctx, corpus, 
 
     lm, sae = planted_ctx
     store = Store(tmp_path / "h.duckdb")
-    setting = "select current_setting('memory_limit')"
+    setting = "select current_setting('memory_limit'), current_setting('threads')"
     with store.hold(idle_s=60):
         before = store.query(setting)[1]
         harvest(ToolContext(model=lm, saes={sae.sae_id: sae}, sink=harvest_sink(store, "r")), _args(sae, corpus),
@@ -545,3 +545,22 @@ def test_the_columnar_store_writer_equals_the_row_path(planted_ctx, corpus, tmp_
         assert got == want and len(want) >= n
     splits = dict(by_table.query("select split, count(*) from feature_examples group by 1")[1])
     assert splits.get("explain") and splits.get("score") and None not in splits
+
+
+def test_the_finish_maps_the_checkpoint_chunk_by_chunk(planted_ctx, corpus, tmp_path, monkeypatch) -> None:
+    """A harvest's finish holds no state in memory: it maps the final checkpoint once for the statistics and anew
+    for every chunk of features (each mapping let go with its chunk)."""
+    from autoexplain.tools import harvest as hv
+
+    lm, sae = planted_ctx
+    monkeypatch.setattr(hv, "EXAMPLES_PER_CHUNK", 40)  # several chunks
+    args = _args(sae, corpus)
+    per_feature = args.top_k + args.n_quantiles * args.per_quantile + args.n_random
+    n_chunks = len(hv._feature_chunks(sae.d_sae, per_feature, lm.model.cfg.d_vocab))
+    assert n_chunks > 1
+    mapped: list[Path] = []
+    real = hv._mapped_state
+    monkeypatch.setattr(hv, "_mapped_state", lambda path: mapped.append(path) or real(path))
+    store, _ = _run(planted_ctx, tmp_path / "h.duckdb", corpus)
+    assert len(mapped) == 1 + n_chunks and len(set(mapped)) == 1 and mapped[0].name == "state.pt"
+    assert store.query("select count(distinct feature_index) from features")[1] == [(sae.d_sae,)]
