@@ -846,9 +846,10 @@ def map_large_blocks() -> None:
     given back to the system when freed. By default glibc raises that threshold as large blocks are freed (up to
     32 MiB), after which the pass's per-batch temporaries (tens of MB at 98,304 features) are carved from the heap
     of whichever thread allocated them and stay resident after they are freed; with several threads (model,
-    prefetch, logit effects, finish) that retained memory added hundreds of MB to the peak. Process-wide and
-    lasting (it fixes the threshold, which turns glibc's adjustment off; blocks this large cost one mapping each,
-    negligible next to filling them). A no-op where the C library has no ``mallopt`` (macOS, Windows)."""
+    prefetch, logit effects, finish) that retained memory added 100-200 MB to the peak at 98,304 features. Not
+    free: each such block is mapped and faulted in anew (measured there: about 2x the minor page faults and 15 %
+    more pass time), the price of the memory bound. Process-wide and lasting (it fixes the threshold, which turns
+    glibc's adjustment off). A no-op where the C library has no ``mallopt`` (macOS, Windows)."""
     import ctypes
 
     try:
