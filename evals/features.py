@@ -229,7 +229,6 @@ def split_sides(keys: Sequence[SplitKey], sae_id: str, feature_index: int, *, ex
 #: Example kinds as :func:`split_explain_mask` reads them (any other kind: :data:`OTHER_KIND`).
 KIND_CODES = {"top": 0, "quantile": 1, "random": 2}
 OTHER_KIND = 3
-_M64 = (1 << 64) - 1
 
 
 def mix64(x: np.ndarray) -> np.ndarray:
