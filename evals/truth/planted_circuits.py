@@ -26,7 +26,7 @@ read changing tokens and write into a junk subspace; distractor MLPs fire on tok
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -69,21 +69,29 @@ class _Layout:
         return s.start + i
 
 
-def _model(d_model: int, n_mlp: int) -> HookedSAETransformer:
+def zeroed_model(cfg: Any) -> HookedSAETransformer:
+    """A HookedSAETransformer of ``cfg`` (a ``HookedTransformerConfig``) with every weight zero: the blank a planted
+    model's mechanism is written into."""
     import warnings
 
     from sae_lens import HookedSAETransformer
-    from transformer_lens import HookedTransformerConfig
 
-    cfg = HookedTransformerConfig(n_layers=2, d_model=d_model, n_heads=4, d_head=D_HEAD, d_mlp=n_mlp, act_fn="relu",
-                                  d_vocab=V, n_ctx=N_CTX, normalization_type=None, use_attn_scale=False,
-                                  positional_embedding_type="standard", device="cpu", seed=0)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         model = HookedSAETransformer(cfg)
     with torch.no_grad():
         for p in model.parameters():
             p.zero_()
+    return model
+
+
+def _model(d_model: int, n_mlp: int) -> HookedSAETransformer:
+    from transformer_lens import HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(n_layers=2, d_model=d_model, n_heads=4, d_head=D_HEAD, d_mlp=n_mlp, act_fn="relu",
+                                  d_vocab=V, n_ctx=N_CTX, normalization_type=None, use_attn_scale=False,
+                                  positional_embedding_type="standard", device="cpu", seed=0)
+    model = zeroed_model(cfg)
     model.eval()
     return model
 

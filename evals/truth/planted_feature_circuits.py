@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from autoexplain.evals.truth.planted_circuits import zeroed_model
+
 if TYPE_CHECKING:
     from autoexplain.tools.data import TokenizedTask
     from autoexplain.tools.models import LoadedModel
@@ -255,16 +257,8 @@ def _mlp_model() -> LoadedModel:
 def _one_hot_model(cfg: Any) -> Any:
     """A HookedSAETransformer of ``cfg`` with every weight zero but one-hot token (TOK) and position (POS)
     embeddings: the base every planted model here writes its mechanism into."""
-    import warnings
-
-    from sae_lens import HookedSAETransformer
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        model = HookedSAETransformer(cfg)
+    model = zeroed_model(cfg)
     with torch.no_grad():
-        for p in model.parameters():
-            p.zero_()
         for t in range(V):
             model.W_E[t, TOK.start + t] = 1.0
         for p in range(N_CTX):

@@ -233,8 +233,11 @@ def test_top_only_description_misses_the_weak_quantiles(harvested) -> None:
     """The strongest token (' owl') explains the top bins; the weakest bins are where it fails."""
     part = _score(harvested, "the word ' owl'", 0)
     q = part.quantile_recall
-    weak = [q[b] for b in sorted(q)[: len(q) // 2]]  # the weaker half of the bins (a few held-out samples each)
-    assert q[max(q)] > 0.8 and sum(weak) / len(weak) < 0.2
+    bins = sorted(q)
+    weak, strong = [q[b] for b in bins[: len(bins) // 2]], [q[b] for b in bins[len(bins) // 2:]]
+    # every bin of the stronger half is recalled, every bin of the weaker half (a few held-out samples each) is
+    # mostly missed
+    assert min(strong) > 0.8 and max(weak) <= 0.2 and sum(weak) / len(weak) < 0.2
 
 
 def test_long_token_list_loses_on_succinctness(harvested) -> None:
