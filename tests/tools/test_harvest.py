@@ -543,6 +543,9 @@ def test_the_columnar_store_writer_equals_the_row_path(planted_ctx, corpus, tmp_
                  ("select * exclude (run_id, harvest_id) from feature_examples order by all", 50)):
         got, want = by_table.query(q)[1], by_rows.query(q)[1]
         assert got == want and len(want) >= n
+    # the JSON texts go in typed as JSON, unchecked by DuckDB: every one must parse, as the same array
+    assert by_table.query("select count(*) from feature_examples where not json_valid(tokens) or not json_valid(acts) "
+                          "or json_array_length(tokens) <> json_array_length(acts)")[1] == [(0,)]
     splits = dict(by_table.query("select split, count(*) from feature_examples group by 1")[1])
     assert splits.get("explain") and splits.get("score") and None not in splits
 

@@ -161,10 +161,13 @@ def test_admitting_in_batches_equals_merging_kept_sets_with_ties() -> None:
     def admit(which: range) -> tuple[torch.Tensor, torch.Tensor]:
         keys, wins = torch.full((f, k), -torch.inf), torch.full((f, k), -1, dtype=torch.int64)
         for i in which:
-            cand = torch.where(batches[i] > 0, batches[i], torch.full_like(batches[i], -torch.inf))
-            cw = i * b + torch.arange(b)
-            rows, slots, bb = _admit(keys, cand, True, wins, cw)
-            keys[rows, slots], wins[rows, slots] = cand[rows, bb], cw[bb]
+            # sparse candidates (the windows where the feature fires), offered in a scrambled order
+            row, col = (batches[i] > 0).nonzero(as_tuple=True)
+            perm = torch.randperm(row.numel(), generator=gen)
+            key, win = batches[i][row, col][perm], (i * b + col)[perm]
+            rows, slots, j = _admit(keys, wins, row[perm], key, win, True)
+            assert len({(int(r), int(s)) for r, s in zip(rows, slots, strict=True)}) == len(rows)  # no slot twice
+            keys[rows, slots], wins[rows, slots] = key[j], win[j]
         return keys, wins
 
     full_k, full_w = admit(range(n_batches))
