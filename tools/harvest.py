@@ -53,6 +53,8 @@ Nothing grows with the dataset, and nothing but the running state grows with the
 
 * the pass encodes each batch in token sub-batches (:data:`ENCODE_BYTES` of dense activations at a time, full
   feature width) and keeps only the non-zero entries (:class:`_Firings`); no ``[batch, ctx, d_sae]`` tensor exists;
+* the fold works on the (window, feature) pairs that fire (:func:`_update`, :func:`_admit`): no ``[batch,
+  d_sae]`` tensor either, and its cost follows the firings, not the width;
 * the state keeps, per kept example, the ``left + right + 1`` activations around its max (all an example shows),
   not the whole window, and the random pool as firing flags: about 0.57 GB at 98,304 features with the defaults;
 * the finish does not hold the state: it reads the final checkpoint memory-mapped, anew for each chunk of
@@ -314,7 +316,7 @@ def _admit(keys: torch.Tensor, kept_win: torch.Tensor, row: torch.Tensor, key: t
     # rows with at least as many empty slots as candidates (warm-up: most) need no merge: every candidate enters
     # and they take the last empty slots, as the merge would give them (it keeps the first empty slots, which
     # come first among equal sentinel keys)
-    free = (kept_win[live] < 0) & (keys[live] == sentinel)  # [rows, K]
+    free = ((kept_win < 0) & (keys == sentinel))[live]  # [rows, K] (flags first: no int64 gather)
     easy = counts <= free.sum(1)
     if bool(easy.any()):
         er = easy.nonzero().flatten()
