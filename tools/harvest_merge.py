@@ -56,6 +56,7 @@ import torch
 
 from autoexplain.tools.errors import InputError
 from autoexplain.tools.harvest import (
+    BatchFolder,
     HarvestIn,
     HarvestOut,
     HarvestWork,
@@ -66,7 +67,6 @@ from autoexplain.tools.harvest import (
     _Windows,
     check_args,
     deliver,
-    fold_batch,
     harvest_work,
     map_large_blocks,
 )
@@ -150,16 +150,18 @@ def harvest_shard(lm: LoadedModel, sae: LoadedSAE, args: HarvestIn, shard: Shard
     first_window = 0
     tokens: list[np.ndarray] = []
     reached_end = True
-    for i, batch in enumerate(iter_windows(iter_texts(args.dataset), lm.tokenizer, ctx=args.ctx, n_ctx=lm.n_ctx,
-                                           batch_windows=args.batch_size, max_tokens=args.n_tokens)):
-        if shard.stop_batch is not None and i >= shard.stop_batch:
-            reached_end = False
-            break
-        if i < shard.first_batch:
-            first_window += batch.n_windows  # tokenised to count its windows, not run
-            continue
-        fold_batch(lm, sae, args, state, batch, i, first_window + state.windows_done)
-        tokens.append(batch.tokens.to(torch.int32).numpy())
+    with BatchFolder(lm, sae, args, state) as folder:
+        for i, batch in enumerate(iter_windows(iter_texts(args.dataset), lm.tokenizer, ctx=args.ctx,
+                                               n_ctx=lm.n_ctx, batch_windows=args.batch_size,
+                                               max_tokens=args.n_tokens)):
+            if shard.stop_batch is not None and i >= shard.stop_batch:
+                reached_end = False
+                break
+            if i < shard.first_batch:
+                first_window += batch.n_windows  # tokenised to count its windows, not run
+                continue
+            folder.fold(batch, i, offset=first_window)
+            tokens.append(batch.tokens.to(torch.int32).numpy())
     state.batches_done = max(state.batches_done, shard.first_batch)
     wins = np.concatenate(tokens) if tokens else np.zeros((0, args.ctx), dtype=np.int32)
     return ShardPartial(shard=shard, model_id=lm.model_id, sae_id=sae.sae_id, args=args.model_dump(),

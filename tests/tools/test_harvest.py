@@ -567,3 +567,32 @@ def test_the_finish_maps_the_checkpoint_chunk_by_chunk(planted_ctx, corpus, tmp_
     store, _ = _run(planted_ctx, tmp_path / "h.duckdb", corpus)
     assert len(mapped) == 1 + n_chunks and len(set(mapped)) == 1 and mapped[0].name == "state.pt"
     assert store.query("select count(distinct feature_index) from features")[1] == [(sae.d_sae,)]
+
+
+def test_folding_one_batch_behind_equals_folding_in_turn(planted_ctx, corpus) -> None:
+    """BatchFolder folds each batch on a second thread while the next one runs through the model: the state is
+    bit for bit that of running and folding the batches one after the other on one thread."""
+    import torch
+
+    from autoexplain.tools import harvest as hv
+    from autoexplain.tools.data import iter_texts, iter_windows
+
+    lm, sae = planted_ctx
+    args = _args(sae, corpus)
+    batches = list(iter_windows(iter_texts(args.dataset), lm.tokenizer, ctx=args.ctx, n_ctx=lm.n_ctx,
+                                batch_windows=args.batch_size, max_tokens=args.n_tokens))
+    assert len(batches) > 2
+    serial, behind = hv._State.empty(sae.d_sae, args), hv._State.empty(sae.d_sae, args)
+    for i, batch in enumerate(batches):
+        fired, mask = hv._batch_firings(lm, sae, batch.tokens, batch.valid)
+        hv._fold(serial, fired, mask, batch.n_windows, i, serial.windows_done, args)
+    with hv.BatchFolder(lm, sae, args, behind) as folder:
+        for i, batch in enumerate(batches):
+            folder.fold(batch, i)
+    for name, want in serial.to_dict().items():
+        got = behind.to_dict()[name]
+        if name == "sum_val":
+            assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True)) and len(got) == len(want)
+        else:
+            assert torch.equal(got, want) if isinstance(want, torch.Tensor) else got == want, name
+    assert serial.batches_done == len(batches) and serial.fire_count.sum() > 0
