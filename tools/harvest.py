@@ -853,13 +853,15 @@ class BatchFolder:
     forward pass instead of adding to it. It holds one batch's firings (a few MB) beyond the serial pass.
 
     Read ``state`` only after :meth:`wait` (a checkpoint, a stop, the end): until then the last batch may still be
-    folding. A fold's exception is raised by the next :meth:`fold` or :meth:`wait`. Use as a context manager (the
-    thread is joined on exit, with any fold in flight finished)."""
+    folding. A fold's exception is raised by the next :meth:`fold` or :meth:`wait`. Use as a context manager: on
+    exit any fold in flight is finished, the thread joined, and the folder lets go of the state (a harvest drops
+    its state before the finish: a reference kept here held 0.34 GB more through the finish at 98,304 features)."""
 
     def __init__(self, lm: LoadedModel, sae: LoadedSAE, args: HarvestIn, state: _State) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
-        self.lm, self.sae, self.args, self.state = lm, sae, args, state
+        self.lm, self.sae, self.args = lm, sae, args
+        self.state: _State | None = state
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="harvest-fold")
         self._pending: Any = None
 
@@ -874,15 +876,19 @@ class BatchFolder:
                 self._pending.exception()
         finally:
             self._pool.shutdown(wait=True)
+            self.state = None
 
     def fold(self, batch: Any, index: int, offset: int = 0) -> None:
         """Run batch ``index`` (a :class:`~autoexplain.tools.data.TokenWindows`, the ``index``-th of the dataset's
         stream) through model and SAE and queue its fold; its first window is the ``offset + windows_done``-th
         (``offset``: windows before a shard's first batch)."""
+        state = self.state
+        if state is None:
+            raise RuntimeError("BatchFolder used after its with block")
         fired, mask = _batch_firings(self.lm, self.sae, batch.tokens, batch.valid)
         self.wait()  # the previous batch is folded: windows_done is current
-        self._pending = self._pool.submit(_fold, self.state, fired, mask, batch.n_windows, index,
-                                          offset + self.state.windows_done, self.args)
+        self._pending = self._pool.submit(_fold, state, fired, mask, batch.n_windows, index,
+                                          offset + state.windows_done, self.args)
 
     def wait(self) -> None:
         """Until every queued fold is in the state."""
