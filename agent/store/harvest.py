@@ -244,8 +244,10 @@ def examples_table(examples: ExampleColumns, *, run_id: str | None, harvest_id: 
         joined = pc.binary_join(pa.LargeListArray.from_arrays(offsets, values), ",")
         text = pc.binary_join_element_wise("[", joined, "]", "")
         # typed as JSON for DuckDB, which then stores the text as it is instead of parsing each one to check it
-        # (about 15 % of the insert; the texts are orjson's, joined: valid by construction, and tested)
-        return text.cast(pa.json_(text.type))
+        # (about 15 % of the insert; the texts are orjson's, joined: valid by construction, and tested); pyarrow
+        # before 19 has no JSON type: plain text, which DuckDB checks
+        json_type = getattr(pa, "json_", None)
+        return text.cast(json_type(text.type)) if json_type is not None else text
 
     return pa.table({
         "sae_id": pa.array([e.sae_id] * n, pa.string()),
