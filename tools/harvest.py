@@ -1042,7 +1042,7 @@ def _nonzero_flat(acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     than ``nonzero`` on the floats at GPT-2-small shape. A (-0.0) is not zero as bits but is as a float: dropped,
     as ``nonzero`` drops it."""
     flat = acts.reshape(-1)
-    if flat.device.type != "cpu" or flat.numel() % 2 or flat.dtype != torch.float32:
+    if flat.device.type != "cpu" or flat.dtype != torch.float32 or flat.numel() % 2 or flat.storage_offset() % 2:
         at = flat.nonzero().flatten()
         return at, flat[at]
     words = flat.view(torch.int64).nonzero().flatten()
