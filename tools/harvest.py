@@ -51,8 +51,9 @@ Memory
 ------
 Nothing grows with the dataset, and nothing but the running state grows with the SAE's width:
 
-* the pass encodes each batch in token sub-batches (:data:`ENCODE_BYTES` of dense activations at a time, full
-  feature width) and keeps only the non-zero entries (:class:`_Firings`); no ``[batch, ctx, d_sae]`` tensor exists;
+* the pass encodes each batch a block of features at a time (:data:`FEATURE_BLOCK_BYTES` of dense activations;
+  token sub-batches of full width, :data:`ENCODE_BYTES`, for TopK-like architectures) and keeps only the non-zero
+  entries (:class:`_Firings`); no ``[batch, ctx, d_sae]`` tensor exists;
 * the fold works on the (window, feature) pairs that fire (:func:`_update`, :func:`_admit`): no ``[batch,
   d_sae]`` tensor either, and its cost follows the firings, not the width;
 * the state keeps, per kept example, the ``left + right + 1`` activations around its max (all an example shows),
@@ -66,7 +67,7 @@ Nothing grows with the dataset, and nothing but the running state grows with the
   time.
 
 The result is bit-identical to encoding whole batches and assembling everything at once (same random keys, drawn
-per batch; same example order; the CPU sgemm gives each row the same bits whatever the sub-batch; see
+per batch; same example order; the CPU sgemm gives each entry the same bits whatever the block or sub-batch; see
 :func:`_batch_firings`).
 
 Shards
@@ -887,7 +888,7 @@ class BatchFolder:
             raise RuntimeError("BatchFolder used after its with block")
         fired, mask = _batch_firings(self.lm, self.sae, batch.tokens, batch.valid)
         self.wait()  # the previous batch is folded: windows_done is current
-        self._pending = self._pool.submit(_fold, state, fired, mask, batch.n_windows, index,
+        self._pending = self._pool.submit(_fold_and_trim, state, fired, mask, batch.n_windows, index,
                                           offset + state.windows_done, self.args)
 
     def wait(self) -> None:
@@ -895,6 +896,14 @@ class BatchFolder:
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.result()
+
+
+def _fold_and_trim(state: _State, fired: _Firings, mask: torch.Tensor, n_windows: int, index: int,
+                   first_window: int, args: HarvestIn) -> None:
+    """:func:`_fold`, then the free memory of the heaps goes back to the system (see :func:`map_large_blocks`)."""
+    _fold(state, fired, mask, n_windows, index, first_window, args)
+    del fired
+    release_free_memory()
 
 
 def _fold(state: _State, fired: _Firings, mask: torch.Tensor, n_windows: int, index: int, first_window: int,
@@ -945,25 +954,36 @@ def deliver(ctx: ToolContext, args: HarvestIn, source: _State | Path, windows: _
     return out
 
 
-#: Bytes of dense activations ([tokens, d_sae] float32) encoded at once; a batch is encoded in token sub-batches
-#: of this size and only its non-zero entries are kept (see :func:`_batch_firings`). Above glibc's largest dynamic
+#: Bytes of dense activations ([tokens, d_sae] float32) in one token sub-batch, for architectures whose features
+#: cannot be encoded a block at a time (see :func:`_batch_firings`). Above glibc's largest dynamic
 #: mmap threshold (32 MiB) on purpose: blocks that size are always mapped and unmapped, never carved from the heap,
 #: where the small long-lived tensors kept between them fragmented it (measured at 98,304 features: 32 MiB
 #: sub-batches peaked about 600 MB above the state after a few batches, 64 MiB ones about 150 MB).
 ENCODE_BYTES = 64 * 2**20
+#: Bytes of one feature block's dense activations ([tokens, block] float32) in a feature-sliced encode (see
+#: :func:`_batch_firings`): below :data:`MMAP_THRESHOLD`, so the blocks' memory is reused from the heap batch
+#: after batch instead of being mapped and faulted in anew (1.8 GB of page faults per 2,048 tokens at 98,304
+#: features otherwise); 512 features per block at 2,048 tokens, wide enough for the matrix product's full speed.
+FEATURE_BLOCK_BYTES = 4 * 2**20
 #: Blocks at least this large are served by their own memory mapping during a harvest (see :func:`map_large_blocks`).
-MMAP_THRESHOLD = 2**20
+MMAP_THRESHOLD = 8 * 2**20
 
 
 def map_large_blocks() -> None:
     """Have glibc's malloc serve every block of :data:`MMAP_THRESHOLD` bytes or more by its own memory mapping,
-    given back to the system when freed. By default glibc raises that threshold as large blocks are freed (up to
-    32 MiB), after which the pass's per-batch temporaries (tens of MB at 98,304 features) are carved from the heap
-    of whichever thread allocated them and stay resident after they are freed; with several threads (model,
-    prefetch, logit effects, finish) that retained memory added 100-200 MB to the peak at 98,304 features. Not
-    free: each such block is mapped and faulted in anew (measured there: about 2x the minor page faults and 15 %
-    more pass time), the price of the memory bound. Process-wide and lasting (it fixes the threshold, which turns
-    glibc's adjustment off). A no-op where the C library has no ``mallopt`` (macOS, Windows)."""
+    given back to the system when freed, and smaller ones from its heaps (reused, batch after batch, without new
+    page faults). glibc's default moves that threshold as blocks are freed; fixing it keeps the policy the same
+    all through a harvest. Process-wide and lasting. A no-op where the C library has no ``mallopt`` (macOS,
+    Windows).
+
+    The trade-off, measured at GPT-2-small shape x 98,304 features (12k tokens, pass only, same code otherwise):
+    with a 1 MiB threshold every per-batch temporary of the model and the encoder is mapped and faulted in anew
+    (14 M page faults; pass 48 s against a bare pass of 34 s) but nothing freed stays resident (peak 2,543 MB);
+    with 32 MiB the pass takes 35-39 s, but freed memory stays resident in the heaps, most of all those of the
+    threads that fold and compute logit effects (peak up to 2,914 MB). With 8 MiB, and the pass's hot
+    temporaries kept below it (:data:`FORWARD_TOKENS`, :data:`FEATURE_BLOCK_BYTES`), plus
+    :func:`release_free_memory` after each fold: 2 M page faults, pass 38 s against a bare pass of 40-44 s in the
+    same process, peak 2,511 MB."""
     import ctypes
 
     try:
@@ -973,35 +993,76 @@ def map_large_blocks() -> None:
     mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
 
 
+def release_free_memory() -> None:
+    """Give the free memory inside glibc's heaps back to the system (``malloc_trim``: every thread's heap, its free
+    pages only). Cheap next to a fold; a no-op without glibc."""
+    import ctypes
+
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim(0)
+
+
+#: Tokens per forward pass of the model in a harvest (whole windows; at least one): the model's per-layer
+#: temporaries (the MLP's ``[tokens, 4 d_model]`` activations above all: 6.3 MB at GPT-2-small width) scale with it
+#: and stay below :data:`MMAP_THRESHOLD`; the SAE then encodes the whole batch's activations (see
+#: :func:`_batch_firings`). Each window's activations have the same bits in any group (rows of a matrix product
+#: are computed independently, attention stays within a window).
+FORWARD_TOKENS = 512
 #: Fewest tokens in an encoder sub-batch (a one-row matrix product may take another BLAS path: see _token_chunks).
 MIN_ENCODE_ROWS = 8
+#: Fewest features in a feature block of the encoder (a one-column product may take another BLAS path).
+MIN_BLOCK_FEATURES = 4
 
 
-def _token_chunks(n: int, width: int) -> list[tuple[int, int]]:
-    """Split ``n`` token rows into contiguous, near-equal sub-batches of at most :data:`ENCODE_BYTES` bytes of
-    float32 width ``width`` each, none smaller than :data:`MIN_ENCODE_ROWS` rows (unless ``n`` is)."""
-    per = max(MIN_ENCODE_ROWS, ENCODE_BYTES // max(1, 4 * width))
-    k = max(1, min(-(-n // per), n // MIN_ENCODE_ROWS))
+def _token_chunks(n: int, width: int, limit: int | None = None, least: int = MIN_ENCODE_ROWS,
+                  ) -> list[tuple[int, int]]:
+    """Split ``n`` token rows into contiguous, near-equal sub-batches of at most ``limit`` (default
+    :data:`ENCODE_BYTES`) bytes of float32 width ``width`` each, none smaller than ``least`` rows (unless ``n``
+    is)."""
+    per = max(least, (ENCODE_BYTES if limit is None else limit) // max(1, 4 * width))
+    k = max(1, min(-(-n // per), n // least))
     edges = [n * i // k for i in range(k + 1)]
     return list(itertools.pairwise(edges))
+
+
+def _feature_blocks(n_features: int, n_tokens: int) -> list[tuple[int, int]]:
+    """Split ``n_features`` into contiguous, near-equal blocks whose ``[n_tokens, block]`` float32 output is at
+    most :data:`FEATURE_BLOCK_BYTES`, none narrower than :data:`MIN_BLOCK_FEATURES` columns (unless
+    ``n_features`` is)."""
+    return _token_chunks(n_features, n_tokens, FEATURE_BLOCK_BYTES, least=MIN_BLOCK_FEATURES)
 
 
 def _batch_firings(lm: LoadedModel, sae: LoadedSAE, tokens: torch.Tensor,
                    valid: torch.Tensor) -> tuple[_Firings, torch.Tensor]:
     """A batch's feature firings (sparse, CPU float32) and the mask of counted tokens: valid and not BOS.
 
-    The model runs to the SAE's hook once for the whole batch; the encoder then sees the flattened tokens in
-    sub-batches (:func:`_token_chunks`) of full feature width (so TopK, JumpReLU thresholds and any per-token
-    normalisation behave exactly as on the whole batch), and each sub-batch's dense ``[tokens, d_sae]`` output is
-    reduced to its non-zero entries at once. Peak memory is one sub-batch, whatever the SAE width and batch size;
-    the firings themselves are O(tokens x features firing per token).
+    The model runs to the SAE's hook once for the whole batch; the encoder output is never dense for the whole
+    batch, and each piece is reduced to its non-zero entries at once:
 
-    Caveat: the result equals one ``encode`` of the whole batch bit for bit when the BLAS computes each row of a
-    matrix product independently of how many rows it is given — true of the CPU (MKL/oneDNN) sgemm for two rows
-    or more (checked at GPT-2-small shape), hence :data:`MIN_ENCODE_ROWS`; a GPU library may differ in the last
-    bit. Sparse entries keep ``dense.nonzero()`` order, so every sum downstream adds in the same order as before.
-    A (-0.0) activation (JumpReLU of a negative pre-activation) counts as zero, as ``nonzero()`` always did.
+    * where the architecture encodes every feature on its own (standard, JumpReLU, gated:
+      :class:`~autoexplain.tools.saes.FeatureSliceEncoder`), all tokens are encoded a block of features at a time
+      (:func:`_feature_blocks`): each encoder column is read once per batch, and the matrix products run at the
+      speed of one whole product (measured at GPT-2-small shape x 98,304 features: 1.9 s per 2,048 tokens against
+      2.0 s whole and 3.4 s in 170-token sub-batches);
+    * otherwise (TopK and any architecture whose features compete within a token) the flattened tokens are encoded
+      in sub-batches of full feature width (:func:`_token_chunks`), so TopK, thresholds and per-token normalisation
+      behave exactly as on the whole batch.
+
+    Peak memory is one block or sub-batch (:data:`ENCODE_BYTES`), whatever the SAE width and batch size; the
+    firings themselves are O(tokens x features firing per token). Entries are returned in ``dense.nonzero()``
+    order (token-major), so every sum downstream adds in the same order whichever way the batch was cut.
+
+    Caveat: the result equals one ``encode`` of the whole batch bit for bit when the BLAS computes each entry of a
+    matrix product independently of how many rows and columns it is given — true of the CPU (MKL/oneDNN) sgemm for
+    two rows or columns or more (checked at GPT-2-small shape, and by the tests), hence :data:`MIN_ENCODE_ROWS`; a
+    GPU library may differ in the last bit. A (-0.0) activation (JumpReLU of a negative pre-activation) counts as
+    zero, as ``nonzero()`` always did.
     """
+    from autoexplain.tools.saes import FeatureSliceEncoder
+
     grabbed: list[torch.Tensor] = []
 
     def grab(act: torch.Tensor, hook: Any) -> None:
@@ -1014,24 +1075,45 @@ def _batch_firings(lm: LoadedModel, sae: LoadedSAE, tokens: torch.Tensor,
     flat_mask = mask.reshape(-1).to(lm.device)
     idx: list[torch.Tensor] = []
     vals: list[torch.Tensor] = []
+    sliced = FeatureSliceEncoder.of(sae)
+    n_groups = min(b, max(1, -(-b * t // FORWARD_TOKENS)))  # near-equal groups of whole windows
+    groups = list(itertools.pairwise(b * i // n_groups for i in range(n_groups + 1)))
     with torch.no_grad():
-        lm.model.run_with_hooks(tokens.to(lm.device), fwd_hooks=[(sae.hook_name, grab)],
-                                stop_at_layer=sae.site.layer + 1)
-        if len(grabbed) != 1:
-            raise RuntimeError(f"hook {sae.hook_name} fired {len(grabbed)} times, expected once")
-        hooked = grabbed.pop()
-        flat = hooked.reshape(b * t, *hooked.shape[2:])  # [tokens, ...]: sae-lens reshapes heads itself
-        del hooked
-        for lo, hi in _token_chunks(b * t, d_sae):
-            acts = sae.sae.encode(flat[lo:hi]).float()  # [n, d_sae]
-            at, val = _nonzero_flat(acts)
-            keep = flat_mask[lo + at // d_sae]  # drop BOS and padding
-            vals.append(val[keep].cpu())
-            idx.append((at[keep] + lo * d_sae).cpu())
-            del acts
-    cell = torch.cat(idx)
+        on_device = tokens.to(lm.device)
+        parts: list[torch.Tensor] = []
+        for lo, hi in groups:
+            lm.model.run_with_hooks(on_device[lo:hi], fwd_hooks=[(sae.hook_name, grab)],
+                                    stop_at_layer=sae.site.layer + 1)
+            if len(grabbed) != 1:
+                raise RuntimeError(f"hook {sae.hook_name} fired {len(grabbed)} times, expected once")
+            hooked = grabbed.pop()  # [tokens, ...]: sae-lens reshapes heads itself
+            parts.append(hooked.reshape((hi - lo) * t, *hooked.shape[2:]))
+            del hooked
+        flat = torch.cat(parts) if len(parts) > 1 else parts[0]
+        del parts
+        if sliced is not None:
+            for lo, hi in _feature_blocks(d_sae, b * t):
+                acts = sliced(flat, lo, hi).float()  # [tokens, hi - lo]
+                at, val = _nonzero_flat(acts)
+                tok = at // (hi - lo)
+                keep = flat_mask[tok]
+                vals.append(val[keep].cpu())
+                idx.append((tok[keep] * d_sae + lo + at[keep] % (hi - lo)).cpu())
+                del acts
+        else:
+            for lo, hi in _token_chunks(b * t, d_sae):
+                acts = sae.sae.encode(flat[lo:hi]).float()  # [n, d_sae]
+                at, val = _nonzero_flat(acts)
+                keep = flat_mask[lo + at // d_sae]  # drop BOS and padding
+                vals.append(val[keep].cpu())
+                idx.append((at[keep] + lo * d_sae).cpu())
+                del acts
+    cell, val = torch.cat(idx), torch.cat(vals)
+    if sliced is not None and len(idx) > 1:  # blocks are feature-major: back to token-major (nonzero) order
+        cell, order = torch.sort(cell)
+        val = val[order]
     tok_all, nz_f = cell // d_sae, cell % d_sae
-    fired = _Firings(b=tok_all // t, t=tok_all % t, f=nz_f, val=torch.cat(vals), shape=(b, t, d_sae))
+    fired = _Firings(b=tok_all // t, t=tok_all % t, f=nz_f, val=val, shape=(b, t, d_sae))
     return fired, mask
 
 
@@ -1297,6 +1379,7 @@ class _LogitTables:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._done: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._buffer: torch.Tensor | None = None
 
     def start(self) -> None:
         import threading
@@ -1320,10 +1403,18 @@ class _LogitTables:
                 hi = dict(self.ranges)[lo]
                 w_u = self.lm.model.W_U.detach()
                 with torch.no_grad():
-                    eff = self.sae.sae.W_dec[lo:hi].to(w_u.dtype) @ w_u  # [chunk, vocab]
+                    if self._buffer is None or self._buffer.dtype != w_u.dtype:
+                        # one product buffer for all ranges: a fresh 64 MB block per range is mapped and
+                        # page-faulted anew (map_large_blocks), about 5 M page faults at 98,304 features
+                        self._buffer = torch.empty(max(h - lo_ for lo_, h in self.ranges) * w_u.shape[1],
+                                                   dtype=w_u.dtype, device=w_u.device)
+                    eff = self._buffer[: (hi - lo) * w_u.shape[1]].view(hi - lo, w_u.shape[1])
+                    torch.matmul(self.sae.sae.W_dec[lo:hi].to(w_u.dtype), w_u, out=eff)  # [chunk, vocab]
                     top = torch.topk(eff, self.n, dim=1)
                     bot = torch.topk(eff, self.n, dim=1, largest=False)
                     del eff
+                if len(self._done) + 1 == len(self.ranges):
+                    self._buffer = None
                 self._done[lo] = (top.indices.cpu(), top.values.cpu(), bot.indices.cpu(), bot.values.cpu())
             return self._done[lo]
 

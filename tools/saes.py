@@ -578,3 +578,78 @@ def feature_activations(lm: LoadedModel, sae: LoadedSAE, tokens: torch.Tensor) -
         if len(acts) != 1:
             raise RuntimeError(f"hook {sae.hook_name} fired {len(acts)} times, expected once")
         return sae.sae.encode(acts[0])
+
+
+#: sae-lens classes whose ``encode`` treats every feature on its own — a feature's activation depends only on the
+#: input and that feature's encoder column, biases and threshold (input processing: cast, ``hook_z`` reshape,
+#: per-token normalisation, ``b_dec`` subtraction, is the same for all features) — with, for each, the tensors the
+#: encoder reads per feature and the dimension that indexes features. TopK-style and other architectures whose
+#: features compete within a token are absent on purpose.
+_FEATURE_WISE_ENCODERS: dict[str, dict[str, int]] = {
+    "StandardSAE": {"W_enc": 1, "b_enc": 0},
+    "JumpReLUSAE": {"W_enc": 1, "b_enc": 0, "threshold": 0},
+    "GatedSAE": {"W_enc": 1, "b_gate": 0, "b_mag": 0, "r_mag": 0},
+}
+
+
+class _Encode(torch.nn.Module):
+    """``forward`` = the wrapped SAE's ``encode`` (what :func:`torch.func.functional_call` can call)."""
+
+    def __init__(self, sae: SAE[Any]) -> None:
+        super().__init__()
+        self.sae = sae
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sae.encode(x)
+
+
+class FeatureSliceEncoder:
+    """sae-lens' own ``encode`` run on a contiguous range of features: ``enc(x, lo, hi)`` equals
+    ``sae.encode(x)[..., lo:hi]`` (bit for bit on the CPU: each output column of the matrix product is computed as
+    in the full product; checked in the tests) without computing or storing the other features.
+
+    Why: a harvest must see every feature of every token, but holding ``[tokens, d_sae]`` at once costs 0.8 GB per
+    2,048 tokens at 98,304 features, and cutting the *tokens* into small sub-batches makes the encoder's matrix
+    product re-read the whole 300 MB encoder matrix per sub-batch (about 1.7x the time of one product at GPT-2-small
+    shape and 170-row sub-batches). Cutting the *features* instead reads each encoder column once per batch and keeps
+    each output block small.
+
+    How: :func:`torch.func.functional_call` runs the SAE's ``encode`` with its per-feature tensors replaced by
+    slices (views, no copy), so the architecture's own code (activation, threshold, gating, normalisation) runs
+    unchanged. Only for the classes in :data:`_FEATURE_WISE_ENCODERS`, and only when no other tensor of the module
+    but the decoder has a ``d_sae``-sized dimension (a sae-lens version that adds one is not sliced: :meth:`of`
+    returns None and callers encode whole tokens). Caveat: during a call the module's encoder attributes *are* the
+    slices — do not read them from another thread meanwhile (a harvest reads only the decoder concurrently)."""
+
+    def __init__(self, sae: SAE[Any], dims: dict[str, int]) -> None:
+        self._call = _Encode(sae)
+        self._dims = dims
+
+    @classmethod
+    def of(cls, loaded: LoadedSAE) -> FeatureSliceEncoder | None:
+        """The slicing encoder for ``loaded``, or None where its architecture's features are not independent."""
+        import sae_lens
+
+        module = loaded.sae
+        name = type(module).__name__
+        dims = _FEATURE_WISE_ENCODERS.get(name)
+        if dims is None or type(module) is not getattr(sae_lens, name, None) or loaded.is_transcoder:
+            return None
+        d_sae = loaded.d_sae
+        named = dict(module.named_parameters()) | dict(module.named_buffers())
+        for key, tensor in named.items():
+            sliced = dims.get(key)
+            if sliced is not None:
+                if tensor.ndim <= sliced or tensor.shape[sliced] != d_sae:
+                    return None
+            elif key != "W_dec" and d_sae in tensor.shape:
+                return None  # a per-feature tensor this table does not know: encode whole tokens
+        if any(key not in named for key in dims):
+            return None
+        return cls(module, dims)
+
+    def __call__(self, x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """``encode(x)`` for features ``lo .. hi-1``: shape ``[*x.shape[:-1], hi - lo]``."""
+        sae = self._call.sae
+        params = {f"sae.{name}": getattr(sae, name).narrow(dim, lo, hi - lo) for name, dim in self._dims.items()}
+        return torch.func.functional_call(self._call, params, (x,))

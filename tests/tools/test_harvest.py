@@ -363,19 +363,29 @@ def _rows(store: Store) -> dict[str, list[tuple]]:
                                             "select * exclude (run_id) from feature_examples order by all")}
 
 
-def test_sub_batched_encoder_gives_the_firings_of_one_encode(planted_ctx, tmp_path, monkeypatch) -> None:
-    """The encoder sees a batch in token sub-batches (dense [tokens, d_sae] bounded by ENCODE_BYTES) and keeps only
-    non-zero entries: exactly the entries, values and order of ``nonzero()`` on one dense encode of the batch,
+@pytest.mark.parametrize("cut", ["features", "tokens"])
+def test_sub_batched_encoder_gives_the_firings_of_one_encode(cut, planted_ctx, tmp_path, monkeypatch) -> None:
+    """The model sees a batch in groups of windows (FORWARD_TOKENS); the encoder sees it in feature blocks (a
+    StandardSAE: all tokens, a few features at a time) or, where features are not independent, in token
+    sub-batches (dense output bounded by FEATURE_BLOCK_BYTES / ENCODE_BYTES) and keeps only non-zero entries:
+    exactly the entries, values and order of ``nonzero()`` on one forward and one dense encode of the whole batch,
     BOS and padding dropped."""
     import torch
 
     from autoexplain.tools import harvest as hv
     from autoexplain.tools.data import iter_texts, iter_windows
-    from autoexplain.tools.saes import feature_activations
+    from autoexplain.tools.saes import FeatureSliceEncoder, feature_activations
 
     lm, sae = planted_ctx
-    monkeypatch.setattr(hv, "ENCODE_BYTES", 4 * sae.d_sae * 10)  # about 10 tokens per encode
-    assert len(hv._token_chunks(8 * 16, sae.d_sae)) > 5
+    assert FeatureSliceEncoder.of(sae) is not None
+    monkeypatch.setattr(hv, "FORWARD_TOKENS", 3 * 16)  # the model sees 3, 3 and 2 windows of a batch of 8
+    if cut == "tokens":
+        monkeypatch.setattr(FeatureSliceEncoder, "of", classmethod(lambda cls, loaded: None))
+        monkeypatch.setattr(hv, "ENCODE_BYTES", 4 * sae.d_sae * 10)  # about 10 tokens per encode
+        assert len(hv._token_chunks(8 * 16, sae.d_sae)) > 5
+    else:
+        monkeypatch.setattr(hv, "FEATURE_BLOCK_BYTES", 4 * 8 * 16 * 4)  # 4 features per block
+        assert len(hv._feature_blocks(sae.d_sae, 8 * 16)) == 2
     data = tmp_path / "few.txt"  # runs out mid-window: the last window is padded, and padding must be dropped too
     data.write_text("\n".join(SENTENCES * 4) + "\n")
     batches = list(iter_windows(iter_texts(str(data)), lm.tokenizer, ctx=16, n_ctx=lm.n_ctx, batch_windows=8,

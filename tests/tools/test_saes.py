@@ -203,3 +203,68 @@ def test_sae_refused_on_a_model_loaded_with_other_settings(tmp_path: Path, tiny_
     assert s.model_settings == {"center_writing_weights": True}
     with pytest.raises(InputError, match=r"disagree .*center_writing_weights"):
         loading.check_specs(str(tiny_gpt2_dir), [centred, plain])
+
+
+def _loaded(sae, transcoder: bool = False):
+    from autoexplain.tools.saes import LoadedSAE, LoadedTranscoder
+    from autoexplain.tools.vocab import Site, SiteKind
+
+    site = Site(kind=SiteKind.RESID_PRE, layer=0)
+    if transcoder:
+        return LoadedTranscoder(spec="t", sae_id="t", sae=sae, site=site, hook_name="blocks.0.hook_resid_pre",
+                                site_out=Site(kind=SiteKind.MLP_OUT, layer=0), hook_name_out="blocks.0.hook_mlp_out")
+    return LoadedSAE(spec="s", sae_id="s", sae=sae, site=site, hook_name="blocks.0.hook_resid_pre")
+
+
+def _feature_wise(arch: str, **cfg):
+    from sae_lens import GatedSAE, GatedSAEConfig, JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig
+
+    torch.manual_seed(1)
+    cls, conf = {"standard": (StandardSAE, StandardSAEConfig), "jumprelu": (JumpReLUSAE, JumpReLUSAEConfig),
+                 "gated": (GatedSAE, GatedSAEConfig)}[arch]
+    sae = cls(conf(d_in=32, d_sae=203, **cfg))
+    with torch.no_grad():  # every per-feature tensor random, so a slice taken from the wrong place shows
+        for p in sae.parameters():
+            p.copy_(torch.randn_like(p) * (0.3 if p.ndim == 1 else 1.0))
+    return sae
+
+
+@pytest.mark.parametrize(("arch", "cfg"), [("standard", {}), ("jumprelu", {}), ("gated", {}),
+                                           ("standard", {"normalize_activations": "constant_norm_rescale",
+                                                         "apply_b_dec_to_input": True})])
+def test_feature_slice_encoder_is_the_full_encode_column_for_column(arch: str, cfg: dict) -> None:
+    """sae-lens' own encode on a slice of the features gives exactly (bit for bit) those columns of the full
+    encode, for ragged slices and any input layout, and leaves the module's own parameters in place."""
+    from autoexplain.tools.saes import FeatureSliceEncoder
+
+    sae = _feature_wise(arch, **cfg)
+    enc = FeatureSliceEncoder.of(_loaded(sae))
+    assert enc is not None
+    before = {n: p for n, p in sae.named_parameters()}
+    x = torch.randn(3, 40, 32) * 2
+    with torch.no_grad():
+        full = sae.encode(x)
+        assert 0.05 < (full > 0).float().mean() < 0.95  # fires sometimes, not always
+        for lo, hi in ((0, 203), (0, 9), (9, 100), (100, 196), (196, 200), (150, 203)):
+            assert torch.equal(enc(x, lo, hi), full[..., lo:hi]), (lo, hi)
+    assert {n: p for n, p in sae.named_parameters()} == before
+
+
+def test_feature_slice_encoder_only_where_features_are_independent() -> None:
+    """Refused (None: encode whole tokens) for TopK (features compete within a token), for a transcoder, for a
+    subclass (its encode may differ), and for a module holding a per-feature tensor the table does not know."""
+    from sae_lens import StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
+
+    from autoexplain.tools.saes import FeatureSliceEncoder
+
+    assert FeatureSliceEncoder.of(_loaded(_feature_wise("standard"))) is not None
+    assert FeatureSliceEncoder.of(_loaded(TopKSAE(TopKSAEConfig(d_in=32, d_sae=64, k=4)))) is None
+    assert FeatureSliceEncoder.of(_loaded(_feature_wise("jumprelu"), transcoder=True)) is None
+
+    class Scaled(StandardSAE):
+        pass
+
+    assert FeatureSliceEncoder.of(_loaded(Scaled(StandardSAEConfig(d_in=32, d_sae=64)))) is None
+    extra = _feature_wise("standard")
+    extra.register_buffer("feature_scale", torch.ones(203))
+    assert FeatureSliceEncoder.of(_loaded(extra)) is None
