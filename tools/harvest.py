@@ -801,6 +801,7 @@ def _harvest(ctx: ToolContext, args: HarvestIn, owned: HarvestWork, progress: Ca
     assert ctx.sink is not None
     lm, sae = ctx.model, ctx.sae(args.sae_id)
     map_large_blocks()
+    release_free_memory()  # what earlier work in this process freed is not kept resident through the harvest
     work = owned.path
     windows = _Windows(work / "windows.i32", args.ctx)
     state_path = work / "state.pt"
@@ -835,6 +836,7 @@ def _harvest(ctx: ToolContext, args: HarvestIn, owned: HarvestWork, progress: Ca
     windows.sync()
     _save_state(state_path, state, args)
     del state  # the finish reads the final checkpoint, mapped from disk (see deliver): its memory goes back now
+    release_free_memory()  # (the state's smaller tensors live in the heap)
     out = deliver(ctx, args, state_path, windows, owned.identity, started=t0, finish_progress=finish_progress,
                   logits=logits)
     out.resumed_from_batch = resumed_from

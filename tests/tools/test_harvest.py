@@ -404,8 +404,9 @@ def test_sub_batched_encoder_gives_the_firings_of_one_encode(cut, planted_ctx, t
 
 
 def test_chunked_encode_and_assembly_store_the_same_rows(planted_ctx, corpus, tmp_path, monkeypatch) -> None:
-    """Encoding in tiny token sub-batches and assembling/writing a few features per chunk stores exactly the rows
-    of one encode per batch and one chunk for all features."""
+    """Running the model on a few windows at a time, encoding in tiny feature blocks (or, for an architecture that
+    cannot be cut by features, tiny token sub-batches) and assembling/writing a few features per chunk stores
+    exactly the rows of one forward and one encode per batch and one chunk for all features."""
     from autoexplain.tools import harvest as hv
 
     (tmp_path / "a").mkdir()
@@ -413,11 +414,19 @@ def test_chunked_encode_and_assembly_store_the_same_rows(planted_ctx, corpus, tm
     lm, sae = planted_ctx
     assert len(hv._feature_chunks(sae.d_sae, 20, lm.model.cfg.d_vocab)) == 1
     store_a, _ = _run(planted_ctx, tmp_path / "a" / "h.duckdb", corpus)
+    monkeypatch.setattr(hv, "FORWARD_TOKENS", 3 * 16)
+    monkeypatch.setattr(hv, "FEATURE_BLOCK_BYTES", 4 * 8 * 16 * 4)  # 4 features per block
     monkeypatch.setattr(hv, "ENCODE_BYTES", 4 * sae.d_sae * 10)
     monkeypatch.setattr(hv, "EXAMPLES_PER_CHUNK", 40)  # 2 features per chunk
     assert len(hv._feature_chunks(sae.d_sae, 20, lm.model.cfg.d_vocab)) == 4
     store_b, _ = _run(planted_ctx, tmp_path / "b" / "h.duckdb", corpus)
     assert _rows(store_a) == _rows(store_b)
+    from autoexplain.tools.saes import FeatureSliceEncoder
+
+    monkeypatch.setattr(FeatureSliceEncoder, "of", classmethod(lambda cls, loaded: None))  # token sub-batches
+    (tmp_path / "c").mkdir()
+    store_c, _ = _run(planted_ctx, tmp_path / "c" / "h.duckdb", corpus)
+    assert _rows(store_a) == _rows(store_c)
 
 
 def test_a_sink_failing_part_way_keeps_the_old_harvest(planted_ctx, corpus, tmp_path, monkeypatch) -> None:
