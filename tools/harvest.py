@@ -1041,8 +1041,8 @@ def _batch_firings(lm: LoadedModel, sae: LoadedSAE, tokens: torch.Tensor,
                    valid: torch.Tensor) -> tuple[_Firings, torch.Tensor]:
     """A batch's feature firings (sparse, CPU float32) and the mask of counted tokens: valid and not BOS.
 
-    The model runs to the SAE's hook once for the whole batch; the encoder output is never dense for the whole
-    batch, and each piece is reduced to its non-zero entries at once:
+    The model runs to the SAE's hook on groups of whole windows (:data:`FORWARD_TOKENS` tokens each); the encoder
+    output is never dense for the whole batch, and each piece is reduced to its non-zero entries at once:
 
     * where the architecture encodes every feature on its own (standard, JumpReLU, gated:
       :class:`~autoexplain.tools.saes.FeatureSliceEncoder`), all tokens are encoded a block of features at a time
@@ -1053,15 +1053,16 @@ def _batch_firings(lm: LoadedModel, sae: LoadedSAE, tokens: torch.Tensor,
       in sub-batches of full feature width (:func:`_token_chunks`), so TopK, thresholds and per-token normalisation
       behave exactly as on the whole batch.
 
-    Peak memory is one block or sub-batch (:data:`ENCODE_BYTES`), whatever the SAE width and batch size; the
-    firings themselves are O(tokens x features firing per token). Entries are returned in ``dense.nonzero()``
-    order (token-major), so every sum downstream adds in the same order whichever way the batch was cut.
+    Peak memory is one block or sub-batch (:data:`FEATURE_BLOCK_BYTES`, :data:`ENCODE_BYTES`), whatever the SAE
+    width and batch size; the firings themselves are O(tokens x features firing per token). Entries are returned
+    in ``dense.nonzero()`` order (token-major), so every sum downstream adds in the same order whichever way the
+    batch was cut.
 
     Caveat: the result equals one ``encode`` of the whole batch bit for bit when the BLAS computes each entry of a
     matrix product independently of how many rows and columns it is given — true of the CPU (MKL/oneDNN) sgemm for
-    two rows or columns or more (checked at GPT-2-small shape, and by the tests), hence :data:`MIN_ENCODE_ROWS`; a
-    GPU library may differ in the last bit. A (-0.0) activation (JumpReLU of a negative pre-activation) counts as
-    zero, as ``nonzero()`` always did.
+    two rows or columns or more (checked at GPT-2-small shape, and by the tests), hence :data:`MIN_ENCODE_ROWS` and
+    :data:`MIN_BLOCK_FEATURES`; a GPU library may differ in the last bit. A (-0.0) activation (JumpReLU of a
+    negative pre-activation) counts as zero, as ``nonzero()`` always did.
     """
     from autoexplain.tools.saes import FeatureSliceEncoder
 
