@@ -247,7 +247,29 @@ def test_feature_slice_encoder_is_the_full_encode_column_for_column(arch: str, c
         assert 0.05 < (full > 0).float().mean() < 0.95  # fires sometimes, not always
         for lo, hi in ((0, 203), (0, 9), (9, 100), (100, 196), (196, 200), (150, 203)):
             assert torch.equal(enc(x, lo, hi), full[..., lo:hi]), (lo, hi)
-    assert {n: p for n, p in sae.named_parameters()} == before
+    assert all(p is before[n] for n, p in sae.named_parameters())
+
+
+def test_feature_slice_encoder_at_gpt2_width() -> None:
+    """At GPT-2-small's width (d_in 768) and 512-feature blocks, as a harvest cuts them, the blocks still equal
+    the full encode bit for bit: the matrix product's inner dimension is realistic, not a toy's."""
+    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
+
+    from autoexplain.tools.saes import FeatureSliceEncoder
+
+    torch.manual_seed(2)
+    sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=768, d_sae=2048 + 37))
+    with torch.no_grad():
+        sae.W_enc.normal_(0, 768**-0.5)
+        sae.threshold.uniform_(0, 1)
+        x = torch.randn(300, 768)
+        full = sae.encode(x)
+        assert 0.01 < (full > 0).float().mean() < 0.5
+        enc = FeatureSliceEncoder.of(_loaded(sae))
+        assert enc is not None
+        edges = [0, 512, 1024, 1536, 2048, 2048 + 37]
+        got = torch.cat([enc(x, lo, hi) for lo, hi in zip(edges, edges[1:])], dim=1)
+    assert torch.equal(got, full)
 
 
 def test_feature_slice_encoder_only_where_features_are_independent() -> None:
